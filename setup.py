@@ -1,0 +1,38 @@
+"""tuna-jax: Tuna (instruction tuning with feedback from LLMs) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="tuna-jax",
+    version="0.1.0",
+    description="Tuna ranking-based instruction tuning for LLaMA in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tuna_jax", "tuna_jax.*"]),
+    package_data={"tuna_jax": ["configs/*.yaml", "assets/*", "assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "numpy",
+        "safetensors>=0.4",
+        "transformers>=4.45",
+        "sentencepiece",
+        "protobuf",
+        "rouge-score",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        # HF parity tests need PyTorch; 2.13.0 has a CPU wheel (unpinned torch pulls CUDA).
+        "test": ["pytest>=8", "torch==2.13.0"],
+        "api": ["httpx"],
+        "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
+        "datasets": ["datasets"],
+        "tensorboard": ["tensorboardX"],
+    },
+    entry_points={"console_scripts": ["tuna-jax=tuna_jax.cli:main"]},
+)

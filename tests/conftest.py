@@ -1,0 +1,23 @@
+"""Test set-up shared by every test.
+
+Eight emulated CPU devices let the sharding tests build (1,8,1), (1,4,2) and (2,2,2) meshes;
+the flag only takes effect if it is set before jax is first imported, hence here.
+"""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("TUNA_SHARED", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    """../shared (real data and the stories260K model); skipped where a clone has none."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: this test needs the workplace's shared data (a user's clone has none)")
+    return SHARED

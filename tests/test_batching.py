@@ -1,0 +1,221 @@
+"""[B, N, L] batches, masks, truncation, and the resumable per-host iterator."""
+import json
+
+import numpy as np
+import pytest
+
+from tuna_jax.data.batching import (BatchIterator, RankingCollator, SFTCollator, tokenize_ranking,
+                                    tokenize_sft)
+from tuna_jax.data.records import DataError, RankingRecord, SFTRecord, record_prompt
+from tuna_jax.data.templates import SpecialTokenPolicy, encode_prompt, load_tokenizer
+
+
+class CharTok:
+    """One id per character (ord + 10); BOS 1, EOS 2, pad 0. No dummy prefix, so
+    encode_continuation == encode."""
+
+    name, bos_id, eos_id, pad_id, vocab_size = "chars", 1, 2, 0, 1000
+
+    def encode(self, text):
+        return [ord(c) + 10 for c in text]
+
+    encode_continuation = encode
+
+    def decode(self, ids):
+        return "".join(chr(i - 10) for i in ids if i >= 10)
+
+
+TOK, POL = CharTok(), SpecialTokenPolicy()
+
+
+def rrec(i, cands, scores, output="orig", prompt=None):
+    return RankingRecord("ins", "", output, list(cands), list(scores), str(i),
+                         prompt=prompt if prompt is not None else f"P{i}:", source=f"f.jsonl:{i}")
+
+
+def check_rows(ids, loss, seg, pos, prompt, resp, pad):
+    """One [L] row: prompt then resp (with EOS), right-padded; the loss mask on resp only."""
+    p, n = len(prompt), len(prompt) + len(resp)
+    assert ids[:p].tolist() == prompt and ids[p:n].tolist() == resp and (ids[n:] == pad).all()
+    assert loss.tolist() == [0.0] * p + [1.0] * len(resp) + [0.0] * (len(ids) - n)
+    assert seg.tolist() == [1] * n + [0] * (len(ids) - n)
+    assert pos.tolist() == list(range(n)) + [0] * (len(ids) - n)
+
+
+@pytest.mark.parametrize("mle_target", ["original", "best", "all"])
+def test_ranking_batch_layout(mle_target):
+    recs = [rrec(0, ["ab", "cde", "f"], [0.5, 2.0, 2.0]), rrec(1, ["xyz", "w"], [-1.0, -3.0], output="oo")]
+    ex, rep = tokenize_ranking(recs, TOK, POL, max_len=16, num_candidates=4, mle_target=mle_target)
+    b = RankingCollator(16, TOK.pad_id, 4, mle_target)(ex, 16)
+    assert b["input_ids"].shape == (2, 4, 16) and b["input_ids"].dtype == np.int32
+    assert b["loss_mask"].dtype == np.float32 and b["segment_ids"].dtype == np.int32
+    assert b["positions"].dtype == np.int32 and b["candidate_mask"].dtype == bool
+    assert b["target"].dtype == np.float32 and b["target"].shape == (2, 4)
+    assert b["candidate_mask"].tolist() == [[True, True, True, False], [True, True, False, False]]
+    assert b["target"].tolist() == [[0.5, 2.0, 2.0, 0.0], [-1.0, -3.0, 0.0, 0.0]]
+    assert (b["loss_mask"][..., 0] == 0).all()
+    for i, r in enumerate(recs):
+        prompt = [1] + TOK.encode(r.prompt)
+        for k in range(4):
+            resp = TOK.encode(r.candidates[k]) + [2] if k < len(r.candidates) else []
+            check_rows(b["input_ids"][i, k], b["loss_mask"][i, k], b["segment_ids"][i, k], b["positions"][i, k],
+                       prompt if resp else [], resp, TOK.pad_id)
+        # the masked tokens are the candidate and its EOS, target-aligned
+        sel = b["input_ids"][i, 0][b["loss_mask"][i, 0] > 0].tolist()
+        assert TOK.decode(sel) == r.candidates[0] and sel[-1] == 2
+    if mle_target == "all":
+        assert not any(k.startswith("mle_") for k in b)
+    else:
+        mle = {"original": ["orig", "oo"], "best": ["cde", "xyz"]}[mle_target]  # tie at 2.0: the first
+        for i, r in enumerate(recs):
+            check_rows(b["mle_input_ids"][i], b["mle_loss_mask"][i], b["mle_segment_ids"][i],
+                       b["mle_positions"][i], [1] + TOK.encode(r.prompt), TOK.encode(mle[i]) + [2], TOK.pad_id)
+    assert b["example_mask"].tolist() == [True, True]
+
+
+def test_sft_batch_layout():
+    recs = [SFTRecord("i", "", "hello", "a", prompt="Q:"), SFTRecord("i", "", "yo", "b", prompt="Long Q:")]
+    ex, _ = tokenize_sft(recs, TOK, POL, max_len=12)
+    b = SFTCollator(12, TOK.pad_id)(ex + [None], 12)
+    assert set(b) == {"input_ids", "loss_mask", "segment_ids", "positions", "example_mask"}
+    for i, r in enumerate(recs):
+        check_rows(b["input_ids"][i], b["loss_mask"][i], b["segment_ids"][i], b["positions"][i],
+                   [1] + TOK.encode(r.prompt), TOK.encode(r.output) + [2], TOK.pad_id)
+    assert b["example_mask"].tolist() == [True, True, False]
+    assert b["loss_mask"][2].sum() == 0 and b["segment_ids"][2].sum() == 0
+
+
+def test_truncation_policy():
+    long_prompt = "0123456789abcdef"  # 16 chars: 17 ids with BOS
+    recs = [rrec(0, ["ab", "abcdef"], [1, 0], output="x", prompt=long_prompt),  # needs 7 response slots
+            rrec(1, ["a" * 12], [1], output="x", prompt=long_prompt),  # response+EOS 13 > 12 - 1
+            rrec(2, ["ab"], [1], output="x", prompt="ok")]
+    ex, rep = tokenize_ranking(recs, TOK, POL, max_len=12, num_candidates=2, on_error="skip")
+    assert [e.id for e in ex] == ["0", "2"]
+    assert rep.skipped == {"response_too_long": 1} and rep.changed == {"prompt_truncated_left": 1}
+    # BOS kept, then the prompt's last 12 - 7 - 1 = 4 tokens; the longest candidate's EOS survives
+    assert ex[0].prompt_ids.tolist() == [1] + TOK.encode("cdef")
+    b = RankingCollator(12, TOK.pad_id, 2)(ex, 12)
+    assert b["input_ids"][0, 1, -1] == 2 and b["loss_mask"][0, 1].sum() == 7
+    with pytest.raises(DataError, match=r"f\.jsonl:1: response alone"):
+        tokenize_ranking(recs, TOK, POL, max_len=12, num_candidates=2)
+    ex, rep = tokenize_ranking(recs, TOK, POL, max_len=12, num_candidates=2, truncate="drop", on_error="skip")
+    assert [e.id for e in ex] == ["2"] and rep.skipped == {"too_long": 2} and not rep.changed
+    # without BOS the prompt is cut from the left, and one prompt token always remains
+    ex, _ = tokenize_sft([SFTRecord("", "", "abcd", "s", prompt="xyz")], TOK,
+                         SpecialTokenPolicy(add_bos=False), max_len=6)
+    assert ex[0].prompt_ids.tolist() == TOK.encode("z")
+
+
+def test_candidate_and_original_checks():
+    recs = [rrec(0, "abc", [1, 2, 3]), rrec(1, "ab", [1, 2], output="")]
+    with pytest.raises(DataError, match="3 candidates > num_candidates 2"):
+        tokenize_ranking(recs, TOK, POL, max_len=32, num_candidates=2)
+    ex, rep = tokenize_ranking(recs, TOK, POL, max_len=32, num_candidates=2, on_error="skip")
+    assert ex == [] and rep.skipped == {"too_many_candidates": 1, "no_original_response": 1}
+    ex, rep = tokenize_ranking(recs[1:], TOK, POL, max_len=32, num_candidates=2, mle_target="best")
+    assert len(ex) == 1 and rep.num_skipped == 0
+
+
+def _examples(n, seed=0):
+    rng = np.random.default_rng(seed)
+    recs = [rrec(i, ["c" * int(rng.integers(1, 9)) for _ in range(int(rng.integers(1, 4)))],
+                 rng.normal(size=3).tolist(), prompt=f"P{i}:" + "p" * int(rng.integers(0, 20)))
+            for i in range(n)]
+    for r in recs:
+        r.scores = r.scores[: len(r.candidates)]
+    ex, _ = tokenize_ranking(recs, TOK, POL, max_len=40, num_candidates=3)
+    return ex
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resume_gives_exactly_the_remaining_batches():
+    ex = _examples(23)
+    coll = RankingCollator(40, TOK.pad_id, 3, pad_to_multiple=8)
+    make = lambda: BatchIterator(ex, coll, 4, seed=5, num_epochs=3)
+    full = list(make())
+    assert len(full) == 3 * (23 // 4)
+    for k in (0, 3, 5, 11, len(full)):
+        it = make()
+        head = [next(it) for _ in range(k)]
+        state = json.loads(json.dumps(it.state()))  # it goes into a checkpoint
+        resumed = make()
+        resumed.restore(state)
+        rest = list(resumed)
+        assert len(head) + len(rest) == len(full)
+        for x, y in zip(head + rest, full):
+            _same(x, y)
+    assert make().state() == {"seed": 5, "epoch": 0, "index": 0, "num_examples": 23, "global_batch_size": 4}
+    with pytest.raises(ValueError, match="num_examples"):
+        BatchIterator(ex[:-1], coll, 4).restore(state)
+
+
+def test_shuffle_is_seeded_and_covers_each_epoch():
+    ex = _examples(10)
+    index_of = {tuple(e.prompt_ids.tolist()): i for i, e in enumerate(ex)}
+    coll = RankingCollator(40, TOK.pad_id, 3)
+    it = BatchIterator(ex, coll, 4, seed=1, num_epochs=2, drop_remainder=False)
+    assert it.steps_per_epoch == 3 and len(it) == 6
+    seen = [[], []]
+    for step, b in enumerate(it):
+        for r in np.flatnonzero(b["example_mask"]):
+            start = int(b["loss_mask"][r, 0].argmax())
+            seen[step // 3].append(index_of[tuple(b["input_ids"][r, 0, :start].tolist())])
+        if step % 3 == 2:  # the last batch of an epoch is padded: 10 = 4 + 4 + 2
+            assert b["example_mask"].tolist() == [True, True, False, False]
+            assert not b["candidate_mask"][2:].any() and b["loss_mask"][2:].sum() == 0
+    assert sorted(seen[0]) == sorted(seen[1]) == list(range(10))  # each epoch: every example once
+    assert seen[0] == it.order(0).tolist() and seen[1] == it.order(1).tolist() and seen[0] != seen[1]
+    o = [BatchIterator(ex, coll, 2, seed=s).order(e).tolist() for s, e in [(1, 0), (1, 0), (2, 0)]]
+    assert o[0] == o[1] == seen[0] and o[0] != o[2]
+
+
+def test_hosts_slice_the_global_batch():
+    ex = _examples(30, seed=3)
+    coll = RankingCollator(40, TOK.pad_id, 3, pad_to_multiple=8)
+    glob = list(BatchIterator(ex, coll, 6, seed=2, num_epochs=2))
+    hosts = [list(BatchIterator(ex, coll, 6, seed=2, num_epochs=2, process_index=p, process_count=3))
+             for p in range(3)]
+    for g, parts in zip(glob, zip(*hosts)):
+        assert parts[0]["input_ids"].shape[0] == 2
+        _same(g, {k: np.concatenate([p[k] for p in parts]) for k in g})
+    with pytest.raises(ValueError, match="does not divide over 4 hosts"):
+        BatchIterator(ex, coll, 6, process_index=0, process_count=4)
+
+
+def test_pad_to_multiple_length():
+    ex = _examples(12, seed=4)
+    coll = RankingCollator(40, TOK.pad_id, 3, pad_to_multiple=8)
+    for b in BatchIterator(ex, coll, 3, seed=0, num_epochs=1):
+        L = b["input_ids"].shape[-1]
+        longest = int(b["segment_ids"].sum(-1).max())
+        assert L % 8 == 0 and longest <= L < longest + 8 and L <= 40
+
+
+def test_drop_remainder_needs_a_full_batch():
+    with pytest.raises(ValueError, match="no full global batch"):
+        BatchIterator(_examples(3), RankingCollator(40, 0, 3), 4)
+
+
+def test_llama_tokenizer_ranking_batch(shared_dir):
+    tok = load_tokenizer(shared_dir / "models/llama2_tokenizer/tokenizer.model")
+    rec = RankingRecord("Name a colour.", "", "Red.", ['"Blue"', "Green is nice.", "I like red."],
+                        [1.0, 3.0, 2.0], "c")
+    pol = SpecialTokenPolicy()
+    ex, _ = tokenize_ranking([rec], tok, pol, max_len=64, num_candidates=4)
+    b = RankingCollator(64, tok.pad_id, 4)(ex, 64)
+    prompt = encode_prompt(tok, record_prompt(rec), pol)
+    for k, c in enumerate(rec.candidates):
+        ids, m = b["input_ids"][0, k], b["loss_mask"][0, k] > 0
+        assert ids[: len(prompt)].tolist() == prompt and m.argmax() == len(prompt)
+        assert tok.decode(ids[m][:-1]) == c and ids[m][-1] == tok.eos_id
+    # left truncation with the real tokenizer keeps BOS and the EOS
+    ex, rep = tokenize_ranking([rec], tok, pol, max_len=20, num_candidates=4)
+    assert rep.changed["prompt_truncated_left"] == 1 and ex[0].prompt_ids[0] == 1
+    b = RankingCollator(20, tok.pad_id, 4)(ex, 20)
+    assert (b["segment_ids"].sum(-1)[0, :3] <= 20).all() and b["input_ids"][0, 1, 19] == tok.eos_id

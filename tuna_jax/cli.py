@@ -1,0 +1,149 @@
+"""`tuna-jax` entry point: parses arguments and dispatches. No logic of its own: every
+command calls one function of the module that owns the idea. Heavy imports (jax, torch)
+happen inside the handlers so that `tuna-jax --help` is instant."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EPILOG = """The staged pipeline (see README.md):
+  tuna-jax convert hf-to-orbax HF_DIR CKPT        bring a Hugging Face LLaMA in
+  tuna-jax train configs/alpaca_sft.yaml          SFT ("Alpaca")
+  tuna-jax teacher ... / tuna-jax judge ...       feedback from stronger LLMs
+  tuna-jax train configs/tuna_p.yaml              Tuna_p, then configs/tuna.yaml
+  tuna-jax eval ...                               Super-NI, LMentry, Vicuna QA
+  tuna-jax convert orbax-to-hf CKPT OUT --like HF_DIR   take it home
+"""
+
+
+def _runtime(args) -> dict:
+    return {"dtype": args.dtype, "param_dtype": "float32"}
+
+
+def _mesh(args):
+    from tuna_jax import parallel
+
+    parallel.initialize_distributed()
+    return parallel.make_mesh(args.mesh)
+
+
+def cmd_convert_hf_to_orbax(args) -> int:
+    from tuna_jax.model.checkpoint import save_params
+    from tuna_jax.model.convert import load_hf_model
+
+    mesh = _mesh(args)
+    model = load_hf_model(args.hf_dir, mesh, param_dtype=args.param_dtype)
+    out = save_params(args.ckpt_dir, model, tokenizer_src=args.hf_dir)
+    print(f"wrote {out} ({model.cfg.num_params() / 1e6:.2f}M parameters, {model.cfg.param_dtype})")
+    return 0
+
+
+def cmd_convert_orbax_to_hf(args) -> int:
+    from flax import nnx
+
+    from tuna_jax.model import load_model
+    from tuna_jax.model.convert import save_hf_model
+
+    mesh = _mesh(args)
+    model = load_model(args.ckpt_dir, mesh)
+    like = args.like
+    if like is None:
+        print("note: no --like HF_DIR given: config.json is written from the checkpoint alone and tokenizer "
+              "files are copied from the checkpoint folder if it has them", file=sys.stderr)
+        like = args.ckpt_dir
+    out = save_hf_model(nnx.state(model, nnx.Param), model.cfg, args.out_dir, like=like, dtype=args.dtype,
+                        max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_convert_llama2c_to_hf(args) -> int:
+    from tuna_jax.model.llama2c import convert_llama2c_to_hf
+
+    out = convert_llama2c_to_hf(args.model_bin, args.tokenizer_bin, args.out_dir)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from tuna_jax.model import load_model
+    from tuna_jax.score import make_candidate_encoder, score_file
+
+    mesh = _mesh(args)
+    model = load_model(args.model, mesh, **_runtime(args))
+    encoder = None
+    try:
+        encoder = make_candidate_encoder(args.tokenizer or args.model)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        print(f"note: no tokenizer ({e}); only pre-tokenised lines can be scored", file=sys.stderr)
+    n = score_file(model, args.data, args.out, encoder=encoder, mesh=mesh, batch_rows=args.batch_size,
+                   max_len=args.max_len)
+    print(f"scored {n} lines -> {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuna-jax", description="Tuna: instruction tuning with feedback from LLMs, "
+                                "in JAX/Flax.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def mesh_arg(q):
+        q.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                       help="device mesh sizes, one may be -1 (default: all devices on fsdp)")
+
+    conv = sub.add_parser("convert", help="convert checkpoints (HF safetensors, Orbax, llama2.c)")
+    csub = conv.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    c = csub.add_parser("hf-to-orbax", help="HF LlamaForCausalLM folder (safetensors) -> tuna-jax params checkpoint")
+    c.add_argument("hf_dir")
+    c.add_argument("ckpt_dir")
+    c.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+    mesh_arg(c)
+    c.set_defaults(func=cmd_convert_hf_to_orbax)
+    c = csub.add_parser("orbax-to-hf", help="tuna-jax checkpoint -> HF folder (sharded safetensors + index)")
+    c.add_argument("ckpt_dir")
+    c.add_argument("out_dir")
+    c.add_argument("--like", metavar="HF_DIR", help="the HF folder it came from: its config.json fields, "
+                   "dtype and tokenizer files are carried over")
+    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype (default: that of --like, so bf16 stays bf16)")
+    c.add_argument("--max-shard-gb", type=float, default=5.0)
+    mesh_arg(c)
+    c.set_defaults(func=cmd_convert_orbax_to_hf)
+    c = csub.add_parser("llama2c-to-hf", help="llama2.c legacy model.bin + tokenizer.bin -> HF folder")
+    c.add_argument("model_bin")
+    c.add_argument("tokenizer_bin")
+    c.add_argument("out_dir")
+    c.set_defaults(func=cmd_convert_llama2c_to_hf)
+
+    s = sub.add_parser("score", help="exact log-likelihoods of candidates (response tokens + EOS)",
+                       description="Each input line: {instruction, input?, candidates: [str]} or pre-tokenised "
+                       "{prompt_ids, candidate_ids}. Each output line: {index, id?, candidates: "
+                       "[{logprob_sum, num_tokens}], logprob_sum: [...], num_tokens: [...]}.")
+    s.add_argument("model", help="HF folder or tuna-jax params checkpoint")
+    s.add_argument("data", help="input JSONL")
+    s.add_argument("out", help="output JSONL")
+    s.add_argument("--tokenizer", help="tokenizer folder or tokenizer.model (default: the model's)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    s.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    s.add_argument("--max-len", type=int, default=None, help="longest prompt+candidate (default: model maximum)")
+    mesh_arg(s)
+    s.set_defaults(func=cmd_score)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if args.verbose:
+            raise
+        print(f"tuna-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Tokenised examples, [B, N, L] numpy batches, and the resumable, per-host batch iterator.
+
+Batch layout (the loss code depends on it). Ranking batch, B prompts, N = ``num_candidates``,
+L = sequence length (``max_len``, or the global batch's longest rounded up to ``pad_to_multiple``):
+
+  input_ids      int32   [B, N, L]  BOS? + prompt + candidate + EOS, right-padded with pad_id
+  loss_mask      float32 [B, N, L]  1.0 at t iff input_ids[..., t] is a response token or the EOS
+                                    (target-aligned: logits at t-1 predict token t; t=0 never 1)
+  segment_ids    int32   [B, N, L]  1 for real tokens, 0 for padding
+  positions      int32   [B, N, L]  0..len-1 on real tokens, 0 on padding
+  candidate_mask bool    [B, N]     True for real candidates (variable N within a batch)
+  target         float32 [B, N]     candidate scores, higher is better; 0 where masked
+  example_mask   bool    [B]        False for rows that only fill the last, partial batch
+  mle_input_ids, mle_loss_mask, mle_segment_ids, mle_positions  [B, L], same conventions, for the
+                                    MLE target ("original" or "best"); absent for "all"
+SFT batch: input_ids, loss_mask, segment_ids, positions [B, L] and example_mask [B].
+
+Every example fits in ``max_len``: when prompt + longest response (+EOS) is too long, either the
+prompt is cut from the left, after the BOS (``truncate="left_prompt"``, counted as changed), or the
+example is dropped (``truncate="drop"``, counted); if the response alone does not fit next to one
+prompt token, the example is dropped and counted. The EOS is never cut.
+
+All examples are tokenised up front on every host: every host must agree on the example list,
+the shuffle and each global batch's length, and then it collates only its own rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from tuna_jax.data.records import DataError, RankingRecord, SFTRecord, SkipReport, record_prompt
+from tuna_jax.data.templates import SpecialTokenPolicy, Tokenizer, encode_prompt, encode_response
+
+MLE_TARGETS = ("original", "best", "all")
+TRUNCATE = ("left_prompt", "drop")
+
+
+@dataclasses.dataclass
+class TokenizedExample:
+    """One prompt and its responses as ids.
+
+    prompt_ids: int32 [P], BOS included (after any truncation). responses: N arrays int32 [R_k],
+    EOS included. scores: float32 [N] (ranking) or None (SFT). mle: int32 [R] for the MLE target
+    ("original"/"best") or None. source: file:line, for messages.
+    """
+
+    prompt_ids: np.ndarray
+    responses: list
+    scores: Optional[np.ndarray]
+    mle: Optional[np.ndarray]
+    id: str
+    source: str = ""
+
+    def seq_len(self) -> int:
+        """Length of the longest sequence this example puts in a batch."""
+        longest = max(len(r) for r in self.responses)
+        if self.mle is not None:
+            longest = max(longest, len(self.mle))
+        return len(self.prompt_ids) + longest
+
+
+def _fit_prompt(prompt: list, need: int, max_len: int, has_bos: bool, truncate: str, where: str,
+                report: SkipReport) -> list:
+    """The prompt ids that fit next to ``need`` response tokens, or DataError (dropped)."""
+    if len(prompt) + need <= max_len:
+        return prompt
+    if truncate == "drop":
+        raise DataError(where, None, f"{len(prompt)} prompt + {need} response tokens > max_len {max_len}",
+                        reason="too_long")
+    keep = max_len - need  # prompt tokens that fit
+    if keep < 1:  # the first response token needs one token before it to be predicted from
+        raise DataError(where, None, f"response alone ({need} tokens with EOS) does not fit in max_len "
+                        f"{max_len} after one prompt token", reason="response_too_long")
+    # Keep the BOS: the model was trained with it at position 0.
+    cut = prompt[:1] + prompt[len(prompt) - (keep - 1):] if has_bos else prompt[len(prompt) - keep:]
+    report.note("prompt_truncated_left", f"{where}: prompt {len(prompt)} -> {len(cut)} tokens")
+    return cut
+
+
+def _check_args(max_len: int, truncate: str, on_error: str) -> None:
+    if truncate not in TRUNCATE:
+        raise ValueError(f"truncate must be one of {TRUNCATE}, got {truncate!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+
+
+def _ids(x: Sequence[int]) -> np.ndarray:
+    return np.asarray(x, dtype=np.int32)
+
+
+def tokenize_sft(records: Iterable[SFTRecord], tok: Tokenizer, policy: SpecialTokenPolicy, max_len: int,
+                 *, truncate: str = "left_prompt", on_error: str = "raise",
+                 report: Optional[SkipReport] = None) -> tuple[list, SkipReport]:
+    """SFT records -> TokenizedExamples (one response each). Returns ``(examples, report)``."""
+    _check_args(max_len, truncate, on_error)
+    report = report if report is not None else SkipReport()
+    has_bos = policy.add_bos
+    out = []
+    for rec in records:
+        where = rec.source or str(rec.id)
+        try:
+            prompt = encode_prompt(tok, record_prompt(rec), policy)
+            resp = _encode_resp(tok, rec.output, policy, where, "output")
+            _need_prompt(prompt, where)
+            prompt = _fit_prompt(prompt, len(resp), max_len, has_bos, truncate, where, report)
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            report.skip(e.reason, str(e))
+            continue
+        out.append(TokenizedExample(_ids(prompt), [_ids(resp)], None, None, rec.id, rec.source))
+    return out, report
+
+
+def tokenize_ranking(records: Iterable[RankingRecord], tok: Tokenizer, policy: SpecialTokenPolicy,
+                     max_len: int, num_candidates: int, *, mle_target: str = "original",
+                     truncate: str = "left_prompt", on_error: str = "raise",
+                     report: Optional[SkipReport] = None) -> tuple[list, SkipReport]:
+    """Ranking records -> TokenizedExamples with up to ``num_candidates`` responses.
+
+    One prompt per example, shared by all its candidates, truncated so the longest candidate (and
+    the MLE target) fits. A record with more than ``num_candidates`` candidates, or with no
+    original response when ``mle_target="original"``, is an error or a counted skip.
+    """
+    _check_args(max_len, truncate, on_error)
+    if mle_target not in MLE_TARGETS:
+        raise ValueError(f"mle_target must be one of {MLE_TARGETS}, got {mle_target!r}")
+    report = report if report is not None else SkipReport()
+    out = []
+    for rec in records:
+        where = rec.source or str(rec.id)
+        try:
+            if len(rec.candidates) > num_candidates:
+                raise DataError(where, "candidates", f"{len(rec.candidates)} candidates > num_candidates "
+                                f"{num_candidates}", reason="too_many_candidates")
+            if len(rec.scores) != len(rec.candidates):
+                raise DataError(where, "scores", f"{len(rec.scores)} scores for {len(rec.candidates)} "
+                                "candidates", reason="length_mismatch")
+            prompt = encode_prompt(tok, record_prompt(rec), policy)
+            _need_prompt(prompt, where)
+            resps = [_encode_resp(tok, c, policy, where, f"candidates[{k}]") for k, c in enumerate(rec.candidates)]
+            scores = np.asarray(rec.scores, dtype=np.float32)
+            mle = None
+            if mle_target == "original":
+                if not rec.output.strip():
+                    raise DataError(where, "output", "no original response for mle_target='original'",
+                                    reason="no_original_response")
+                mle = _encode_resp(tok, rec.output, policy, where, "output")
+            elif mle_target == "best":
+                mle = resps[int(np.argmax(scores))]  # the first of tied best, as a stable sort gives
+            need = max([len(r) for r in resps] + ([len(mle)] if mle is not None else []))
+            prompt = _fit_prompt(prompt, need, max_len, policy.add_bos, truncate, where, report)
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            report.skip(e.reason, str(e))
+            continue
+        out.append(TokenizedExample(_ids(prompt), [_ids(r) for r in resps], scores,
+                                    None if mle is None else _ids(mle), rec.id, rec.source))
+    return out, report
+
+
+def _encode_resp(tok, text, policy, where, field) -> list:
+    if not text.strip():
+        raise DataError(where, field, "empty response", reason="empty_response")
+    return encode_response(tok, text, policy)
+
+
+def _need_prompt(prompt: list, where: str) -> None:
+    if not prompt:  # no BOS and an empty prompt: nothing would predict the first response token
+        raise DataError(where, "instruction", "empty prompt and no BOS", reason="empty_prompt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Collation.
+
+def _put(ids, loss, seg, pos, prompt: np.ndarray, resp: np.ndarray) -> None:
+    """Write prompt+resp into one row (1-D views of length L)."""
+    p, n = len(prompt), len(prompt) + len(resp)
+    if n > len(ids):
+        raise ValueError(f"sequence of {n} tokens > batch length {len(ids)}: tokenise with the "
+                         "collator's max_len")
+    ids[:p], ids[p:n] = prompt, resp
+    loss[p:n] = 1.0
+    seg[:n] = 1
+    pos[:n] = np.arange(n, dtype=np.int32)
+
+
+def _empty(shape, pad_id):
+    return (np.full(shape, pad_id, np.int32), np.zeros(shape, np.float32),
+            np.zeros(shape, np.int32), np.zeros(shape, np.int32))
+
+
+class _Collator:
+    def __init__(self, max_len: int, pad_id: int, pad_to_multiple: Optional[int] = None):
+        self.max_len, self.pad_id, self.pad_to_multiple = int(max_len), int(pad_id), pad_to_multiple
+
+    def length_for(self, examples: Sequence[Optional[TokenizedExample]]) -> int:
+        """L for a global batch: max_len, or its longest rounded up to pad_to_multiple (<= max_len).
+        Computed over the GLOBAL batch so every host agrees on the shape."""
+        if not self.pad_to_multiple:
+            return self.max_len
+        m = self.pad_to_multiple
+        longest = max([e.seq_len() for e in examples if e is not None] + [1])
+        return min(self.max_len, -(-longest // m) * m)
+
+
+class SFTCollator(_Collator):
+    """SFT rows -> the [B, L] batch dict (see the module docstring). None rows are padding."""
+
+    def __call__(self, examples: Sequence[Optional[TokenizedExample]], length: int) -> dict:
+        b = len(examples)
+        ids, loss, seg, pos = _empty((b, length), self.pad_id)
+        for i, e in enumerate(examples):
+            if e is not None:
+                _put(ids[i], loss[i], seg[i], pos[i], e.prompt_ids, e.responses[0])
+        return {"input_ids": ids, "loss_mask": loss, "segment_ids": seg, "positions": pos,
+                "example_mask": np.array([e is not None for e in examples], dtype=bool)}
+
+
+class RankingCollator(_Collator):
+    """Ranking rows -> the [B, N, L] batch dict (see the module docstring). None rows are padding."""
+
+    def __init__(self, max_len: int, pad_id: int, num_candidates: int, mle_target: str = "original",
+                 pad_to_multiple: Optional[int] = None):
+        super().__init__(max_len, pad_id, pad_to_multiple)
+        if mle_target not in MLE_TARGETS:
+            raise ValueError(f"mle_target must be one of {MLE_TARGETS}, got {mle_target!r}")
+        self.num_candidates, self.mle_target = int(num_candidates), mle_target
+
+    def __call__(self, examples: Sequence[Optional[TokenizedExample]], length: int) -> dict:
+        b, n = len(examples), self.num_candidates
+        ids, loss, seg, pos = _empty((b, n, length), self.pad_id)
+        cmask = np.zeros((b, n), dtype=bool)
+        target = np.zeros((b, n), dtype=np.float32)
+        with_mle = self.mle_target != "all"
+        if with_mle:
+            mids, mloss, mseg, mpos = _empty((b, length), self.pad_id)
+        for i, e in enumerate(examples):
+            if e is None:
+                continue
+            if len(e.responses) > n:
+                raise ValueError(f"{e.source or e.id}: {len(e.responses)} candidates > num_candidates {n}")
+            for k, r in enumerate(e.responses):
+                _put(ids[i, k], loss[i, k], seg[i, k], pos[i, k], e.prompt_ids, r)
+            cmask[i, : len(e.responses)] = True
+            target[i, : len(e.responses)] = e.scores
+            if with_mle:
+                if e.mle is None:
+                    raise ValueError(f"{e.source or e.id}: tokenised without an MLE target "
+                                     f"but mle_target={self.mle_target!r}")
+                _put(mids[i], mloss[i], mseg[i], mpos[i], e.prompt_ids, e.mle)
+        out = {"input_ids": ids, "loss_mask": loss, "segment_ids": seg, "positions": pos,
+               "candidate_mask": cmask, "target": target,
+               "example_mask": np.array([e is not None for e in examples], dtype=bool)}
+        if with_mle:
+            out.update(mle_input_ids=mids, mle_loss_mask=mloss, mle_segment_ids=mseg, mle_positions=mpos)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+class BatchIterator:
+    """Seeded, resumable iterator over this host's part of each global batch.
+
+    Epoch e visits the examples in ``permutation(seed, e)`` order (``numpy`` PCG64 seeded with
+    ``(seed, e)``, so any epoch's order is known without replaying earlier ones), in consecutive
+    global batches of ``global_batch_size`` prompts. ``drop_remainder=True`` leaves the last
+    ``num_examples % global_batch_size`` of each epoch's order out (``dropped_per_epoch``; a
+    different set each epoch); ``False`` fills the last batch with padding rows
+    (``example_mask`` False). Host ``process_index`` of ``process_count`` gets rows
+    ``[p*B/P, (p+1)*B/P)`` of every global batch.
+
+    ``state()`` is ``{"seed", "epoch", "index", "num_examples", "global_batch_size"}``, ``index``
+    being the next batch within the epoch; ``restore(state)`` continues exactly there.
+    """
+
+    def __init__(self, examples: Sequence[TokenizedExample], collator: _Collator, global_batch_size: int,
+                 *, seed: int = 0, shuffle: bool = True, num_epochs: Optional[int] = None,
+                 drop_remainder: bool = True, process_index: int = 0, process_count: int = 1):
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} is not in 0..process_count-1 ({process_count})")
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch of {global_batch_size} prompts does not divide over "
+                             f"{process_count} hosts; choose a multiple of {process_count}")
+        n = len(examples)
+        self.steps_per_epoch = n // global_batch_size if drop_remainder else math.ceil(n / global_batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} examples make no full global batch of {global_batch_size}"
+                             + ("" if n else " (no examples)"))
+        self.examples, self.collator = list(examples), collator
+        self.global_batch_size, self.shuffle, self.num_epochs = global_batch_size, shuffle, num_epochs
+        self.drop_remainder = drop_remainder
+        self.dropped_per_epoch = n - self.steps_per_epoch * global_batch_size if drop_remainder else 0
+        self.per_host = global_batch_size // process_count
+        self.process_index = process_index
+        self.seed, self.epoch, self.index = int(seed), 0, 0
+        self._order_epoch, self._order = None, None
+
+    def __len__(self) -> int:
+        """Batches left to yield (needs num_epochs)."""
+        if self.num_epochs is None:
+            raise TypeError("an endless BatchIterator (num_epochs=None) has no length")
+        return max(0, (self.num_epochs - self.epoch) * self.steps_per_epoch - self.index)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Example indices in epoch ``epoch``'s order."""
+        if self._order_epoch != epoch:
+            n = len(self.examples)
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            else:
+                self._order = np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def state(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index,
+                "num_examples": len(self.examples), "global_batch_size": self.global_batch_size}
+
+    def restore(self, state: dict) -> None:
+        for key, have in (("num_examples", len(self.examples)), ("global_batch_size", self.global_batch_size)):
+            if int(state[key]) != have:
+                raise ValueError(f"cannot resume the data position: checkpoint has {key}={state[key]}, "
+                                 f"this run has {have} (data or batch size changed)")
+        if not 0 <= int(state["index"]) <= self.steps_per_epoch:
+            raise ValueError(f"data position index {state['index']} is outside 0..{self.steps_per_epoch}")
+        self.seed, self.epoch, self.index = int(state["seed"]), int(state["epoch"]), int(state["index"])
+        self._order_epoch = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.index >= self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        g = self.global_batch_size
+        idx = self.order(self.epoch)[self.index * g: (self.index + 1) * g]
+        rows: list = [self.examples[i] for i in idx] + [None] * (g - len(idx))
+        length = self.collator.length_for(rows)
+        lo = self.process_index * self.per_host
+        batch = self.collator(rows[lo: lo + self.per_host], length)
+        self.index += 1
+        return batch

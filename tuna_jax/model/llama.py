@@ -1,0 +1,437 @@
+"""LLaMA 1/2/3/3.1 in Flax NNX, readable top to bottom.
+
+Layout decisions (why they are what they are):
+
+* HF's half-split rotary layout (``rotate_half``), so Hugging Face weights load with no q/k
+  permutation; ``convert.py`` only transposes and reshapes.
+* Decoder layers are stored *stacked*: every layer parameter has a leading ``layers`` axis.
+  One parameter tree serves both execution modes: ``scan_layers=True`` runs a ``lax.scan``
+  (fast compiles on deep models), ``scan_layers=False`` fully unrolls the same scan.
+  Checkpoints therefore never depend on the mode.
+* Every parameter carries logical axis names in its ``logical_axes`` metadata. The single
+  rules table in :mod:`tuna_jax.parallel` maps them to mesh axes.
+* Parameters live in ``param_dtype`` (float32 by default); matmuls run in ``dtype``
+  (bfloat16 for training on accelerators); RMSNorm statistics, RoPE tables and the softmax
+  always run in float32, as in HF.
+* The attention mask is built here, from per-token ``segment_ids`` (0 = padding; tokens
+  attend only within their segment, causally by index) and optional ``branch_ids``
+  (0 = shared prefix; a token with branch b > 0 sees the shared prefix and its own branch
+  only). Plain padded batches, several examples packed in one row, and prefix-shared
+  candidates (instruction once, then N candidates with positions restarting after the
+  instruction) are all expressed by these two arrays, without touching the model.
+* A fixed-size KV cache (``KVCache``) is an explicit input/output of the forward pass: the
+  sampler owns it, donates it, and the model writes the new keys/values at ``cache.index``.
+
+Shapes: B batch, L query length, S cache length, D hidden, H query heads, K kv heads,
+G = H // K, Dh head dim, F MLP width, V vocabulary, N_l layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tuna_jax.parallel import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# jax.checkpoint policies by name; "none" means no rematerialisation at all.
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture (from a HF ``config.json``) plus how to run it (dtypes, scan, remat)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    # How to run it; not part of the HF architecture.
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_kv_heads}")
+        if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; choose none or one of {sorted(REMAT_POLICIES)}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "default", None):
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
+
+    # ---- HF config.json <-> LlamaConfig ------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict, **runtime: Any) -> "LlamaConfig":
+        """From a HF ``config.json`` dict, either style: ``rope_theta`` + ``rope_scaling``
+        (hub checkpoints) or ``rope_parameters`` (transformers 5)."""
+        archs = hf.get("architectures") or ["LlamaForCausalLM"]
+        if hf.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in archs:
+            raise ValueError(f"unsupported architecture model_type={hf.get('model_type')!r} "
+                             f"architectures={archs}: tuna-jax loads LlamaForCausalLM checkpoints only")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ValueError(f"{flag}=true is not a LLaMA architecture; tuna-jax does not support it")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA uses silu)")
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.pop("type", None))
+            if scaling["rope_type"] == "default":
+                scaling = None
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            **runtime,
+        )
+
+    def to_hf(self) -> dict:
+        """The architecture as a complete HF ``config.json`` dict (both rope styles written,
+        so transformers 4.x and 5.x read it the same)."""
+        out = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        return out
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        return () if e is None else tuple(e) if isinstance(e, (list, tuple)) else (e,)
+
+    def num_params(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * d * f + 2 * d
+        return self.num_layers * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+
+
+# ---- rotary embeddings ----------------------------------------------------------------
+
+def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """[Dh/2] float32 inverse frequencies, with the "llama3" (Llama 3.1) rescaling when set.
+    Computed in numpy float64 then rounded, so it does not depend on the device."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    s = cfg.rope_scaling
+    if s and s.get("rope_type") == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions [B, L] int -> cos, sin [B, L, Dh] float32 (half-split layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, L, heads, Dh]; cos/sin [B, L, Dh]. HF's ``rotate_half`` convention."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x.astype(jnp.float32) * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# ---- attention mask -------------------------------------------------------------------
+
+def attention_mask(q_segment: jax.Array, k_segment: jax.Array, q_index: jax.Array, k_index: jax.Array,
+                   q_branch: jax.Array | None = None, k_branch: jax.Array | None = None) -> jax.Array:
+    """Boolean [B, 1, Lq, Lk]: query i sees key j iff both are real (segment != 0), in the same
+    segment, j is not after i (by index in the row or cache), and j is in the shared prefix
+    (branch 0) or in i's own branch.
+
+    q_segment [B, Lq], k_segment [B, Lk], q_index [B, Lq] / [Lq], k_index [Lk]; branches like segments.
+    """
+    q_index = jnp.broadcast_to(q_index, q_segment.shape)
+    same = (q_segment[:, :, None] == k_segment[:, None, :]) & (k_segment[:, None, :] != 0)
+    causal = k_index[None, None, :] <= q_index[:, :, None]
+    mask = same & causal
+    if q_branch is not None:
+        mask &= (k_branch[:, None, :] == 0) | (k_branch[:, None, :] == q_branch[:, :, None])
+    return mask[:, None, :, :]
+
+
+# ---- KV cache -------------------------------------------------------------------------
+
+class KVCache(NamedTuple):
+    """A fixed-size cache for all layers.
+
+    k, v: [N_l, B, S, K, Dh] in the compute dtype; segment_ids, branch_ids: [B, S] int32 of the
+    cached tokens (0 = empty slot); index: int32 scalar, the next slot to write.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    branch_ids: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, cfg: LlamaConfig, batch: int, length: int) -> "KVCache":
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        dt = DTYPES[cfg.dtype]
+        zeros_i = jnp.zeros((batch, length), jnp.int32)
+        return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), zeros_i, zeros_i, jnp.zeros((), jnp.int32))
+
+
+# ---- modules --------------------------------------------------------------------------
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float | None = 0.02):
+    """A parameter with logical axis names; std=None means ones (norm scales)."""
+    value = jnp.ones(shape, dtype) if std is None else std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), ("norm",), param_dtype, std=None)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> [..., D] in x's dtype; statistics in float32 as HF does."""
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        pd = DTYPES[cfg.param_dtype]
+        d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), pd)
+        self.k_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = _param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), pd)
+        self.cfg = cfg
+
+    def __call__(self, x, cos, sin, segment_ids, branch_ids, kv=None, cache_meta=None):
+        """x [B, L, D] -> ([B, L, D], (k, v) of this call or the updated cache slices).
+
+        kv: this layer's cache (k, v) [B, S, K, Dh] or None; cache_meta: (segment_ids [B, S],
+        branch_ids [B, S], index) of the cache *after* this call's tokens were written.
+        """
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+        x = x.astype(dt)
+        q = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(dt))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        b, l = x.shape[:2]
+        if kv is None:
+            keys, values = k, v
+            k_seg, k_branch, k_index, q_index = segment_ids, branch_ids, jnp.arange(l), jnp.arange(l)
+        else:
+            cache_seg, cache_branch, index = cache_meta
+            keys = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            k_seg, k_branch = cache_seg, cache_branch
+            k_index, q_index = jnp.arange(keys.shape[1]), index + jnp.arange(l)
+        mask = attention_mask(segment_ids, k_seg, q_index, k_index, branch_ids, k_branch)
+
+        # Grouped-query attention: query heads [K, G] share kv head K.
+        g = cfg.num_heads // cfg.num_kv_heads
+        qg = q.reshape(b, l, cfg.num_kv_heads, g, cfg.head_dim)
+        scores = jnp.einsum("blkgd,bskd->bkgls", qg, keys.astype(dt)).astype(jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim)
+        # A large finite negative, not -inf: fully masked (padding) rows stay finite.
+        scores = jnp.where(mask[:, :, None, :, :], scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs, values.astype(dt)).reshape(b, l, cfg.num_heads, cfg.head_dim)
+        out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(dt))
+        return out, ((keys, values) if kv is not None else None)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        pd = DTYPES[cfg.param_dtype]
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        self.dtype = DTYPES[cfg.dtype]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        x = x.astype(dt)
+        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
+        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        pd = DTYPES[cfg.param_dtype]
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, h, cos, sin, segment_ids, branch_ids, kv=None, cache_meta=None):
+        """h [B, L, D] float32 residual stream -> (h [B, L, D], updated kv or None)."""
+        attn, kv = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, branch_ids, kv, cache_meta)
+        h = h + attn.astype(h.dtype)
+        h = h + self.mlp(self.post_attention_layernorm(h)).astype(h.dtype)
+        return h, kv
+
+
+class Llama(nnx.Module):
+    """LlamaForCausalLM. ``__call__`` gives logits; ``hidden_states`` + ``lm_head_weight`` let
+    the log-likelihood code project to the vocabulary in chunks (see ``losses.py``)."""
+
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = DTYPES[cfg.param_dtype]
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create_layers(r):
+            return DecoderLayer(cfg, r)
+
+        self.layers = create_layers(rngs)
+        # The vmap above stacked every layer parameter on a new leading axis; name it.
+        for _, var in nnx.iter_graph(self.layers):
+            if isinstance(var, nnx.Variable) and "logical_axes" in var.get_metadata():
+                var.set_metadata(logical_axes=("layers",) + tuple(var.get_metadata()["logical_axes"]))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    def lm_head_weight(self) -> jax.Array:
+        """[D, V] projection to the vocabulary (the embedding, transposed, when tied)."""
+        return self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                      branch_ids: jax.Array | None = None, cache: KVCache | None = None
+                      ) -> tuple[jax.Array, KVCache | None]:
+        """input_ids, positions, segment_ids, branch_ids [B, L] -> final-norm hidden [B, L, D] in
+        the compute dtype, and the updated cache when one is given.
+
+        Without a cache, queries attend to this call's tokens. With one, this call's keys are
+        written at ``cache.index`` and queries attend to every cached slot their mask allows.
+        """
+        cfg = self.cfg
+        if branch_ids is None:
+            branch_ids = jnp.zeros_like(segment_ids)
+        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.float32)
+        h = constrain(h, ("batch", "length", "act_embed"))
+        cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg))
+
+        cache_meta, new_cache = None, None
+        if cache is not None:
+            l = input_ids.shape[1]
+            cache_meta = (jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1),
+                          jax.lax.dynamic_update_slice_in_dim(cache.branch_ids, branch_ids, cache.index, axis=1),
+                          cache.index)
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def layer_step(h, xs):
+            state, kv = xs
+            layer = nnx.merge(graphdef, state)
+            h, kv = layer(h, cos, sin, segment_ids, branch_ids, kv, cache_meta)
+            return constrain(h, ("batch", "length", "act_embed")), kv
+
+        if cfg.remat_policy != "none":
+            layer_step = jax.checkpoint(layer_step, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        h, kv_out = jax.lax.scan(layer_step, h, (layer_state, kv_in),
+                                 unroll=1 if cfg.scan_layers else cfg.num_layers)
+        if cache is not None:
+            new_cache = KVCache(kv_out[0], kv_out[1], cache_meta[0], cache_meta[1], cache.index + l)
+        return self.norm(h.astype(DTYPES[cfg.dtype])), new_cache
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, branch_ids=None, cache=None):
+        """Logits [B, L, V] float32. Defaults: positions 0..L-1, every token in segment 1.
+        Materialises the full vocabulary: use ``losses.sequence_logprobs`` for training."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids)
+        h, new_cache = self.hidden_states(input_ids, positions, segment_ids, branch_ids, cache)
+        dt = DTYPES[self.cfg.dtype]
+        logits = jnp.einsum("bld,dv->blv", h, self.lm_head_weight().astype(dt)).astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def abstract_model(cfg: LlamaConfig) -> Llama:
+    """The model with ShapeDtypeStruct leaves: shapes and metadata, no memory."""
+    return nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0)))
+
+
+def padded_inputs(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """From a HF-style attention mask [B, L] (1 real, 0 pad; left or right padding) give
+    positions (0 at each row's first real token) and segment ids, both [B, L] int32."""
+    mask = mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    return positions * mask, mask
