@@ -83,6 +83,28 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from tuna_jax.config import load_config
+    from tuna_jax.train import Interrupted, TrainingDiverged, train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(cfg, resume=args.resume)
+    except Interrupted as e:
+        print(f"tuna-jax train: {e}; rerun with --resume to continue", file=sys.stderr)
+        return 128 + e.signum
+    except TrainingDiverged as e:
+        print(f"tuna-jax train: {e}", file=sys.stderr)
+        return 3
+    summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()}
+    print(f"finished at step {result.step}: {summary}")
+    if result.eval_metrics:
+        print(f"held-out: {result.eval_metrics}")
+    if result.export_dir:
+        print(f"params export: {result.export_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuna-jax", description="Tuna: instruction tuning with feedback from LLMs, "
                                 "in JAX/Flax.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-len", type=int, default=None, help="longest prompt+candidate (default: model maximum)")
     mesh_arg(s)
     s.set_defaults(func=cmd_score)
+    t = sub.add_parser("train", help="train a stage (SFT or ranking) from a YAML config",
+                       description="Train one stage. CONFIG is a YAML file (see configs/); overrides are "
+                       "section.key=value, e.g. optim.lr=1e-5 train.global_batch=64 data.train=ranked.jsonl. "
+                       "Unknown keys are errors.")
+    t.add_argument("config", help="YAML config (configs/tuna_p.yaml, ...)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in "
+                   "train.output_dir (params, optimizer, step, RNG and data position)")
+    t.set_defaults(func=cmd_train)
+
+    from tuna_jax import generate  # light at import: jax loads inside generate.run
+    g = sub.add_parser("generate", help="sample continuations with token log-probs (resumable)")
+    generate.add_arguments(g)
+    g.set_defaults(func=generate.run)
     return p
 
 

@@ -68,3 +68,45 @@ def state_shardings_as_structs(abs_state: nnx.State, mesh, rules=RULES) -> nnx.S
     return jax.tree.map(
         lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value())),
         abs_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ---- train state ------------------------------------------------------------------------
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager for the train state.
+
+    Each step folder holds ``state`` (params, optimizer state, step, RNG key data: one pytree,
+    each array written shard by shard) and ``meta`` (JSON: the data iterator position and the
+    run's bookkeeping). Saves are asynchronous (the step loop goes on while the previous save
+    is written); the last ``keep`` are kept. A restore targets the *current* mesh's shardings,
+    so a run saved on (1,8,1) resumes on (2,2,2) or one device.
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                               meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, abstract_state, step: int | None = None):
+        """(state, meta) of ``step`` (default the latest) onto ``abstract_state``'s shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                 meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

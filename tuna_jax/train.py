@@ -1,0 +1,469 @@
+"""Training: the train state, one jitted sharded step (SFT or ranking), the loop, checkpoints.
+
+Modes
+* ``sft``: token-mean negative log-likelihood of the responses (Alpaca stage).
+* ``ranking``: per prompt, L = L_rank(v, target) + lambda * L_MLE, averaged over prompts
+  (Tuna_p / Tuna_c / Tuna). v_k is the per-token mean log-likelihood of candidate k
+  (``losses.py``); candidates and the MLE target go through the model in one forward pass.
+
+The step sums losses and gradients over ``grad_accum`` micro-batches with ``lax.scan`` and
+divides by the global count at the end, so accumulation changes memory, never the result.
+Parameters, gradients and optimizer state are pure dicts of arrays sharded by the rules table;
+the batch is split over data x fsdp, each host loading only its own rows.
+
+Resume is exact: a checkpoint holds params, optimizer state, step, RNG and the data iterator
+position; ``--resume`` continues from the latest one and trims the metrics log back to it, so
+every step appears exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+
+from tuna_jax import parallel
+from tuna_jax.config import Config
+from tuna_jax.losses import mle_loss, pair_accuracy, ranking_loss, sequence_logprobs, sequence_scores
+from tuna_jax.model.checkpoint import TrainCheckpointer, save_params
+from tuna_jax.model.llama import Llama, LlamaConfig, abstract_model
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
+        self.signum, self.step = signum, step
+
+
+# ---- model binding ---------------------------------------------------------------------
+
+class ParamBinder:
+    """Pure parameter dicts <-> the ``Llama`` module.
+
+    The step works on a pure nested dict of arrays (what optax and Orbax like best); inside a
+    traced function ``bind(params)`` rebuilds the module around those arrays."""
+
+    def __init__(self, cfg: LlamaConfig):
+        self.cfg = cfg
+        self.graphdef, abs_state = nnx.split(abstract_model(cfg))
+        self.treedef = jax.tree.structure(abs_state)
+        self.abstract_state = abs_state
+
+    def bind(self, params: dict) -> Llama:
+        leaves = jax.tree.leaves(params)
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+    @staticmethod
+    def to_pure(model: Llama) -> dict:
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def abstract_params(self, mesh) -> dict:
+        shardings = parallel.state_shardings(self.abstract_state, mesh)
+        structs = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value())),
+                               self.abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return nnx.to_pure_dict(structs)
+
+
+# ---- optimizer -------------------------------------------------------------------------
+
+def make_schedule(ocfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup to lr over ``warmup_steps``, then cosine/linear decay to lr*end_lr_ratio
+    at ``total_steps`` (or constant)."""
+    warm = max(0, min(ocfg.warmup_steps, total_steps))
+    decay = max(1, total_steps - warm)
+    end = ocfg.lr * ocfg.end_lr_ratio
+    if ocfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(ocfg.lr, decay, alpha=ocfg.end_lr_ratio)
+    elif ocfg.schedule == "linear":
+        after = optax.linear_schedule(ocfg.lr, end, decay)
+    else:
+        after = optax.constant_schedule(ocfg.lr)
+    if warm == 0:
+        return after
+    # optax counts from 0; step s uses lr (s+1)/warm during warmup so the first step is not lr=0.
+    return optax.join_schedules([optax.linear_schedule(ocfg.lr / warm, ocfg.lr, warm - 1) if warm > 1
+                                 else optax.constant_schedule(ocfg.lr), after], [warm])
+
+
+def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(ocfg, total_steps)
+    parts = [optax.clip_by_global_norm(ocfg.grad_clip)] if ocfg.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+# ---- losses over a batch ---------------------------------------------------------------
+
+def batch_sums(model: Llama, batch: dict, cfg: Config) -> dict[str, jax.Array]:
+    """Summed losses and counters of one (micro-)batch; dividing by ``count`` gives means.
+
+    SFT: count = scored tokens. Ranking: count = real prompts (``example_mask``).
+    """
+    lc = cfg.loss
+    ex = batch["example_mask"].astype(jnp.float32)  # [b]
+    tokens = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
+    if cfg.train.mode == "sft":
+        lp, n = sequence_logprobs(model, batch["input_ids"], batch["loss_mask"], batch["segment_ids"],
+                                  batch["positions"], chunk=lc.chunk)  # [b]
+        return {"loss": -jnp.sum(lp * ex), "count": jnp.sum(n * ex), "tokens": tokens}
+
+    b, n_cand, length = batch["input_ids"].shape
+    with_mle = "mle_input_ids" in batch
+    # Candidates and the MLE target share one forward pass: [b*N (+ b), L].
+    rows = {k: batch[k].reshape(b * n_cand, length) for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
+    if with_mle:
+        for k in rows:
+            rows[k] = jnp.concatenate([rows[k], batch["mle_" + k]], axis=0)
+        tokens = tokens + jnp.sum((batch["mle_segment_ids"] > 0).astype(jnp.float32))
+    lp, cnt = sequence_logprobs(model, rows["input_ids"], rows["loss_mask"], rows["segment_ids"],
+                                rows["positions"], chunk=lc.chunk)
+    cand_lp, cand_n = lp[: b * n_cand].reshape(b, n_cand), cnt[: b * n_cand].reshape(b, n_cand)
+    v, valid = sequence_scores(cand_lp, cand_n, batch["candidate_mask"])
+    rank = ranking_loss(v, batch["target"], valid, margin=lc.margin, form=lc.form)  # [b]
+    mle = mle_loss(lp[b * n_cand:], cnt[b * n_cand:]) if with_mle else mle_loss(cand_lp, cand_n, valid)
+    correct, counted = pair_accuracy(v, batch["target"], valid)
+    total = rank + lc.mle_weight * mle
+    return {"loss": jnp.sum(total * ex), "rank_loss": jnp.sum(rank * ex), "mle_loss": jnp.sum(mle * ex),
+            "pairs_correct": jnp.sum(correct * ex), "pairs": jnp.sum(counted * ex), "count": jnp.sum(ex),
+            "tokens": tokens}
+
+
+def summarize(sums: dict) -> dict[str, float]:
+    """Turn summed counters into the logged means."""
+    sums = {k: float(v) for k, v in sums.items()}
+    count = max(sums.get("count", 0.0), 1.0)
+    out = {"loss": sums["loss"] / count}
+    if "rank_loss" in sums:
+        out.update(rank_loss=sums["rank_loss"] / count, mle_loss=sums["mle_loss"] / count,
+                   pair_accuracy=sums["pairs_correct"] / max(sums["pairs"], 1.0))
+    out["tokens"] = sums["tokens"]
+    return out
+
+
+# ---- the step ---------------------------------------------------------------------------
+
+def make_train_step(binder: ParamBinder, cfg: Config, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+    accum = cfg.train.grad_accum
+
+    def loss_fn(params, micro):
+        sums = batch_sums(binder.bind(params), micro, cfg)
+        return sums["loss"], sums
+
+    def step(state: dict, batch: dict):
+        params = state["params"]
+        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+        def one(carry, mb):
+            g_acc, s_acc = carry
+            (_, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, sums)), None
+
+        zero_sums = jax.tree.map(lambda x: jnp.zeros((), jnp.float32),
+                                 jax.eval_shape(lambda p, mb: loss_fn(p, mb)[1], params,
+                                                jax.tree.map(lambda x: x[0], micro)))
+        zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (grads, sums), _ = jax.lax.scan(one, (zero_g, zero_sums), micro)
+        denom = jnp.maximum(sums["count"], 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
+                     "step": state["step"] + 1, "rng": state["rng"]}
+        metrics = dict(sums, grad_norm=grad_norm, lr=schedule(state["step"]), finite=ok)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(binder: ParamBinder, cfg: Config) -> Callable:
+    return lambda params, batch: batch_sums(binder.bind(params), batch, cfg)
+
+
+# ---- data ------------------------------------------------------------------------------
+
+def load_tokenizer_and_policy(cfg: Config):
+    from tuna_jax.data.templates import SpecialTokenPolicy, load_tokenizer
+
+    path = cfg.model.tokenizer or cfg.model.path
+    if path is None:
+        raise ValueError("no tokenizer: set model.tokenizer (a tokenizer folder or tokenizer.model) "
+                         "when the model is randomly initialised")
+    tok = load_tokenizer(path)
+    policy = SpecialTokenPolicy(add_bos=cfg.data.add_bos, add_eos=cfg.data.add_eos)
+    if cfg.data.eos_as_bos:
+        policy = policy.reference_quirk(tok)
+    return tok, policy
+
+
+def tokenize_source(path, cfg: Config, tok, policy, report=None, max_examples: int | None = None):
+    """Read one source or a list of them, optionally subsample, tokenise. -> (examples, report)."""
+    from tuna_jax.data.batching import tokenize_ranking, tokenize_sft
+    from tuna_jax.data.records import read_records
+
+    d = cfg.data
+    kind = "sft" if cfg.train.mode == "sft" else "ranking"
+    records = []
+    for source in [path] if isinstance(path, str) else list(path):
+        got, report = read_records(source, kind=kind, on_error=d.on_error, format=d.format, beta=d.beta, report=report)
+        records += got
+    if max_examples is not None and len(records) > max_examples:
+        keep = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(records))[:max_examples])
+        records = [records[i] for i in keep]
+    if kind == "sft":
+        return tokenize_sft(records, tok, policy, d.max_len, truncate=d.truncate, on_error=d.on_error, report=report)
+    return tokenize_ranking(records, tok, policy, d.max_len, d.num_candidates, mle_target=cfg.loss.mle_target,
+                            truncate=d.truncate, on_error=d.on_error, report=report)
+
+
+def make_collator(cfg: Config, pad_id: int):
+    from tuna_jax.data.batching import RankingCollator, SFTCollator
+
+    d = cfg.data
+    if cfg.train.mode == "sft":
+        return SFTCollator(d.max_len, pad_id, pad_to_multiple=d.pad_to_multiple)
+    return RankingCollator(d.max_len, pad_id, d.num_candidates, cfg.loss.mle_target, pad_to_multiple=d.pad_to_multiple)
+
+
+# ---- metrics ---------------------------------------------------------------------------
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step) and TensorBoard when tensorboardX is there."""
+
+    def __init__(self, out_dir: pathlib.Path, resume_step: int | None, tensorboard: bool):
+        self.path = out_dir / "metrics.jsonl"
+        self.active = jax.process_index() == 0
+        if self.active and resume_step is not None and self.path.exists():
+            # Steps after the checkpoint ran before the kill and will run again: drop them.
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and _step_of(ln) is not None and _step_of(ln) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif self.active and resume_step is None:
+            self.path.write_text("")
+        self.tb = None
+        if self.active and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+# ---- the loop --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    metrics: dict
+    eval_metrics: dict | None
+    output_dir: str
+    export_dir: str | None
+
+
+def _host(x):
+    return jax.device_get(x)
+
+
+def _load_or_init_model(cfg: Config, mesh) -> Llama:
+    from tuna_jax.model import load_model
+
+    m = cfg.model
+    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+    if m.path:
+        return load_model(m.path, mesh, **runtime)
+    if not m.hf_config:
+        raise ValueError("model.path (a HF folder or params checkpoint) or model.hf_config (random init) is required")
+    lcfg = LlamaConfig.from_hf(m.hf_config, **runtime)
+    return parallel.init_sharded(lambda: Llama(lcfg, nnx.Rngs(cfg.train.seed)), mesh)
+
+
+def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run the configured stage. ``on_step(step, metrics)`` is a hook for tests and tools."""
+    from tqdm import tqdm
+
+    tc = cfg.train
+    out_dir = pathlib.Path(tc.output_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parallel.initialize_distributed()
+    mesh = parallel.make_mesh(tc.mesh)
+    n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tc.global_batch % tc.grad_accum:
+        raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by train.grad_accum={tc.grad_accum}")
+    if (tc.global_batch // tc.grad_accum) % n_data:
+        raise ValueError(f"a micro-batch of {tc.global_batch // tc.grad_accum} prompts does not divide over "
+                         f"data x fsdp = {n_data} devices; change train.global_batch, train.grad_accum or train.mesh")
+
+    tok, policy = load_tokenizer_and_policy(cfg)
+    if not cfg.data.train:
+        raise ValueError("data.train is not set: give the training data (a JSON/JSONL file, hf:NAME or tfds:NAME)")
+    train_examples, report = tokenize_source(cfg.data.train, cfg, tok, policy, max_examples=cfg.data.max_examples)
+    eval_examples = None
+    if cfg.data.eval:
+        eval_examples, report = tokenize_source(cfg.data.eval, cfg, tok, policy, report)
+    elif cfg.data.eval_fraction > 0:
+        k = max(1, int(len(train_examples) * cfg.data.eval_fraction))
+        order = np.random.default_rng(tc.seed + 1).permutation(len(train_examples))
+        eval_examples = [train_examples[i] for i in order[:k]]
+        train_examples = [train_examples[i] for i in order[k:]]
+    if report.num_skipped or getattr(report, "changed", None):
+        print(report.summary(), file=sys.stderr)
+
+    from tuna_jax.data.batching import BatchIterator
+
+    collator = make_collator(cfg, tok.pad_id)
+    it = BatchIterator(train_examples, collator, tc.global_batch, seed=tc.seed, num_epochs=tc.epochs,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    total_steps = tc.epochs * it.steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+
+    with jax.set_mesh(mesh):
+        model = _load_or_init_model(cfg, mesh)
+        binder = ParamBinder(model.cfg)
+        tx, schedule = make_optimizer(cfg.optim, total_steps)
+        params = binder.to_pure(model)
+        del model
+        state = {"params": params, "opt_state": jax.jit(tx.init)(params),
+                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(tc.seed))}
+
+        ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
+        start_step = 0
+        if resume and ckpt.latest_step() is not None:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            del state
+            state, meta = ckpt.restore(abstract)
+            it.restore(meta["data"])
+            start_step = int(_host(state["step"]))
+            print(f"resumed from {ckpt.directory} at step {start_step}", file=sys.stderr)
+        elif resume:
+            print(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0", file=sys.stderr)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+        step_fn = jax.jit(make_train_step(binder, cfg, tx, schedule), donate_argnums=(0,))
+        eval_fn = jax.jit(make_eval_step(binder, cfg))
+        writer = MetricsWriter(out_dir, start_step if resume else None, tc.tensorboard)
+
+        stop_signal: list[int] = []
+        previous = {s: signal.signal(s, lambda signum, _f: stop_signal.append(signum))
+                    for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def run_eval(step: int) -> dict | None:
+            if not eval_examples:
+                return None
+            ev = BatchIterator(eval_examples, collator, tc.global_batch // tc.grad_accum, shuffle=False, num_epochs=1,
+                               drop_remainder=False, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+            totals: dict = {}
+            for batch in ev:
+                sums = _host(eval_fn(state["params"], parallel.shard_batch(batch, mesh)))
+                totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+            result = summarize(totals)
+            writer.write({"step": step, "split": "eval", **result})
+            return result
+
+        last, eval_metrics, step = {}, None, start_step
+        bar = tqdm(total=total_steps, initial=start_step, desc=cfg.name or tc.mode, unit="step",
+                   disable=not tc.progress or jax.process_index() != 0, file=sys.stderr)
+        try:
+            if eval_examples and step == 0:
+                run_eval(0)  # the starting point, so a run's gain is visible in its own log
+            while step < total_steps:
+                batch = next(it)
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, parallel.shard_batch(batch, mesh))
+                metrics = _host(metrics)
+                dt = time.perf_counter() - t0
+                step += 1
+                if not bool(metrics.pop("finite")):
+                    ckpt.wait()
+                    raise TrainingDiverged(
+                        f"step {step}: loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} is not "
+                        f"finite; stopped without applying it. The last good checkpoint is step "
+                        f"{ckpt.latest_step()} in {ckpt.directory}. Try a lower optim.lr, optim.grad_clip, or "
+                        f"model.dtype=float32, and check the data around this step.")
+                last = summarize(metrics)
+                last.update(step=step, lr=float(metrics["lr"]), grad_norm=float(metrics["grad_norm"]),
+                            step_time=dt, tokens_per_s=last["tokens"] / dt, epoch=it.epoch)
+                if step % tc.log_every == 0 or step == total_steps:
+                    writer.write({"split": "train", **last})
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                if on_step:
+                    on_step(step, last)
+                if tc.eval_every and step % tc.eval_every == 0:
+                    eval_metrics = run_eval(step)
+                if stop_signal:
+                    ckpt.save(step, state, {"data": it.state(), "step": step}, force=True)
+                    ckpt.wait()
+                    raise Interrupted(stop_signal[0], step)
+                if step % tc.save_every == 0 or step == total_steps:
+                    ckpt.save(step, state, {"data": it.state(), "step": step})
+            if eval_examples and (not tc.eval_every or step % tc.eval_every):
+                eval_metrics = run_eval(step)
+        finally:
+            bar.close()
+            ckpt.close()
+            writer.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        export_dir = None
+        if tc.export:
+            model = binder.bind(state["params"])
+            export_dir = str(save_params(out_dir / "final", model, tokenizer_src=_tokenizer_dir(cfg)))
+    return TrainResult(step=step, metrics=last, eval_metrics=eval_metrics, output_dir=str(out_dir),
+                       export_dir=export_dir)
+
+
+def _tokenizer_dir(cfg: Config) -> str | None:
+    path = cfg.model.tokenizer or cfg.model.path
+    if path is None:
+        return None
+    p = pathlib.Path(path)
+    return str(p if p.is_dir() else p.parent)
