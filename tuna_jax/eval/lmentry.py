@@ -1,0 +1,1095 @@
+"""LMentry (Efrat, Honovich & Levy, 2022, "LMentry: A Language Model Benchmark of Elementary Language
+Tasks"): rule-based scoring of the 25 tasks, accuracy, the four robustness aspects, the LMentry score,
+and the ``tuna-jax eval lmentry`` CLI.
+
+Written from the paper and from reading the aviaefrat/lmentry repository (``lmentry/scorers``,
+``lmentry/analysis``, ``data``). That repository states no licence, so no code is taken from it:
+this is an independent implementation of the behaviour it describes, with its own structure.
+Its data is not shipped either; users clone the repository (or download its ``data`` folder).
+
+Data layout (``data/<task>.json``)::
+
+    {"settings": {"name", "num_examples_per_template", "input_templates": [t0, t1, t2], ...},
+     "examples": {"1": {"input": "Q: Which number is bigger, 101 or 723?\\nA:",
+                        "metadata": {"n1": 101, "n2": 723, "answer": 723, "answer_index": 1,
+                                     "distractor": 101, "template_id": 0, ...}}, ...}}
+
+41 files: the 25 tasks plus 16 variants of 6 of them with controlled arguments, used for the
+"argument content" robustness. Ids are only unique within a task, so a prediction line names both:
+``{"id": "bigger_number/17", "prediction": "723"}`` (or ``{"task": "bigger_number", "id": "17", ...}``).
+The prompt is the example's ``input`` verbatim (LMentry is zero-shot).
+
+Scoring a prediction (``score_prediction``). The prediction is normalised (strip, lower-case, runs of
+spaces -> one, "_" -> space; optionally cut at the first newline and then the first "." for models
+that do not stop). An argument (a word, letter, number or sentence) may be wrapped in quotes/periods/
+commas and preceded by "the word"/"the letter"/"the number"/"the sentence"; a number may also be
+spelled out ("seven hundred and twenty-three"). Then, per task:
+
+1. task-specific *negative* checks give a certain 0 (e.g. the answer word is absent, the only word
+   given is the distractor, the wrong yes/no, a stated letter difference that is wrong);
+2. a *direct* answer -- the whole prediction is the answer (optionally followed by "."), or every
+   alphanumeric token of it is (a model repeating its answer) -- gives a certain 1;
+3. otherwise the prediction is matched against the task's accepted phrasings (e.g. "the answer is X",
+   "X is bigger than Y", "Y is smaller than X", "of the numbers A and B, X is larger"): a phrasing that
+   is the whole prediction gives a certain 1, one found inside it an uncertain 1, none a 0.
+
+Accuracy counts the 1s; "certain" is reported but, as in the paper, does not change accuracy.
+
+Aggregates (``aggregate``), as the repository's analysis computes them (including its rounding of
+intermediate figures, so numbers match its tables): task accuracy = 100 x correct / examples (2
+decimals), per-template accuracy (1 decimal); accuracy = mean over the 25 tasks; robustness = mean of
+four aspects, each 100 - (largest accuracy gap) averaged over its items:
+
+* argument order -- 7 two-argument tasks, gap between accuracy when the answer is the first vs the
+  second argument;
+* argument content -- 6 tasks, gap among the accuracies of their controlled-argument variants;
+* template -- the 25 tasks, gap among the accuracies of their 3 input templates;
+* adjacent tasks -- 17 pairs of closely related tasks (e.g. bigger/smaller number), gap between them.
+
+Robustness is rounded to 1 decimal; LMentry score = accuracy x robustness / 100.
+
+Deviations from the repository's scorers, each a bug fix that only matters for unusual predictions:
+
+* arguments are regex-escaped (the repository inserts words and sentences into patterns raw, so a
+  sentence with "?" or "(" changes the pattern or fails to compile);
+* a prediction whose only letters are non-ASCII is not a "direct" answer (the repository's
+  every-token rule is vacuously true when it finds no ASCII tokens, scoring e.g. "日本" as correct);
+* "the sentence" alone no longer satisfies sentence_containing (a pattern alternative meant for
+  phrasings like "the first word of the sentence is X" leaked into that task);
+* patterns use ``\\W`` where intended (the repository lower-cases its patterns, turning ``\\W`` into
+  ``\\w`` in "first word: X"); last_word accepts "last word: X" (it had "first word" copied over);
+  ends_with_letter's "whose last letter is L" and "how about W" are two phrasings (a missing comma
+  had glued them into one); homophones accepts "X sounds like A, but not like D" with "," or "." (the
+  pattern had ".," as one literal);
+* word_after/word_before also accept "Q precedes A" / "Q succeeds A" (their second mirroring step
+  tested for the wrong verb and added nothing), and spot a prediction that repeats the sentence with
+  punctuation dropped on both sides (only the prediction's was); a list of options need not end in
+  punctuation; more/less_letters read "a single" as one.
+
+A differential run against the repository's scorers (outside this project, on the test table plus
+thousands of random phrase combinations for 13 of the tasks) found no other difference.
+
+Missing predictions count as wrong (the repository divides by the number of examples of a task),
+and are counted and reported. A task with no predictions at all is *absent*: an error, since the
+robustness aspects would silently change meaning, unless ``allow_partial`` (then the aspects use
+only complete items and the result says ``"partial": true``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import pathlib
+import re
+import string
+import sys
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from tuna_jax.eval.common import EvalInputError, emit_json, read_predictions_jsonl, warn
+
+# --------------------------------------------------------------------------------------------------
+# Task lists (from the paper's Table 1 / the repository's analysis)
+# --------------------------------------------------------------------------------------------------
+
+CORE_TASKS: tuple[str, ...] = (
+    "sentence_containing", "sentence_not_containing", "word_containing", "word_not_containing",
+    "most_associated_word", "least_associated_word", "any_words_from_category",
+    "all_words_from_category", "first_alphabetically", "more_letters", "less_letters",
+    "bigger_number", "smaller_number", "rhyming_word", "homophones", "word_after", "word_before",
+    "starts_with_word", "ends_with_word", "starts_with_letter", "ends_with_letter", "first_word",
+    "last_word", "first_letter", "last_letter",
+)
+
+# argument content robustness: base task -> its controlled-argument variants (task name = base_variant)
+ARGUMENT_CONTENT_GROUPS: dict[str, tuple[str, ...]] = {
+    "first_alphabetically": ("far_first_letter", "different_first_letter",
+                             "consecutive_first_letter", "same_first_letter"),
+    "all_words_from_category": ("0_distractors", "1_distractors", "2_distractors"),
+    "any_words_from_category": ("5_distractors", "4_distractors", "3_distractors"),
+    "rhyming_word": ("orthographically_similar", "orthographically_different"),
+    "more_letters": ("length_diff_3plus", "length_diff_1"),
+    "less_letters": ("length_diff_3plus", "length_diff_1"),
+}
+ANALYSIS_TASKS: dict[str, str] = {f"{base}_{v}": base
+                                  for base, vs in ARGUMENT_CONTENT_GROUPS.items() for v in vs}
+ALL_TASKS: tuple[str, ...] = CORE_TASKS + tuple(ANALYSIS_TASKS)
+
+# argument order robustness: tasks whose answer is one of two given arguments
+ANSWER_INDEX_TASKS: tuple[str, ...] = ("more_letters", "less_letters", "first_alphabetically",
+                                       "rhyming_word", "homophones", "bigger_number", "smaller_number")
+
+# adjacent tasks robustness: 17 pairs in four kinds
+ADJACENT_TASK_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
+    "by_definition": (("bigger_number", "smaller_number"), ("more_letters", "less_letters"),
+                      ("word_after", "word_before"), ("most_associated_word", "least_associated_word"),
+                      ("any_words_from_category", "all_words_from_category")),
+    "explicit_negation": (("sentence_containing", "sentence_not_containing"),
+                          ("word_containing", "word_not_containing")),
+    "character_awareness": (("starts_with_word", "starts_with_letter"),
+                            ("ends_with_word", "ends_with_letter"),
+                            ("sentence_containing", "word_containing"),
+                            ("sentence_not_containing", "word_not_containing"),
+                            ("first_word", "first_letter"), ("last_word", "last_letter")),
+    "first_vs_last": (("starts_with_word", "ends_with_word"), ("starts_with_letter", "ends_with_letter"),
+                      ("first_word", "last_word"), ("first_letter", "last_letter")),
+}
+
+__all__ = [
+    "CORE_TASKS", "ANALYSIS_TASKS", "ALL_TASKS", "ARGUMENT_CONTENT_GROUPS", "ANSWER_INDEX_TASKS",
+    "ADJACENT_TASK_PAIRS", "LMentryTask", "LMentryInstance", "TaskResult", "load_data",
+    "iter_eval_instances", "prediction_id", "normalize_prediction", "number_to_words",
+    "score_prediction", "score_task", "aggregate", "score_predictions", "add_arguments", "run", "main",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation and argument patterns
+# --------------------------------------------------------------------------------------------------
+
+
+def normalize_prediction(prediction: str, truncate: bool = False) -> str:
+    """Strip, lower-case, runs of spaces -> one space, "_" -> space (so ``\\w`` never sees "_");
+    ``truncate`` keeps the text before the first newline, then before the first "."."""
+    p = re.sub(r" +", " ", prediction.strip().lower()).replace("_", " ")
+    if truncate:
+        p = p.split("\n")[0].split(".")[0]
+    return p
+
+
+def _normalize_text(s: str) -> str:
+    return re.sub(r" +", " ", s.strip().lower())
+
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+         "fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def number_to_words(n: int) -> str:
+    """English words for 0 <= n < 10**6 the way ``num2words`` writes them ("one hundred and one",
+    "twenty-three", "one thousand, two hundred and five"), which LMentry's scorer accepts."""
+    if n < 0:
+        return "minus " + number_to_words(-n)
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        return f"{_ONES[hundreds]} hundred" + (f" and {number_to_words(rest)}" if rest else "")
+    if n < 1_000_000:
+        thousands, rest = divmod(n, 1000)
+        head = f"{number_to_words(thousands)} thousand"
+        if not rest:
+            return head
+        return head + (" and " if rest < 100 else ", ") + number_to_words(rest)
+    raise ValueError(f"number_to_words supports 0..999999, got {n}")
+
+
+_WRAP = r"[\"'.,]*"       # quotes / periods / commas allowed around an argument
+_NW = r"[^a-z0-9_]"       # a non-word character of the (lower-cased) prediction
+
+
+def _esc(text: Any) -> str:
+    return re.escape(str(text).lower())
+
+
+def _word(core: str) -> str:
+    return rf"(the word )?{_WRAP}\b{core}\b{_WRAP}"
+
+
+def _letter(core: str) -> str:
+    return rf"(the letter )?{_WRAP}\b{core}\b{_WRAP}"
+
+
+def _number_core(n: int, a_single: bool = False) -> str:
+    words = number_to_words(int(n))
+    alts = [rf"\b{int(n)}\b", re.escape(words), re.escape(words.replace("-", " "))]
+    if a_single and int(n) == 1:
+        alts.append("a single")
+    return "(" + "|".join(dict.fromkeys(alts)) + ")"
+
+
+def _number(n: int) -> str:
+    return rf"(the number )?{_WRAP}\b{_number_core(n)}\b{_WRAP}"
+
+
+def _sentence(core: str) -> str:
+    return rf"((the sentence )?{_WRAP}{core}{_WRAP}|the sentence)"
+
+
+def _words_list(words: Sequence[str]) -> str:
+    """A list of the words in order, any separators, optionally "and" before the last one."""
+    out = rf"(the words )?{_NW}*"
+    for i, w in enumerate(words):
+        out += _esc(w)
+        if i < len(words) - 1:
+            out += rf"{_NW}+"
+            if i == len(words) - 2:
+                out += rf"(and{_NW}+)?"
+    return out + rf"{_NW}*"
+
+
+def _shared(target: str) -> list[str]:
+    """Answer framings every task accepts around its answer pattern."""
+    return [rf"{target} is the answer", rf"the answer is {target}",
+            rf"the correct answer is {target}", rf"answer: {target}"]
+
+
+def _has_alnum(p: str) -> bool:
+    return re.search(r"[^\W_]", p) is not None
+
+
+def _direct(p: str, answer: str, repeats: bool = True) -> bool:
+    """The whole prediction is the answer (+ optional "."), or -- with ``repeats`` -- every
+    alphanumeric token of it is (a model that repeats its answer)."""
+    if re.fullmatch(rf"(?:{answer})\.?", p):
+        return True
+    if repeats:
+        tokens = re.findall(r"\b[a-z\d]+\b", p)
+        if tokens and all(re.fullmatch(answer, t) for t in tokens):
+            return True
+    return False
+
+
+def _phrased(p: str, patterns: Sequence[str], prefixes: Sequence[str] = ("",),
+             suffixes: Sequence[str] = ("",)) -> tuple[int, bool]:
+    """Accepted phrasings (each pattern with each prefix and suffix): the whole prediction -> certain
+    1; found inside it -> uncertain 1; else uncertain 0. One alternation, compiled once, decides
+    "any pattern" exactly as trying them one by one would."""
+    alts = [pre + base + suf for pre, suf in itertools.product(prefixes, suffixes) for base in patterns]
+    combined = "|".join(f"(?:{a})" for a in alts)
+    if re.fullmatch(rf"(?:{combined})\.?", p):
+        return 1, True
+    if re.search(combined, p):
+        return 1, False
+    return 0, False
+
+
+CERTAIN_0 = (0, True)
+CERTAIN_1 = (1, True)
+
+# --------------------------------------------------------------------------------------------------
+# The 25 scorers: (normalised prediction, metadata, example input) -> (score, certain)
+# --------------------------------------------------------------------------------------------------
+
+
+def _sentence_containing(p, m, _):
+    w = _esc(m["word"])
+    # a sentence: the word as a whole word plus at least one more character around it
+    return CERTAIN_1 if re.search(rf"(.*\b{w}\b.+)|(.+\b{w}\b.*)", p) else CERTAIN_0
+
+
+def _sentence_not_containing(p, m, _):
+    word = str(m["word"]).lower()
+    if re.search(rf"\b{re.escape(word)}\b", p):
+        return CERTAIN_0
+    words = re.findall(r"\b[a-z]+\b", p)
+    if not words:
+        return CERTAIN_0
+    if len(words) == 1:  # one word is not counted as a sentence, but that is arguable
+        return 0, False
+    return (1, False) if word in p else CERTAIN_1  # e.g. "cats" for "cat": right, less sure
+
+
+def _word_containing(p, m, _):
+    letter = _esc(m["letter"])
+    core = (rf"\w*{letter}\w*" if letter in ("a", "i")  # the only one-letter English words
+            else rf"((\w+{letter}\w*)|(\w*{letter}\w+)|({letter}-\w+))")  # "x-ray", "e-mail"
+    word = _word(core)
+    if _direct(p, word):
+        return CERTAIN_1
+    return _phrased(p, [rf"{word} (is a word (that|which) )?(contains|uses|has) {_letter(letter)}"]
+                    + _shared(word))
+
+
+def _word_not_containing(p, m, input_):
+    raw_letter = str(m["letter"]).lower()
+    letter = re.escape(raw_letter)
+    # repeating the question (perhaps with another letter) is not an answer
+    question = re.escape(_normalize_text(input_)).replace(re.escape(f'"{raw_letter}"'), r'"\w"')
+    if re.fullmatch(question, p):
+        return CERTAIN_0
+    if not re.search(r"\W", p) and raw_letter in p:  # a single word that has the letter
+        return CERTAIN_0
+    allowed = string.ascii_lowercase.replace(raw_letter, "")
+    alts = [rf"(\b[{allowed}]{{2,}}\b)"] + [f"({w})" for w in ("a", "i") if w != raw_letter]
+    word = _word("(" + "|".join(alts) + ")")
+    # repeated-token acceptance is too lax here: every word of a long sentence may lack the letter
+    if _direct(p, word, repeats=False):
+        return CERTAIN_1
+    that, doesnt = r"(that|which)", r"((does not)|(doesn't))"
+    letter_re = _letter(letter)
+    return _phrased(p, [
+        rf"{word} (is a word {that} )?{doesnt} (contain|use|have) {letter_re}",
+        rf"a word {that} {doesnt} (contain|use|have) {letter_re} is {word}",
+        rf"a word not (containing|using|having) {letter_re} is {word}",
+        rf"{word} is a word without {letter_re}",
+    ])
+
+
+def _associated_word(p, m, _, degree: str, category_dash_answer: bool):
+    answer = str(m["answer"]).lower()
+    if not re.search(rf"\b{re.escape(answer)}\b", p):
+        return CERTAIN_0
+    distractors = [str(d) for d in m["distractors"]]
+    i = int(m["answer_index"])
+    words = distractors[:i] + [answer] + distractors[i:]
+    a, c = _word(_esc(answer)), _word(_esc(m["category"]))
+    exacts = [a] + ([rf"{c} - {a}"] if category_dash_answer else [])
+    if any(_direct(p, e) for e in exacts):
+        return CERTAIN_1
+    given = r"(above|given|listed|following)"
+    options = rf"(of|from) ({_words_list(words)}|the (words|options) {given}|the {given} (words|options))"
+    assoc = rf"{degree}( commonly)? (associated|related)"
+
+    def forms(x, y):
+        return [rf"the word {assoc} (to|with) {y} is {x}",
+                rf"the word {assoc} (to|with) {y} {options} is {x}",
+                rf"{y} (is|are) {assoc} (to|with) {x}",
+                rf"{x} (is|are) the {assoc} (to|with) {y}",
+                rf"{x} (is|are) the word {assoc} (to|with) {y}",
+                rf"the word that relates to {y} the {degree} is {x}",
+                rf"{x} relates to {y} the {degree}"]
+
+    return _phrased(p, forms(a, c) + forms(c, a) + _shared(a),
+                    prefixes=("", rf"{options}{_NW}*"), suffixes=("", rf"{_NW}*{options}"))
+
+
+def _most_associated_word(p, m, i):
+    return _associated_word(p, m, i, "most", category_dash_answer=True)
+
+
+def _least_associated_word(p, m, i):
+    return _associated_word(p, m, i, "least", category_dash_answer=False)
+
+
+def _yes_no(p, answer, patterns):
+    opposite = "no" if answer == "yes" else "yes"
+    if re.fullmatch(rf"{opposite}\.?", p):
+        return CERTAIN_0
+    if _direct(p, answer):
+        return CERTAIN_1
+    return _phrased(p, patterns + [rf"^{answer}\b"] + _shared(answer))
+
+
+def _any_words_from_category(p, m, _):
+    answer = "yes" if int(m["num_words"]) > int(m["num_distractors"]) else "no"
+    return _yes_no(p, answer, [])
+
+
+_CATEGORY_SYNONYMS = {"items of clothing": ("clothes", "clothing"), "furniture": ("pieces of furniture",),
+                      "fruit": ("fruits",)}
+
+
+def _all_words_from_category(p, m, _):
+    answer = "yes" if int(m["num_distractors"]) == 0 else "no"
+    cat = str(m["category"]).lower()
+    category = "(" + "|".join(re.escape(c) for c in (cat,) + _CATEGORY_SYNONYMS.get(cat, ())) + ")"
+    all_words = r"(all of these words|all of those words|all of the words|they all)"
+    return _yes_no(p, answer, [
+        rf"{answer}, the list contains only {category}",
+        rf"{answer}, {all_words}( (listed|in the list))? (represent|are types of|refer to types of) {category}",
+    ])
+
+
+def _single_other_word(p, answer) -> bool:
+    words = re.findall(r"\b[a-z]+\b", p)
+    return len(words) == 1 and words[0] != answer
+
+
+def _first_alphabetically(p, m, _):
+    answer = str(m["answer"]).lower()
+    if _single_other_word(p, answer):
+        return CERTAIN_0
+    a, d = _word(_esc(answer)), _word(_esc(m["distractor"]))
+    if _direct(p, a) or _direct(p, rf"{a} does"):
+        return CERTAIN_1
+    w1, w2 = _word(_esc(m["word1"])), _word(_esc(m["word2"]))
+    comes = "(comes|is)"
+    return _phrased(
+        p, [rf"{a} {comes} first", rf"{d} {comes} second", rf"{d} {comes} after",
+            rf"{a} {comes} before {d}", rf"{d} {comes} after {a}"] + _shared(a),
+        prefixes=("", "alphabetically, ", "in an alphabetical order, ", "in alphabetical order, ",
+                  rf"of the words {w1} and {w2}, "),
+        suffixes=("", " alphabetically", " in an alphabetical order", " in alphabetical order",
+                  " in the dictionary"))
+
+
+def _has_forms(x, y, diff, more):
+    return [rf"{x} has {more} letters", rf"{x} has {more} letters than {y}",
+            rf"{x} has {diff} {more} letter(s)?", rf"{x} has {diff} {more} letter(s)? than {y}",
+            rf"the word that has {more} letters is {x}", rf"{x} is the word that has {more} letters"]
+
+
+def _is_forms(x, y, diff, longer):
+    return [rf"{x} is {longer}", rf"{x} is {longer} than {y}", rf"{x} is {longer} than {y} by {diff} letter(s)?",
+            rf"the {longer} word is {x}", rf"the word that is {longer} is {x}", rf"{x} is the word that is {longer}"]
+
+
+def _letters_count(p, m, _, more: str, longer: str, fewer: str, shorter: str):
+    """more_letters (more/longer) and, mirrored, less_letters ((less|fewer)/shorter)."""
+    answer, distractor = str(m["answer"]), str(m["distractor"])
+    diff = _number_core(abs(len(answer) - len(distractor)), a_single=True)
+    a, d = _word(_esc(answer)), _word(_esc(distractor))
+    # certain 0: the whole prediction picks the distractor ...
+    negatives = ([d] + _has_forms(d, a, diff, more) + _is_forms(d, a, diff, longer)
+                 + [rf"{d} is {longer} by {diff} letter(s)?"])
+    if re.fullmatch("(?:" + "|".join(f"(?:{n})" for n in negatives) + r")\.?", p):
+        return CERTAIN_0
+    # ... or picks the answer but states a wrong difference in letters
+    number = r"(?P<number>\d+|one|two|three|four|five|six|seven|eight|nine|ten|zero|a single)"
+    for wrong in (rf"{a} has {number} {more} letter(s)?", rf"{a} has {number} {more} letter(s)? than {d}",
+                  rf"{a} is {longer} by {number} letter(s)?", rf"{a} is {longer} than {d} by {number} letter(s)?"):
+        mo = re.match(wrong, p)
+        if mo and not re.fullmatch(diff, mo.group("number")):
+            return CERTAIN_0
+    if _direct(p, a):
+        return CERTAIN_1
+    w1, w2 = _word(_esc(m["word1"])), _word(_esc(m["word2"]))
+    patterns = (_has_forms(a, d, diff, more) + _is_forms(a, d, diff, longer)
+                + _has_forms(d, a, diff, fewer) + _is_forms(d, a, diff, shorter) + _shared(a))
+    return _phrased(p, patterns, prefixes=("", rf"of the words {w1} and {w2}, ",
+                                           rf"from the words {w1} and {w2}, "))
+
+
+def _more_letters(p, m, i):
+    return _letters_count(p, m, i, "more", "longer", "(less|fewer)", "shorter")
+
+
+def _less_letters(p, m, i):
+    return _letters_count(p, m, i, "(less|fewer)", "shorter", "more", "longer")
+
+
+def _compare_number(p, m, _, cmp: str, opposite: str):
+    answer = int(m["answer"])
+    tokens = re.findall(r"\b[a-z\d]+\b", p)
+    if len(set(tokens)) == 1 and tokens[0] != str(answer):  # just one (other) number or word
+        return CERTAIN_0
+    a, d = _number(answer), _number(int(m["distractor"]))
+    if _direct(p, a):
+        return CERTAIN_1
+
+    def forms(x, y, c):
+        return [rf"{x} is {c}", rf"{x} is {c} than {y}", rf"{x} is the {c} number", rf"the {c} number is {x}"]
+
+    n1, n2 = int(m["n1"]), int(m["n2"])
+    return _phrased(p, forms(a, d, cmp) + forms(d, a, opposite) + _shared(a),
+                    prefixes=("", f"of the numbers {n1} and {n2}, ", f"from the numbers {n1} and {n2}, ",
+                              f"between the numbers {n1} and {n2}, "))
+
+
+def _bigger_number(p, m, i):
+    return _compare_number(p, m, i, "(bigger|larger)", "smaller")
+
+
+def _smaller_number(p, m, i):
+    return _compare_number(p, m, i, "smaller", "(bigger|larger)")
+
+
+def _exact_phrasings(p, answer_re, exacts) -> tuple[int, bool]:
+    if _direct(p, answer_re) or _direct(p, "|".join(f"(?:{e})" for e in exacts)):
+        return CERTAIN_1
+    return 0, False
+
+
+def _rhyming_word(p, m, _):
+    answer = str(m["answer"]).lower()
+    if _single_other_word(p, answer):
+        return CERTAIN_0
+    a, q, d = (_word(_esc(m[k])) for k in ("answer", "query", "distractor"))
+    art, doesnt = r"(a|the)", r"(does not|doesn't)"
+
+    def forms(x, y):
+        return [rf"{x} rhymes with {y}( and not with {d})?", rf"{x} is {art} rhyme of {y}( and not of {d})?",
+                rf"{x} and {y} rhyme", rf"{x} and {y} are rhymes", rf"{x} and {y} are words that rhyme",
+                rf"{art} rhyme of {x} is {y}( and not {d})?", rf"{art} word rhyming with {x} is {y}",
+                rf"{art} word that rhymes with {x} is {y}",
+                rf"{x} and {y}( both)? rhyme( with each other)?, (while|but|and) {d} {doesnt} rhyme with either( word)?"]
+
+    exacts = forms(q, a) + forms(a, q) + [
+        rf"{d} {doesnt} rhyme with {q}(\s+{a} (rhymes|does rhyme) with {q})?",
+        rf"{q} {doesnt} rhyme with {d}(\s+{q} (rhymes|does rhyme) with {a})?",
+        rf"{a} rhymes with {q}\s+{d} {doesnt} rhyme with {q}",
+    ]
+    return _exact_phrasings(p, a, exacts)
+
+
+def _homophones(p, m, _):
+    answer = str(m["answer"]).lower()
+    if not re.search(rf"\b{re.escape(answer)}\b", p):
+        return CERTAIN_0
+    a, q, d = (_word(_esc(m[k])) for k in ("answer", "query", "distractor"))
+    like, but = "(like|similar to)", r"[.,]? (but|and)"
+
+    def forms(x, y):
+        return [rf"{x} sounds {like} {y}", rf"{x} sounds {like} {y}{but} not {like} {d}",
+                rf"{x} sounds {like} {y}{but} {d} does not", rf"{x} and {y} sound alike",
+                rf"{x} sounds more {like} {y}", rf"{x} sounds more {like} {y} than( like)? {d}( does)?",
+                rf"{x} sounds most {like} {y}", rf"{x} is a homophone of {y}",
+                rf"{x} and {y} are homophones( of each other)?", rf"the homophone of {x} is {y}"]
+
+    return _exact_phrasings(p, a, forms(q, a) + forms(a, q))
+
+
+_AFTER, _BEFORE = r"(immediately |right )?after", r"(immediately |right )?before"
+_SUCCEEDS, _PRECEDES, _FOLLOWS = r"(immediately )?succeeds", r"(immediately )?precedes", r"(immediately )?follows"
+
+
+def _neighbour_word(p, m, _, after: bool):
+    answer, query, sentence = (str(m[k]).lower() for k in ("answer", "query", "sentence"))
+    if not re.search(rf"\b{re.escape(answer)}\b", p):
+        return CERTAIN_0
+    if re.sub(r"[^\w ]+", "", p) == re.sub(r"[^\w ]+", "", sentence):  # repeating the sentence
+        return CERTAIN_0
+    a, q, s = _word(re.escape(answer)), _word(re.escape(query)), _sentence(re.escape(sentence))
+    if _direct(p, a):
+        return CERTAIN_1
+
+    def comes(x, y, rel):  # "x comes <rel> y"
+        return [rf"{x} comes {rel} {y}", rf"{x} is the word that comes {rel} {y}",
+                rf"the word that comes {rel} {y} is {x}", rf"the word that comes {rel} {y} in {s} is {x}"]
+
+    def verb(x, y, v):  # "x <v> y"
+        return [rf"{x} {v} {y}", rf"{x} is the word that {v} {y}", rf"the word that {v} {y} is {x}"]
+
+    if after:  # a comes right after q
+        patterns = (comes(a, q, _AFTER) + verb(a, q, _SUCCEEDS)
+                    + [rf"{a} {_FOLLOWS} {q}", rf"the word that {_FOLLOWS} {q} is {a}",
+                       rf"{q} is succeeded by {a}", rf"{q} is followed by {a}"]
+                    + comes(q, a, _BEFORE) + verb(q, a, _PRECEDES))
+    else:      # a comes right before q
+        patterns = (comes(a, q, _BEFORE) + verb(a, q, _PRECEDES)
+                    + [rf"{a} is followed by {q}", rf"the word that {_FOLLOWS} {a} is {q}",
+                       rf"{a} is succeeded by {q}", rf"{q} {_FOLLOWS} {a}"]
+                    + comes(q, a, _AFTER) + verb(q, a, _SUCCEEDS))
+    return _phrased(p, patterns + _shared(a), prefixes=("", rf"in {s} "), suffixes=("", rf" (of|in) {s}"))
+
+
+def _word_after(p, m, i):
+    return _neighbour_word(p, m, i, after=True)
+
+
+def _word_before(p, m, i):
+    return _neighbour_word(p, m, i, after=False)
+
+
+_VALID_WORD = r"(a|i|\w\w+)"  # at least two letters, except the words "a" and "i"
+
+
+def _starts_with_word(p, m, _):
+    word = str(m["word"]).lower()
+    if not re.search(rf"\b{re.escape(word)}\b", p):
+        return CERTAIN_0
+    w = _word(re.escape(word))
+    # the word first, then at least one more word (we cannot check that it is English)
+    sentence = rf"{_NW}*{w}{_NW}+{_VALID_WORD}.*"
+    if _direct(p, sentence):
+        return CERTAIN_1
+    a = "(a|one)"
+    # no empty prefix or suffix: with neither, the sentence pattern would be found anywhere
+    return _phrased(p, [sentence] + _shared(sentence),
+                    prefixes=(r"the sentence( is)?", rf"{a} sentence that starts with {w}( is)?",
+                              rf"{a} sentence starting with {w}( is)?",
+                              rf"{a} sentence whose first word is {w}( is)?"),
+                    suffixes=(rf"starts with {w}", rf"is a sentence that starts with {w}",
+                              rf"is a sentence starting with {w}", rf"is a sentence whose first word is {w}"))
+
+
+def _ends_with_word(p, m, _):
+    word = str(m["word"]).lower()
+    if not re.search(rf"\b{re.escape(word)}\b", p):
+        return CERTAIN_0
+    w = _word(re.escape(word))
+    sentence = rf".*{_VALID_WORD}{_NW}+{w}{_NW}*"
+    if _direct(p, sentence):
+        return CERTAIN_1
+    a = "(a|one)"
+    return _phrased(p, [sentence] + _shared(sentence),
+                    prefixes=(r"the sentence( is)?", rf"{a} sentence that ends with {w}( is)?",
+                              rf"{a} sentence ending with {w}( is)?",
+                              rf"{a} sentence whose (last|final) word is {w}( is)?"),
+                    suffixes=("$",))
+
+
+def _word_with_letter(p, m, _, first: bool):
+    letter = str(m["letter"]).lower()
+    words = re.findall(r"\b[a-z]+\b", p)
+    if all((wd[0] if first else wd[-1]) != letter for wd in words):
+        return CERTAIN_0
+    le = re.escape(letter)
+    rest = r"\w*" if letter in ("a", "i") else r"\w+"
+    w = _word(rf"{le}-?{rest}" if first else rf"{rest}{le}")  # "-": e-mail, x-ray
+    if _direct(p, w):
+        return CERTAIN_1
+    lr = _letter(le)
+    a, possible, answer_ = "(a|one)", r"possible( such)?", "(word|answer)"
+    common = [rf"{a} {possible} {answer_} is {w}", rf"{w} is {a} {possible} {answer_}",
+              rf"how about {w}", rf"may i suggest {w}"]
+    if first:
+        specific = [rf"{w} (starts|begins) with {lr}", rf"{w} is {a} word that (starts|begins) with {lr}",
+                    rf"{w} is {a} word (starting|beginning) with {lr}", rf"a word starting with {lr} is {w}",
+                    rf"{w} is {a} word whose first letter is {lr}", rf"{lr} is for {w}"]
+    else:
+        specific = [rf"{w} ends with {lr}", rf"{w} is {a} word that ends with {lr}",
+                    rf"{w} is {a} word ending with {lr}", rf"a word ending with {lr} is {w}",
+                    rf"{w} is {a} word whose last letter is {lr}"]
+    return _phrased(p, common + specific + _shared(w))
+
+
+def _starts_with_letter(p, m, i):
+    return _word_with_letter(p, m, i, first=True)
+
+
+def _ends_with_letter(p, m, i):
+    return _word_with_letter(p, m, i, first=False)
+
+
+def _sentence_end_word(p, m, _, first: bool):
+    answer, sentence = str(m["answer"]).lower(), str(m["sentence"]).lower()
+    if not re.search(rf"\b{re.escape(answer)}\b", p):
+        return CERTAIN_0
+    a, s = _word(re.escape(answer)), _sentence(re.escape(sentence))
+    if _direct(p, a):
+        return CERTAIN_1
+    pos, verb = ("first", "begins") if first else ("last", "ends")
+    return _phrased(p, [rf"the {pos} word is {a}", rf"the {pos} word (of|in) {s} is {a}",
+                        rf"{a} is the {pos} word", rf"{s} {verb} with {a}", rf"{pos} word\W+{a}"]
+                    + _shared(a), prefixes=("", rf"in {s} "), suffixes=("", rf" (of|in) {s}"))
+
+
+def _first_word(p, m, i):
+    return _sentence_end_word(p, m, i, first=True)
+
+
+def _last_word(p, m, i):
+    return _sentence_end_word(p, m, i, first=False)
+
+
+def _word_end_letter(p, m, _, first: bool):
+    answer = str(m["answer"]).lower()
+    if not re.search(rf"\b{re.escape(answer)}\b", p):
+        return CERTAIN_0
+    a, w = _letter(re.escape(answer)), _word(_esc(m["word"]))
+    if _direct(p, a):
+        return CERTAIN_1
+    of = "(of|in)"
+    if first:
+        specific = [rf"the first letter is {a}", rf"the first letter {of} {w} is {a}",
+                    rf"{a} is the first letter {of} {w}", rf"{w} (starts|begins) with {a}",
+                    rf"the letter that {w} (starts|begins) with is {a}", rf"{a} is the starting letter {of} {w}",
+                    rf"first letter: {a}"]
+    else:
+        specific = [rf"the last letter is {a}", rf"the last letter {of} {w} is {a}",
+                    rf"{a} is the last letter {of} {w}", rf"{w} ends with {a}",
+                    rf"the letter that {w} ends with is {a}", rf"{a} is the final letter {of} {w}",
+                    rf"last letter: {a}"]
+    return _phrased(p, specific + [rf"{w}: {a}"] + _shared(a))
+
+
+def _first_letter(p, m, i):
+    return _word_end_letter(p, m, i, first=True)
+
+
+def _last_letter(p, m, i):
+    return _word_end_letter(p, m, i, first=False)
+
+
+SCORERS: dict[str, Callable[[str, Mapping[str, Any], str], tuple[int, bool]]] = {
+    "sentence_containing": _sentence_containing, "sentence_not_containing": _sentence_not_containing,
+    "word_containing": _word_containing, "word_not_containing": _word_not_containing,
+    "most_associated_word": _most_associated_word, "least_associated_word": _least_associated_word,
+    "any_words_from_category": _any_words_from_category, "all_words_from_category": _all_words_from_category,
+    "first_alphabetically": _first_alphabetically, "more_letters": _more_letters,
+    "less_letters": _less_letters, "bigger_number": _bigger_number, "smaller_number": _smaller_number,
+    "rhyming_word": _rhyming_word, "homophones": _homophones, "word_after": _word_after,
+    "word_before": _word_before, "starts_with_word": _starts_with_word, "ends_with_word": _ends_with_word,
+    "starts_with_letter": _starts_with_letter, "ends_with_letter": _ends_with_letter,
+    "first_word": _first_word, "last_word": _last_word, "first_letter": _first_letter,
+    "last_letter": _last_letter,
+}
+assert set(SCORERS) == set(CORE_TASKS)
+
+
+def _base_task(task: str) -> str:
+    if task in SCORERS:
+        return task
+    if task in ANALYSIS_TASKS:
+        return ANALYSIS_TASKS[task]
+    raise KeyError(f"unknown LMentry task {task!r}; known: {', '.join(ALL_TASKS)}")
+
+
+def score_prediction(task: str, prediction: str, example: Mapping[str, Any],
+                     truncate: bool = False) -> tuple[int, bool]:
+    """(score in {0, 1}, certain) of one prediction for one example ``{"input", "metadata"}``.
+
+    ``task`` may be one of the 25 tasks or one of the 16 argument-content variants (scored like
+    their base task). A metadata field the scorer needs but the example lacks is a KeyError.
+    """
+    scorer = SCORERS[_base_task(task)]
+    p = normalize_prediction(prediction, truncate)
+    if not _has_alnum(p):
+        return CERTAIN_0
+    score, certain = scorer(p, example["metadata"], example.get("input", ""))
+    return int(score), bool(certain)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LMentryTask:
+    """One ``data/<task>.json``."""
+
+    name: str
+    templates: list[str]
+    num_examples_per_template: int
+    examples: dict[str, dict]
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LMentryInstance:
+    """An example to generate on; ``id`` ("task/example_id") is what the predictions file must carry."""
+
+    id: str
+    task: str
+    example_id: str
+    prompt: str
+    template_id: int
+    metadata: Mapping[str, Any]
+
+
+def prediction_id(task: str, example_id: str | int) -> str:
+    return f"{task}/{example_id}"
+
+
+def _resolve_data_dir(path: str | os.PathLike) -> pathlib.Path:
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise EvalInputError(f"{p}: not found (expected an lmentry checkout or its data folder)")
+    if p.is_dir() and (p / "data").is_dir() and any((p / "data").glob("*.json")):
+        return p / "data"
+    if p.is_dir() and any(p.glob("*.json")):
+        return p
+    raise EvalInputError(f"{p}: no LMentry task files (data/<task>.json) found")
+
+
+def _load_task_file(path: pathlib.Path, name: str) -> LMentryTask:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("settings"), dict) \
+            or not isinstance(obj.get("examples"), dict):
+        raise EvalInputError(f"{path}: expected {{\"settings\": {{...}}, \"examples\": {{id: ...}}}}")
+    settings = obj["settings"]
+    templates = settings.get("input_templates")
+    if not isinstance(templates, list) or not templates:
+        raise EvalInputError(f"{path}: settings.input_templates must be a non-empty list")
+    n_per = settings.get("num_examples_per_template")
+    if not isinstance(n_per, int) or n_per <= 0:
+        raise EvalInputError(f"{path}: settings.num_examples_per_template must be a positive integer")
+    needs_index = name in ANSWER_INDEX_TASKS  # argument order robustness reads it
+    for eid, ex in obj["examples"].items():
+        where = f"{path}: example {eid!r}"
+        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) \
+                or not isinstance(ex.get("metadata"), dict):
+            raise EvalInputError(f"{where}: needs a string 'input' and a 'metadata' object")
+        tid = ex["metadata"].get("template_id")
+        if not isinstance(tid, int) or not 0 <= tid < len(templates):
+            raise EvalInputError(f"{where}: metadata.template_id must be an integer in [0, {len(templates)})")
+        if needs_index and ex["metadata"].get("answer_index") not in (0, 1):
+            raise EvalInputError(f"{where}: metadata.answer_index must be 0 or 1 for {name}")
+    return LMentryTask(name, templates, n_per, obj["examples"], str(path))
+
+
+def load_data(path: str | os.PathLike, tasks: Sequence[str] | None = None) -> dict[str, LMentryTask]:
+    """Reads the LMentry task files from a checkout or its ``data`` folder.
+
+    Without ``tasks``, every known task whose file is there (the 25 + 16); files of other names
+    (later additions to the repository) are ignored. With ``tasks``, each must be there.
+    """
+    d = _resolve_data_dir(path)
+    names = list(tasks) if tasks is not None else [t for t in ALL_TASKS if (d / f"{t}.json").is_file()]
+    out = {}
+    for name in names:
+        _base_task(name)  # unknown names are an error
+        f = d / f"{name}.json"
+        if not f.is_file():
+            raise EvalInputError(f"{f}: task file not found")
+        out[name] = _load_task_file(f, name)
+    if not out:
+        raise EvalInputError(f"{d}: none of the LMentry task files ({', '.join(CORE_TASKS[:3])}, ...) found")
+    return out
+
+
+def iter_eval_instances(data: str | os.PathLike | Mapping[str, LMentryTask],
+                        tasks: Sequence[str] | None = None) -> Iterator[LMentryInstance]:
+    """Every example of every task (the 25 and the 16 variants, as present), in file order."""
+    loaded = load_data(data, tasks) if isinstance(data, (str, os.PathLike)) else data
+    names = list(tasks) if tasks is not None else list(loaded)
+    for name in names:
+        task = loaded[name]
+        for eid, ex in task.examples.items():
+            yield LMentryInstance(prediction_id(name, eid), name, eid, ex["input"],
+                                  ex["metadata"]["template_id"], ex["metadata"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Results and aggregates
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TaskResult:
+    """Counts for one task: overall, per template, and per answer position (two-argument tasks)."""
+
+    name: str
+    n_examples: int
+    n_correct: int
+    template_counts: list[tuple[int, int]]                 # (correct, examples) per template
+    answer_index_counts: dict[int, tuple[int, int]] | None = None   # {0: (correct, n), 1: (...)}
+    n_certain: int = 0
+    n_missing: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        """100 x correct / examples, rounded to 2 decimals as the repository's analysis does."""
+        return round(100.0 * self.n_correct / self.n_examples, 2)
+
+    @property
+    def template_accuracies(self) -> list[float]:
+        return [round(100.0 * c / n, 1) if n else 0.0 for c, n in self.template_counts]
+
+    def answer_index_accuracy(self, index: int) -> float:
+        if not self.answer_index_counts or index not in self.answer_index_counts:
+            raise ValueError(f"{self.name}: no answer-position counts")
+        c, n = self.answer_index_counts[index]
+        return 0.0 if c == 0 else round(100.0 * c / n, 2)
+
+
+def score_task(task: LMentryTask, predictions: Mapping[str, str], truncate: bool = False) -> TaskResult:
+    """Scores ``{example_id: prediction}`` for one task; examples without a prediction count as 0."""
+    n_t = len(task.templates)
+    tc = [[0, 0] for _ in range(n_t)]
+    ai = {0: [0, 0], 1: [0, 0]} if task.name in ANSWER_INDEX_TASKS else None
+    n_correct = n_certain = n_missing = 0
+    for eid, ex in task.examples.items():
+        meta = ex["metadata"]
+        pred = predictions.get(eid)
+        if pred is None:
+            n_missing += 1
+            score, certain = 0, False
+        else:
+            try:
+                score, certain = score_prediction(task.name, pred, ex)
+            except KeyError as e:
+                raise EvalInputError(f"{task.path}: example {eid!r}: metadata lacks {e}") from None
+        n_correct += score
+        n_certain += certain
+        t = meta["template_id"]
+        tc[t][0] += score
+        tc[t][1] += 1
+        if ai is not None:
+            ai[meta["answer_index"]][0] += score
+            ai[meta["answer_index"]][1] += 1
+    n = len(task.examples)
+    if n != task.num_examples_per_template * n_t:
+        warn(f"{task.path}: {n} examples, but settings say {task.num_examples_per_template} x {n_t} "
+             f"templates; accuracies use the examples present")
+    return TaskResult(task.name, n, n_correct, [tuple(x) for x in tc],
+                      {k: tuple(v) for k, v in ai.items()} if ai is not None else None,
+                      n_certain, n_missing)
+
+
+def _gap_robustness(accs: Sequence[float]) -> float:
+    """100 minus the largest absolute difference between any two accuracies."""
+    return 100.0 - max((abs(x - y) for x, y in itertools.combinations(accs, 2)), default=0.0)
+
+
+def aggregate(results: Mapping[str, TaskResult], allow_partial: bool = False) -> dict[str, Any]:
+    """LMentry accuracy, the four robustness aspects, robustness and the LMentry score.
+
+    ``results`` maps task names to their counts (``score_task``), for the 25 tasks and the 16
+    argument-content variants. A missing task is an error unless ``allow_partial``; then every
+    aspect averages the items that are complete and ``partial`` is true.
+    """
+    absent = [t for t in ALL_TASKS if t not in results]
+    if absent and not allow_partial:
+        raise EvalInputError(f"LMentry needs results for all {len(ALL_TASKS)} tasks; absent: {absent}")
+    acc = {t: r.accuracy for t, r in results.items()}
+    core = [t for t in CORE_TASKS if t in results]
+    if not core:
+        raise EvalInputError("none of the 25 LMentry tasks has results")
+
+    order = {t: _gap_robustness([results[t].answer_index_accuracy(0), results[t].answer_index_accuracy(1)])
+             for t in ANSWER_INDEX_TASKS if t in results}
+    content = {}
+    for base, variants in ARGUMENT_CONTENT_GROUPS.items():
+        names = [f"{base}_{v}" for v in variants]
+        if all(n in results for n in names):
+            content[base] = _gap_robustness([acc[n] for n in names])
+    template = {t: _gap_robustness(results[t].template_accuracies) for t in core}
+    adjacent_by_kind: dict[str, dict[str, float]] = {}
+    for kind, pairs in ADJACENT_TASK_PAIRS.items():
+        adjacent_by_kind[kind] = {f"{a}/{b}": _gap_robustness([acc[a], acc[b]])
+                                  for a, b in pairs if a in results and b in results}
+    adjacent = {k: v for kinds in adjacent_by_kind.values() for k, v in kinds.items()}
+
+    def mean(values):
+        return float(np.mean(list(values))) if values else None
+
+    components = {"argument_order": mean(order.values()), "argument_content": mean(content.values()),
+                  "template": mean(template.values()), "adjacent_tasks": mean(adjacent.values())}
+    present = [v for v in components.values() if v is not None]
+    robustness = float(np.mean(present).round(1))
+    accuracy = float(np.mean([acc[t] for t in core]))
+    return {
+        "lmentry_score": accuracy * robustness / 100.0,
+        "accuracy": accuracy,
+        "robustness": robustness,
+        "robustness_components": components,
+        "robustness_items": {"argument_order": order, "argument_content": content,
+                             "template": template, "adjacent_tasks": adjacent},
+        "adjacent_tasks_by_kind": {k: mean(v.values()) for k, v in adjacent_by_kind.items()},
+        "partial": bool(absent),
+        "absent_tasks": absent,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring a predictions file
+# --------------------------------------------------------------------------------------------------
+
+def _split_prediction_key(record) -> tuple[str, str]:
+    task = record.extra.get("task")
+    rid = record.id
+    if task is not None:
+        if not isinstance(task, str):
+            raise EvalInputError(f"{record.path}:{record.line}: field 'task' must be a string")
+        if rid.startswith(task + "/"):
+            rid = rid[len(task) + 1:]
+        return task, rid
+    if "/" not in rid:
+        raise EvalInputError(f"{record.path}:{record.line}: id {rid!r} does not name its task; write "
+                             f"\"<task>/<example id>\" (e.g. \"bigger_number/17\") or add a \"task\" field")
+    task, _, eid = rid.partition("/")
+    return task, eid
+
+
+def score_predictions(predictions: Mapping[tuple[str, str], str] | Mapping[str, str],
+                      data: str | os.PathLike | Mapping[str, LMentryTask], *,
+                      truncate: bool = False, allow_partial: bool = False) -> dict[str, Any]:
+    """Scores predictions keyed by ``(task, example_id)`` or ``"task/example_id"``.
+
+    Returns ``overall`` (the LMentry score), ``accuracy``, ``robustness`` and its components,
+    ``per_task`` (the 25 tasks' accuracies), ``per_analysis_task`` (the 16 variants), per-template and
+    per-answer-position accuracies, and the bookkeeping (``num_scored``, ``missing``, ``unknown``).
+    """
+    loaded = load_data(data) if isinstance(data, (str, os.PathLike)) else dict(data)
+    by_task: dict[str, dict[str, str]] = {}
+    unknown: list[str] = []
+    for key, pred in predictions.items():
+        task, eid = key if isinstance(key, tuple) else str(key).partition("/")[::2]
+        if task in loaded and eid in loaded[task].examples:
+            by_task.setdefault(task, {})[eid] = pred
+        else:
+            unknown.append(prediction_id(task, eid))
+    results: dict[str, TaskResult] = {}
+    no_predictions = []
+    for name, task in loaded.items():
+        if name not in by_task:
+            no_predictions.append(name)  # absent: not scored as all-wrong, see module doc
+            continue
+        results[name] = score_task(task, by_task[name], truncate)
+    if not results:
+        hint = f" (e.g. {unknown[0]!r} matches no example)" if unknown else ""
+        raise EvalInputError(f"no prediction matches an LMentry example{hint}")
+    agg = aggregate(results, allow_partial=allow_partial)
+    n_scored = sum(r.n_examples - r.n_missing for r in results.values())
+    return {
+        "overall": agg["lmentry_score"],
+        **agg,
+        "per_task": {t: results[t].accuracy for t in CORE_TASKS if t in results},
+        "per_analysis_task": {t: results[t].accuracy for t in ANALYSIS_TASKS if t in results},
+        "per_template": {t: r.template_accuracies for t, r in results.items()},
+        "per_answer_position": {t: [results[t].answer_index_accuracy(0), results[t].answer_index_accuracy(1)]
+                                for t in ANSWER_INDEX_TASKS if t in results},
+        "per_task_certainty": {t: round(100.0 * r.n_certain / r.n_examples, 2) for t, r in results.items()},
+        "num_scored": n_scored,
+        "num_examples": sum(r.n_examples for r in results.values()),
+        "missing": sum(r.n_missing for r in results.values()),
+        "missing_per_task": {t: r.n_missing for t, r in results.items() if r.n_missing},
+        "tasks_without_predictions": no_predictions,
+        "unknown": len(unknown),
+        "unknown_ids": unknown[:20],
+        "truncate_predictions": truncate,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: tuna-jax eval lmentry --predictions PRED.jsonl --data PATH [--out OUT.json]
+# --------------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--predictions", required=True, metavar="PRED.jsonl",
+                        help='JSON Lines: {"id": "<task>/<example id>", "prediction": ...} '
+                             '(or a separate "task" field)')
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help="an lmentry checkout or its data/ folder (data/<task>.json)")
+    parser.add_argument("--out", metavar="OUT.json", help="also write the JSON result here")
+    parser.add_argument("--truncate-predictions", action="store_true",
+                        help="score only the text before the first newline and then the first '.' "
+                             "(LMentry does this for models that do not stop generating)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="score even if some of the 41 task files have no predictions (the "
+                             "robustness then uses complete items only and the result says partial)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Scores a predictions file, prints the JSON, writes ``--out``; bad input raises EvalInputError."""
+    records = read_predictions_jsonl(args.predictions)
+    preds: dict[tuple[str, str], str] = {}
+    first: dict[tuple[str, str], int] = {}
+    for r in records:
+        key = _split_prediction_key(r)
+        if key in preds:
+            raise EvalInputError(f"{r.path}:{r.line}: duplicate prediction for {prediction_id(*key)!r} "
+                                 f"(first given at line {first[key]})")
+        preds[key] = r.prediction
+        first[key] = r.line
+    # getattr: callers may build the Namespace themselves with only the required fields
+    result = score_predictions(preds, args.data, truncate=getattr(args, "truncate_predictions", False),
+                               allow_partial=getattr(args, "allow_partial", False))
+    result["predictions_file"] = os.fspath(args.predictions)
+    result["data"] = str(_resolve_data_dir(args.data))
+    if result["missing"]:
+        warn(f"{result['missing']} of {result['num_examples']} examples have no prediction (scored as "
+             f"wrong, as LMentry does); tasks affected: {len(result['missing_per_task'])}")
+    if result["unknown"]:
+        warn(f"{result['unknown']} predictions match no example (not scored), e.g. {result['unknown_ids'][:3]}")
+    if result["partial"]:
+        warn(f"partial LMentry result: no predictions for {result['absent_tasks']}")
+    emit_json(result, getattr(args, "out", None))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="tuna-jax eval lmentry", description="LMentry accuracy, robustness and score of a predictions file"))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except EvalInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""OpenAI-compatible HTTP client (OpenAI, vLLM, SGLang, llama.cpp server) with retries, cache and budget.
+
+One idea: turn "POST this body to /v1/chat/completions or /v1/completions" into a JSON reply, exactly
+once per distinct request, robustly. The store (store.py) is the cache and the ledger; this module is the
+wire. Split from store.py (DESIGN.md had both in one module) because the store is also read without any
+network (reports, resume checks) and because the retry policy is easier to read on its own.
+
+Wire: stdlib ``urllib`` (no extra dependency: the ``api`` extra is not needed for the client). One request
+per call, HTTP/1.1, a socket timeout per blocking operation (``timeout_s``).
+
+Retry policy (bounded, exponential backoff with jitter):
+  - HTTP 429 and 5xx, timeouts, connection errors: retried up to ``max_retries`` times; the delay is
+    ``min(backoff_max_s, backoff_initial_s * backoff_factor**i)`` times a jitter factor in
+    ``[1 - jitter, 1]``, and at least the server's ``Retry-After`` / ``retry-after-ms`` (capped at
+    ``max_retry_after_s``).
+  - HTTP 200 with a body that is not JSON, or JSON without a "choices" list: retried up to
+    ``max_bad_json_retries`` times, then recorded as an error.
+  - Any other 4xx: not retried, recorded as an error. 401/403/404 raise :class:`FatalAPIError` (a subclass
+    of store.FatalRunError) because every further request would fail the same way.
+
+The API key is read from the environment variable named by ``api_key_env`` (default OPENAI_API_KEY) when
+the client is created; it is kept in a wrapper whose str/repr is "<redacted>", sent only in the
+Authorization header, and scrubbed from every message this module builds (server error bodies may echo
+it). It is never part of a cache key, a store line, a log line or an exception.
+"""
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Mapping, Sequence
+
+from .store import BudgetExceeded, FatalRunError, Store, content_key
+
+logger = logging.getLogger("tuna_jax.feedback")
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    """Endpoint and retry settings. Times in seconds.
+
+    base_url: up to and including the API version, e.g. "https://api.openai.com/v1",
+      "http://localhost:8000/v1" (vLLM, SGLang), "http://localhost:8080/v1" (llama.cpp).
+    model: the model name the server expects.
+    api_key_env: name of the environment variable holding the key (the key itself is never configured).
+    timeout_s: socket timeout per request operation.
+    max_retries: retries after the first attempt for 429 / 5xx / timeout / connection errors.
+    max_bad_json_retries: retries for a 2xx reply whose body is not the expected JSON.
+    concurrency: requests in flight at once (thread pool size of the callers, and a semaphore here).
+    """
+
+    base_url: str = "https://api.openai.com/v1"
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 120.0
+    max_retries: int = 6
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    backoff_factor: float = 2.0
+    jitter: float = 0.25
+    max_retry_after_s: float = 300.0
+    max_bad_json_retries: int = 2
+    concurrency: int = 4
+
+
+class _Secret:
+    """Holds the API key; prints as <redacted> so a repr, a log or a traceback's locals never show it."""
+
+    __slots__ = ("_v",)
+
+    def __init__(self, value: str | None):
+        self._v = value or None
+
+    def reveal(self) -> str | None:
+        return self._v
+
+    def __bool__(self) -> bool:
+        return self._v is not None
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+
+class APIError(RuntimeError):
+    """A request that failed for good. Message and attributes never contain the API key.
+
+    Attributes: url (str), status (int | None, HTTP status), kind ("http" | "timeout" | "connection" |
+    "bad_json"), attempts (int).
+    """
+
+    def __init__(self, message: str, *, url: str, status: int | None, kind: str, attempts: int):
+        super().__init__(message)
+        self.url = url
+        self.status = status
+        self.kind = kind
+        self.attempts = attempts
+
+
+class FatalAPIError(APIError, FatalRunError):
+    """401/403/404: wrong key, no access, or wrong URL/model -- stop the run instead of failing every item."""
+
+
+@dataclasses.dataclass
+class APIResult:
+    """A reply: response (the JSON body, dict), key (cache key), cached (bool: from the store)."""
+
+    response: dict
+    key: str
+    cached: bool
+
+
+_SK_RE = re.compile(r"sk-[A-Za-z0-9_\-]{6,}")
+_BEARER_RE = re.compile(r"(?i)bearer\s+[^\s\"',]+")
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _retry_after_s(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds from Retry-After (seconds or HTTP date) or retry-after-ms (OpenAI); None if absent."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    ra = headers.get("Retry-After") or headers.get("retry-after")
+    if not ra:
+        return None
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        try:
+            dt = email.utils.parsedate_to_datetime(ra)
+            return max(0.0, dt.timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _compact(response: dict) -> dict:
+    """Drop the per-token "bytes" arrays of chat log-probs: redundant with "token" and the bulk of the size."""
+    for ch in response.get("choices") or []:
+        lp = ch.get("logprobs") if isinstance(ch, dict) else None
+        if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+            for t in lp["content"]:
+                if isinstance(t, dict):
+                    t.pop("bytes", None)
+                    for tt in t.get("top_logprobs") or []:
+                        if isinstance(tt, dict):
+                            tt.pop("bytes", None)
+    return response
+
+
+class OpenAIClient:
+    """Client for one endpoint + model. Thread-safe; share one instance between worker threads.
+
+    Args:
+      config: ClientConfig.
+      store: the cache/ledger; None disables caching and the budget (useful for one-off calls).
+      sleep: the sleep function (tests may pass a recorder; the real one is used by default).
+      seed: seeds the jitter RNG so retry timing is reproducible in tests.
+    """
+
+    def __init__(self, config: ClientConfig, store: Store | None = None, *,
+                 sleep: Callable[[float], None] = time.sleep, seed: int | None = None):
+        self.config = config
+        self.store = store
+        self._sleep = sleep
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self._sem = threading.BoundedSemaphore(max(1, config.concurrency))
+        self._key = _Secret(os.environ.get(config.api_key_env))
+        self.base_url = config.base_url.rstrip("/")
+        if urllib.parse.urlsplit(self.base_url).scheme not in ("http", "https"):
+            raise ValueError(f"base_url {config.base_url!r} must start with http:// or https:// "
+                             f"(e.g. http://localhost:8000/v1)")
+        if not self._key and not _is_loopback(self.base_url):
+            logger.warning("no API key in $%s; sending requests to %s without an Authorization header",
+                           config.api_key_env, self.base_url)
+        # Loopback servers (a local vLLM, the tests) must not go through an HTTP(S)_PROXY from the env.
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.base_url) else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __repr__(self) -> str:
+        return f"OpenAIClient(base_url={self.base_url!r}, model={self.config.model!r}, key=<redacted>)"
+
+    # ------------------------------------------------------------------ public calls
+    def chat(self, messages: Sequence[Mapping[str, str]], *, extra_key: Mapping[str, Any] | None = None,
+             **params: Any) -> APIResult:
+        """POST /chat/completions with {"model", "messages", **params} (e.g. temperature, n, max_tokens,
+        logprobs=True, top_logprobs=k, seed)."""
+        body = {"model": self.config.model, "messages": [dict(m) for m in messages], **params}
+        return self.post("chat/completions", body, extra_key=extra_key)
+
+    def complete(self, prompt: str, *, extra_key: Mapping[str, Any] | None = None, **params: Any) -> APIResult:
+        """POST /completions (legacy) with {"model", "prompt", **params} (e.g. logprobs=1, echo=True)."""
+        body = {"model": self.config.model, "prompt": prompt, **params}
+        return self.post("completions", body, extra_key=extra_key)
+
+    def post(self, path: str, body: Mapping[str, Any], *, extra_key: Mapping[str, Any] | None = None) -> APIResult:
+        """Return the reply for ``body`` from the store, or fetch it (with retries) and store it.
+
+        Raises APIError (FatalAPIError for 401/403/404) after recording the failure in the store, and
+        BudgetExceeded before sending a request the budget does not allow.
+        """
+        body = dict(body)
+        key = content_key(self.base_url, path, body, extra_key)
+        url = f"{self.base_url}/{path.strip('/')}"
+        store = self.store
+        if store is not None:
+            hit = store.get(key)
+            if hit is not None:
+                return APIResult(hit["response"], key, True)
+            if not store.retry_failed:
+                err = store.error(key)
+                if err is not None:
+                    raise APIError(f"{url}: failed in an earlier run (store line {err['line']}): {err['error']} "
+                                   f"(not retried: retry_failed is off)", url=url, status=err["http_status"],
+                                   kind=err["error_kind"] or "http", attempts=0)
+        meta = {"base_url": self.base_url, "path": path, "model": body.get("model")}
+        if extra_key:
+            meta["extra"] = dict(extra_key)
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        cfg = self.config
+        attempts = transient = bad_json = 0
+        retries: list[dict] = []
+
+        def fail(exc: APIError) -> APIError:
+            if store is not None:
+                store.put_error(key, error=str(exc), error_kind=exc.kind, http_status=exc.status, meta=meta,
+                                attempts=attempts, retries=retries)
+            return exc
+
+        while True:
+            if store is not None:
+                try:
+                    store.reserve()
+                except BudgetExceeded:
+                    if attempts:  # the retries spent so far are on record, and a rerun retries this key
+                        store.put_error(key, error="stopped by the budget while retrying", error_kind="budget",
+                                        http_status=None, meta=meta, attempts=attempts, retries=retries)
+                    raise
+            attempts += 1
+            try:
+                status, headers, raw, exc_kind, exc_text = self._send(url, payload)
+            finally:
+                if store is not None:
+                    store.release()
+
+            # ---- classify
+            retry_after = None
+            if exc_kind is not None:  # no HTTP reply: timeout or connection error
+                what = (f"timed out after {cfg.timeout_s:g}s" if exc_kind == "timeout"
+                        else f"connection failed ({exc_text})")
+                transient += 1
+                if transient > cfg.max_retries:
+                    hint = ("Is the server up and reachable? Check --base-url." if exc_kind == "connection" else
+                            "The server is slow or overloaded: raise --timeout or lower --concurrency.")
+                    raise fail(APIError(f"POST {url} {what}; gave up after {attempts} attempts. {hint}",
+                                        url=url, status=None, kind=exc_kind, attempts=attempts))
+                retries.append({"attempt": attempts, "kind": exc_kind})
+                reason = what
+            elif 200 <= status < 300:
+                try:
+                    response = json.loads(raw.decode("utf-8"))
+                    if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
+                        raise ValueError("no 'choices' list in the reply")
+                except (ValueError, UnicodeDecodeError) as e:
+                    bad_json += 1
+                    snippet = self._redact(raw[:200].decode("utf-8", "replace"))
+                    text = f"HTTP {status} with a malformed body ({e}): {snippet!r}"
+                    if bad_json > cfg.max_bad_json_retries:
+                        raise fail(APIError(f"POST {url}: {text}; gave up after {attempts} attempts. Is "
+                                            f"--base-url an OpenAI-compatible API (it usually ends in /v1)?",
+                                            url=url, status=status, kind="bad_json", attempts=attempts))
+                    retries.append({"attempt": attempts, "kind": "bad_json", "http_status": status})
+                    reason = text
+                else:
+                    if store is not None:
+                        store.put_ok(key, _compact(response), meta=meta, attempts=attempts, retries=retries)
+                    return APIResult(response, key, False)
+            else:
+                detail = self._error_detail(raw)
+                if status == 429 or status >= 500:
+                    transient += 1
+                    retry_after = _retry_after_s(headers)
+                    if transient > cfg.max_retries:
+                        hint = ("rate limited: lower --concurrency, or raise your rate limit" if status == 429
+                                else "the server keeps failing: check its logs")
+                        raise fail(APIError(f"POST {url} -> HTTP {status}: {detail}; gave up after {attempts} "
+                                            f"attempts ({hint}).", url=url, status=status, kind="http",
+                                            attempts=attempts))
+                    retries.append({"attempt": attempts, "kind": "http", "http_status": status})
+                    reason = f"HTTP {status}"
+                else:
+                    raise fail(self._client_error(url, status, detail, attempts))
+
+            delay = self._backoff(transient + bad_json - 1, retry_after)
+            logger.warning("POST %s: %s; retry %d in %.2fs", url, reason, attempts, delay)
+            self._sleep(delay)
+
+    # ------------------------------------------------------------------ internals
+    def _send(self, url: str, payload: bytes):
+        """One HTTP attempt -> (status, headers, body bytes, exc_kind, exc_text). Never raises for I/O."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._key:
+            headers["Authorization"] = "Bearer " + self._key.reveal()
+        req = urllib.request.Request(url, data=payload, headers=headers, method="POST")
+        del headers  # keep the key out of this frame's locals as far as we can
+        with self._sem:
+            try:
+                with self._opener.open(req, timeout=self.config.timeout_s) as resp:
+                    return resp.status, resp.headers, resp.read(), None, None
+            except urllib.error.HTTPError as e:
+                try:
+                    body = e.read()
+                except (OSError, http.client.HTTPException):
+                    body = b""
+                return e.code, e.headers, body, None, None
+            except (socket.timeout, TimeoutError):
+                return 0, None, b"", "timeout", "timeout"
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, (socket.timeout, TimeoutError)):
+                    return 0, None, b"", "timeout", "timeout"
+                return 0, None, b"", "connection", self._redact(str(e.reason))
+            except (ConnectionError, http.client.HTTPException, OSError) as e:
+                return 0, None, b"", "connection", self._redact(f"{type(e).__name__}: {e}")
+
+    def _backoff(self, retry_index: int, retry_after: float | None) -> float:
+        cfg = self.config
+        base = min(cfg.backoff_max_s, cfg.backoff_initial_s * cfg.backoff_factor ** max(0, retry_index))
+        with self._rng_lock:
+            base *= 1.0 - cfg.jitter * self._rng.random()
+        if retry_after is not None:
+            base = max(base, min(retry_after, cfg.max_retry_after_s))
+        return base
+
+    def _redact(self, text: str) -> str:
+        key = self._key.reveal()
+        if key and len(key) >= 4:
+            text = text.replace(key, "<redacted>")
+        text = _BEARER_RE.sub("Bearer <redacted>", text)
+        return _SK_RE.sub("sk-<redacted>", text)
+
+    def _error_detail(self, raw: bytes) -> str:
+        text = raw.decode("utf-8", "replace")
+        try:
+            obj = json.loads(text)
+            err = obj.get("error", obj) if isinstance(obj, dict) else obj
+            if isinstance(err, dict):
+                text = str(err.get("message") or err)
+            elif isinstance(err, str):
+                text = err
+        except ValueError:
+            pass
+        text = " ".join(text.split())
+        if len(text) > 300:
+            text = text[:300] + "..."
+        return self._redact(text) or "(empty body)"
+
+    def _client_error(self, url: str, status: int, detail: str, attempts: int) -> APIError:
+        env = self.config.api_key_env
+        is_set = "is set" if self._key else "is NOT set"
+        if status in (401, 403):
+            msg = (f"POST {url} -> HTTP {status}: {detail}. Check the API key in ${env} (it {is_set}): is it "
+                   f"valid for this endpoint and allowed to use model {self.config.model!r}?")
+            return FatalAPIError(msg, url=url, status=status, kind="http", attempts=attempts)
+        if status == 404:
+            msg = (f"POST {url} -> HTTP 404: {detail}. Check --base-url (it usually ends in /v1; this server may "
+                   f"not offer this endpoint -- try the other --api) and --model {self.config.model!r}.")
+            return FatalAPIError(msg, url=url, status=status, kind="http", attempts=attempts)
+        msg = (f"POST {url} -> HTTP {status}: {detail}. The server rejected this request: check that it supports "
+               f"the parameters sent (logprobs, top_logprobs, n, echo, seed, max_tokens) and the prompt length.")
+        return APIError(msg, url=url, status=status, kind="http", attempts=attempts)
+
+
+# ---------------------------------------------------------------------------- argparse helpers
+def add_client_arguments(parser) -> None:
+    """Endpoint, retry, budget and store options shared by `tuna-jax teacher` and `tuna-jax judge`."""
+    g = parser.add_argument_group("endpoint (OpenAI-compatible: OpenAI, vLLM, SGLang, llama.cpp)")
+    g.add_argument("--base-url", default=ClientConfig.base_url,
+                   help="API base URL including the version, e.g. http://localhost:8000/v1 (default: %(default)s)")
+    g.add_argument("--model", required=True, help="model name as the server knows it")
+    g.add_argument("--api-key-env", default=ClientConfig.api_key_env,
+                   help="name of the environment variable that holds the API key; the key itself is never "
+                        "given on the command line, logged or stored (default: %(default)s)")
+    g.add_argument("--timeout", type=float, default=ClientConfig.timeout_s,
+                   help="seconds to wait on the server per request before retrying (default: %(default)s)")
+    g.add_argument("--max-retries", type=int, default=ClientConfig.max_retries,
+                   help="retries on 429, 5xx, timeouts and connection errors (default: %(default)s)")
+    g.add_argument("--backoff", type=float, default=ClientConfig.backoff_initial_s,
+                   help="first retry delay in seconds, doubled each retry up to --backoff-max (default: %(default)s)")
+    g.add_argument("--backoff-max", type=float, default=ClientConfig.backoff_max_s,
+                   help="longest retry delay in seconds (default: %(default)s)")
+    g.add_argument("--concurrency", type=int, default=ClientConfig.concurrency,
+                   help="requests in flight at once (default: %(default)s)")
+    s = parser.add_argument_group("cache and budget")
+    s.add_argument("--store", default=None,
+                   help="append-only JSONL cache of every request (default: OUT.store.jsonl); rerunning with "
+                        "the same store repeats no finished request")
+    s.add_argument("--no-retry-failed", action="store_true",
+                   help="do not retry requests that failed in an earlier run; report them as failed items")
+    s.add_argument("--max-usd", type=float, default=None,
+                   help="stop cleanly once the store's total spend reaches this many USD (all runs)")
+    s.add_argument("--max-requests", type=int, default=None,
+                   help="stop cleanly once the store has sent this many HTTP requests (all runs)")
+    s.add_argument("--price-input", type=float, default=0.0,
+                   help="USD per 1M prompt tokens, for cost accounting (default: %(default)s)")
+    s.add_argument("--price-output", type=float, default=0.0,
+                   help="USD per 1M completion tokens, for cost accounting (default: %(default)s)")
+
+
+def client_config_from_args(args) -> ClientConfig:
+    return ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                        timeout_s=args.timeout, max_retries=args.max_retries, backoff_initial_s=args.backoff,
+                        backoff_max_s=args.backoff_max, concurrency=args.concurrency)
+
+
+def store_from_args(args, out_path: str) -> Store:
+    from .store import Budget, Prices
+
+    return Store(args.store or (out_path + ".store.jsonl"),
+                 prices=Prices(args.price_input, args.price_output),
+                 budget=Budget(args.max_usd, args.max_requests), retry_failed=not args.no_retry_failed)

@@ -1,0 +1,588 @@
+"""Contextual ranking data: a judge ranks N candidate responses per instruction.
+
+(a) LLM judge (``kind="llm"``): an OpenAI-compatible chat model is shown the Alpaca prompt and the N
+    candidates as "###Response 0..N-1" with the Tuna contextual ranking prompt, and replies with
+    per-response scores, its own best response ("###Response N"), and ``rank: [...]``.
+(b) Metric judge (``kind="metric"``): ROUGE-L F (rouge_score ``rougeL``, stemmer on) or exact match of
+    each candidate against a reference answer (the record's original ``output`` by default), for offline
+    runs without an LLM.
+
+The prompt. ``RANKING_PROMPT_N4`` is the contextual ranking prompt of the Tuna reference implementation,
+byte for byte: microsoft/LMOps, ``tuna/src/gpt-eval.py`` (``GroupEval.group_eval``), the script whose
+output is the released ``gpt_data/gpt-4-ranking.json`` (its ``prompt`` field), with the system message
+"You are a professional and experienced data annotator." Its quirks (no space after "responses." and
+"steps.", "[i, j ,k, l, m]") are kept on purpose. NOT VERIFIED against the paper's Appendix E, Table 9:
+the paper's text could not be retrieved here (only the arXiv abstract pages were reachable), so whether
+Table 9 differs from the released code (typesetting, wording) is an open question -- diff against the PDF
+before relying on "word for word". For N != 4 the same text is used with the ids spelled for N
+("0/1/.../N-1", own response N); the format examples in the last sentence are left as they are.
+
+Parsing. :func:`parse_rank` is strict and never guesses: the list after ``rank:`` (case-insensitive; also
+``ranking:``) must be a permutation of a subset of the ids shown (a judge told to keep one of duplicate
+responses may return fewer), with no repeats, no ids out of range, no ties; forms "[2, 1, 3, 4]",
+"2 > 1 > 3 > 4", "2, 1, 4, 3", "[Response 2, Response 1]" are accepted; an unbracketed list must end its
+line. Every ``rank:`` followed by digits in the reply must parse and agree (a ``rank:`` with no digits
+after it, such as an echo of the format "rank: [i, j, k]", is ignored). A reply that does not parse is
+asked again (a new request, ``max_parse_retries`` times) and then recorded as failed with every reply.
+
+Judge's own response. The prompt asks the judge to write "###Response N" (N=4 in the paper) and to rank
+it with the others; the ids parsed are therefore 0..N. The own response is kept whole in the record
+(``judge.response_own``, plus the full reply), and removed from the candidates' ranking (its position is
+kept in ``judge.own_rank``).
+
+Position bias. ``orders=K`` presentation orders per item: order 0 is the given order (K=1 reproduces the
+paper, which did not shuffle), orders 1..K-1 are seeded permutations (distinct when N! allows). Each
+order's ranking is mapped back to candidate indices and aggregated by Borda count: in an order, the
+candidate at position p (0 = best) of the ranking gets N-1-p points; a candidate the judge left out (a
+duplicate) gets no points in that order and that order does not count for it; its score is the mean of
+its points. Candidates never ranked are dropped from the record (counted; listed in ``judge.dropped``).
+With K=1 and a full ranking, scores are N-1, N-2, ..., 0 in the judge's order.
+
+Records (JSONL, the native ranking format of tuna_jax.data.records), candidates best first:
+    {"id", "instruction", "input", "output", "candidates", "scores", [aligned input fields "logprobs",
+     "num_tokens", "finish_reasons" when the input had them], "judge": {...}}
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import math
+import random
+import re
+import sys
+from typing import Any, Sequence
+
+from tuna_jax.data.records import DataError, iter_rows
+from tuna_jax.data.templates import format_prompt
+
+from .client import (APIError, OpenAIClient, add_client_arguments, client_config_from_args, store_from_args)
+from .store import BudgetExceeded, FatalRunError, ItemOutcome, RunSummary, run_items
+
+logger = logging.getLogger("tuna_jax.feedback")
+
+# --------------------------------------------------------------------------------------------- prompt
+PAPER_SYSTEM_PROMPT = "You are a professional and experienced data annotator."
+
+# microsoft/LMOps tuna/src/gpt-eval.py, byte for byte (see the module docstring).
+RANKING_PROMPT_N4 = (
+    "\n\nWe would like you to rate Response 0/1/2/3 in reply to the given instruction displayed above.\n"
+    "First, identify if the instruction requires open-ended or close-ended responses."
+    "Second, you need to generate one high quality '###Response 4' in answer to the instruction. It needs to "
+    "have the same format as other responses and will be used as a reference later.\n"
+    "Third, identify if there are duplicate responses and keep only one of the duplicate responses for the "
+    "following steps."
+    "Fourth, compare Response 4 with Response 0/1/2/3/4 and assign each response an overall score on a scale "
+    "of 0 to 15 where a higher score indicates better overall quality. For an open-ended instruction, please "
+    "rate based on the relevance (score 0 to 5), level of details/justification: (score 0 to 5) and accuracy "
+    "(score 0 to 5) of each response; for a close-ended instruction, please rate based on the accuracy (score "
+    "0 to 5), level of details/justification (score 0 to 5) and clarity (score 0 to 5) of each response. The "
+    "ratings should have the format: 'Response k: [sum of the 3 individual scores you give to response k]'.\n"
+    "Last, rank the responses in decreasing order of their overall scores. The ranking should have the "
+    "format: 'rank: [i, j ,k, l, m]'. If there are duplicate responses, keep only one of them in the rank, "
+    "that is, the ranking may become: 'rank: [i, j, k, l]', 'rank: [i, j, k]' 'rank: [i, j]' or even "
+    "'rank: [i]'.\n"
+)
+
+
+def ranking_instructions(n: int) -> str:
+    """The ranking instructions for n shown responses (exactly RANKING_PROMPT_N4 when n == 4)."""
+    if n < 1:
+        raise ValueError("need at least one response to rank")
+    shown = "/".join(str(i) for i in range(n))
+    every = "/".join(str(i) for i in range(n + 1))
+    return (RANKING_PROMPT_N4.replace("Response 0/1/2/3/4", "Response \x00ALL")
+            .replace("Response 0/1/2/3", "Response \x00SHOWN")
+            .replace("'###Response 4'", "'###Response \x00OWN'")
+            .replace("compare Response 4 with", "compare Response \x00OWN with")
+            .replace("\x00ALL", every).replace("\x00SHOWN", shown).replace("\x00OWN", str(n)))
+
+
+def build_ranking_prompt(instruction: str, input: str, responses: Sequence[str]) -> str:  # noqa: A002
+    """The user message: Alpaca prompt, "\\n\\n", the responses as "###Response j:\\n{r}\\n" joined by
+    "\\n", then the ranking instructions -- the reference's layout exactly."""
+    shown = [f"###Response {j}:\n{r}\n" for j, r in enumerate(responses)]
+    return format_prompt(instruction, input) + "\n\n" + "\n".join(shown) + ranking_instructions(len(responses))
+
+
+# --------------------------------------------------------------------------------------------- parsing
+class RankParseError(ValueError):
+    """A judge reply whose ranking cannot be read without guessing."""
+
+
+_RANK_LABEL = re.compile(r"\brank(?:ings?)?\b[ \t]*(?:\([^()\n]{0,60}\))?[ \t*_`]*:", re.IGNORECASE)
+# One ranked item: an integer, optionally written "Response 2" / "###Response 2" / "#2", optionally quoted.
+_TOKEN = re.compile(
+    r"(?P<ws>\s+)"
+    r"|(?P<item>(?:#{0,3}\s*response\s*)?#?(?P<num>\d+)(?!\d)(?!\.\d))"
+    r"|(?P<sep>->|→|>>|>|≻|,|;)"
+    r"|(?P<tie>=|≈|~)"
+    r"|(?P<quote>[\"'`*_])"
+    r"|(?P<other>.)", re.IGNORECASE | re.DOTALL)
+
+
+def _parse_items(segment: str, bracketed: bool) -> list[int]:
+    """Items of one list segment; raises RankParseError with the reason."""
+    items: list[int] = []
+    last = None  # "item" | "sep"
+    text = segment.strip()
+    if not bracketed:
+        text = text.rstrip("*_` \t")
+        if text.endswith("."):
+            text = text[:-1]  # "rank: 2, 1, 4, 3." ends a sentence
+    for m in _TOKEN.finditer(text):
+        kind = m.lastgroup
+        if kind in ("ws", "quote"):
+            continue
+        if kind == "item" or kind == "num":
+            items.append(int(m.group("num")))
+            last = "item"
+        elif kind == "sep":
+            if last != "item":
+                raise RankParseError(f"separator {m.group()!r} without an id before it in {segment.strip()!r}")
+            last = "sep"
+        elif kind == "tie":
+            raise RankParseError(f"a tie ({m.group()!r}) in {segment.strip()!r}: a rank must be a strict order")
+        else:
+            where = "inside the brackets" if bracketed else "after the rank list on its line"
+            raise RankParseError(f"unexpected text {text[m.start():m.start() + 20]!r} {where} in "
+                                 f"{segment.strip()!r}")
+    if not items:
+        raise RankParseError(f"no ids in {segment.strip()!r}")
+    return items
+
+
+def _rank_segments(reply: str) -> list[tuple[str, bool]]:
+    """(segment, bracketed) after each "rank:" label."""
+    out = []
+    for m in _RANK_LABEL.finditer(reply):
+        pos = m.end()
+        eol = reply.find("\n", pos)
+        eol = len(reply) if eol < 0 else eol
+        same_line = reply[pos:eol]
+        j = pos
+        while j < len(reply) and reply[j] in " \t*_`\"'":
+            j += 1
+        if j >= eol:  # nothing on the line: a bracketed list may start on the next line
+            k = eol
+            while k < len(reply) and reply[k] in " \t\r\n":
+                k += 1
+            if k < len(reply) and reply[k] in "[(":
+                j = k
+                eol = reply.find("\n", j)
+                eol = len(reply) if eol < 0 else eol
+            else:
+                out.append((same_line, False))
+                continue
+        if reply[j] in "[(":
+            close = "]" if reply[j] == "[" else ")"
+            end = reply.find(close, j + 1)
+            if end < 0:  # unclosed: an error when it has digits (bracketed=None marks it)
+                out.append((reply[j:eol], None))  # type: ignore[arg-type]
+                continue
+            out.append((reply[j + 1:end], True))
+        else:
+            out.append((reply[j:eol], False))
+    return out
+
+
+def parse_rank(reply: str, shown_ids: list[int]) -> list[int]:
+    """The judge's ranking (ids best first) from ``reply``, or RankParseError.
+
+    shown_ids: the ids the judge may rank (e.g. [0, 1, 2, 3, 4] for 4 shown responses plus its own). The
+    result is a permutation of a non-empty subset of shown_ids: fewer ids are allowed (a judge that
+    removed duplicates), repeats, ids not in shown_ids and ties are errors. See the module docstring for
+    the accepted forms.
+    """
+    if not isinstance(reply, str):
+        raise RankParseError(f"reply is {type(reply).__name__}, not text")
+    allowed = set()
+    for i in shown_ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"shown_ids must be ints, got {i!r}")
+        allowed.add(i)
+    found: list[list[int]] = []
+    for segment, bracketed in _rank_segments(reply):
+        if not re.search(r"\d", segment):
+            continue  # "rank: [i, j, k]" echoed from the instructions, or prose after "rank:"
+        if bracketed is None:
+            raise RankParseError(f"unclosed bracket after 'rank:' in {segment.strip()[:60]!r}")
+        ids = _parse_items(segment, bracketed)
+        seen = set()
+        for i in ids:
+            if i not in allowed:
+                raise RankParseError(f"id {i} was not shown (shown ids: {sorted(allowed)}) in {segment.strip()!r}")
+            if i in seen:
+                raise RankParseError(f"id {i} ranked twice in {segment.strip()!r}")
+            seen.add(i)
+        found.append(ids)
+    if not found:
+        raise RankParseError("no 'rank:' followed by a list of ids in the reply")
+    if any(f != found[0] for f in found[1:]):
+        raise RankParseError(f"the reply gives {len(found)} different rankings: {found}")
+    return found[0]
+
+
+_SCORE_LINE = re.compile(
+    r"^[ \t>*_#-]*(?:\d+\.\s+)?(?:[A-Za-z]+,[ \t]*)?[ \t*#]*Response\s*(?P<id>\d+)\s*\**\s*:\s*\**\s*(?P<val>[^\n]*)$",
+    re.IGNORECASE | re.MULTILINE)
+_SCORE_VALUE = re.compile(
+    r"^[\[(]?\s*(?:\d+(?:\.\d+)?\s*(?:\+\s*\d+(?:\.\d+)?\s*)*=\s*)?(?P<total>\d+(?:\.\d+)?)\s*[\])]?"
+    r"\s*(?:/\s*15|out of 15|points?)?\s*[.,;]?\s*\**\s*$", re.IGNORECASE)
+
+
+def parse_scores(reply: str, ids: Sequence[int]) -> dict[int, float]:
+    """Per-response overall scores where the reply gives them as "Response k: [13]", "Response k: 13",
+    "Response k: 5 + 4 + 4 = 13" or "Response k: 13/15" (the prompt's format); ids not in ``ids`` and lines
+    that are not a bare score are ignored; the last score of an id wins. Informational: the ranking comes
+    from parse_rank."""
+    allowed = set(ids)
+    out: dict[int, float] = {}
+    for m in _SCORE_LINE.finditer(reply):
+        i = int(m.group("id"))
+        v = _SCORE_VALUE.match(m.group("val").strip())
+        if i in allowed and v is not None:
+            out[i] = float(v.group("total"))
+    return out
+
+
+_OWN_HEADER = r"^[ \t>*_]*(?:\w+,\s*)?[ \t*_]*#{{0,6}}\s*\**\s*Response\s*{own}\s*\**\s*:[ \t*]*"
+_SECTION_END = re.compile(
+    r"^[ \t>*_]*(?:#{0,6}\s*\**\s*Response\s*\d+\s*\**\s*:|rank(?:ing)?\b[^\n:]{0,20}:|"
+    r"(?:Third|Fourth|Fifth|Last|Lastly|Finally)\s*,|#{1,6}\s*Step\b)", re.IGNORECASE | re.MULTILINE)
+
+
+def extract_own_response(reply: str, own_id: int) -> str | None:
+    """The judge's own response ("###Response {own_id}:" ...) up to the next "Response k:" line, "rank:"
+    line or step marker ("Third,", "Fourth,", "Last,"); all its paragraphs are kept. None if absent.
+
+    The first "Response {own_id}:" whose text is not just a score is the response (the prompt asks for it
+    before the scores)."""
+    header = re.compile(_OWN_HEADER.format(own=own_id), re.IGNORECASE | re.MULTILINE)
+    for m in header.finditer(reply):
+        rest = reply[m.end():]
+        first_line = rest.split("\n", 1)[0]
+        if first_line.strip() and _SCORE_VALUE.match(first_line.strip()):
+            continue  # "Response 4: [15]" is a score line
+        end = _SECTION_END.search(rest, pos=len(first_line) + 1 if "\n" in rest else len(rest))
+        text = rest[: end.start()] if end else rest
+        text = text.strip()
+        return text or None
+    return None
+
+
+# --------------------------------------------------------------------------------------------- orders
+def presentation_orders(n: int, k: int, seed: int, item_id: Any) -> list[list[int]]:
+    """K presentation orders of n candidates: order 0 is the identity, the others seeded permutations
+    (a sha256 of (seed, item id, k) seeds each, so runs and processes agree), distinct while n! allows."""
+    orders = [list(range(n))]
+    if k <= 1:
+        return orders
+    total = math.factorial(n) if n <= 10 else None
+    seen = {tuple(orders[0])}
+    for j in range(1, k):
+        h = hashlib.sha256(f"{seed}|{item_id!r}|{j}".encode()).digest()
+        rng = random.Random(int.from_bytes(h[:8], "big"))
+        for _ in range(100):
+            perm = list(range(n))
+            rng.shuffle(perm)
+            if tuple(perm) not in seen or (total is not None and len(seen) >= total):
+                break
+        seen.add(tuple(perm))
+        orders.append(perm)
+    return orders
+
+
+def borda(rankings: Sequence[Sequence[int]], n: int) -> list[float | None]:
+    """Mean Borda points per candidate (N-1-p for position p; None if never ranked). See module docstring."""
+    pts: list[list[int]] = [[] for _ in range(n)]
+    for r in rankings:
+        for p, c in enumerate(r):
+            pts[c].append(n - 1 - p)
+    return [sum(p) / len(p) if p else None for p in pts]
+
+
+# --------------------------------------------------------------------------------------------- judges
+@dataclasses.dataclass
+class JudgeConfig:
+    """kind: "llm" | "metric". LLM: temperature (0: deterministic-ish; the reference used 1.0), max_tokens
+    (reply length; the reference used 2048), orders (K), seed (order shuffling), max_parse_retries (new
+    requests for a reply that does not parse), system_prompt. Metric: metric ("rougeL" | "exact"),
+    reference_field (the record field holding the reference answer)."""
+
+    kind: str = "llm"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 2048
+    orders: int = 1
+    seed: int = 0
+    max_parse_retries: int = 2
+    system_prompt: str | None = PAPER_SYSTEM_PROMPT
+    metric: str = "rougeL"
+    reference_field: str = "output"
+
+
+@dataclasses.dataclass
+class JudgeItem:
+    id: Any
+    instruction: str
+    input: str
+    output: str
+    candidates: list
+    aligned: dict  # candidate-aligned input fields (logprobs, num_tokens, finish_reasons)
+    reference: str | None
+    where: str
+
+
+ALIGNED_FIELDS = ("logprobs", "num_tokens", "finish_reasons")
+
+
+def read_candidates(path: str, reference_field: str = "output", limit: int | None = None) -> list[JudgeItem]:
+    """Rows {id?, instruction, input?, output?, candidates: [str], ...} (JSON/JSONL/hf:). Errors name file:line
+    and field."""
+    items = []
+    for n, (where, row) in enumerate(iter_rows(path)):
+        if limit is not None and n >= limit:
+            break
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row, dict):
+            raise DataError(where, None, f"expected a JSON object, got {type(row).__name__}")
+        ins = row.get("instruction")
+        if not isinstance(ins, str) or not ins.strip():
+            raise DataError(where, "instruction", "missing, empty or not a string", reason="missing_field")
+        cands = row.get("candidates")
+        if not isinstance(cands, list) or not cands:
+            raise DataError(where, "candidates", "missing or empty list", reason="missing_field")
+        for k, c in enumerate(cands):
+            if not isinstance(c, str):
+                raise DataError(where, f"candidates[{k}]", f"expected str, got {type(c).__name__}",
+                                reason="wrong_type")
+        aligned = {f: row[f] for f in ALIGNED_FIELDS if isinstance(row.get(f), list) and len(row[f]) == len(cands)}
+        ref = row.get(reference_field)
+        items.append(JudgeItem(row.get("id", n), ins, row.get("input") or "", row.get("output") or "", cands,
+                               aligned, ref if isinstance(ref, str) else None, where))
+    return items
+
+
+def _record(item: JudgeItem, scores: Sequence[float | None], judge_meta: dict) -> tuple[dict, list[int]]:
+    """Candidates with a score, best first (stable on candidate index); returns (record, dropped indices)."""
+    kept = [c for c in range(len(item.candidates)) if scores[c] is not None]
+    kept.sort(key=lambda c: (-scores[c], c))
+    dropped = [c for c in range(len(item.candidates)) if scores[c] is None]
+    rec = {"id": item.id, "instruction": item.instruction, "input": item.input, "output": item.output,
+           "candidates": [item.candidates[c] for c in kept], "scores": [float(scores[c]) for c in kept]}
+    for f, vals in item.aligned.items():
+        rec[f] = [vals[c] for c in kept]
+    rec["judge"] = {**judge_meta, "candidate_index": kept, "dropped": dropped}
+    return rec, dropped
+
+
+class LLMJudge:
+    """The contextual-ranking judge over an OpenAI-compatible chat endpoint (cached and budgeted)."""
+
+    def __init__(self, client: OpenAIClient, config: JudgeConfig):
+        self.client = client
+        self.config = config
+
+    def _ask(self, prompt: str, attempt: int) -> tuple[str, str | None]:
+        c = self.config
+        msgs = ([{"role": "system", "content": c.system_prompt}] if c.system_prompt else []) + \
+               [{"role": "user", "content": prompt}]
+        # A retry of an unparseable reply is a new request: the attempt number is in the cache key.
+        extra = {"parse_attempt": attempt} if attempt else None
+        r = self.client.chat(msgs, extra_key=extra, temperature=c.temperature, top_p=c.top_p,
+                             max_tokens=c.max_tokens, n=1)
+        ch = (r.response.get("choices") or [{}])[0]
+        content = (ch.get("message") or {}).get("content")
+        return (content if isinstance(content, str) else ""), ch.get("finish_reason")
+
+    def judge(self, item: JudgeItem) -> ItemOutcome:
+        c = self.config
+        n = len(item.candidates)
+        counters: dict[str, int] = {}
+        orders = presentation_orders(n, c.orders, c.seed, item.id)
+        per_order = []
+        rankings = []
+        for perm in orders:
+            prompt = build_ranking_prompt(item.instruction, item.input, [item.candidates[p] for p in perm])
+            tries = []
+            labels = None
+            for attempt in range(c.max_parse_retries + 1):
+                try:
+                    reply, finish = self._ask(prompt, attempt)
+                except (BudgetExceeded, FatalRunError):
+                    raise
+                except APIError as e:
+                    counters["request_failed"] = 1
+                    return ItemOutcome(failure={"id": item.id, "where": item.where, "error": str(e),
+                                                "replies": tries}, counters=counters)
+                if finish == "length":  # a reply cut at max_tokens: the rank is often missing
+                    counters["reply_length_cut"] = counters.get("reply_length_cut", 0) + 1
+                try:
+                    labels = parse_rank(reply, list(range(n + 1)))
+                    tries.append({"reply": reply, "finish_reason": finish})
+                    break
+                except RankParseError as e:
+                    counters["unparsed_replies"] = counters.get("unparsed_replies", 0) + 1
+                    logger.info("judge: item %r: reply %d did not parse: %s", item.id, attempt + 1, e)
+                    tries.append({"reply": reply, "finish_reason": finish, "error": str(e)})
+            if labels is None:
+                counters["parse_failed"] = 1
+                return ItemOutcome(failure={"id": item.id, "where": item.where, "order": perm,
+                                            "error": f"no parseable ranking in {len(tries)} replies",
+                                            "replies": tries}, counters=counters)
+            ranking = [perm[l] for l in labels if l != n]
+            rankings.append(ranking)
+            reply = tries[-1]["reply"]
+            own_scores = parse_scores(reply, list(range(n + 1)))
+            per_order.append({
+                "order": perm, "rank": labels, "ranking": ranking,
+                "own_rank": labels.index(n) if n in labels else None,
+                "response_own": extract_own_response(reply, n),
+                "response_scores": {str(perm[l]): s for l, s in own_scores.items() if l != n},
+                "own_score": own_scores.get(n), "reply": reply, "attempts": len(tries),
+                "failed_replies": [t for t in tries if "error" in t]})
+        scores = borda(rankings, n)
+        meta = {"kind": "llm", "model": self.client.config.model, "prompt": "tuna-reference", "orders": len(orders),
+                "temperature": c.temperature, "per_order": per_order}
+        rec, dropped = _record(item, scores, meta)
+        if dropped:
+            counters["unranked_candidates"] = len(dropped)
+        if not rec["candidates"]:
+            counters["no_ranked_candidate"] = 1
+            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "no candidate was ranked"},
+                               counters=counters)
+        return ItemOutcome(record=rec, counters=counters)
+
+
+def _normalise(s: str) -> str:
+    return " ".join(s.lower().split())
+
+
+class MetricJudge:
+    """Scores candidates by ROUGE-L F (rouge_score rougeL, stemmer on) or exact match against a reference."""
+
+    def __init__(self, config: JudgeConfig):
+        if config.metric not in ("rougeL", "exact"):
+            raise ValueError(f"metric must be 'rougeL' or 'exact', got {config.metric!r}")
+        self.config = config
+        self._scorer = None
+        if config.metric == "rougeL":
+            from rouge_score import rouge_scorer
+
+            self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def score(self, reference: str, candidate: str) -> float:
+        if self._scorer is None:
+            return 1.0 if _normalise(candidate) == _normalise(reference) else 0.0
+        return float(self._scorer.score(reference, candidate)["rougeL"].fmeasure)
+
+    def judge(self, item: JudgeItem) -> ItemOutcome:
+        if item.reference is None or not item.reference.strip():
+            return ItemOutcome(failure={"id": item.id, "where": item.where,
+                                        "error": f"no reference answer in field {self.config.reference_field!r}"},
+                               counters={"no_reference": 1})
+        scores = [self.score(item.reference, c) for c in item.candidates]
+        meta = {"kind": "metric", "metric": self.config.metric, "reference_field": self.config.reference_field}
+        rec, _ = _record(item, scores, meta)
+        return ItemOutcome(record=rec)
+
+
+def run_judge(input_path: str, out_path: str, judge: LLMJudge | MetricJudge, *, reference_field: str = "output",
+              concurrency: int = 4, limit: int | None = None, progress: bool = True) -> RunSummary:
+    """Judge every record of ``input_path``; write ranking records to ``out_path`` (see store.run_items)."""
+    items = read_candidates(input_path, reference_field, limit)
+    return run_items(items, judge.judge, out_path, concurrency=concurrency, desc="judge", progress=progress)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `tuna-jax judge INPUT OUT ...`."""
+    parser.description = (
+        "Contextual ranking data (Tuna_c): rank each record's candidate responses with an LLM judge (the Tuna "
+        "contextual ranking prompt, strict parsing, optional shuffled orders aggregated by Borda count) or "
+        "with a metric against a reference answer, and write ranking records (JSONL, best first). LLM "
+        "requests are cached in an append-only store: rerunning the same command repeats nothing finished.")
+    parser.add_argument("input", help="JSON/JSONL records {id?, instruction, input?, output?, candidates: [str]}")
+    parser.add_argument("out", help="output JSONL of ranking records (failures go to OUT.failed.jsonl)")
+    j = parser.add_argument_group("judge")
+    j.add_argument("--kind", choices=("llm", "metric"), default="llm",
+                   help="an LLM judge over an OpenAI-compatible chat endpoint, or an offline metric")
+    j.add_argument("--temperature", type=float, default=0.0,
+                   help="judge sampling temperature (default: %(default)s; the reference code used 1.0)")
+    j.add_argument("--max-tokens", type=int, default=2048, help="longest judge reply in tokens (default: %(default)s)")
+    j.add_argument("--orders", type=int, default=1,
+                   help="presentation orders per record, aggregated by Borda count; 1 = the paper (no shuffling)")
+    j.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders (default: %(default)s)")
+    j.add_argument("--max-parse-retries", type=int, default=2,
+                   help="new requests for a reply whose rank does not parse, before the record is failed")
+    j.add_argument("--no-system-prompt", action="store_true",
+                   help=f"send no system message (default: {PAPER_SYSTEM_PROMPT!r}, as the reference)")
+    j.add_argument("--metric", choices=("rougeL", "exact"), default="rougeL",
+                   help="metric judge: ROUGE-L F (stemmer on) or exact match (default: %(default)s)")
+    j.add_argument("--reference-field", default="output",
+                   help="metric judge: the record field with the reference answer (default: %(default)s)")
+    j.add_argument("--limit", type=int, default=None, help="only the first LIMIT records")
+    j.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_client_arguments(parser)
+    # The metric judge needs no endpoint: make --model optional there (checked in run()).
+    for a in parser._actions:
+        if a.dest == "model":
+            a.required = False
+            a.help += " (required for --kind llm)"
+
+
+def config_from_args(args) -> JudgeConfig:
+    return JudgeConfig(kind=args.kind, temperature=args.temperature, max_tokens=args.max_tokens, orders=args.orders,
+                       seed=args.seed, max_parse_retries=args.max_parse_retries,
+                       system_prompt=None if args.no_system_prompt else PAPER_SYSTEM_PROMPT, metric=args.metric,
+                       reference_field=args.reference_field)
+
+
+def run(args) -> int:
+    """`tuna-jax judge`: 0 done, 1 some records failed (see OUT.failed.jsonl), 2 stopped (budget or a fatal
+    endpoint error; rerun to continue)."""
+    cfg = config_from_args(args)
+    progress = not args.no_progress
+    if cfg.kind == "metric":
+        summary = run_judge(args.input, args.out, MetricJudge(cfg), reference_field=cfg.reference_field,
+                            concurrency=1, limit=args.limit, progress=progress)
+        print(f"judge: {summary.line()}", file=sys.stderr)
+        return 1 if summary.failed else 0
+    if not args.model:
+        print("judge: --model is required with --kind llm", file=sys.stderr)
+        return 2
+    ccfg = client_config_from_args(args)
+    with store_from_args(args, args.out) as store:
+        judge = LLMJudge(OpenAIClient(ccfg, store), cfg)
+        try:
+            summary = run_judge(args.input, args.out, judge, concurrency=ccfg.concurrency, limit=args.limit,
+                                progress=progress)
+        except (BudgetExceeded, FatalRunError) as e:
+            print(f"judge: stopped: {e}", file=sys.stderr)
+            s = getattr(e, "summary", None)
+            if s is not None:
+                print(f"judge: {s.line()}", file=sys.stderr)
+            print(f"judge: {store.summary()}", file=sys.stderr)
+            return 2
+        print(f"judge: {summary.line()}", file=sys.stderr)
+        print(f"judge: {store.summary()}", file=sys.stderr)
+        if summary.failed:
+            print(f"judge: {summary.failed} record(s) failed, listed with the judge's replies in "
+                  f"{summary.failed_path}; rerun to retry them", file=sys.stderr)
+            return 1
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tuna-jax judge")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
