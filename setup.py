@@ -25,11 +25,14 @@ setup(
         "rouge-score",
         "pyyaml",
         "tqdm",
+        "matplotlib",  # the evaluation report's PNG chart
     ],
     extras_require={
         # HF parity tests need PyTorch; 2.13.0 has a CPU wheel (unpinned torch pulls CUDA).
-        "test": ["pytest>=8", "torch==2.13.0"],
-        "api": ["httpx"],
+        "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0"],
+        # The OpenAI-compatible client uses only the standard library (urllib); the extra stays
+        # so `pip install tuna-jax[api]` keeps working if a dependency is ever needed.
+        "api": [],
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
         "datasets": ["datasets"],
         "tensorboard": ["tensorboardX"],

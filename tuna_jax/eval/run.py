@@ -1,0 +1,1041 @@
+"""``tuna-jax eval``: the evaluation driver (``eval run CONFIG`` / ``eval CONFIG.yaml``) and the wiring of the
+scoring-only subcommands (``eval superni``, ``eval lmentry``, ``eval vicuna``, ``eval alpaca-eval``).
+
+The driver, for a YAML config listing models and benchmarks (format below):
+
+1. builds every benchmark's prompts (Super-NI 0/2-shot, LMentry, Vicuna QA questions, AlpacaEval
+   instructions) with the model's tokenizer, wraps them in the prompt template, and generates the ones not
+   yet in the predictions cache with the sampler (``tuna_jax.generate``; greedy unless configured);
+2. scores them with ``superni`` / ``lmentry`` (the same functions as the scoring-only subcommands, so the
+   table equals what ``tuna-jax eval superni --predictions <the cache file>`` prints);
+3. runs the pairwise reviews (``vicuna``) through the judge endpoint, cached in one request store;
+4. writes the table (Markdown + JSON) and the chart (PNG) with ``report``.
+
+Caching and resuming. Predictions live in ``OUTPUT_DIR/predictions/<model>/<benchmark>.jsonl``, one line
+``{"id", "prediction", "finish_reason", "num_tokens", "prompt_tokens", "prompt_truncated", "prompt_sha1"}``
+per prompt, appended and flushed as they are generated, so a killed run resumes where it stopped and a
+rerun loads no model at all. ``prompt_sha1`` hashes the prompt's token ids: a line whose prompt changed
+(another template, tokenizer, truncation or data) is dropped and generated again. The generation settings
+and the model path are in ``<benchmark>.jsonl.params.json``; a rerun with other settings is an error (the
+file would mix two models or two decoding set-ups): use another ``output_dir`` or delete the file. Judge
+requests are cached in ``OUTPUT_DIR/judge.store.jsonl``.
+
+Prompt template (``template: alpaca | raw``; default alpaca). Tuna and Alpaca models are instruction-tuned
+on the Alpaca prompt, so by default every benchmark prompt -- the Super-NI source text ("Definition: ...
+Now complete the following example - Input: ... Output: "), the LMentry input, the Vicuna question, the
+AlpacaEval instruction -- is the *instruction* of the Alpaca template (no input field), verbatim. ``raw``
+gives the benchmark prompt to the model as it is (base LLaMA). Precedence: ``models[i].template``, then
+the benchmark's ``template``, then ``generation.template``.
+
+Prompt length. A prompt may use ``max_prompt_tokens`` tokens (default: the model's context minus the
+benchmark's ``max_new_tokens``). Super-NI 2-shot prompts first drop positive examples that do not fit (the
+Tk-Instruct collator's rule, counting the templated prompt); a prompt still too long keeps BOS and its
+LAST tokens (a decoder-only model must see the end, "Output: " / "### Response:"), and is counted
+(``prompts_truncated`` in the table's details).
+
+Config (YAML; unknown keys are errors naming file:line; relative paths are relative to the current
+directory, like the training configs)::
+
+    name: tuna-stages                 # table title and file stem (default: the config file's name)
+    output_dir: runs/eval             # required
+    models:                           # required: one row each, in this order in the table and chart
+      - {name: alpaca-7b, path: ckpt/alpaca-7b, tokenizer: null, template: null}
+    generation:                       # shared by every benchmark (a benchmark may override marked keys)
+      template: alpaca                # alpaca | raw                                 (per benchmark too)
+      temperature: 0.0                # 0 = greedy (the papers' setting)
+      top_p: 1.0
+      top_k: 0
+      seed: 0
+      max_new_tokens: 256             #                                              (per benchmark too)
+      max_prompt_tokens: null         # default: context - max_new_tokens
+      batch_size: 8                   # rows per device call
+      dtype: float32                  # compute dtype: float32 | bfloat16
+      mesh: null                      # "DATA,FSDP,TENSOR"
+      add_bos: true
+    superni:                          # omit a section to skip the benchmark
+      tasks: PATH                     # natural-instructions checkout, or shared/data/superni
+      shots: [0, 2]
+      num_instances: 100              # first N instances per task
+      num_tasks: null                 # first N test tasks (null: all available in full)
+      task_names: null                # or an explicit list
+    lmentry: {data: PATH, tasks: null, truncate_predictions: false, allow_partial: false}
+    vicuna:
+      data: ../shared/data/vicuna     # question.jsonl, prompt.jsonl, reviewer.jsonl (or give each file)
+      baseline: ../shared/data/vicuna/answer_gpt35.jsonl   # FastChat answers, or
+      baseline_model: null            # the name of a model of this config (its generated answers)
+      review: true                    # false: only write the answer files
+      limit: null                     # first N questions
+      max_parse_retries: 2
+      temperature: null               # judge; null = the reviewer's (0.2)
+      max_tokens: null                # judge; null = the reviewer's (1024)
+    alpaca_eval:
+      reference: ../shared/data/alpaca_eval/model_outputs_text_davinci_003.json
+      prompt_template: ../shared/data/alpaca_eval/judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt
+      review: true
+      limit: null
+      max_parse_retries: 2
+    judge:                            # needed when a review runs
+      base_url: https://api.openai.com/v1
+      model: gpt-4
+      api_key_env: OPENAI_API_KEY     # the NAME of the variable; the key is never in a config
+      concurrency: 4
+      timeout_s: 120
+      max_retries: 6
+      store: null                     # default OUTPUT_DIR/judge.store.jsonl
+      max_usd: null
+      max_requests: null
+      price_input: 0.0                # USD per 1M tokens, for the cost accounting
+      price_output: 0.0
+
+Exit status: 0 done; 1 some review items failed (listed, not counted as W/L/T); 2 a review stopped (budget
+or a fatal endpoint error: the table is written with what was finished; rerun to continue).
+
+Single host only: every process would generate and write the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import re
+import sys
+import types
+import typing
+from typing import Any, Sequence
+
+import yaml
+
+from tuna_jax.eval import lmentry as lmentry_mod
+from tuna_jax.eval import report as report_mod
+from tuna_jax.eval import superni as superni_mod
+from tuna_jax.eval import vicuna as vicuna_mod
+from tuna_jax.eval.common import EvalInputError, read_predictions_jsonl, warn
+
+logger = logging.getLogger("tuna_jax.eval")
+
+__all__ = ["EvalConfigError", "EvalConfig", "ModelSpec", "GenerationSettings", "SuperNISettings",
+           "LMentrySettings", "VicunaSettings", "AlpacaEvalSettings", "JudgeSettings", "load_eval_config",
+           "run_eval", "add_arguments", "add_run_arguments", "run", "run_config"]
+
+
+class EvalConfigError(EvalInputError):
+    """A bad eval config; the message names the file and line."""
+
+
+# ================================================================================================ schema
+@dataclasses.dataclass
+class ModelSpec:
+    name: str
+    path: str
+    tokenizer: str | None = None
+    template: str | None = None
+
+
+@dataclasses.dataclass
+class GenerationSettings:
+    template: str = "alpaca"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    max_new_tokens: int = 256
+    max_prompt_tokens: int | None = None
+    batch_size: int = 8
+    dtype: str = "float32"
+    mesh: str | None = None
+    add_bos: bool = True
+
+
+@dataclasses.dataclass
+class SuperNISettings:
+    tasks: str
+    shots: list[int] = dataclasses.field(default_factory=lambda: [0, 2])
+    num_instances: int = superni_mod.DEFAULT_NUM_INSTANCES
+    num_tasks: int | None = None
+    task_names: list[str] | None = None
+    max_new_tokens: int | None = None
+    template: str | None = None
+
+
+@dataclasses.dataclass
+class LMentrySettings:
+    data: str
+    tasks: list[str] | None = None
+    max_new_tokens: int | None = None
+    template: str | None = None
+    truncate_predictions: bool = False
+    allow_partial: bool = False
+
+
+@dataclasses.dataclass
+class VicunaSettings:
+    data: str | None = None
+    questions: str | None = None
+    prompts: str | None = None
+    reviewers: str | None = None
+    baseline: str | None = None
+    baseline_model: str | None = None
+    review: bool = True
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    template: str | None = None
+    max_parse_retries: int = 2
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclasses.dataclass
+class AlpacaEvalSettings:
+    reference: str
+    prompt_template: str | None = None
+    review: bool = True
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    template: str | None = None
+    max_parse_retries: int = 2
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclasses.dataclass
+class JudgeSettings:
+    model: str
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 120.0
+    max_retries: int = 6
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    concurrency: int = 4
+    store: str | None = None
+    retry_failed: bool = True
+    max_usd: float | None = None
+    max_requests: int | None = None
+    price_input: float = 0.0
+    price_output: float = 0.0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    output_dir: str
+    models: list[ModelSpec]
+    name: str | None = None
+    generation: GenerationSettings = dataclasses.field(default_factory=GenerationSettings)
+    superni: SuperNISettings | None = None
+    lmentry: LMentrySettings | None = None
+    vicuna: VicunaSettings | None = None
+    alpaca_eval: AlpacaEvalSettings | None = None
+    judge: JudgeSettings | None = None
+    source: str = ""  # the config file (set by the loader)
+
+
+_CHOICES = {"template": ("alpaca", "raw"), "dtype": ("float32", "bfloat16")}
+_POSITIVE = {"num_instances", "num_tasks", "limit", "max_new_tokens", "max_prompt_tokens", "batch_size",
+             "concurrency", "max_tokens", "max_requests", "timeout_s"}
+_NON_NEGATIVE = {"max_parse_retries", "max_retries", "top_k", "seed", "temperature", "max_usd", "price_input",
+                 "price_output", "backoff_initial_s", "backoff_max_s"}
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+# ================================================================================================ YAML with lines
+class _Map(dict):
+    """A YAML mapping that remembers the line of itself and of each key (for error messages)."""
+
+    line: int = 0
+    lines: dict
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line, first):
+        self.key, self.line, self.first = key, line, first
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader, node):
+    loader.flatten_mapping(node)
+    m = _Map()
+    m.line, m.lines = node.start_mark.line + 1, {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in m:  # PyYAML would silently keep the last one
+            raise _DuplicateKey(key, line, m.lines[key])
+        m[key] = loader.construct_object(value_node, deep=True)
+        m.lines[key] = line
+    return m
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: str) -> _Map:
+    if not os.path.isfile(path):
+        raise EvalConfigError(f"{path}: no such config file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.load(f, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise EvalConfigError(f"{path}:{e.line}: key {e.key!r} given twice (first at line {e.first})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise EvalConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        raise EvalConfigError(f"{path}: the config is empty")
+    if not isinstance(raw, _Map):
+        raise EvalConfigError(f"{path}:1: an eval config must be a mapping (output_dir, models, ...)")
+    return raw
+
+
+def _apply_overrides(raw: _Map, overrides: Sequence[str], path: str) -> None:
+    from tuna_jax.config import ConfigError, parse_override
+
+    for text in overrides:
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as e:
+            raise EvalConfigError(str(e)) from None
+        node = raw
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                child = _Map()
+                child.line, child.lines = 0, {}
+                node[k] = child
+            node = node[k]
+            if not isinstance(node, dict):
+                raise EvalConfigError(f"override {text!r}: {k} is not a section of {path}")
+        node[keys[-1]] = value
+
+
+# ================================================================================================ validation
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value, tp, where: str, key: str):
+    """Checks ``value`` against the annotation ``tp``; returns it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], where, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise EvalConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return [_check_value(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise EvalConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return _build(tp, value, where.rsplit(":", 1)[0] if ":" in where else where, key)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EvalConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EvalConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise EvalConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise EvalConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp}")  # a programming error, not a user error
+
+
+def _build(cls, values: dict, path: str, section: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    line = getattr(values, "line", 0)
+    lines = getattr(values, "lines", {})
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{path}:{lines.get(key, line)}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise EvalConfigError(f"{where}: unknown key {key!r} in {section or 'the config'}{hint}; "
+                                  f"valid keys: {', '.join(fields)}")
+        full = f"{section}.{key}" if section else key
+        v = _check_value(value, hints[key], where, full)
+        if key in _CHOICES and v is not None and v not in _CHOICES[key]:
+            raise EvalConfigError(f"{where}: {full}={v!r}: choose one of {', '.join(_CHOICES[key])}")
+        if key in _POSITIVE and v is not None and v <= 0:
+            raise EvalConfigError(f"{where}: {full}={v!r}: must be positive")
+        if key in _NON_NEGATIVE and v is not None and v < 0:
+            raise EvalConfigError(f"{where}: {full}={v!r}: must be >= 0")
+        kwargs[key] = v
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise EvalConfigError(f"{path}:{line}: {section or 'the config'} needs {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _line(m, key: str) -> int:
+    """The line of ``key`` in a YAML mapping (the mapping's own line, or 0, for keys set by overrides)."""
+    return getattr(m, "lines", {}).get(key, getattr(m, "line", 0))
+
+
+def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> EvalConfig:
+    """Reads and checks an eval config (see the module docstring); ``overrides``: ``section.key=value``."""
+    path = os.fspath(path)
+    raw = _read_yaml(path)
+    _apply_overrides(raw, overrides, path)
+    cfg = _build(EvalConfig, raw, path, "")
+    cfg.source = path
+    where = f"{path}:{_line(raw, 'models')}"
+    if not cfg.models:
+        raise EvalConfigError(f"{where}: models is empty")
+    seen = set()
+    for m in cfg.models:
+        if not _NAME_RE.fullmatch(m.name):
+            raise EvalConfigError(f"{where}: model name {m.name!r}: use letters, digits, '.', '_', '-' (it names "
+                                  f"files)")
+        if m.name in seen:
+            raise EvalConfigError(f"{where}: model name {m.name!r} appears twice")
+        seen.add(m.name)
+    if not any((cfg.superni, cfg.lmentry, cfg.vicuna, cfg.alpaca_eval)):
+        raise EvalConfigError(f"{path}: no benchmark configured (add superni, lmentry, vicuna or alpaca_eval)")
+    if cfg.superni is not None:
+        shots = cfg.superni.shots
+        if not shots or any(k not in (0, 2) for k in shots) or len(set(shots)) != len(shots):
+            raise EvalConfigError(f"{path}:{_line(raw['superni'], 'shots')}: superni.shots must be a non-empty "
+                                  f"subset of [0, 2], got {shots}")
+    v = cfg.vicuna
+    if v is not None:
+        vl = f"{path}:{_line(raw, 'vicuna')}"
+        if v.data is None and not (v.questions and v.prompts and v.reviewers):
+            raise EvalConfigError(f"{vl}: vicuna needs data (a folder) or questions, prompts and reviewers")
+        if v.review and (v.baseline is None) == (v.baseline_model is None):
+            raise EvalConfigError(f"{vl}: vicuna needs exactly one of baseline (an answer file) and baseline_model "
+                                  f"(a model of this config), or review: false")
+        if v.baseline_model is not None and v.baseline_model not in seen:
+            raise EvalConfigError(f"{vl}: vicuna.baseline_model {v.baseline_model!r} is not one of the models "
+                                  f"{sorted(seen)}")
+    a = cfg.alpaca_eval
+    if a is not None and a.review and not a.prompt_template:
+        raise EvalConfigError(f"{path}:{_line(raw, 'alpaca_eval')}: alpaca_eval needs prompt_template (the annotator "
+                              f"prompt, judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt) or review: false")
+    if ((v is not None and v.review) or (a is not None and a.review)) and cfg.judge is None:
+        raise EvalConfigError(f"{path}: a review is configured but there is no judge section (base_url, model)")
+    if cfg.name is None:
+        cfg.name = pathlib.Path(path).stem
+    if not _NAME_RE.fullmatch(cfg.name):
+        raise EvalConfigError(f"{path}: name {cfg.name!r}: use letters, digits, '.', '_', '-' (it names files)")
+    return cfg
+
+
+# ================================================================================================ prompts
+@dataclasses.dataclass
+class _Job:
+    benchmark: str
+    id: str
+    ids: list[int]
+    truncated: int
+    max_new_tokens: int
+
+    @property
+    def sha1(self) -> str:
+        return hashlib.sha1(json.dumps(self.ids).encode()).hexdigest()
+
+    @property
+    def rng_id(self) -> int:  # the random stream of a prompt (temperature > 0) depends on what it is only
+        return int(hashlib.sha1(f"{self.benchmark}/{self.id}".encode()).hexdigest()[:8], 16) % (2**31)
+
+
+def _wrap(template: str, text: str) -> str:
+    from tuna_jax.data.templates import format_prompt
+
+    return format_prompt(text, "") if template == "alpaca" else text
+
+
+def _context_length(model_path: str) -> int:
+    cfg_path = os.path.join(model_path, "config.json")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            return int(json.load(f)["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvalInputError(f"{cfg_path}: cannot read max_position_embeddings ({e}); is {model_path} a HF "
+                             f"folder or a tuna-jax params checkpoint?") from None
+
+
+class _Prompter:
+    """Text -> prompt ids for one model: template, BOS policy, length limit (see the module docstring)."""
+
+    def __init__(self, cfg: EvalConfig, spec: ModelSpec):
+        from tuna_jax.data.templates import SpecialTokenPolicy, load_tokenizer
+
+        self.cfg, self.spec = cfg, spec
+        self.tokenizer = load_tokenizer(spec.tokenizer or spec.path)
+        self.policy = SpecialTokenPolicy(add_bos=cfg.generation.add_bos)
+        self.context = _context_length(spec.path)
+
+    def template(self, bench_template: str | None) -> str:
+        return self.spec.template or bench_template or self.cfg.generation.template
+
+    def limit(self, max_new_tokens: int) -> int:
+        g = self.cfg.generation
+        limit = self.context - max_new_tokens
+        if g.max_prompt_tokens is not None:
+            limit = min(limit, g.max_prompt_tokens)
+        if limit < 2:
+            raise EvalConfigError(f"{self.cfg.source}: model {self.spec.name} has a context of {self.context} "
+                                  f"tokens; max_new_tokens={max_new_tokens} leaves no room for a prompt")
+        return limit
+
+    def encode(self, text: str) -> list[int]:
+        from tuna_jax.data.templates import encode_prompt
+
+        return encode_prompt(self.tokenizer, text, self.policy)
+
+    def job(self, benchmark: str, id_: str, text: str, max_new_tokens: int) -> _Job:
+        ids = self.encode(text)
+        limit = self.limit(max_new_tokens)
+        cut = 0
+        if len(ids) > limit:
+            cut = len(ids) - limit
+            head = ids[:1] if self.cfg.generation.add_bos else []
+            ids = head + ids[len(ids) - (limit - len(head)):]
+        return _Job(benchmark, id_, ids, cut, max_new_tokens)
+
+
+def _mnt(cfg: EvalConfig, bench) -> int:
+    return bench.max_new_tokens if bench.max_new_tokens is not None else cfg.generation.max_new_tokens
+
+
+def _superni_source(cfg: EvalConfig):
+    s = cfg.superni
+    src = superni_mod.load_source(s.tasks, num_instances=s.num_instances)
+    instances = list(superni_mod.iter_eval_instances(src, num_instances=s.num_instances, tasks=s.task_names))
+    if s.num_tasks is not None:
+        keep = list(dict.fromkeys(i.task for i in instances))[:s.num_tasks]
+        instances = [i for i in instances if i.task in set(keep)]
+    if not instances:
+        raise EvalInputError(f"{s.tasks}: no Super-NI instances to generate for")
+    return src, instances
+
+
+def _vicuna_data(cfg: EvalConfig):
+    v = cfg.vicuna
+    return vicuna_mod.load_vicuna_data(v.data, questions=v.questions, prompts=v.prompts, reviewers=v.reviewers)
+
+
+def _alpaca_reference(cfg: EvalConfig) -> list[dict]:
+    refs = vicuna_mod.read_alpaca_eval_outputs(cfg.alpaca_eval.reference)
+    return refs[:cfg.alpaca_eval.limit] if cfg.alpaca_eval.limit else refs
+
+
+class _Data:
+    """Benchmark data, read once per run -- all of it before any generation, so a wrong path fails in
+    seconds, not after hours of decoding."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.superni = _superni_source(cfg) if cfg.superni else None
+        self.lmentry = lmentry_mod.load_data(cfg.lmentry.data, cfg.lmentry.tasks) if cfg.lmentry else None
+        self.vicuna = _vicuna_data(cfg) if cfg.vicuna else None
+        if self.vicuna is not None and cfg.vicuna.limit:
+            self.vicuna.questions = self.vicuna.questions[:cfg.vicuna.limit]
+        if cfg.vicuna and cfg.vicuna.review and cfg.vicuna.baseline:
+            vicuna_mod.read_answers(cfg.vicuna.baseline)  # checked now, read again at review time
+        self.alpaca = _alpaca_reference(cfg) if cfg.alpaca_eval else None
+        self.alpaca_template = None
+        if cfg.alpaca_eval and cfg.alpaca_eval.review:
+            self.alpaca_template = vicuna_mod.load_alpaca_eval_template(cfg.alpaca_eval.prompt_template)
+
+
+def _jobs(cfg: EvalConfig, data: _Data, p: _Prompter) -> dict[str, list[_Job]]:
+    """benchmark -> its prompts for this model, in data order."""
+    out: dict[str, list[_Job]] = {}
+    if cfg.superni:
+        s = cfg.superni
+        mnt, tpl = _mnt(cfg, s), p.template(s.template)
+        limit = p.limit(mnt)
+        for k in s.shots:
+            count = (lambda text: len(p.encode(_wrap(tpl, text)))) if k else None
+            out[f"superni_{k}shot"] = [
+                p.job(f"superni_{k}shot", inst.id,
+                      _wrap(tpl, inst.prompt(k, count_tokens=count, max_source_length=limit if k else None)), mnt)
+                for inst in data.superni[1]]
+    if cfg.lmentry:
+        mnt, tpl = _mnt(cfg, cfg.lmentry), p.template(cfg.lmentry.template)
+        out["lmentry"] = [p.job("lmentry", inst.id, _wrap(tpl, inst.prompt), mnt)
+                          for inst in lmentry_mod.iter_eval_instances(data.lmentry)]
+    if cfg.vicuna:
+        mnt, tpl = _mnt(cfg, cfg.vicuna), p.template(cfg.vicuna.template)
+        out["vicuna"] = [p.job("vicuna", str(q.question_id), _wrap(tpl, q.text), mnt) for q in data.vicuna.questions]
+    if cfg.alpaca_eval:
+        mnt, tpl = _mnt(cfg, cfg.alpaca_eval), p.template(cfg.alpaca_eval.template)
+        out["alpaca_eval"] = [p.job("alpaca_eval", str(i), _wrap(tpl, r["instruction"]), mnt)
+                              for i, r in enumerate(data.alpaca)]
+    return out
+
+
+# ================================================================================================ predictions cache
+class _Cache:
+    """One benchmark's predictions file for one model (see the module docstring)."""
+
+    def __init__(self, path: str, settings: dict):
+        self.path, self.settings = path, settings
+
+    def check_settings(self) -> None:
+        p = self.path + ".params.json"
+        if os.path.exists(p):
+            with open(p, encoding="utf-8") as f:
+                old = json.load(f)
+            diff = {k: (old.get(k), v) for k, v in self.settings.items() if old.get(k) != v}
+            if diff:
+                changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                raise EvalInputError(f"{p}: {self.path} was generated with other settings ({changes}); use another "
+                                     f"output_dir, or delete {self.path} to generate it again")
+        else:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(p, "w", encoding="utf-8") as f:
+                json.dump(self.settings, f, indent=1)
+                f.write("\n")
+
+    def load(self, jobs: Sequence[_Job]) -> dict[str, dict]:
+        """Lines of the current prompts; stale lines (prompt changed, id gone, a torn last line) are removed."""
+        if not os.path.exists(self.path):
+            return {}
+        want = {j.id: j.sha1 for j in jobs}
+        kept: dict[str, dict] = {}
+        dropped = 0
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        for n, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                rid, sha = str(rec["id"]), rec["prompt_sha1"]
+            except (ValueError, KeyError, TypeError) as e:
+                if n == len(lines) and not raw.endswith("\n"):  # killed while writing: generate it again
+                    dropped += 1
+                    continue
+                raise EvalInputError(f"{self.path}:{n}: unreadable predictions line ({e}); delete the file to "
+                                     f"generate it again") from None
+            if want.get(rid) == sha and rid not in kept:
+                kept[rid] = rec
+            else:
+                dropped += 1
+        if dropped:
+            logger.info("%s: %d stale line(s) dropped (prompt changed or id gone); they are generated again",
+                        self.path, dropped)
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in kept.values():
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            os.replace(tmp, self.path)
+        return kept
+
+
+class _Generator:
+    """The model and sampler, loaded on first use (a rerun with every prediction cached loads nothing)."""
+
+    def __init__(self, cfg: EvalConfig, spec: ModelSpec, prompter: _Prompter):
+        self.cfg, self.spec, self.prompter = cfg, spec, prompter
+        self.sampler = None
+
+    def _load(self):
+        from tuna_jax import parallel
+        from tuna_jax.generate import Sampler
+        from tuna_jax.model import load_model
+
+        g = self.cfg.generation
+        parallel.initialize_distributed()
+        mesh = parallel.make_mesh(g.mesh)
+        logger.info("loading %s from %s", self.spec.name, self.spec.path)
+        model = load_model(self.spec.path, mesh, dtype=g.dtype, param_dtype="float32")
+        tok = self.prompter.tokenizer
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise EvalInputError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but model {self.spec.path} has "
+                                 f"a vocabulary of {model.cfg.vocab_size}: they do not belong together")
+        self.sampler = Sampler(model, tok, self.prompter.policy, mesh=mesh, batch_size=g.batch_size)
+
+    def generate(self, jobs: Sequence[_Job], max_new_tokens: int):
+        from tuna_jax.generate import SamplingParams
+
+        if self.sampler is None:
+            self._load()
+        g = self.cfg.generation
+        params = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                max_new_tokens=max_new_tokens, seed=g.seed)
+        out = self.sampler.generate([j.ids for j in jobs], params, n=1, rng_ids=[j.rng_id for j in jobs])
+        return [o[0] for o in out]
+
+    def close(self):
+        self.sampler = None
+
+
+def _settings(cfg: EvalConfig, spec: ModelSpec, max_new_tokens: int) -> dict:
+    g = cfg.generation
+    return {"model": os.path.abspath(spec.path),
+            "tokenizer": os.path.abspath(spec.tokenizer) if spec.tokenizer else None,
+            "dtype": g.dtype, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "seed": g.seed,
+            "max_new_tokens": max_new_tokens}
+
+
+def _predict(cfg: EvalConfig, spec: ModelSpec, prompter: _Prompter, jobs: dict[str, list[_Job]],
+             progress: bool) -> dict[str, str]:
+    """Fills every benchmark's cache file for one model; returns benchmark -> predictions path."""
+    from tqdm import tqdm
+
+    pred_dir = os.path.join(cfg.output_dir, "predictions", spec.name)
+    paths, todo = {}, []
+    for bench, bjobs in jobs.items():
+        path = os.path.join(pred_dir, f"{bench}.jsonl")
+        cache = _Cache(path, _settings(cfg, spec, bjobs[0].max_new_tokens if bjobs else 0))
+        cache.check_settings()
+        done = cache.load(bjobs)
+        todo += [j for j in bjobs if j.id not in done]
+        paths[bench] = path
+    if not todo:
+        logger.info("%s: every prediction is cached", spec.name)
+        return paths
+    gen = _Generator(cfg, spec, prompter)
+    chunk = 8 * cfg.generation.batch_size
+    by_mnt: dict[int, list[_Job]] = {}
+    for j in todo:
+        by_mnt.setdefault(j.max_new_tokens, []).append(j)
+    files = {b: open(p, "a", encoding="utf-8") for b, p in paths.items()}
+    try:
+        with tqdm(total=len(todo), desc=f"generate {spec.name}", unit="prompt", disable=not progress,
+                  file=sys.stderr) as bar:
+            for mnt, group in by_mnt.items():
+                group = sorted(group, key=lambda j: len(j.ids))  # similar lengths share a batch: less padding
+                for s in range(0, len(group), chunk):
+                    part = group[s:s + chunk]
+                    for j, smp in zip(part, gen.generate(part, mnt)):
+                        rec = {"id": j.id, "prediction": (smp.text or "").strip(), "finish_reason": smp.finish_reason,
+                               "num_tokens": smp.num_tokens, "prompt_tokens": len(j.ids),
+                               "prompt_truncated": j.truncated, "prompt_sha1": j.sha1}
+                        files[j.benchmark].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    for f in files.values():
+                        f.flush()
+                    bar.update(len(part))
+    finally:
+        for f in files.values():
+            f.close()
+        gen.close()
+    return paths
+
+
+# ================================================================================================ scoring
+def _read_preds(path: str) -> dict[str, dict]:
+    return {r.id: {"prediction": r.prediction, **r.extra} for r in read_predictions_jsonl(path)}
+
+
+def _gen_details(preds: dict[str, dict], path: str) -> dict:
+    return {"predictions": path, "num_predictions": len(preds),
+            "prompts_truncated": sum(1 for p in preds.values() if p.get("prompt_truncated")),
+            "length_cut": sum(1 for p in preds.values() if p.get("finish_reason") == "length")}
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _score_superni(cfg: EvalConfig, data: _Data, bench: str, path: str, score_dir: str):
+    src, instances = data.superni
+    preds = _read_preds(path)
+    refs = []
+    for inst in instances:  # the generated instances' references, as the scorer reads them from the source
+        refs.append(src.references.get(inst.id) or superni_mod.ReferenceRecord(inst.id, inst.task, inst.category,
+                                                                               inst.references))
+    result = superni_mod.score_predictions({i: p["prediction"] for i, p in preds.items()}, refs)
+    result.update(predictions_file=path, tasks_source=src.path)
+    out = os.path.join(score_dir, f"{bench}.json")
+    _write_json(out, result)
+    return result["overall"], {**_gen_details(preds, path), "scores": out, "num_scored": result["num_scored"],
+                               "num_tasks": result["num_tasks"], "missing": result["missing"]}
+
+
+def _score_lmentry(cfg: EvalConfig, data: _Data, path: str, score_dir: str):
+    preds = _read_preds(path)
+    result = lmentry_mod.score_predictions({i: p["prediction"] for i, p in preds.items()}, data.lmentry,
+                                           truncate=cfg.lmentry.truncate_predictions,
+                                           allow_partial=cfg.lmentry.allow_partial)
+    result["predictions_file"] = path
+    out = os.path.join(score_dir, "lmentry.json")
+    _write_json(out, result)
+    return result["overall"], {**_gen_details(preds, path), "scores": out, "accuracy": result["accuracy"],
+                               "robustness": result["robustness"], "partial": result["partial"],
+                               "missing": result["missing"]}
+
+
+def _vicuna_answers(cfg: EvalConfig, data: _Data, spec: ModelSpec, path: str) -> str:
+    preds = _read_preds(path)
+    recs = [vicuna_mod.answer_record(spec.name, q.question_id, preds[str(q.question_id)]["prediction"],
+                                     {"generator": "tuna-jax", "finish_reason": preds[str(q.question_id)]
+                                      .get("finish_reason")})
+            for q in data.vicuna.questions if str(q.question_id) in preds]
+    return vicuna_mod.write_answers(os.path.join(cfg.output_dir, "answers", f"{spec.name}.jsonl"), recs)
+
+
+def _alpaca_outputs(cfg: EvalConfig, data: _Data, spec: ModelSpec, path: str) -> str:
+    preds = _read_preds(path)
+    outs = [{"instruction": r["instruction"], "output": preds[str(i)]["prediction"], "generator": spec.name,
+             "dataset": r.get("dataset")} for i, r in enumerate(data.alpaca) if str(i) in preds]
+    out = os.path.join(cfg.output_dir, "alpaca_eval", f"{spec.name}.outputs.json")
+    _write_json(out, outs)
+    return out
+
+
+# ================================================================================================ the run
+def _columns(cfg: EvalConfig) -> list[str]:
+    cols = []
+    if cfg.superni:
+        cols += [f"superni_{k}shot" for k in sorted(cfg.superni.shots)]
+    if cfg.lmentry:
+        cols.append("lmentry")
+    if cfg.vicuna and cfg.vicuna.review:
+        cols.append("vicuna")
+    if cfg.alpaca_eval and cfg.alpaca_eval.review:
+        cols.append("alpaca_eval")
+    return cols
+
+
+def _judge_client(cfg: EvalConfig):
+    from tuna_jax.feedback.client import ClientConfig, OpenAIClient
+    from tuna_jax.feedback.store import Budget, Prices, Store
+
+    j = cfg.judge
+    store = Store(j.store or os.path.join(cfg.output_dir, "judge.store.jsonl"),
+                  prices=Prices(j.price_input, j.price_output), budget=Budget(j.max_usd, j.max_requests),
+                  retry_failed=j.retry_failed)
+    ccfg = ClientConfig(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, timeout_s=j.timeout_s,
+                        max_retries=j.max_retries, backoff_initial_s=j.backoff_initial_s,
+                        backoff_max_s=j.backoff_max_s, concurrency=j.concurrency)
+    return OpenAIClient(ccfg, store), store
+
+
+def _notes(cfg: EvalConfig, data: _Data) -> list[str]:
+    g = cfg.generation
+    dec = "greedy" if g.temperature == 0 else f"temperature {g.temperature}, top_p {g.top_p}, top_k {g.top_k}"
+    notes = [f"Generation: {dec}; template {g.template} unless a model or benchmark sets another; "
+             f"max_new_tokens {g.max_new_tokens} unless a benchmark sets another."]
+    if cfg.superni:
+        _, inst = data.superni
+        tasks = len({i.task for i in inst})
+        notes.append(f"Super-NI: ROUGE-L x100 over {len(inst)} instances of {tasks} test task(s) (first "
+                     f"{cfg.superni.num_instances} per task); the benchmark has 119 tasks x 100 instances.")
+    if cfg.lmentry:
+        notes.append(f"LMentry: score = accuracy x robustness / 100 over {len(data.lmentry)} task file(s) "
+                     f"(the benchmark has 41).")
+    return notes
+
+
+def run_eval(cfg: EvalConfig, *, progress: bool = True) -> tuple[dict, dict[str, str], int]:
+    """Runs the whole evaluation; returns (the JSON table, the report's paths, the exit status)."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    data = _Data(cfg)
+    status = 0
+    rows: dict[str, dict] = {m.name: {"model": m.name, "path": m.path, "details": {}} for m in cfg.models}
+    preds_paths: dict[str, dict[str, str]] = {}
+
+    # 1. predictions (model by model: one model in memory at a time)
+    for spec in cfg.models:
+        prompter = _Prompter(cfg, spec)
+        preds_paths[spec.name] = _predict(cfg, spec, prompter, _jobs(cfg, data, prompter), progress)
+
+    # 2. scores
+    for spec in cfg.models:
+        row, paths = rows[spec.name], preds_paths[spec.name]
+        score_dir = os.path.join(cfg.output_dir, "scores", spec.name)
+        if cfg.superni:
+            for k in cfg.superni.shots:
+                b = f"superni_{k}shot"
+                row[b], row["details"][b] = _score_superni(cfg, data, b, paths[b], score_dir)
+        if cfg.lmentry:
+            row["lmentry"], row["details"]["lmentry"] = _score_lmentry(cfg, data, paths["lmentry"], score_dir)
+        if cfg.vicuna:
+            row["details"]["vicuna_answers"] = _vicuna_answers(cfg, data, spec, paths["vicuna"])
+        if cfg.alpaca_eval:
+            row["details"]["alpaca_eval_outputs"] = _alpaca_outputs(cfg, data, spec, paths["alpaca_eval"])
+
+    # 3. reviews
+    notes = _notes(cfg, data)
+    reviews = [b for b in ("vicuna", "alpaca_eval") if getattr(cfg, b) is not None and getattr(cfg, b).review]
+    if reviews:
+        status = _reviews(cfg, data, rows, notes, progress)
+
+    table = report_mod.make_table(cfg.name, [rows[m.name] for m in cfg.models], _columns(cfg), notes=notes,
+                                  settings={"config": os.path.abspath(cfg.source) if cfg.source else None,
+                                            "output_dir": os.path.abspath(cfg.output_dir),
+                                            "generation": dataclasses.asdict(cfg.generation),
+                                            "judge": cfg.judge.model if cfg.judge else None})
+    paths = report_mod.write_report(table, cfg.output_dir, cfg.name)
+    return table, paths, status
+
+
+def _vicuna_baseline(cfg: EvalConfig, rows: dict) -> tuple[str, str]:
+    """(answer file, name) of the Vicuna baseline."""
+    v = cfg.vicuna
+    if v.baseline_model:
+        return rows[v.baseline_model]["details"]["vicuna_answers"], v.baseline_model
+    ids = {a.model_id for a in vicuna_mod.read_answers(v.baseline).values() if a.model_id}
+    return v.baseline, (ids.pop() if len(ids) == 1 else pathlib.Path(v.baseline).stem)
+
+
+def _reviews(cfg: EvalConfig, data: _Data, rows: dict, notes: list, progress: bool) -> int:
+    """Runs the configured reviews model by model; fills the rows' vicuna / alpaca_eval cells. A budget stop
+    or a fatal endpoint error ends the reviews (noted in the table, status 2); failed items give status 1."""
+    from tuna_jax.feedback.store import BudgetExceeded, FatalRunError
+
+    client, store = _judge_client(cfg)
+    planned = []  # (benchmark, model, output stem, review function)
+    if cfg.vicuna and cfg.vicuna.review:
+        v = cfg.vicuna
+        baseline, base_name = _vicuna_baseline(cfg, rows)
+        rc = vicuna_mod.ReviewConfig(max_parse_retries=v.max_parse_retries, temperature=v.temperature,
+                                     max_tokens=v.max_tokens, concurrency=cfg.judge.concurrency, progress=progress)
+        for spec in cfg.models:
+            if spec.name != v.baseline_model:
+                stem = os.path.join(cfg.output_dir, "vicuna", f"{spec.name}_vs_{_safe(base_name)}")
+                planned.append(("vicuna", spec.name, stem, functools.partial(
+                    vicuna_mod.review_vicuna, rows[spec.name]["details"]["vicuna_answers"], baseline,
+                    stem + ".reviews.jsonl", client, data.vicuna, rc, model_name=spec.name,
+                    baseline_name=base_name)))
+    if cfg.alpaca_eval and cfg.alpaca_eval.review:
+        a = cfg.alpaca_eval
+        template = data.alpaca_template
+        rc = vicuna_mod.ReviewConfig(max_parse_retries=a.max_parse_retries, temperature=a.temperature,
+                                     max_tokens=a.max_tokens, concurrency=cfg.judge.concurrency, progress=progress)
+        ref_name = str(data.alpaca[0].get("generator") or "reference") if data.alpaca else "reference"
+        for spec in cfg.models:
+            stem = os.path.join(cfg.output_dir, "alpaca_eval", f"{spec.name}_vs_{_safe(ref_name)}")
+            planned.append(("alpaca_eval", spec.name, stem, functools.partial(
+                vicuna_mod.review_alpaca_eval, rows[spec.name]["details"]["alpaca_eval_outputs"], data.alpaca,
+                stem + ".reviews.jsonl", client, template, rc, model_name=spec.name, reference_name=ref_name)))
+    status = 0
+    try:
+        for bench, name, stem, review in planned:
+            try:
+                result = review()
+            except (BudgetExceeded, FatalRunError) as e:
+                notes.append(f"{bench} review of {name} STOPPED: {e} Rerun the same command to continue.")
+                warn(f"{bench} review of {name} stopped: {e}")
+                status = 2
+                break
+            _write_json(stem + ".json", result)
+            keep = ("win", "lose", "tie", "failed", "missing", "judged", "baseline", "judge")
+            if bench == "alpaca_eval":
+                keep += ("win_rate", "win_rate_stderr")
+            rows[name][bench] = {k: result[k] for k in keep}
+            rows[name]["details"][bench] = {"summary": stem + ".json", "reviews": result["reviews_file"],
+                                            "failed_file": result["failed_file"],
+                                            "unparsed_replies": result["unparsed_replies"]}
+            if result["failed"]:
+                warn(f"{bench} review of {name}: {result['failed']} item(s) failed; see {result['failed_file']}")
+                status = max(status, 1)
+        print(f"eval: judge {store.summary()}", file=sys.stderr)
+    finally:
+        store.close()
+    return status
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+# ================================================================================================ CLI
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.description = ("Generate with each configured model, score Super-NI / LMentry, review Vicuna QA / "
+                          "AlpacaEval with a judge LLM, and write the table (Markdown + JSON) and a chart (PNG). "
+                          "Predictions and judge replies are cached in the output folder: a rerun only does what "
+                          "is missing. See configs/eval_example.yaml.")
+    parser.add_argument("config", help="eval config (YAML)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="section.key=value, e.g. generation.max_new_tokens=64 output_dir=runs/x")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def run_config(args: argparse.Namespace) -> int:
+    """``tuna-jax eval run CONFIG`` (= ``tuna-jax eval CONFIG.yaml``)."""
+    cfg = load_eval_config(args.config, getattr(args, "overrides", ()) or ())
+    table, paths, status = run_eval(cfg, progress=not getattr(args, "no_progress", False))
+    print(report_mod.to_markdown(table))
+    print("wrote " + ", ".join(paths.values()), file=sys.stderr)
+    return status
+
+
+class _Subcommands(argparse._SubParsersAction):
+    """Sub-commands of ``tuna-jax eval``, where a YAML path in the sub-command's place means ``run`` it:
+    ``tuna-jax eval CONFIG.yaml`` is ``tuna-jax eval run CONFIG.yaml``."""
+
+    class _Choices(dict):
+        def __contains__(self, key):
+            return dict.__contains__(self, key) or _is_config_path(key)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._name_parser_map = self._Choices()
+        self.choices = self._name_parser_map
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values and not dict.__contains__(self._name_parser_map, values[0]):
+            values = ["run", *values]
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _is_config_path(s: Any) -> bool:
+    return isinstance(s, str) and s.endswith((".yaml", ".yml"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``tuna-jax eval`` parser: ``run`` (the driver; also ``eval CONFIG.yaml``) and the scorers."""
+    parser.description = ("Evaluate: `tuna-jax eval CONFIG.yaml` (= `eval run CONFIG.yaml`) runs the whole "
+                          "evaluation; the other sub-commands score or review files made elsewhere.")
+    sub = parser.add_subparsers(dest="eval_command", required=True, action=_Subcommands,
+                                metavar="{run,superni,lmentry,vicuna,alpaca-eval} | CONFIG.yaml")
+    r = sub.add_parser("run", help="the full evaluation from a YAML config (table + chart)")
+    add_run_arguments(r)
+    r.set_defaults(eval_func=run_config)
+    s = sub.add_parser("superni", help="Super-NI ROUGE-L of a predictions file",
+                       description="Super-NaturalInstructions ROUGE-L of a predictions file; prints the JSON "
+                                   '{"overall", "per_task", ...}.')
+    superni_mod.add_arguments(s)
+    s.set_defaults(eval_func=superni_mod.run)
+    m = sub.add_parser("lmentry", help="LMentry score of a predictions file",
+                       description="LMentry accuracy, robustness and score of a predictions file; prints the JSON "
+                                   '{"overall", "per_task", ...}.')
+    lmentry_mod.add_arguments(m)
+    m.set_defaults(eval_func=lmentry_mod.run)
+    v = sub.add_parser("vicuna", help="Vicuna QA pairwise review of two answer files (judge LLM)")
+    vicuna_mod.add_arguments(v)
+    v.set_defaults(eval_func=vicuna_mod.run)
+    a = sub.add_parser("alpaca-eval", help="AlpacaEval-style win rate of an outputs file (judge LLM)")
+    vicuna_mod.add_alpaca_eval_arguments(a)
+    a.set_defaults(eval_func=vicuna_mod.run_alpaca_eval)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """``tuna-jax eval ...``: runs the sub-command that ``add_arguments`` parsed."""
+    return int(args.eval_func(args) or 0)

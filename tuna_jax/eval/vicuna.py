@@ -1,0 +1,766 @@
+"""Pairwise LLM review: Vicuna QA (80 questions, the published GPT-4 review prompts) and an AlpacaEval-style
+win rate (805 instructions, the ``alpaca_eval_gpt4`` annotator prompt), through the OpenAI-compatible client.
+
+One idea: show a judge two answers to the same question, in BOTH orders, parse its verdict strictly, and
+count per question a win (both orders prefer the model), a loss (both prefer the baseline) or a tie (the
+orders disagree, or both call it even). Reviewing both orders and calling disagreement a tie is what the
+Tuna paper does against the judge's position bias.
+
+Vicuna QA (lm-sys/FastChat ``fastchat/eval``, the version the Vicuna blog post and the Tuna paper used)
+-------------------------------------------------------------------------------------------------------
+* Data: ``question.jsonl`` ({question_id, text, category}), ``prompt.jsonl`` ({prompt_id, system_prompt,
+  prompt_template, defaults, category}), ``reviewer.jsonl`` ({reviewer_id, prompt_id, metadata:
+  {temperature, max_tokens}, category}), and answer files ({question_id, text, answer_id, model_id}).
+* The reviewer of a question is the one whose category equals the question's (coding, math), else the
+  "general" one (FastChat's ``gen_prompt`` falls back to the first reviewer, which is the general one).
+  The request is FastChat's: system = the prompt's system_prompt, user = ``prompt_template.format(question,
+  answer_1, answer_2, **defaults)``, temperature and max_tokens from the reviewer's metadata (0.2, 1024).
+* Answers are generated with the Alpaca template, the question as the instruction (``run.py``), and
+  written like FastChat's: {question_id, text, answer_id, model_id, metadata}. ``answer_id`` is a hash of
+  (model_id, question_id, text) instead of FastChat's random shortuuid, so a rerun writes the same file.
+
+Parsing the score line (:func:`parse_score_pair`), strict, never guessed. FastChat's ``parse_score`` takes
+the reply's first line, replaces "," by " ", splits on " " and needs exactly two floats; anything else is
+a failure ([-1, -1]) it leaves to be "manually fixed". Here the first non-blank line must be exactly two
+non-negative numbers separated by spaces and/or one comma ("8 7", "8.5 7", "8,7", "8, 7"; FastChat itself
+rejects "8, 7" -- its split leaves an empty field -- which is why this is a regex and not its split), each
+in [0, 10] (the prompts' scale is 1-10; 0 is kept for "no answer"). "Score: 8 7", "8/10 7/10",
+"Assistant 1: 8" and prose are failures. One exception, because FastChat's parser fails on nearly every
+math review: the math prompt asks for "a Python tuple containing two numerical scores" at the END, so for
+the math reviewer a reply whose first line is not a score pair is read from its LAST "(a, b)" tuple.
+A reply that does not parse is asked again (a new request: the attempt number is in the cache key) at most
+``max_parse_retries`` times; then the question is counted as failed, with every reply kept in the
+``.failed.jsonl`` file. Failed questions are never counted as wins, losses or ties.
+
+AlpacaEval (tatsu-lab/alpaca_eval, annotator ``alpaca_eval_gpt4``)
+------------------------------------------------------------------
+* The prompt file (``judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt``) is ChatML: ``<|im_start|>role\\n
+  ...<|im_end|>`` blocks become chat messages (content stripped, as alpaca_eval's ``prompt_to_chatml``),
+  ``{instruction}``, ``{output_1}``, ``{output_2}`` are filled in one pass (so an output containing
+  "{output_2}" is not filled again). Request: temperature 0, max_tokens 100 (its configs.yaml).
+* The reply must be a Python literal (``ast.literal_eval`` of the stripped reply, as alpaca_eval's
+  ``ranking_parser``): a list of two dicts {'model': 'model_1'|'model_2', 'rank': 1|2}, both models, ranks
+  1 and 2. Stricter than alpaca_eval (which only reads model_1's rank): a reply that names a model twice
+  or gives both rank 1 fails. Code fences or prose around the list are failures (the prompt forbids them).
+* Model outputs are matched to the reference outputs (``model_outputs_text_davinci_003.json``) by the
+  instruction text. Per instruction both orders are judged; win rate = 100 x (wins + ties / 2) / judged,
+  with its standard error (of the per-instruction 1 / 0.5 / 0 scores). alpaca_eval itself judges one
+  random order per instruction; both orders cost twice as much and remove the position bias.
+
+Everything is cached in the store (``tuna_jax.feedback.store``): a rerun with the same store makes no
+request that already succeeded, and writes the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+from tuna_jax.eval.common import EvalInputError, emit_json, warn
+from tuna_jax.feedback.client import (APIError, OpenAIClient, add_client_arguments, client_config_from_args,
+                                      store_from_args)
+from tuna_jax.feedback.store import BudgetExceeded, FatalRunError, ItemOutcome, RunSummary, run_items
+
+logger = logging.getLogger("tuna_jax.eval")
+
+__all__ = [
+    "Question", "Answer", "ReviewPrompt", "Reviewer", "VicunaData", "read_questions", "read_answers",
+    "read_review_prompts", "read_reviewers", "load_vicuna_data", "make_answer_id", "answer_record",
+    "write_answers", "ScoreParseError", "parse_score_pair", "build_review_messages", "combine_orders",
+    "ReviewConfig", "review_vicuna", "AlpacaEvalTemplate", "load_alpaca_eval_template",
+    "parse_alpaca_eval_ranking", "read_alpaca_eval_outputs", "review_alpaca_eval", "add_arguments", "run",
+    "add_alpaca_eval_arguments", "run_alpaca_eval",
+]
+
+MODEL_FIRST, BASELINE_FIRST = "model_first", "baseline_first"
+MAX_SCORE = 10.0
+
+
+# ================================================================================================ data
+@dataclasses.dataclass(frozen=True)
+class Question:
+    question_id: int
+    text: str
+    category: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    question_id: int
+    text: str
+    answer_id: str | None = None
+    model_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReviewPrompt:
+    prompt_id: int
+    system_prompt: str
+    prompt_template: str
+    defaults: dict
+    category: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Reviewer:
+    reviewer_id: str
+    prompt_id: int
+    metadata: dict
+    category: str
+
+
+def _jsonl(path: str | os.PathLike):
+    """(where, object) per non-blank line; a line that is not a JSON object is an error naming file:line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise EvalInputError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise EvalInputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise EvalInputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, obj
+
+
+def _field(obj: Mapping, name: str, types, where: str):
+    if name not in obj:
+        raise EvalInputError(f"{where}: missing field '{name}'")
+    v = obj[name]
+    if isinstance(v, bool) or not isinstance(v, types):
+        want = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise EvalInputError(f"{where}: field '{name}' must be {want}, got {type(v).__name__}")
+    return v
+
+
+def read_questions(path: str | os.PathLike) -> list[Question]:
+    """``question.jsonl``: {question_id: int, text: str, category: str}; ids unique."""
+    out, seen = [], {}
+    for where, obj in _jsonl(path):
+        q = Question(_field(obj, "question_id", int, where), _field(obj, "text", str, where),
+                     _field(obj, "category", str, where))
+        if q.question_id in seen:
+            raise EvalInputError(f"{where}: question_id {q.question_id} repeats (first at {seen[q.question_id]})")
+        seen[q.question_id] = where
+        out.append(q)
+    if not out:
+        raise EvalInputError(f"{os.fspath(path)}: no questions")
+    return out
+
+
+def read_answers(path: str | os.PathLike) -> dict[int, Answer]:
+    """A FastChat answer file: {question_id: int, text: str, answer_id?, model_id?}; one answer per question."""
+    out: dict[int, Answer] = {}
+    seen: dict[int, str] = {}
+    for where, obj in _jsonl(path):
+        qid = _field(obj, "question_id", int, where)
+        a = Answer(qid, _field(obj, "text", str, where), obj.get("answer_id"), obj.get("model_id"))
+        if qid in seen:
+            raise EvalInputError(f"{where}: a second answer for question_id {qid} (first at {seen[qid]})")
+        seen[qid] = where
+        out[qid] = a
+    return out
+
+
+def read_review_prompts(path: str | os.PathLike) -> dict[int, ReviewPrompt]:
+    """``prompt.jsonl``: {prompt_id, system_prompt, prompt_template, defaults, category}."""
+    out: dict[int, ReviewPrompt] = {}
+    for where, obj in _jsonl(path):
+        p = ReviewPrompt(_field(obj, "prompt_id", int, where), _field(obj, "system_prompt", str, where),
+                         _field(obj, "prompt_template", str, where), dict(_field(obj, "defaults", dict, where)),
+                         _field(obj, "category", str, where))
+        for name in ("{question}", "{answer_1}", "{answer_2}"):
+            if name not in p.prompt_template:
+                raise EvalInputError(f"{where}: prompt_template has no {name} placeholder")
+        if p.prompt_id in out:
+            raise EvalInputError(f"{where}: prompt_id {p.prompt_id} repeats")
+        out[p.prompt_id] = p
+    return out
+
+
+def read_reviewers(path: str | os.PathLike) -> list[Reviewer]:
+    """``reviewer.jsonl``: {reviewer_id, prompt_id, metadata: {temperature, max_tokens}, category}."""
+    out = []
+    for where, obj in _jsonl(path):
+        meta = obj.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise EvalInputError(f"{where}: field 'metadata' must be an object")
+        out.append(Reviewer(_field(obj, "reviewer_id", str, where), _field(obj, "prompt_id", int, where),
+                            dict(meta), _field(obj, "category", str, where)))
+    if not out:
+        raise EvalInputError(f"{os.fspath(path)}: no reviewers")
+    return out
+
+
+@dataclasses.dataclass
+class VicunaData:
+    """Questions, review prompts and reviewers (the reviewer of a question: see :meth:`reviewer_for`)."""
+
+    questions: list[Question]
+    prompts: dict[int, ReviewPrompt]
+    reviewers: list[Reviewer]
+    source: str = ""
+
+    def __post_init__(self):
+        for r in self.reviewers:
+            if r.prompt_id not in self.prompts:
+                raise EvalInputError(f"{self.source}: reviewer {r.reviewer_id} uses prompt_id {r.prompt_id}, "
+                                     f"which prompt.jsonl does not have")
+        if not any(r.category == "general" for r in self.reviewers):
+            raise EvalInputError(f"{self.source}: no reviewer of category 'general' (the fallback of every "
+                                 f"question category without its own reviewer)")
+
+    def reviewer_for(self, category: str) -> Reviewer:
+        """The reviewer whose category is the question's, else the general one (FastChat's gen_prompt)."""
+        for r in self.reviewers:
+            if r.category == category:
+                return r
+        return next(r for r in self.reviewers if r.category == "general")
+
+
+def load_vicuna_data(data_dir: str | os.PathLike | None = None, *, questions: str | None = None,
+                     prompts: str | None = None, reviewers: str | None = None) -> VicunaData:
+    """Reads question.jsonl, prompt.jsonl and reviewer.jsonl from ``data_dir`` (explicit paths win)."""
+    def pick(explicit, name):
+        if explicit:
+            return os.fspath(explicit)
+        if data_dir is None:
+            raise EvalInputError(f"no {name} given: pass the Vicuna data folder or the file itself")
+        return os.path.join(os.fspath(data_dir), name)
+
+    q, p, r = pick(questions, "question.jsonl"), pick(prompts, "prompt.jsonl"), pick(reviewers, "reviewer.jsonl")
+    return VicunaData(read_questions(q), read_review_prompts(p), read_reviewers(r), source=f"{p}, {r}")
+
+
+def make_answer_id(model_id: str, question_id: int, text: str) -> str:
+    """A deterministic answer id (FastChat uses a random shortuuid; a rerun should write the same file)."""
+    return hashlib.sha1(f"{model_id}\x00{question_id}\x00{text}".encode("utf-8")).hexdigest()[:22]
+
+
+def answer_record(model_id: str, question_id: int, text: str, metadata: Mapping[str, Any] | None = None) -> dict:
+    """One line of a FastChat answer file."""
+    rec = {"question_id": int(question_id), "text": text, "answer_id": make_answer_id(model_id, question_id, text),
+           "model_id": model_id}
+    if metadata:
+        rec["metadata"] = dict(metadata)
+    return rec
+
+
+def write_answers(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> str:
+    """Writes answer records (``answer_record``) atomically; returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ================================================================================================ parsing
+class ScoreParseError(ValueError):
+    """A judge reply without a valid verdict (the message says why)."""
+
+
+_NUM = r"(\d+(?:\.\d+)?)"
+_PAIR_LINE = re.compile(rf"\s*{_NUM}\s*(?:,\s*|\s+){_NUM}\s*")
+_TUPLE = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)")
+
+
+def _check_range(a: float, b: float, what: str) -> tuple[float, float]:
+    for x in (a, b):
+        if not 0.0 <= x <= MAX_SCORE:
+            raise ScoreParseError(f"{what}: score {x:g} is outside [0, {MAX_SCORE:g}]")
+    return a, b
+
+
+def parse_score_pair(reply: str, *, tuple_fallback: bool = False) -> tuple[float, float]:
+    """(score of assistant 1, score of assistant 2) from a Vicuna review reply; see the module docstring.
+
+    ``tuple_fallback``: for the math reviewer, read the LAST "(a, b)" tuple when the first line is not a
+    score pair. Raises :class:`ScoreParseError` for anything else.
+    """
+    if not isinstance(reply, str) or not reply.strip():
+        raise ScoreParseError("empty reply")
+    first = reply.strip().split("\n", 1)[0]
+    m = _PAIR_LINE.fullmatch(first)
+    if m:
+        return _check_range(float(m.group(1)), float(m.group(2)), "first line")
+    if tuple_fallback:
+        tuples = _TUPLE.findall(reply)
+        if tuples:
+            a, b = tuples[-1]
+            return _check_range(float(a), float(b), "last tuple")
+        raise ScoreParseError(f"first line {first[:60]!r} is not two scores and the reply has no '(a, b)' tuple")
+    raise ScoreParseError(f"first line {first[:60]!r} is not two scores (expected e.g. '8 7')")
+
+
+def build_review_messages(prompt: ReviewPrompt, question: str, answer_1: str, answer_2: str) -> list[dict]:
+    """FastChat's request: the prompt's system message and its template filled in."""
+    user = prompt.prompt_template.format(question=question, answer_1=answer_1, answer_2=answer_2, **prompt.defaults)
+    return [{"role": "system", "content": prompt.system_prompt}, {"role": "user", "content": user}]
+
+
+def combine_orders(model_first: int, baseline_first: int) -> str:
+    """Per-question outcome from the two orders' preferences FOR THE MODEL (+1 better, -1 worse, 0 even):
+    "win" when both say better, "lose" when both say worse, else "tie" (disagreement or both even)."""
+    if model_first > 0 and baseline_first > 0:
+        return "win"
+    if model_first < 0 and baseline_first < 0:
+        return "lose"
+    return "tie"
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+# ================================================================================================ the engine
+@dataclasses.dataclass
+class ReviewConfig:
+    """temperature / max_tokens: None = the reviewer's metadata (Vicuna: 0.2, 1024) or the annotator's
+    config (AlpacaEval: 0, 100). max_parse_retries: new requests for a reply without a verdict."""
+
+    max_parse_retries: int = 2
+    temperature: float | None = None
+    max_tokens: int | None = None
+    concurrency: int = 4
+    limit: int | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class _PairItem:
+    id: Any
+    category: str
+    reviewer_id: str
+    orders: dict  # {MODEL_FIRST: chat messages, BASELINE_FIRST: chat messages}
+    extra: dict   # fields copied to the record
+
+
+class _PairwiseJudge:
+    """Asks each item's two orders, retries unparseable replies, combines the verdicts."""
+
+    def __init__(self, client: OpenAIClient, parse: Callable[[str, _PairItem], tuple[int, dict]],
+                 params: Callable[[_PairItem], dict], max_parse_retries: int):
+        self.client, self.parse, self.params, self.max_parse_retries = client, parse, params, max_parse_retries
+
+    def _ask(self, messages, params, attempt):
+        extra = {"parse_attempt": attempt} if attempt else None  # a retry is a new request, cached apart
+        r = self.client.chat(messages, extra_key=extra, n=1, **params)
+        ch = (r.response.get("choices") or [{}])[0]
+        content = (ch.get("message") or {}).get("content")
+        return (content if isinstance(content, str) else ""), ch.get("finish_reason")
+
+    def review(self, item: _PairItem) -> ItemOutcome:
+        counters: dict[str, int] = {}
+        per_order = {}
+        prefs = {}
+        failed_orders = []
+        for order, messages in item.orders.items():
+            tries = []
+            verdict = None
+            for attempt in range(self.max_parse_retries + 1):
+                try:
+                    reply, finish = self._ask(messages, self.params(item), attempt)
+                except (BudgetExceeded, FatalRunError):
+                    raise
+                except APIError as e:
+                    counters["request_failed"] = 1
+                    return ItemOutcome(failure={"id": item.id, **item.extra, "category": item.category,
+                                                "order": order, "error": str(e), "replies": tries},
+                                       counters=counters)
+                try:
+                    pref, detail = self.parse(reply, item)
+                    tries.append({"reply": reply, "finish_reason": finish})
+                    verdict = (pref, detail)
+                    break
+                except ScoreParseError as e:
+                    counters["unparsed_replies"] = counters.get("unparsed_replies", 0) + 1
+                    logger.info("review: item %r (%s): reply %d has no verdict: %s", item.id, order, attempt + 1, e)
+                    tries.append({"reply": reply, "finish_reason": finish, "error": str(e)})
+            if verdict is None:
+                failed_orders.append(order)
+                per_order[order] = {"error": f"no verdict in {len(tries)} replies", "replies": tries}
+                continue
+            pref, detail = verdict
+            model_pref = pref if order == MODEL_FIRST else -pref
+            prefs[order] = model_pref
+            per_order[order] = {**detail, "model_preference": model_pref, "reply": tries[-1]["reply"],
+                                "attempts": len(tries), "failed_replies": [t for t in tries if "error" in t]}
+        if failed_orders:
+            counters["parse_failed"] = 1
+            return ItemOutcome(failure={"id": item.id, **item.extra, "category": item.category,
+                                        "reviewer_id": item.reviewer_id,
+                                        "error": f"no parseable verdict for order(s) {failed_orders}",
+                                        "orders": per_order}, counters=counters)
+        outcome = combine_orders(prefs[MODEL_FIRST], prefs[BASELINE_FIRST])
+        counters[outcome] = 1
+        rec = {"id": item.id, **item.extra, "category": item.category, "reviewer_id": item.reviewer_id,
+               "outcome": outcome, "orders": per_order}
+        return ItemOutcome(record=rec, counters=counters)
+
+
+def _read_jsonl_file(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def _summarise(summary: RunSummary, out_path: str, n_items: int, missing: list, extra: dict) -> dict:
+    records = _read_jsonl_file(out_path)
+    failures = _read_jsonl_file(summary.failed_path)
+    counts = {k: sum(1 for r in records if r["outcome"] == k) for k in ("win", "lose", "tie")}
+    judged = sum(counts.values())
+    per_category: dict[str, dict[str, int]] = {}
+    for r in records:
+        c = per_category.setdefault(r.get("category", ""), {"win": 0, "lose": 0, "tie": 0, "failed": 0})
+        c[r["outcome"]] += 1
+    for f in failures:
+        c = per_category.setdefault(f.get("category", ""), {"win": 0, "lose": 0, "tie": 0, "failed": 0})
+        c["failed"] += 1
+    scores = [1.0] * counts["win"] + [0.5] * counts["tie"] + [0.0] * counts["lose"]
+    win_rate = 100.0 * sum(scores) / judged if judged else None
+    stderr = None
+    if judged > 1:
+        mean = sum(scores) / judged
+        stderr = 100.0 * math.sqrt(sum((s - mean) ** 2 for s in scores) / (judged - 1) / judged)
+    return {**extra, **counts, "failed": len(failures), "missing": len(missing), "missing_ids": missing[:20],
+            "judged": judged, "num_items": n_items,
+            "win_rate": win_rate, "win_rate_stderr": stderr,
+            "per_category": per_category,
+            "unparsed_replies": summary.counters.get("unparsed_replies", 0),
+            "request_failed": summary.counters.get("request_failed", 0),
+            "reviews_file": out_path, "failed_file": summary.failed_path if failures else None}
+
+
+def _run(items: list[_PairItem], judge: _PairwiseJudge, out_path: str, cfg: ReviewConfig, desc: str) -> RunSummary:
+    return run_items(items, judge.review, out_path, concurrency=cfg.concurrency, desc=desc, progress=cfg.progress)
+
+
+# ================================================================================================ Vicuna QA
+def _answers_map(answers: str | os.PathLike | Mapping[int, Answer | str]) -> dict[int, str]:
+    if isinstance(answers, (str, os.PathLike)):
+        return {q: a.text for q, a in read_answers(answers).items()}
+    return {int(q): (a.text if isinstance(a, Answer) else str(a)) for q, a in answers.items()}
+
+
+def review_vicuna(answers: str | os.PathLike | Mapping[int, Any], baseline: str | os.PathLike | Mapping[int, Any],
+                  out_path: str, client: OpenAIClient, data: VicunaData, config: ReviewConfig = ReviewConfig(), *,
+                  model_name: str = "model", baseline_name: str = "baseline") -> dict:
+    """Reviews the model's answers against the baseline's, both orders per question.
+
+    Writes one record per reviewed question to ``out_path`` (JSONL: outcome, both orders' scores and
+    replies) and failures to ``out_path + ".failed.jsonl"``; returns the summary dict (win, lose, tie,
+    failed, missing, win_rate, per_category, ...). Questions without an answer on either side are counted
+    as ``missing`` and not reviewed. Raises BudgetExceeded / FatalRunError (with ``.summary``) on a stop.
+    """
+    model_answers = _answers_map(answers)
+    base_answers = _answers_map(baseline)
+    questions = data.questions[:config.limit] if config.limit else data.questions
+    items, missing = [], []
+    for q in questions:
+        if q.question_id not in model_answers or q.question_id not in base_answers:
+            missing.append(q.question_id)
+            continue
+        reviewer = data.reviewer_for(q.category)
+        prompt = data.prompts[reviewer.prompt_id]
+        a, b = model_answers[q.question_id], base_answers[q.question_id]
+        items.append(_PairItem(
+            id=q.question_id, category=q.category, reviewer_id=reviewer.reviewer_id,
+            orders={MODEL_FIRST: build_review_messages(prompt, q.text, a, b),
+                    BASELINE_FIRST: build_review_messages(prompt, q.text, b, a)},
+            extra={"question_id": q.question_id}))
+    if missing:
+        warn(f"Vicuna review {model_name} vs {baseline_name}: {len(missing)} question(s) lack an answer on one "
+             f"side and are not reviewed (counted as missing): {missing[:10]}")
+    by_id = {r.reviewer_id: r for r in data.reviewers}
+
+    def params(item: _PairItem) -> dict:
+        meta = by_id[item.reviewer_id].metadata
+        t = config.temperature if config.temperature is not None else float(meta.get("temperature", 0.2))
+        m = config.max_tokens if config.max_tokens is not None else int(meta.get("max_tokens", 1024))
+        return {"temperature": t, "max_tokens": m}
+
+    def parse(reply: str, item: _PairItem) -> tuple[int, dict]:
+        math_prompt = data.prompts[by_id[item.reviewer_id].prompt_id].category == "math"
+        s1, s2 = parse_score_pair(reply, tuple_fallback=math_prompt)
+        return _sign(s1 - s2), {"scores": [s1, s2]}
+
+    judge = _PairwiseJudge(client, parse, params, config.max_parse_retries)
+    summary = _run(items, judge, out_path, config, "vicuna review")
+    return _summarise(summary, out_path, len(questions), missing,
+                      {"benchmark": "vicuna", "model": model_name, "baseline": baseline_name,
+                       "judge": client.config.model, "num_questions": len(questions)})
+
+
+# ================================================================================================ AlpacaEval
+_IM_START, _IM_END = "<|im_start|>", "<|im_end|>"
+_PLACEHOLDER = re.compile(r"\{(instruction|output_1|output_2)\}")
+ALPACA_EVAL_PARAMS = {"temperature": 0.0, "max_tokens": 100}  # alpaca_eval_gpt4/configs.yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class AlpacaEvalTemplate:
+    """The annotator prompt as chat messages [(role, content with placeholders)]."""
+
+    messages: tuple[tuple[str, str], ...]
+    path: str
+
+    def fill(self, instruction: str, output_1: str, output_2: str) -> list[dict]:
+        values = {"instruction": instruction, "output_1": output_1, "output_2": output_2}
+        return [{"role": role, "content": _PLACEHOLDER.sub(lambda m: values[m.group(1)], content)}
+                for role, content in self.messages]
+
+
+def load_alpaca_eval_template(path: str | os.PathLike) -> AlpacaEvalTemplate:
+    """A ChatML prompt file (``<|im_start|>role\\ncontent<|im_end|>`` blocks) -> messages."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise EvalInputError(f"{path}: prompt template not found")
+    text = open(path, encoding="utf-8").read().strip()
+    if not text.startswith(_IM_START) or not text.endswith(_IM_END):
+        raise EvalInputError(f"{path}: expected ChatML blocks '{_IM_START}role ... {_IM_END}'")
+    msgs = []
+    for block in text.split(_IM_START)[1:]:
+        head, _, rest = block.partition("\n")
+        role = head.strip()
+        if role not in ("system", "user", "assistant"):
+            raise EvalInputError(f"{path}: unknown ChatML role {role!r}")
+        msgs.append((role, rest.split(_IM_END, 1)[0].strip()))
+    joined = "\n".join(c for _, c in msgs)
+    for name in ("{instruction}", "{output_1}", "{output_2}"):
+        if name not in joined:
+            raise EvalInputError(f"{path}: the template has no {name} placeholder")
+    return AlpacaEvalTemplate(tuple(msgs), path)
+
+
+def parse_alpaca_eval_ranking(reply: str) -> int:
+    """1 if the judge ranks model_1 first, 2 if model_2; ScoreParseError otherwise (see module docstring)."""
+    text = (reply or "").strip()
+    if not text:
+        raise ScoreParseError("empty reply")
+    try:
+        obj = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+        raise ScoreParseError(f"not a Python literal ({type(e).__name__}): {text[:60]!r}") from None
+    if not isinstance(obj, (list, tuple)) or len(obj) != 2 or not all(isinstance(d, dict) for d in obj):
+        raise ScoreParseError(f"expected a list of two {{'model', 'rank'}} dicts, got {text[:60]!r}")
+    ranks = {}
+    for d in obj:
+        model, rank = d.get("model"), d.get("rank")
+        if model not in ("model_1", "model_2") or model in ranks:
+            raise ScoreParseError(f"models must be 'model_1' and 'model_2', once each: {text[:80]!r}")
+        if isinstance(rank, bool) or rank not in (1, 2):
+            raise ScoreParseError(f"rank {rank!r} of {model} is not 1 or 2")
+        ranks[model] = rank
+    if sorted(ranks.values()) != [1, 2]:
+        raise ScoreParseError(f"ranks must be 1 and 2: {text[:80]!r}")
+    return ranks["model_1"]
+
+
+def read_alpaca_eval_outputs(path: str | os.PathLike) -> list[dict]:
+    """An alpaca_eval outputs file: a JSON list of {instruction, output, generator?, dataset?}."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise EvalInputError(f"{path}: outputs file not found")
+    try:
+        data = json.load(open(path, encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise EvalInputError(f"{path}: expected a JSON list of {{instruction, output}} objects")
+    seen: dict[str, int] = {}
+    for i, r in enumerate(data):
+        where = f"{path}: entry {i}"
+        if not isinstance(r, dict):
+            raise EvalInputError(f"{where}: expected an object")
+        _field(r, "instruction", str, where)
+        _field(r, "output", str, where)
+        if r["instruction"] in seen:
+            raise EvalInputError(f"{where}: instruction repeats entry {seen[r['instruction']]}: outputs are "
+                                 f"matched by instruction, so each must be unique")
+        seen[r["instruction"]] = i
+    return data
+
+
+def review_alpaca_eval(outputs: str | os.PathLike | Sequence[Mapping[str, Any]],
+                       reference: str | os.PathLike | Sequence[Mapping[str, Any]], out_path: str,
+                       client: OpenAIClient, template: AlpacaEvalTemplate, config: ReviewConfig = ReviewConfig(), *,
+                       model_name: str = "model", reference_name: str | None = None) -> dict:
+    """AlpacaEval-style win rate of ``outputs`` against ``reference`` (both orders per instruction).
+
+    Instructions are the reference's (in its order; ``config.limit`` keeps the first N); a model output is
+    found by its instruction text; instructions without one are ``missing``. Returns the summary dict
+    (win_rate with ties as half, win/lose/tie, failed, missing, per dataset in ``per_category``).
+    """
+    outs = read_alpaca_eval_outputs(outputs) if isinstance(outputs, (str, os.PathLike)) else list(outputs)
+    refs = read_alpaca_eval_outputs(reference) if isinstance(reference, (str, os.PathLike)) else list(reference)
+    by_instruction = {r["instruction"]: r["output"] for r in outs}
+    refs = refs[:config.limit] if config.limit else refs
+    if reference_name is None:
+        reference_name = str(refs[0].get("generator", "reference")) if refs else "reference"
+    items, missing = [], []
+    for i, r in enumerate(refs):
+        ins = r["instruction"]
+        if ins not in by_instruction:
+            missing.append(i)
+            continue
+        m, b = by_instruction[ins], r["output"]
+        items.append(_PairItem(id=i, category=str(r.get("dataset", "")), reviewer_id="alpaca_eval_gpt4",
+                               orders={MODEL_FIRST: template.fill(ins, m, b), BASELINE_FIRST: template.fill(ins, b, m)},
+                               extra={"instruction": ins}))
+    if missing:
+        warn(f"AlpacaEval {model_name}: {len(missing)} instruction(s) have no model output and are not judged "
+             f"(counted as missing)")
+    params = dict(ALPACA_EVAL_PARAMS)
+    if config.temperature is not None:
+        params["temperature"] = config.temperature
+    if config.max_tokens is not None:
+        params["max_tokens"] = config.max_tokens
+
+    def parse(reply: str, item: _PairItem) -> tuple[int, dict]:
+        rank_1 = parse_alpaca_eval_ranking(reply)
+        return (1 if rank_1 == 1 else -1), {"rank_model_1": rank_1}
+
+    judge = _PairwiseJudge(client, parse, lambda item: params, config.max_parse_retries)
+    summary = _run(items, judge, out_path, config, "alpaca_eval review")
+    return _summarise(summary, out_path, len(refs), missing,
+                      {"benchmark": "alpaca_eval", "model": model_name, "baseline": reference_name,
+                       "judge": client.config.model, "annotator": "alpaca_eval_gpt4 (both orders)",
+                       "num_instructions": len(refs)})
+
+
+# ================================================================================================ CLI
+def _stopped(e: BaseException, store, what: str) -> int:
+    print(f"{what}: stopped: {e}", file=sys.stderr)
+    s = getattr(e, "summary", None)
+    if s is not None:
+        print(f"{what}: {s.line()}", file=sys.stderr)
+    print(f"{what}: {store.summary()}; rerun the same command to continue", file=sys.stderr)
+    return 2
+
+
+def _stem(out: str) -> str:
+    """OUT.json -> OUT: the reviews and the store are written beside the summary."""
+    return out[:-5] if out.endswith(".json") else out
+
+
+def _review_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    r = parser.add_argument_group("review")
+    r.add_argument("--out", required=True, metavar="OUT.json",
+                   help="summary JSON; per-item reviews go to OUT.reviews.jsonl (failures to "
+                        "OUT.reviews.jsonl.failed.jsonl), the request cache to OUT.store.jsonl unless --store "
+                        "(OUT = the path without .json)")
+    r.add_argument("--max-parse-retries", type=int, default=2,
+                   help="new requests for a reply without a verdict before the item counts as failed")
+    r.add_argument("--temperature", type=float, default=None, help="judge temperature (default: the prompt's)")
+    r.add_argument("--max-tokens", type=int, default=None, help="longest judge reply (default: the prompt's)")
+    r.add_argument("--limit", type=int, default=None, help="only the first LIMIT questions / instructions")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_client_arguments(parser)
+
+
+def _review_config(args) -> ReviewConfig:
+    return ReviewConfig(max_parse_retries=args.max_parse_retries, temperature=args.temperature,
+                        max_tokens=args.max_tokens, concurrency=args.concurrency, limit=args.limit,
+                        progress=not args.no_progress)
+
+
+def _finish(result: dict, args, what: str) -> int:
+    emit_json(result, args.out)
+    if result["failed"]:
+        warn(f"{what}: {result['failed']} item(s) failed (no parseable verdict or a failed request); they are "
+             f"listed with the judge's replies in {result['failed_file']} and are not in win/lose/tie")
+    return 1 if result["failed"] else 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``tuna-jax eval vicuna``: review two FastChat answer files."""
+    parser.description = ("Vicuna QA pairwise review: a judge LLM (the published GPT-4 review prompts) compares "
+                          "the model's answers with a baseline's, in both orders; a question is a win when both "
+                          "orders prefer the model, a loss when both prefer the baseline, else a tie. Requests are "
+                          "cached: rerunning the same command makes no new request.")
+    parser.add_argument("--answers", required=True, metavar="ANSWERS.jsonl",
+                        help="the model's answers {question_id, text, ...} (FastChat format)")
+    parser.add_argument("--baseline", required=True, metavar="BASELINE.jsonl", help="the baseline's answers")
+    parser.add_argument("--data", metavar="DIR", help="folder with question.jsonl, prompt.jsonl, reviewer.jsonl")
+    parser.add_argument("--questions", help="question.jsonl (default: DIR/question.jsonl)")
+    parser.add_argument("--prompts", help="prompt.jsonl (default: DIR/prompt.jsonl)")
+    parser.add_argument("--reviewers", help="reviewer.jsonl (default: DIR/reviewer.jsonl)")
+    parser.add_argument("--model-name", default=None, help="name in the summary (default: the answers' model_id)")
+    parser.add_argument("--baseline-name", default=None, help="name in the summary (default: its model_id)")
+    _review_cli_arguments(parser)
+    return parser
+
+
+def _model_id(path: str, given: str | None) -> str:
+    if given:
+        return given
+    ids = {a.model_id for a in read_answers(path).values() if a.model_id}
+    return ids.pop() if len(ids) == 1 else os.path.splitext(os.path.basename(path))[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    """0: reviewed; 1: some questions failed (listed); 2: stopped by the budget or a fatal endpoint error."""
+    data = load_vicuna_data(args.data, questions=args.questions, prompts=args.prompts, reviewers=args.reviewers)
+    stem = _stem(args.out)
+    with store_from_args(args, stem) as store:
+        client = OpenAIClient(client_config_from_args(args), store)
+        try:
+            result = review_vicuna(args.answers, args.baseline, stem + ".reviews.jsonl", client, data,
+                                   _review_config(args),
+                                   model_name=_model_id(args.answers, args.model_name),
+                                   baseline_name=_model_id(args.baseline, args.baseline_name))
+        except (BudgetExceeded, FatalRunError) as e:
+            return _stopped(e, store, "eval vicuna")
+        print(f"eval vicuna: {store.summary()}", file=sys.stderr)
+    return _finish(result, args, "eval vicuna")
+
+
+def add_alpaca_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``tuna-jax eval alpaca-eval``: win rate of an outputs file against the reference outputs."""
+    parser.description = ("AlpacaEval-style win rate: a judge LLM (the alpaca_eval_gpt4 annotator prompt) ranks "
+                          "the model's output against the reference output (text-davinci-003), in both orders; "
+                          "win rate = wins + ties/2 over judged instructions. Requests are cached.")
+    parser.add_argument("--outputs", required=True, metavar="OUTPUTS.json",
+                        help="the model's outputs: JSON list of {instruction, output, generator?}")
+    parser.add_argument("--reference", required=True, metavar="REFERENCE.json",
+                        help="reference outputs, e.g. alpaca_eval/model_outputs_text_davinci_003.json")
+    parser.add_argument("--prompt-template", required=True, metavar="alpaca_eval.txt",
+                        help="annotator prompt, e.g. alpaca_eval/judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt")
+    parser.add_argument("--model-name", default=None, help="name in the summary (default: the outputs' generator)")
+    _review_cli_arguments(parser)
+    return parser
+
+
+def run_alpaca_eval(args: argparse.Namespace) -> int:
+    template = load_alpaca_eval_template(args.prompt_template)
+    outs = read_alpaca_eval_outputs(args.outputs)
+    name = args.model_name or (str(outs[0].get("generator")) if outs and outs[0].get("generator") else "model")
+    stem = _stem(args.out)
+    with store_from_args(args, stem) as store:
+        client = OpenAIClient(client_config_from_args(args), store)
+        try:
+            result = review_alpaca_eval(outs, args.reference, stem + ".reviews.jsonl", client, template,
+                                        _review_config(args),
+                                        model_name=name)
+        except (BudgetExceeded, FatalRunError) as e:
+            return _stopped(e, store, "eval alpaca-eval")
+        print(f"eval alpaca-eval: {store.summary()}", file=sys.stderr)
+    return _finish(result, args, "eval alpaca-eval")
