@@ -167,3 +167,49 @@ def test_sft_on_stories260k_lowers_heldout_loss(tmp_path, shared_dir):
     result = train(cfg)
     evals = [m for m in read_metrics(result.output_dir) if m["split"] == "eval"]
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.1, evals
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from tuna_jax.train import TrainingDiverged
+
+    # lr 1e30 blows the parameters up within a couple of steps; loss/grad-norm become inf/NaN.
+    cfg = load_config(TINY_RANKING, tiny_overrides(tmp_path, n_train=32, train__save_every=1,
+                                                   optim__lr=1e30, optim__warmup_steps=0, optim__grad_clip=0,
+                                                   train__async_checkpoints=False))
+    with pytest.raises(TrainingDiverged, match=r"not finite.*last good checkpoint is step \d+") as e:
+        train(cfg)
+    import orbax.checkpoint as ocp
+
+    bad_step = int(str(e.value).split(":")[0].split()[-1])
+    latest = ocp.CheckpointManager(tmp_path / "run" / "checkpoints").latest_step()
+    assert latest is not None and latest == bad_step - 1
+    logged = [m["step"] for m in read_metrics(tmp_path / "run") if m["split"] == "train"]
+    assert bad_step not in logged
+
+
+def test_bad_training_data_is_a_clear_cli_error(tmp_path, capsys):
+    from tuna_jax.cli import main as cli
+
+    overrides = tiny_overrides(tmp_path, n_train=16)
+    bad = tmp_path / "bad.jsonl"
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:-5]  # a torn JSON line
+    bad.write_text("\n".join(lines) + "\n")
+    overrides = [o for o in overrides if not o.startswith("data.train=")] + [f"data.train={bad}"]
+    assert cli(["train", TINY_RANKING, *overrides]) == 2
+    assert f"{bad}:3" in capsys.readouterr().err
+    # asked to skip, the run goes on and reports what it skipped
+    assert cli(["train", TINY_RANKING, *overrides, "data.on_error=skip", "train.max_steps=1",
+                "train.export=false"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and "1" in err
+
+
+def test_unknown_config_key_is_an_error_with_a_suggestion():
+    from tuna_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown config key optim\.warmup_step \(did you mean optim\.warmup_steps\?\)"):
+        load_config(TINY_RANKING, ["optim.warmup_step=3"])
+    with pytest.raises(ConfigError, match=r"loss\.form='pairwise'.*paper, reference"):
+        load_config(TINY_RANKING, ["loss.form=pairwise"])
+    assert load_config(TINY_RANKING, ["optim.lr=1e-5"]).optim.lr == 1e-5

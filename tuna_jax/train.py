@@ -187,7 +187,7 @@ def make_train_step(binder: ParamBinder, cfg: Config, tx: optax.GradientTransfor
         (grads, sums), _ = jax.lax.scan(one, (zero_g, zero_sums), micro)
         denom = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         ok = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
