@@ -1,0 +1,459 @@
+"""Contextual-ranking candidates: N diverse samples per instruction from the model being tuned
+(``tuna-jax sample-diverse MODEL INPUT OUT``), ready for ``tuna-jax judge``.
+
+The paper's procedure (Sec. 3.1; microsoft/LMOps tuna), exactly:
+
+* trial 1 samples N responses at ``temperature`` (1.0);
+* the set is accepted when every pair has ROUGE-L F < ``tau`` (0.8; rouge_score ``rougeL``, stemmer on);
+* otherwise the WHOLE set is sampled again at temperature + ``temperature_step`` (0.1), for at most
+  ``max_trials`` trials in all (3: temperatures 1.0, 1.1, 1.2);
+* if no trial is accepted, the trial with the lowest MEAN pairwise ROUGE-L is kept (the first such trial
+  on a tie) and the record is marked ``fallback``.
+
+Similarity of a pair is ROUGE-L F, except that two responses equal after stripping whitespace count as 1.0:
+rouge_score's tokenizer keeps only ``[a-z0-9]`` words, so two identical empty, punctuation-only or non-Latin
+responses would otherwise score 0 and pass as "diverse".
+
+Output, one JSON line per instruction, in input order (what ``tuna-jax judge`` reads):
+
+    {"id", "instruction", "input", "output" (only when the input row had one), "candidates": [N str],
+     "diversity": {"trials": int (1..max_trials), "temperature": float (of the kept set), "kept_trial": int,
+                   "max_pairwise_rougeL": float, "mean_pairwise_rougeL": float (of the kept set),
+                   "fallback": bool}}
+
+Candidates are the texts as sampled (``Tokenizer.decode_continuation``: a leading space the model chose is
+kept, so the student later scores exactly the tokens it generated). Empty responses are kept and counted
+(``empty_candidates``): a ranking record cannot train on them, so the judge output's reader will report them.
+
+Randomness: trial t of the item with id I samples with the sampler's ``rng_id = sha256(I, t)``, so every
+trial draws fresh noise (the same noise at a slightly higher temperature would mostly give the same
+samples) and a sample depends on (seed, id, trial, prompt) only. A resumed run therefore writes what an
+uninterrupted one would.
+
+Resume: lines already in OUT (by id) are skipped; a torn last line (a killed write) is cut off and
+regenerated; OUT.params.json records the settings and resuming with different ones is an error (the file
+would mix two procedures). Ids must be unique in the input (default: the row number).
+
+The sampling function is injectable (:data:`SampleFn`), so the procedure is tested with scripted "models"
+and runs with the real sampler through :func:`sampler_fn`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+logger = logging.getLogger("tuna_jax.feedback")
+
+#: sample_fn(prompts, n, temperature, rng_ids) -> texts [len(prompts)][n]. ``prompts`` are full Alpaca prompts;
+#: ``rng_ids`` [len(prompts)] ints in [0, 2**31) name each prompt's random stream (see the module docstring).
+SampleFn = Callable[[Sequence[str], int, float, Sequence[int]], list]
+
+
+class DiverseInputError(ValueError):
+    """Bad input, or an OUT that does not belong to this input / these settings; names file:line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DiverseConfig:
+    """n: samples per instruction (paper: 4); tau: a pair with ROUGE-L F >= tau is too similar (0.8);
+    temperature: of trial 1 (1.0); temperature_step: added per retry (0.1); max_trials: trials in all (3)."""
+
+    n: int = 4
+    tau: float = 0.8
+    temperature: float = 1.0
+    temperature_step: float = 0.1
+    max_trials: int = 3
+
+    def __post_init__(self):
+        if self.n < 2:
+            raise ValueError(f"n={self.n}: diverse sampling compares pairs, so n must be >= 2")
+        if not 0 < self.tau <= 1:
+            raise ValueError(f"tau={self.tau}: must be in (0, 1]")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature}: must be > 0 (greedy samples are all equal)")
+        if self.temperature_step < 0:
+            raise ValueError(f"temperature_step={self.temperature_step}: must be >= 0")
+        if self.max_trials < 1:
+            raise ValueError(f"max_trials={self.max_trials}: must be >= 1")
+
+    def temperature_of(self, trial: int) -> float:
+        """Temperature of 0-based ``trial``; rounded so 1.0 + 2 * 0.1 is 1.2, not 1.2000000000000002."""
+        return round(self.temperature + trial * self.temperature_step, 10)
+
+
+# ---------------------------------------------------------------------------- similarity
+class PairwiseRougeL:
+    """Pairwise ROUGE-L F of a set of responses (rouge_score ``rougeL``, ``use_stemmer=True``)."""
+
+    def __init__(self):
+        from rouge_score import rouge_scorer
+
+        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def pair(self, a: str, b: str) -> float:
+        if a.strip() == b.strip():
+            return 1.0  # equal texts are never diverse, even when rouge's tokenizer sees no words in them
+        return float(self._scorer.score(a, b)["rougeL"].fmeasure)  # F is symmetric in (a, b)
+
+    def matrix(self, texts: Sequence[str]) -> list[float]:
+        """ROUGE-L F of every pair i < j, in (0,1), (0,2), ..., (n-2,n-1) order."""
+        return [self.pair(texts[i], texts[j]) for i in range(len(texts)) for j in range(i + 1, len(texts))]
+
+
+@dataclasses.dataclass
+class Trial:
+    """One sampled set: its 0-based index, temperature, texts and pairwise ROUGE-L summary."""
+
+    index: int
+    temperature: float
+    texts: list
+    max_rouge: float
+    mean_rouge: float
+
+    def accepted(self, tau: float) -> bool:
+        return self.max_rouge < tau
+
+
+def evaluate_trial(index: int, temperature: float, texts: Sequence[str], sim: PairwiseRougeL) -> Trial:
+    pairs = sim.matrix(texts)
+    return Trial(index, temperature, list(texts), max(pairs), sum(pairs) / len(pairs))
+
+
+def choose(trials: Sequence[Trial], tau: float) -> tuple[Trial, bool]:
+    """(kept trial, fallback): the accepted trial (only the last can be), else the lowest mean ROUGE-L
+    (the earliest on a tie)."""
+    if trials[-1].accepted(tau):
+        return trials[-1], False
+    return min(trials, key=lambda t: (t.mean_rouge, t.index)), True
+
+
+# ---------------------------------------------------------------------------- items and output
+@dataclasses.dataclass
+class DiverseItem:
+    id: Any
+    instruction: str
+    input: str
+    output: str | None  # None: the input row had no (non-empty) original response
+    where: str
+
+
+def read_items(path: str, limit: int | None = None) -> list[DiverseItem]:
+    """Alpaca-format rows {instruction, input?, output?, id?} (JSON/JSONL/hf:), id defaulting to the row
+    number; ids must be unique (they key the resume). Errors name file:line and field."""
+    from tuna_jax.data.records import DataError
+
+    from .teacher import read_instructions
+
+    items, seen = [], {}
+    for t in read_instructions(path, limit):  # validates the fields; output "" when the row has none
+        key = json.dumps(t.id)
+        if key in seen:
+            raise DataError(t.where, "id", f"id {t.id!r} also on {seen[key]}: ids must be unique (resume uses "
+                            f"them)", reason="duplicate_id")
+        seen[key] = t.where
+        items.append(DiverseItem(t.id, t.instruction, t.input, t.output if t.output != "" else None, t.where))
+    return items
+
+
+def make_record(item: DiverseItem, kept: Trial, trials: int, fallback: bool) -> dict:
+    rec: dict[str, Any] = {"id": item.id, "instruction": item.instruction, "input": item.input}
+    if item.output is not None:
+        rec["output"] = item.output
+    rec["candidates"] = list(kept.texts)
+    rec["diversity"] = {"trials": trials, "temperature": kept.temperature, "kept_trial": kept.index + 1,
+                        "max_pairwise_rougeL": kept.max_rouge, "mean_pairwise_rougeL": kept.mean_rouge,
+                        "fallback": fallback}
+    return rec
+
+
+def rng_id(item_id: Any, trial: int) -> int:
+    """The sampler stream of (item, 0-based trial): 31 bits of sha256, stable across runs and machines."""
+    h = hashlib.sha256(f"{json.dumps(item_id)}\x00{trial}".encode("utf-8")).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
+def diversify(items: Sequence[DiverseItem], sample_fn: SampleFn, cfg: DiverseConfig,
+              sim: PairwiseRougeL | None = None) -> list[dict]:
+    """The procedure for a group of items (sampled together, one call per trial): records in item order."""
+    from tuna_jax.data.templates import format_prompt
+
+    sim = sim or PairwiseRougeL()
+    trials: list[list[Trial]] = [[] for _ in items]
+    pending = list(range(len(items)))
+    for t in range(cfg.max_trials):
+        if not pending:
+            break
+        temp = cfg.temperature_of(t)
+        prompts = [format_prompt(items[i].instruction, items[i].input) for i in pending]
+        texts = sample_fn(prompts, cfg.n, temp, [rng_id(items[i].id, t) for i in pending])
+        if len(texts) != len(pending) or any(len(x) != cfg.n for x in texts):
+            raise RuntimeError(f"sample_fn returned {[len(x) for x in texts]} samples for {len(pending)} prompts "
+                               f"x n={cfg.n}")
+        for i, got in zip(pending, texts):
+            if any(not isinstance(s, str) for s in got):
+                raise RuntimeError(f"sample_fn returned a non-text sample for item {items[i].id!r}")
+            trials[i].append(evaluate_trial(t, temp, got, sim))
+        pending = [i for i in pending if not trials[i][-1].accepted(cfg.tau)]
+    out = []
+    for item, tr in zip(items, trials):
+        kept, fallback = choose(tr, cfg.tau)
+        out.append(make_record(item, kept, len(tr), fallback))
+    return out
+
+
+@dataclasses.dataclass
+class DiverseReport:
+    """Counts over the records of OUT (all runs): items; accepted_at[k] items accepted at trial k+1;
+    attempted[k] items that reached trial k+1; retries (resampled sets = sum of trials - 1); fallbacks;
+    empty_candidates."""
+
+    items: int = 0
+    accepted_at: list = dataclasses.field(default_factory=list)
+    attempted: list = dataclasses.field(default_factory=list)
+    retries: int = 0
+    fallbacks: int = 0
+    empty_candidates: int = 0
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict], max_trials: int) -> "DiverseReport":
+        r = cls(accepted_at=[0] * max_trials, attempted=[0] * max_trials)
+        for rec in records:
+            d = rec["diversity"]
+            r.items += 1
+            r.retries += d["trials"] - 1
+            for k in range(d["trials"]):
+                r.attempted[k] += 1
+            if d["fallback"]:
+                r.fallbacks += 1
+            else:
+                r.accepted_at[d["trials"] - 1] += 1
+            r.empty_candidates += sum(1 for c in rec["candidates"] if not c.strip())
+        return r
+
+    def line(self) -> str:
+        per = ", ".join(f"trial {k + 1}: {a}/{n} accepted"
+                        for k, (a, n) in enumerate(zip(self.accepted_at, self.attempted)))
+        return (f"items: {self.items}, retries: {self.retries}, fallbacks (least similar set kept): "
+                f"{self.fallbacks}, empty candidates: {self.empty_candidates} | {per}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    __str__ = line
+
+
+# ---------------------------------------------------------------------------- resume
+def _read_done(out_path: str, items: Sequence[DiverseItem]) -> dict[str, dict]:
+    """Records already in OUT by json id; cuts a torn last line; a record of another input is an error."""
+    done: dict[str, dict] = {}
+    if not os.path.exists(out_path):
+        return done
+    with open(out_path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines[-1]:
+        logger.warning("%s:%d: incomplete last line (an interrupted write) removed; it will be regenerated",
+                       out_path, len(lines))
+        with open(out_path, "r+b") as f:
+            f.truncate(len(data) - len(lines[-1]))
+    known = {json.dumps(it.id) for it in items}
+    for k, raw in enumerate(lines[:-1]):
+        if not raw.strip():
+            continue
+        where = f"{out_path}:{k + 1}"
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("diversity"), dict):
+            raise DiverseInputError(f"{where}: not an output record of `tuna-jax sample-diverse` (cannot resume)")
+        key = json.dumps(rec["id"])
+        if key not in known:
+            raise DiverseInputError(f"{where}: id {rec['id']!r} is not in the input; OUT belongs to another input")
+        done[key] = rec
+    return done
+
+
+def _check_settings(path: str, settings: dict) -> None:
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise DiverseInputError(f"{path}: OUT was started with other settings ({changes}); use the same "
+                                    f"settings to resume, or a new OUT")
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+
+def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg: DiverseConfig = DiverseConfig(),
+                        *, settings: dict | None = None, items_per_call: int = 16, limit: int | None = None,
+                        progress: bool = True, check_prompt: Callable[[str, str], None] | None = None
+                        ) -> DiverseReport:
+    """Run the procedure for every instruction of ``input_path`` not yet in ``out_path`` and append the
+    records (flushed and fsynced per group of ``items_per_call`` items). ``settings``: what else defines the
+    samples (model, seed, max_new_tokens ...), recorded in OUT.params.json with ``cfg``. ``check_prompt(prompt,
+    where)``: raises ValueError for a prompt the model cannot take; every prompt is checked before anything
+    is sampled, so a bad line fails at once with its file:line. Returns the report over every record of OUT
+    (this run and earlier ones)."""
+    from tqdm import tqdm
+
+    items = read_items(input_path, limit)
+    if check_prompt is not None:
+        from tuna_jax.data.templates import format_prompt
+
+        for it in items:
+            try:
+                check_prompt(format_prompt(it.instruction, it.input), it.where)
+            except ValueError as e:
+                raise DiverseInputError(str(e)) from None
+    _check_settings(out_path + ".params.json", {**dataclasses.asdict(cfg), **(settings or {})})
+    done = _read_done(out_path, items)
+    todo = [it for it in items if json.dumps(it.id) not in done]
+    if done:
+        print(f"resuming: {len(done)} of {len(items)} instructions already in {out_path}", file=sys.stderr)
+    sim = PairwiseRougeL()
+    group = max(1, items_per_call)
+    new: dict[str, dict] = {}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(items), initial=len(done), desc="sample-diverse",
+                                                        unit="ex", file=sys.stderr, disable=not progress) as bar:
+        for s in range(0, len(todo), group):
+            part = todo[s:s + group]
+            for rec in diversify(part, sample_fn, cfg, sim):
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                new[json.dumps(rec["id"])] = rec
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(part))
+            recs = [*done.values(), *new.values()]
+            bar.set_postfix(retries=sum(r["diversity"]["trials"] - 1 for r in recs),
+                            fallbacks=sum(r["diversity"]["fallback"] for r in recs))
+    all_records = [done.get(json.dumps(it.id)) or new[json.dumps(it.id)] for it in items]
+    return DiverseReport.from_records(all_records, cfg.max_trials)
+
+
+# ---------------------------------------------------------------------------- the real sampler
+def sampler_fn(sampler, max_new_tokens: int = 256, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> SampleFn:
+    """A :data:`SampleFn` over ``tuna_jax.generate.Sampler`` (which needs a tokenizer for text)."""
+    from tuna_jax.generate import SamplingParams
+
+    if sampler.tokenizer is None:
+        raise ValueError("diverse sampling needs the model's tokenizer (texts are compared and judged)")
+
+    def sample(prompts: Sequence[str], n: int, temperature: float, rng_ids: Sequence[int]) -> list[list[str]]:
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                                seed=seed)
+        out = sampler.generate(list(prompts), params, n=n, rng_ids=list(rng_ids))
+        return [[s.text for s in row] for row in out]
+
+    return sample
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``tuna-jax sample-diverse MODEL INPUT OUT``."""
+    parser.description = (
+        "Contextual ranking candidates (Tuna_c): N samples per instruction from MODEL; if any pair has ROUGE-L F "
+        ">= tau the whole set is sampled again 0.1 hotter, up to 3 trials, else the least similar trial is kept. "
+        "Output lines {id, instruction, input, output?, candidates, diversity} are the input of `tuna-jax judge`. "
+        "A rerun skips instructions already in OUT.")
+    parser.add_argument("model", help="HF folder or tuna-jax params checkpoint (the model being tuned)")
+    parser.add_argument("input", help="Alpaca-format instructions: JSON list or JSONL of {id?, instruction, input?, "
+                        "output?}")
+    parser.add_argument("out", help="output JSONL (appended to; a rerun resumes)")
+    d = parser.add_argument_group("diversity (paper defaults)")
+    d.add_argument("--n", type=int, default=4, help="samples per instruction (default: %(default)s)")
+    d.add_argument("--tau", type=float, default=0.8,
+                   help="a pair with ROUGE-L F >= tau is too similar (default: %(default)s)")
+    d.add_argument("--temperature", type=float, default=1.0, help="temperature of the first trial (default: %(default)s)")
+    d.add_argument("--temperature-step", type=float, default=0.1,
+                   help="added to the temperature on each retry (default: %(default)s)")
+    d.add_argument("--max-trials", type=int, default=3, help="trials in all, the first included (default: %(default)s)")
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest response in tokens (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=8, help="rows (instruction x sample) per device call")
+    g.add_argument("--items-per-call", type=int, default=None,
+                   help="instructions sampled together and written per flush (default: 4 x batch-size / n)")
+    g.add_argument("--max-prompt-len", type=int, default=None, help="longest prompt in tokens (longer: error)")
+    g.add_argument("--tokenizer", help="tokenizer folder or tokenizer.model (default: the model's)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    g.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="device mesh sizes, one may be -1 (default: all devices on fsdp)")
+    g.add_argument("--limit", type=int, default=None, help="only the first LIMIT instructions")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_diverse(model_path: str, input_path: str, out_path: str, cfg: DiverseConfig = DiverseConfig(), *,
+                tokenizer: str | None = None, max_new_tokens: int = 256, top_p: float = 1.0, top_k: int = 0,
+                seed: int = 0, batch_size: int = 8, max_prompt_len: int | None = None, items_per_call: int | None = None,
+                mesh=None, dtype: str = "float32", limit: int | None = None, progress: bool = True) -> DiverseReport:
+    """Load ``model_path`` (HF folder or params checkpoint) and its tokenizer (or ``tokenizer``), run the
+    procedure over ``input_path`` into ``out_path`` (resuming), write OUT.report.json; returns the report
+    (``str(report)`` is its one-line summary). mesh: None = one device."""
+    from tuna_jax.data.templates import load_tokenizer
+    from tuna_jax.generate import Sampler, SamplingParams
+    from tuna_jax.model import load_model
+
+    SamplingParams(temperature=cfg.temperature_of(cfg.max_trials - 1), top_p=top_p, top_k=top_k,
+                   max_new_tokens=max_new_tokens, seed=seed)  # validate before loading anything
+    tok = load_tokenizer(tokenizer or model_path)
+    model = load_model(model_path, mesh, dtype=dtype, param_dtype="float32")
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's vocabulary "
+                         f"is {model.cfg.vocab_size}: they do not belong together")
+    sampler = Sampler(model, tok, mesh=mesh, batch_size=batch_size, max_prompt_len=max_prompt_len)
+    fn = sampler_fn(sampler, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, seed=seed)
+    settings = {"model": str(model_path), "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+                "seed": seed, "add_bos": sampler.policy.add_bos, "stop_ids": list(sampler.stop_ids)}
+
+    def check_prompt(prompt: str, where: str) -> None:
+        sampler.check_length(len(sampler.encode(prompt, where)), max_new_tokens, where)
+
+    main = jax_main_process()
+    report = sample_diverse_file(input_path, out_path, fn, cfg, settings=settings,
+                                 items_per_call=items_per_call or max(1, (4 * sampler.batch_size) // cfg.n),
+                                 limit=limit, progress=progress and main, check_prompt=check_prompt)
+    if main:
+        with open(out_path + ".report.json", "w", encoding="utf-8") as f:
+            json.dump(report.to_json(), f, indent=1)
+            f.write("\n")
+    return report
+
+
+def run(args) -> int:
+    """``tuna-jax sample-diverse``: sample, write, report (also to OUT.report.json)."""
+    from tuna_jax import parallel
+
+    cfg = DiverseConfig(n=args.n, tau=args.tau, temperature=args.temperature,
+                        temperature_step=args.temperature_step, max_trials=args.max_trials)
+    parallel.initialize_distributed()
+    mesh = parallel.make_mesh(args.mesh)
+    report = run_diverse(args.model, args.input, args.out, cfg, tokenizer=args.tokenizer,
+                         max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                         batch_size=args.batch_size, max_prompt_len=args.max_prompt_len,
+                         items_per_call=args.items_per_call, mesh=mesh, dtype=args.dtype, limit=args.limit,
+                         progress=not args.no_progress)
+    print(f"sample-diverse: {report.line()}", file=sys.stderr)
+    if report.empty_candidates:
+        print(f"sample-diverse: {report.empty_candidates} empty candidate(s) kept: ranking records cannot train on "
+              f"them (the records reader reports them)", file=sys.stderr)
+    return 0
+
+
+def jax_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0

@@ -1,0 +1,337 @@
+"""A local tuna-jax model as the probabilistic-ranking teacher (``tuna-jax teacher --local-model PATH``).
+
+:class:`LocalTeacher` implements ``teacher.TeacherBackend`` with a model on this machine (a HF folder or a
+tuna-jax params checkpoint), so Tuna_p data can come from any LLaMA-family teacher you can run, with no
+endpoint, no API key and exact log-probs:
+
+* ``sample(prompt, n)``: n responses from ``tuna_jax.generate.Sampler`` (temperature 1 by default, the
+  paper's teacher setting), each with the log-prob of every sampled token under the model at temperature 1
+  (the untempered log-softmax, whatever temperature / top-p / top-k sampled it), the EOS included when the
+  response stopped (``finish_reason == "stop"``). So ``sum(token_logprobs)`` is exactly the DESIGN's
+  ``log p(r | i)`` over response tokens plus EOS, and ``len(token_logprobs)`` is |r| in the same units the
+  student's scorer counts.
+* ``score(prompt, responses)``: teacher forcing of given responses, ``encode_response`` (response tokens +
+  EOS, the project's one BOS/EOS policy), in float32 with the same chunked log-softmax as
+  ``tuna_jax.score.Scorer`` (``tuna-jax score``); per-token values, so the teacher can count and sum them.
+
+Why responses are re-scored when their tokens are not canonical (``rescore="noncanonical"``, the default):
+a sampler can emit a token sequence that is not the tokenizer's own segmentation of the text it decodes to
+(sentencepiece "th"+"e" instead of "the": 2 of 8 samples of stories260K at temperature 1). The record keeps
+the *text*; the student trains and scores ``encode_continuation(text)``. So for such a sample the log-probs
+returned are those of the canonical tokens of its text (+ the stop token), computed by teacher forcing: the
+teacher's number for a text is then always what ``tuna-jax score`` gives for that text, never a value for a
+different token sequence. ``rescore="always"`` re-scores every sample (slower; equal results up to float
+round-off), ``"never"`` keeps the sampled tokens' log-probs (how many were non-canonical is counted in
+``stats``). Samples cut at ``max_new_tokens`` (``finish_reason == "length"``) have no EOS: their log-probs
+cover the generated tokens only, and the teacher counts them (``length_cut``).
+
+Randomness: every prompt samples from its own stream, ``rng_id = sha256(prompt)`` (31 bits) and the
+configured seed, so a sample depends on (seed, prompt, j) only -- not on the order of the instructions or
+on whether the run was resumed. Equal prompts (duplicate instructions) get equal samples.
+
+Resumability: with a ``store`` (the teacher's append-only JSONL cache, ``--store``, default
+``OUT.store.jsonl``) every ``sample`` result is cached under a content key of (model path, prompt, n,
+sampling settings), so a killed run restarts where it stopped and ends with the same output. The key holds
+the model *path*: after changing the weights at that path, use a new store.
+
+Throughput note: the teacher loop asks for one prompt at a time, so a device call holds N rows (4 by
+default); ``--local-batch-size`` >= N keeps them in one call.
+
+jax is imported inside functions: ``tuna-jax teacher --help`` builds this module's arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import sys
+from typing import Any, Sequence
+
+from .teacher import Sample, TeacherResponseError
+
+
+RESCORE = ("noncanonical", "always", "never")
+
+
+def stable_rng_id(*parts: Any) -> int:
+    """A sampler ``rng_id`` in [0, 2**31) from text parts: the same on every run and machine."""
+    h = hashlib.sha256("\x00".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
+@functools.cache
+def _token_logprobs_kernel():
+    """The jitted teacher-forcing step, built once per process: the graphdef is a static argument, so
+    every TokenScorer of one architecture shares its compilations (compiles dominate on CPU)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tuna_jax.losses import chunked_token_logprobs
+    from tuna_jax.model.llama import DTYPES
+
+    def step(graphdef, state, batch, *, chunk):
+        m = nnx.merge(graphdef, state)
+        hidden, _ = m.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+        # hidden at t predicts token t+1: [B, L-1] log-probs of tokens 1..L-1, 0 where not scored.
+        lp = chunked_token_logprobs(hidden[:, :-1], m.lm_head_weight().astype(DTYPES[m.cfg.dtype]),
+                                    batch["input_ids"][:, 1:], chunk)
+        return jnp.where(batch["loss_mask"][:, 1:] > 0, lp, 0.0)
+
+    return jax.jit(step, static_argnames=("graphdef", "chunk"))
+
+
+class TokenScorer:
+    """Per-token log-probs of (prompt, continuation) rows by teacher forcing.
+
+    The same computation as ``tuna_jax.score.Scorer`` (``losses.chunked_token_logprobs`` over the final
+    hidden states, float32, ``chunk`` positions at a time, right-padded rows bucketed by length), but it
+    returns every scored token's log-prob instead of only their sum, because a teacher record counts |r|
+    and the -9999 guards look at single tokens.
+    """
+
+    def __init__(self, model, mesh=None, batch_rows: int = 8, chunk: int = 128):
+        from flax import nnx
+
+        self.model, self.mesh, self.chunk = model, mesh, chunk
+        n_data = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self.batch_rows = -(-batch_rows // n_data) * n_data  # a multiple of the data axes
+        self._graphdef, self._state = nnx.split(model)
+
+    def token_logprobs(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[list[float]]:
+        """rows: (ids [T], start) -> for each, the log-probs of ids[start:] ([T - start] floats, nats)."""
+        import jax
+
+        from tuna_jax import parallel
+        from tuna_jax.score import ScoreRow, bucket_length, rows_to_batch
+
+        limit = self.model.cfg.max_position_embeddings
+        for ids, start in rows:
+            if not 1 <= start <= len(ids):
+                raise ValueError(f"start={start} must be in [1, {len(ids)}]: the first scored token needs a context")
+            if len(ids) > limit:
+                raise ValueError(f"{len(ids)} tokens exceed the model's max_position_embeddings={limit}")
+        out: list[list[float] | None] = [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch
+        for s in range(0, len(order), self.batch_rows):
+            idx = order[s:s + self.batch_rows]
+            chunk = [ScoreRow(0, 0, list(rows[i][0]), rows[i][1]) for i in idx]
+            length = min(bucket_length(max(len(r.ids) for r in chunk)), limit)
+            batch = rows_to_batch(chunk, self.batch_rows, length)
+            arrays = parallel.shard_batch(batch, self.mesh) if self.mesh is not None else batch
+            lp = jax.device_get(_token_logprobs_kernel()(self._graphdef, self._state, arrays, chunk=self.chunk))
+            for j, i in enumerate(idx):
+                ids, start = rows[i]
+                out[i] = [float(x) for x in lp[j, start - 1:len(ids) - 1]]
+        return out  # type: ignore[return-value]
+
+
+@dataclasses.dataclass
+class LocalStats:
+    """Counts over the teacher's lifetime: samples drawn, those whose tokens were not the canonical
+    tokenisation of their text, those re-scored, responses scored, sample calls answered from the store."""
+
+    samples: int = 0
+    noncanonical: int = 0
+    rescored: int = 0
+    scored: int = 0
+    cache_hits: int = 0
+
+    def line(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+
+
+class LocalTeacher:
+    """A ``TeacherBackend`` over a local tuna-jax model.
+
+    Args:
+      model_path: HF LlamaForCausalLM folder (safetensors) or tuna-jax params checkpoint. Ignored for loading
+        when ``model`` is given (then it only names the model in cache keys; default "local").
+      model: an already loaded ``Llama`` (tests, or sharing one model between tools).
+      tokenizer: a ``templates.Tokenizer`` or a path (default: the model folder's).
+      policy: the BOS/EOS policy (default ``SpecialTokenPolicy()``: BOS before the prompt, EOS after responses).
+      mesh: the mesh the model lives on / is loaded onto (None: one device).
+      temperature, top_p, top_k, max_new_tokens, seed: sampling (paper teacher: temperature 1, no filters).
+      batch_size: sampler rows per device call; max_prompt_len: longer prompts fail the item.
+      dtype: compute dtype when loading (float32 by default: teacher log-probs are compared across samples).
+      rescore: "noncanonical" | "always" | "never" (module docstring).
+      store: a ``feedback.store.Store`` caching ``sample`` results (resumable runs), or None.
+    """
+
+    def __init__(self, model_path: str | None = None, *, model=None, tokenizer=None, policy=None, mesh=None,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
+                 seed: int = 0, batch_size: int = 8, max_prompt_len: int | None = None, dtype: str = "float32",
+                 rescore: str = "noncanonical", store=None, chunk: int = 128):
+        from tuna_jax.data.templates import SpecialTokenPolicy, load_tokenizer
+        from tuna_jax.generate import Sampler, SamplingParams
+
+        if rescore not in RESCORE:
+            raise ValueError(f"rescore={rescore!r}: choose one of {', '.join(RESCORE)}")
+        if model is None:
+            if model_path is None:
+                raise ValueError("LocalTeacher needs model_path (a HF folder or params checkpoint) or model=")
+            from tuna_jax.model import load_model
+
+            model = load_model(model_path, mesh, dtype=dtype, param_dtype="float32")
+        if tokenizer is None or isinstance(tokenizer, str) or hasattr(tokenizer, "__fspath__"):
+            src = tokenizer if tokenizer is not None else model_path
+            if src is None:
+                raise ValueError("LocalTeacher needs a tokenizer (or a model_path whose folder has one)")
+            tokenizer = load_tokenizer(src)
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model's "
+                             f"vocabulary is {model.cfg.vocab_size}: they do not belong together")
+        self.model_id = str(model_path or "local")
+        self.tokenizer = tokenizer
+        self.policy = policy if policy is not None else SpecialTokenPolicy()
+        self.params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                     max_new_tokens=max_new_tokens, seed=seed)
+        self.sampler = Sampler(model, tokenizer, self.policy, mesh=mesh, batch_size=batch_size,
+                               max_prompt_len=max_prompt_len)
+        self.scorer = TokenScorer(model, mesh, batch_rows=batch_size, chunk=chunk)
+        self.rescore = rescore
+        self.store = store
+        self.stats = LocalStats()
+
+    # ------------------------------------------------------------------ helpers
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        try:
+            return self.sampler.encode(prompt)
+        except ValueError as e:
+            raise TeacherResponseError(f"local teacher: {e}") from None
+
+    def _canonical(self, text: str, token_ids: Sequence[int], finish_reason: str) -> list[int]:
+        """The tokens the student will see for ``text``: encode_continuation(text) (+ the stop token)."""
+        ids = self.tokenizer.encode_continuation(text) if text else []
+        return ids + [int(token_ids[-1])] if finish_reason == "stop" else ids
+
+    def _cache_key(self, prompt: str, n: int) -> str:
+        from .store import content_key
+
+        body = {"prompt": prompt, "n": n, "sampling": dataclasses.asdict(self.params), "rescore": self.rescore,
+                "add_bos": self.policy.add_bos, "bos_override": self.policy.bos_override}
+        return content_key(f"local:{self.model_id}", "sample", body)
+
+    # ------------------------------------------------------------------ TeacherBackend
+    def sample(self, prompt: str, n: int) -> list[Sample]:
+        """n responses to ``prompt`` (the full Alpaca prompt text), each with per-token log-probs [T] under the
+        model at temperature 1 (EOS included when it stopped). Raises TeacherResponseError when the prompt
+        cannot be generated from (too long for the model or for ``max_prompt_len``): the item fails, the run
+        goes on."""
+        key = self._cache_key(prompt, n) if self.store is not None else None
+        if key is not None:
+            hit = self.store.get(key)
+            if hit is not None:
+                self.stats.cache_hits += 1
+                return [Sample(s["text"], s["token_logprobs"], s["finish_reason"]) for s in hit["response"]["samples"]]
+        prompt_ids = self._prompt_ids(prompt)
+        try:
+            got = self.sampler.generate([prompt_ids], self.params, n=n, rng_ids=[stable_rng_id(prompt)])[0]
+        except ValueError as e:
+            raise TeacherResponseError(f"local teacher: {e}") from None
+        out = [Sample(g.text, list(g.token_logprobs), g.finish_reason) for g in got]
+        redo = []
+        for j, g in enumerate(got):
+            canonical = self._canonical(g.text, g.token_ids, g.finish_reason)
+            same = canonical == list(g.token_ids)
+            self.stats.noncanonical += not same
+            if (self.rescore == "always" or (self.rescore == "noncanonical" and not same)) and canonical:
+                redo.append((j, canonical))
+        if redo:
+            lps = self.scorer.token_logprobs([(prompt_ids + c, len(prompt_ids)) for _, c in redo])
+            for (j, _), lp in zip(redo, lps):
+                out[j].token_logprobs = lp
+            self.stats.rescored += len(redo)
+        self.stats.samples += len(out)
+        if key is not None:
+            resp = {"samples": [dataclasses.asdict(s) for s in out],
+                    "usage": {"prompt_tokens": len(prompt_ids) * n,
+                              "completion_tokens": sum(len(g.token_ids) for g in got)}}
+            self.store.put_ok(key, resp, meta={"backend": "local", "model": self.model_id}, attempts=1)
+        return out
+
+    def score(self, prompt: str, responses: Sequence[str]) -> list[Sample]:
+        """Per-token log-probs of each given response after ``prompt`` (response tokens + EOS, as
+        ``tuna-jax score``). An empty response gets an empty list (the teacher drops it as empty_response)."""
+        prompt_ids = self._prompt_ids(prompt)
+        from tuna_jax.data.templates import encode_response
+
+        rows, where = [], []
+        for k, r in enumerate(responses):
+            if r != "":
+                rows.append((prompt_ids + encode_response(self.tokenizer, r, self.policy), len(prompt_ids)))
+                where.append(k)
+        try:
+            lps = self.scorer.token_logprobs(rows)
+        except ValueError as e:
+            raise TeacherResponseError(f"local teacher: {e}") from None
+        out = [Sample(r, [], "stop") for r in responses]
+        for k, lp in zip(where, lps):
+            out[k].token_logprobs = lp
+        self.stats.scored += len(rows)
+        return out
+
+
+# ---------------------------------------------------------------------------- CLI (inside `tuna-jax teacher`)
+def add_local_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--local-*`` options of ``tuna-jax teacher``. With ``--local-model`` the endpoint's ``--model``
+    is not needed, so it is made optional here (``run`` asks for it when there is no local model)."""
+    g = parser.add_argument_group(
+        "local teacher (a tuna-jax model on this machine instead of an endpoint; --n, --temperature, --top-p, "
+        "--max-tokens, --seed, --beta, --store apply; endpoint options are ignored)")
+    g.add_argument("--local-model", metavar="PATH", default=None,
+                   help="HF folder or tuna-jax params checkpoint of the teacher; sampled with tuna-jax, token "
+                        "log-probs exact (response tokens + EOS)")
+    g.add_argument("--local-tokenizer", metavar="PATH", default=None,
+                   help="tokenizer folder or tokenizer.model (default: the model's)")
+    g.add_argument("--local-top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--local-batch-size", type=int, default=8, help="sampler rows per device call (>= --n)")
+    g.add_argument("--local-max-prompt-len", type=int, default=None,
+                   help="longer prompts fail their item (default: only the model's context length limits)")
+    g.add_argument("--local-dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    g.add_argument("--local-mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="device mesh sizes, one may be -1 (default: all devices on fsdp)")
+    g.add_argument("--local-rescore", default="noncanonical", choices=RESCORE,
+                   help="re-score samples by teacher forcing: 'noncanonical' (those whose sampled tokens are not "
+                        "the tokenizer's segmentation of their text; default), 'always' or 'never'")
+    action = parser._option_string_actions.get("--model")  # argparse keeps no public handle on an option
+    if action is not None:
+        action.required = False
+        action.help = "model name as the server knows it (required unless --local-model is given)"
+
+
+def run_local(args) -> int:
+    """``tuna-jax teacher ... --local-model PATH``: 0 done, 1 some items failed (OUT.failed.jsonl), 2 stopped
+    (interrupted; rerun the same command to continue from the store)."""
+    from tuna_jax import parallel
+
+    from .client import store_from_args
+    from .store import FatalRunError
+    from .teacher import config_from_args, run_teacher
+
+    cfg = config_from_args(args)
+    parallel.initialize_distributed()
+    mesh = parallel.make_mesh(args.local_mesh)
+    seed = 0 if cfg.seed is None else cfg.seed
+    with store_from_args(args, args.out) as store:
+        backend = LocalTeacher(args.local_model, tokenizer=args.local_tokenizer, mesh=mesh,
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=args.local_top_k,
+                               max_new_tokens=cfg.max_tokens, seed=seed, batch_size=args.local_batch_size,
+                               max_prompt_len=args.local_max_prompt_len, dtype=args.local_dtype,
+                               rescore=args.local_rescore, store=store)
+        meta = {"model": args.model or args.local_model, "api": "local", "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "top_k": args.local_top_k, "max_tokens": cfg.max_tokens, "seed": seed}
+        try:
+            # One item at a time: the device is the bottleneck, threads would only queue on it.
+            summary = run_teacher(args.input, args.out, backend, cfg, meta=meta, concurrency=1, limit=args.limit,
+                                  progress=not args.no_progress)
+        except (KeyboardInterrupt, FatalRunError) as e:
+            print(f"teacher: stopped: {type(e).__name__} {e}; rerun the same command to continue", file=sys.stderr)
+            return 2
+        print(f"teacher: {summary.line()}", file=sys.stderr)
+        print(f"teacher (local): {backend.stats.line()}", file=sys.stderr)
+        if summary.failed:
+            print(f"teacher: {summary.failed} item(s) failed, listed in {summary.failed_path}", file=sys.stderr)
+            return 1
+        return 0
