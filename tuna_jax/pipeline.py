@@ -133,7 +133,7 @@ def run_demo(out_dir: str | pathlib.Path = "runs/demo", fast: bool = False) -> d
                            ["train.global_batch=16", f"train.epochs={epochs_teacher}", "optim.lr=3e-3",
                             "optim.warmup_steps=5"])
     alpaca = _train_stage("alpaca", out, base, base, "sft", sft,
-                          ["train.global_batch=16", "train.epochs=1", f"train.max_steps={8 if not fast else 4}",
+                          ["train.global_batch=16", "train.epochs=1", f"train.max_steps={16 if not fast else 4}",
                            "optim.lr=3e-3", "optim.warmup_steps=2"])
 
     # Probabilistic ranking: the teacher samples 4 responses with log-probs; s = logp / |r|^1.3.
@@ -142,10 +142,10 @@ def run_demo(out_dir: str | pathlib.Path = "runs/demo", fast: bool = False) -> d
         summary = run_teacher(str(prompts), str(p_data), LocalTeacher(str(teacher), max_new_tokens=24, seed=0),
                               TeacherConfig(n=4, beta=1.3, temperature=1.0, max_tokens=24), concurrency=1)
         _say(f"teacher: {summary.line()}")
-    ranking = ["train.global_batch=8", "train.epochs=1", "data.num_candidates=4", "loss.margin=0.1",
+    ranking = ["train.global_batch=8", f"train.epochs={3 if not fast else 1}", "data.num_candidates=4", "loss.margin=0.1",
                "loss.mle_weight=1.0", "optim.warmup_steps=2"]
     tuna_p = _train_stage("tuna-p", out, str(alpaca), base, "ranking", p_data,
-                          ranking + ["optim.lr=1e-3", "loss.mle_target=original"])
+                          ranking + ["optim.lr=2e-3", "loss.mle_target=original"])
 
     # Contextual ranking: Tuna_p samples 4 diverse responses; an offline metric judge ranks them.
     c_cands, c_data = data / "tuna_c_candidates.jsonl", data / "tuna_c_ranked.jsonl"
@@ -157,11 +157,16 @@ def run_demo(out_dir: str | pathlib.Path = "runs/demo", fast: bool = False) -> d
                             concurrency=1, progress=False)
         _say(f"judge (metric, ROUGE-L vs reference): {summary.line()}")
     tuna = _train_stage("tuna", out, str(tuna_p), base, "ranking", c_data,
-                        ranking + ["optim.lr=5e-4", "loss.mle_target=original"])
+                        ranking + ["optim.lr=1e-3", "loss.mle_target=original"])
 
     table = {}
     for name, path in (("alpaca", alpaca), ("tuna-p", tuna_p), ("tuna", tuna)):
-        table[name] = evaluate_model(str(path), base, eval_rows, heldout_ranking)
+        cached = out / f"eval-{name}.json"
+        if cached.exists():
+            table[name] = json.loads(cached.read_text())
+        else:
+            table[name] = evaluate_model(str(path), base, eval_rows, heldout_ranking)
+            cached.write_text(json.dumps(table[name], indent=2))
         _say(f"eval {name}: ROUGE-L {table[name]['rougeL']:.1f}, exact match {table[name]['exact_match']:.1f}, "
              f"pair accuracy {table[name]['pair_accuracy']:.3f}")
 
