@@ -68,7 +68,7 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -566,6 +566,31 @@ def read_prompts(path: str) -> list[PromptLine]:
     return out
 
 
+def read_out_lines(out_path: str, *, fix: bool = True, logger: logging.Logger = log) -> Iterator[tuple[str, Any]]:
+    """("OUT:line", parsed JSON or None where unparsable) per complete non-blank line of a resumed OUT file
+    (none when it does not exist). Every record is written as one line ending in a newline, so a last line
+    without one is a write torn by a crash: it is left out, and cut off the file (with a warning on
+    ``logger``) when ``fix``."""
+    if not os.path.exists(out_path):
+        return
+    with open(out_path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines[-1] and fix:
+        logger.warning("%s:%d: incomplete last line (an interrupted write) removed; it will be regenerated",
+                       out_path, len(lines))
+        with open(out_path, "r+b") as f:
+            f.truncate(len(data) - len(lines[-1]))
+    for k, raw in enumerate(lines[:-1]):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        yield f"{out_path}:{k + 1}", rec
+
+
 def read_done(out_path: str, prompts: list[PromptLine], fix: bool = True) -> set[int]:
     """Indices already in OUT (a resumed run).
 
@@ -574,24 +599,7 @@ def read_done(out_path: str, prompts: list[PromptLine], fix: bool = True) -> set
     malformed line, or a record that does not belong to this input, is an error naming OUT:line.
     """
     done: set[int] = set()
-    if not os.path.exists(out_path):
-        return done
-    with open(out_path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    if lines[-1] and fix:
-        log.warning("%s:%d: incomplete last line (an interrupted write) removed; it will be regenerated",
-                    out_path, len(lines))
-        with open(out_path, "r+b") as f:
-            f.truncate(len(data) - len(lines[-1]))
-    for k, raw in enumerate(lines[:-1]):
-        if not raw.strip():
-            continue
-        where = f"{out_path}:{k + 1}"
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            rec = None
+    for where, rec in read_out_lines(out_path, fix=fix, logger=log):
         if not (isinstance(rec, dict) and isinstance(rec.get("index"), int) and isinstance(rec.get("samples"), list)):
             raise GenerateInputError(f"{where}: not an output record of `tuna-jax generate` (cannot resume)")
         i = rec["index"]

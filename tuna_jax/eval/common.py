@@ -8,11 +8,12 @@ without anyone noticing.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import sys
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 
 class EvalInputError(ValueError):
@@ -30,17 +31,14 @@ class PredictionRecord:
     extra: dict[str, Any]
 
 
-def read_predictions_jsonl(path: str | os.PathLike, *, id_field: str = "id") -> list[PredictionRecord]:
-    """Reads ``{"id", "prediction", ...}`` lines; blank lines are allowed, everything else is checked.
-
-    Ids may be JSON strings or integers (integers are turned into their decimal string, since the
-    benchmarks' own ids are strings); a prediction must be a string (``null`` is an error, not an
-    empty answer: an empty answer is ``""``).
-    """
+def iter_json_objects(path: str | os.PathLike, *, what: str = "file",
+                      expected: str = "a JSON object") -> Iterator[tuple[int, str, dict]]:
+    """(line number, "path:line", object) per non-blank line of a JSON Lines file; a missing file (``what``
+    names it in the message) or a line that is not a JSON object (``expected`` says what it should be) is an
+    :class:`EvalInputError` naming file and line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise EvalInputError(f"{path}: predictions file not found")
-    records: list[PredictionRecord] = []
+        raise EvalInputError(f"{path}: {what} not found")
     with open(path, encoding="utf-8") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -51,23 +49,36 @@ def read_predictions_jsonl(path: str | os.PathLike, *, id_field: str = "id") -> 
             except json.JSONDecodeError as e:
                 raise EvalInputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
-                raise EvalInputError(f"{where}: expected a JSON object with 'id' and 'prediction', "
-                                     f"got {type(obj).__name__}")
-            if id_field not in obj:
-                raise EvalInputError(f"{where}: missing field '{id_field}'")
-            if "prediction" not in obj:
-                raise EvalInputError(f"{where}: missing field 'prediction'")
-            id_ = obj[id_field]
-            if isinstance(id_, bool) or not isinstance(id_, (str, int)):
-                raise EvalInputError(f"{where}: field '{id_field}' must be a string or an integer, "
-                                     f"got {type(id_).__name__}")
-            id_ = str(id_)
-            pred = obj["prediction"]
-            if not isinstance(pred, str):
-                raise EvalInputError(f"{where}: field 'prediction' must be a string, got "
-                                     f"{type(pred).__name__} (write \"\" for an empty answer)")
-            extra = {k: v for k, v in obj.items() if k not in (id_field, "prediction")}
-            records.append(PredictionRecord(id_, pred, path, lineno, extra))
+                raise EvalInputError(f"{where}: expected {expected}, got {type(obj).__name__}")
+            yield lineno, where, obj
+
+
+def read_predictions_jsonl(path: str | os.PathLike, *, id_field: str = "id") -> list[PredictionRecord]:
+    """Reads ``{"id", "prediction", ...}`` lines; blank lines are allowed, everything else is checked.
+
+    Ids may be JSON strings or integers (integers are turned into their decimal string, since the
+    benchmarks' own ids are strings); a prediction must be a string (``null`` is an error, not an
+    empty answer: an empty answer is ``""``).
+    """
+    path = os.fspath(path)
+    records: list[PredictionRecord] = []
+    for lineno, where, obj in iter_json_objects(path, what="predictions file",
+                                                expected="a JSON object with 'id' and 'prediction'"):
+        if id_field not in obj:
+            raise EvalInputError(f"{where}: missing field '{id_field}'")
+        if "prediction" not in obj:
+            raise EvalInputError(f"{where}: missing field 'prediction'")
+        id_ = obj[id_field]
+        if isinstance(id_, bool) or not isinstance(id_, (str, int)):
+            raise EvalInputError(f"{where}: field '{id_field}' must be a string or an integer, "
+                                 f"got {type(id_).__name__}")
+        id_ = str(id_)
+        pred = obj["prediction"]
+        if not isinstance(pred, str):
+            raise EvalInputError(f"{where}: field 'prediction' must be a string, got "
+                                 f"{type(pred).__name__} (write \"\" for an empty answer)")
+        extra = {k: v for k, v in obj.items() if k not in (id_field, "prediction")}
+        records.append(PredictionRecord(id_, pred, path, lineno, extra))
     return records
 
 
@@ -100,3 +111,14 @@ def emit_json(result: dict, out_path: str | os.PathLike | None) -> None:
 def warn(message: str) -> None:
     """A loud, unmissable warning on stderr (scores with missing data must not look complete)."""
     print(f"WARNING: {message}", file=sys.stderr)
+
+
+def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
+            argv: Sequence[str] | None = None) -> int:
+    """The ``main()`` of a scorer CLI: parse ``argv``, return ``run(args)``; bad input is ``error: ...`` and 2."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except EvalInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -89,7 +89,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from tuna_jax.eval.common import EvalInputError, emit_json, read_predictions_jsonl, warn
+from tuna_jax.eval.common import EvalInputError, emit_json, read_predictions_jsonl, run_cli, warn
 
 # --------------------------------------------------------------------------------------------------
 # Task lists (from the paper's Table 1 / the repository's analysis)
@@ -1083,12 +1083,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(
         prog="tuna-jax eval lmentry", description="LMentry accuracy, robustness and score of a predictions file"))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except EvalInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(parser, run, argv)
 
 
 if __name__ == "__main__":

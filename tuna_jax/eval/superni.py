@@ -69,7 +69,7 @@ from collections import Counter, defaultdict
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from tuna_jax.eval.common import (EvalInputError, check_unique, emit_json, read_predictions_jsonl,
-                                  warn)
+                                  run_cli, warn)
 
 DEFAULT_NUM_INSTANCES = 100  # first 100 instances per test task, as the benchmark evaluates
 DEFAULT_SPLIT = "default"    # the English track; "xlingual" is the cross-lingual one
@@ -740,12 +740,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(
         prog="tuna-jax eval superni", description="Super-NaturalInstructions ROUGE-L of a predictions file"))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except EvalInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(parser, run, argv)
 
 
 if __name__ == "__main__":

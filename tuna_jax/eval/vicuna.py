@@ -64,7 +64,7 @@ import re
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
-from tuna_jax.eval.common import EvalInputError, emit_json, warn
+from tuna_jax.eval.common import EvalInputError, emit_json, iter_json_objects, warn
 from tuna_jax.feedback.client import (APIError, OpenAIClient, add_client_arguments, client_config_from_args,
                                       store_from_args)
 from tuna_jax.feedback.store import BudgetExceeded, FatalRunError, ItemOutcome, RunSummary, run_items
@@ -119,21 +119,7 @@ class Reviewer:
 
 def _jsonl(path: str | os.PathLike):
     """(where, object) per non-blank line; a line that is not a JSON object is an error naming file:line."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise EvalInputError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise EvalInputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
+    return ((where, obj) for _, where, obj in iter_json_objects(path))
 
 
 def _field(obj: Mapping, name: str, types, where: str):

@@ -445,3 +445,38 @@ def store_from_args(args, out_path: str) -> Store:
     return Store(args.store or (out_path + ".store.jsonl"),
                  prices=Prices(args.price_input, args.price_output),
                  budget=Budget(args.max_usd, args.max_requests), retry_failed=not args.no_retry_failed)
+
+
+def report_run(name: str, call: Callable[[], Any], store: Store, failed_note: str) -> int:
+    """Run ``call()`` (an item loop returning a :class:`~tuna_jax.feedback.store.RunSummary`) and report it on
+    stderr as ``NAME: ...``: 0 done, 1 some items failed (``failed_note`` follows the count, e.g.
+    ``"item(s) failed, listed in"``, then the failed file), 2 stopped on a budget or a fatal endpoint error."""
+    import sys
+
+    try:
+        summary = call()
+    except (BudgetExceeded, FatalRunError) as e:
+        print(f"{name}: stopped: {e}", file=sys.stderr)
+        s = getattr(e, "summary", None)
+        if s is not None:
+            print(f"{name}: {s.line()}", file=sys.stderr)
+        print(f"{name}: {store.summary()}", file=sys.stderr)
+        return 2
+    print(f"{name}: {summary.line()}", file=sys.stderr)
+    print(f"{name}: {store.summary()}", file=sys.stderr)
+    if summary.failed:
+        print(f"{name}: {summary.failed} {failed_note} {summary.failed_path}; rerun to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cli_main(prog: str, add_arguments: Callable[[Any], None], run: Callable[[Any], int],
+             argv: Sequence[str] | None = None) -> int:
+    """The ``main()`` of a ``tuna-jax`` subcommand: parse ``argv``, set up logging, return ``run(args)``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)

@@ -251,26 +251,11 @@ class DiverseReport:
 # ---------------------------------------------------------------------------- resume
 def _read_done(out_path: str, items: Sequence[DiverseItem]) -> dict[str, dict]:
     """Records already in OUT by json id; cuts a torn last line; a record of another input is an error."""
+    from tuna_jax.generate import read_out_lines
+
     done: dict[str, dict] = {}
-    if not os.path.exists(out_path):
-        return done
-    with open(out_path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    if lines[-1]:
-        logger.warning("%s:%d: incomplete last line (an interrupted write) removed; it will be regenerated",
-                       out_path, len(lines))
-        with open(out_path, "r+b") as f:
-            f.truncate(len(data) - len(lines[-1]))
     known = {json.dumps(it.id) for it in items}
-    for k, raw in enumerate(lines[:-1]):
-        if not raw.strip():
-            continue
-        where = f"{out_path}:{k + 1}"
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            rec = None
+    for where, rec in read_out_lines(out_path, logger=logger):
         if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("diversity"), dict):
             raise DiverseInputError(f"{where}: not an output record of `tuna-jax sample-diverse` (cannot resume)")
         key = json.dumps(rec["id"])

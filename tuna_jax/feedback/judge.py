@@ -54,11 +54,13 @@ import re
 import sys
 from typing import Any, Sequence
 
-from tuna_jax.data.records import DataError, iter_rows
+from tuna_jax.data.records import DataError
 from tuna_jax.data.templates import format_prompt
 
-from .client import (APIError, OpenAIClient, add_client_arguments, client_config_from_args, store_from_args)
+from .client import (APIError, OpenAIClient, add_client_arguments, cli_main, client_config_from_args, report_run,
+                     store_from_args)
 from .store import BudgetExceeded, FatalRunError, ItemOutcome, RunSummary, run_items
+from .teacher import iter_input_objects
 
 logger = logging.getLogger("tuna_jax.feedback")
 
@@ -342,13 +344,7 @@ def read_candidates(path: str, reference_field: str = "output", limit: int | Non
     """Rows {id?, instruction, input?, output?, candidates: [str], ...} (JSON/JSONL/hf:). Errors name file:line
     and field."""
     items = []
-    for n, (where, row) in enumerate(iter_rows(path)):
-        if limit is not None and n >= limit:
-            break
-        if isinstance(row, DataError):
-            raise row
-        if not isinstance(row, dict):
-            raise DataError(where, None, f"expected a JSON object, got {type(row).__name__}")
+    for n, where, row in iter_input_objects(path, limit):
         ins = row.get("instruction")
         if not isinstance(ins, str) or not ins.strip():
             raise DataError(where, "instruction", "missing, empty or not a string", reason="missing_field")
@@ -557,31 +553,13 @@ def run(args) -> int:
     ccfg = client_config_from_args(args)
     with store_from_args(args, args.out) as store:
         judge = LLMJudge(OpenAIClient(ccfg, store), cfg)
-        try:
-            summary = run_judge(args.input, args.out, judge, concurrency=ccfg.concurrency, limit=args.limit,
-                                progress=progress)
-        except (BudgetExceeded, FatalRunError) as e:
-            print(f"judge: stopped: {e}", file=sys.stderr)
-            s = getattr(e, "summary", None)
-            if s is not None:
-                print(f"judge: {s.line()}", file=sys.stderr)
-            print(f"judge: {store.summary()}", file=sys.stderr)
-            return 2
-        print(f"judge: {summary.line()}", file=sys.stderr)
-        print(f"judge: {store.summary()}", file=sys.stderr)
-        if summary.failed:
-            print(f"judge: {summary.failed} record(s) failed, listed with the judge's replies in "
-                  f"{summary.failed_path}; rerun to retry them", file=sys.stderr)
-            return 1
-        return 0
+        return report_run("judge", lambda: run_judge(args.input, args.out, judge, concurrency=ccfg.concurrency,
+                                                     limit=args.limit, progress=progress),
+                          store, "record(s) failed, listed with the judge's replies in")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuna-jax judge")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(args)
+    return cli_main("tuna-jax judge", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -42,12 +42,13 @@ import dataclasses
 import logging
 import math
 import sys
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from tuna_jax.data.records import DataError, iter_rows
 from tuna_jax.data.templates import format_prompt
 
-from .client import (APIError, OpenAIClient, add_client_arguments, client_config_from_args, store_from_args)
+from .client import (APIError, OpenAIClient, add_client_arguments, cli_main, client_config_from_args, report_run,
+                     store_from_args)
 from .store import BudgetExceeded, FatalRunError, ItemOutcome, RunSummary, run_items
 
 logger = logging.getLogger("tuna_jax.feedback")
@@ -259,10 +260,9 @@ class TeacherItem:
     where: str
 
 
-def read_instructions(path: str, limit: int | None = None) -> list[TeacherItem]:
-    """Alpaca-format rows {instruction, input?, output?, id?} from JSON/JSONL/hf:. id defaults to the row
-    number (0-based). Errors name file:line and field."""
-    items = []
+def iter_input_objects(path: str, limit: int | None = None) -> Iterator[tuple[int, str, dict]]:
+    """(row number from 0, "file:line", row) for the first ``limit`` rows of a JSON/JSONL/hf: input; an
+    unreadable row or one that is not a JSON object raises its :class:`DataError`."""
     for n, (where, row) in enumerate(iter_rows(path)):
         if limit is not None and n >= limit:
             break
@@ -270,6 +270,14 @@ def read_instructions(path: str, limit: int | None = None) -> list[TeacherItem]:
             raise row
         if not isinstance(row, dict):
             raise DataError(where, None, f"expected a JSON object, got {type(row).__name__}")
+        yield n, where, row
+
+
+def read_instructions(path: str, limit: int | None = None) -> list[TeacherItem]:
+    """Alpaca-format rows {instruction, input?, output?, id?} from JSON/JSONL/hf:. id defaults to the row
+    number (0-based). Errors name file:line and field."""
+    items = []
+    for n, where, row in iter_input_objects(path, limit):
         ins = row.get("instruction")
         if not isinstance(ins, str) or not ins.strip():
             raise DataError(where, "instruction", "missing or empty" if not ins else "expected str",
@@ -384,31 +392,14 @@ def run(args) -> int:
         client = OpenAIClient(ccfg, store)
         backend = RemoteTeacher(client, cfg)
         meta = {"model": ccfg.model, "api": cfg.api, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
-        try:
-            summary = run_teacher(args.input, args.out, backend, cfg, meta=meta, concurrency=ccfg.concurrency,
-                                  limit=args.limit, progress=not args.no_progress)
-        except (BudgetExceeded, FatalRunError) as e:
-            print(f"teacher: stopped: {e}", file=sys.stderr)
-            s = getattr(e, "summary", None)
-            if s is not None:
-                print(f"teacher: {s.line()}", file=sys.stderr)
-            print(f"teacher: {store.summary()}", file=sys.stderr)
-            return 2
-        print(f"teacher: {summary.line()}", file=sys.stderr)
-        print(f"teacher: {store.summary()}", file=sys.stderr)
-        if summary.failed:
-            print(f"teacher: {summary.failed} item(s) failed, listed in {summary.failed_path}; rerun to retry "
-                  f"them", file=sys.stderr)
-            return 1
-        return 0
+        return report_run("teacher", lambda: run_teacher(args.input, args.out, backend, cfg, meta=meta,
+                                                         concurrency=ccfg.concurrency, limit=args.limit,
+                                                         progress=not args.no_progress),
+                          store, "item(s) failed, listed in")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuna-jax teacher")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(args)
+    return cli_main("tuna-jax teacher", add_arguments, run, argv)
 
 
 if __name__ == "__main__":
