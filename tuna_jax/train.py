@@ -78,12 +78,6 @@ class ParamBinder:
     def to_pure(model: Llama) -> dict:
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
-    def abstract_params(self, mesh) -> dict:
-        shardings = parallel.state_shardings(self.abstract_state, mesh)
-        structs = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value())),
-                               self.abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        return nnx.to_pure_dict(structs)
-
 
 # ---- optimizer -------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from tuna_jax.eval.common import (EvalInputError, check_unique, emit_json, read_predictions_jsonl,
+from tuna_jax.eval.common import (EvalInputError, check_unique, emit_json, iter_json_objects, read_predictions_jsonl,
                                   run_cli, warn)
 
 DEFAULT_NUM_INSTANCES = 100  # first 100 instances per test task, as the benchmark evaluates
@@ -274,22 +274,6 @@ def _references_from_task(task: TaskData, num_instances: int) -> list[ReferenceR
             for inst in task.instances[:num_instances]]
 
 
-def _read_jsonl_objects(path: pathlib.Path) -> list[tuple[int, dict]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise EvalInputError(f"{path}:{lineno}: expected a JSON object")
-            out.append((lineno, obj))
-    return out
-
-
 def _reference_from_obj(obj: Mapping[str, Any], where: str) -> ReferenceRecord:
     if not isinstance(obj.get("id"), str):
         raise EvalInputError(f"{where}: needs a string 'id'")
@@ -306,8 +290,7 @@ def _reference_from_obj(obj: Mapping[str, Any], where: str) -> ReferenceRecord:
 
 def _load_jsonl_file(path: pathlib.Path, refs: list[ReferenceRecord], tasks: dict[str, TaskData]) -> None:
     """A JSONL file holds either reference records ("references") or whole tasks ("instances")."""
-    for lineno, obj in _read_jsonl_objects(path):
-        where = f"{path}:{lineno}"
+    for _, where, obj in iter_json_objects(path, what="references file"):
         if "references" in obj:
             refs.append(_reference_from_obj(obj, where))
         elif "instances" in obj or "Instances" in obj:
