@@ -68,7 +68,6 @@ class ParamBinder:
         self.cfg = cfg
         self.graphdef, abs_state = nnx.split(abstract_model(cfg))
         self.treedef = jax.tree.structure(abs_state)
-        self.abstract_state = abs_state
 
     def bind(self, params: dict) -> Llama:
         leaves = jax.tree.leaves(params)
