@@ -72,7 +72,7 @@ def mem_worker(kind: str, m: int, l: int, d: int, v: int, chunk: int, grad: bool
     import jax
     import jax.numpy as jnp
 
-    from tuna_jax.losses import chunked_token_logprobs, naive_token_logprobs
+    from tuna_jax.logprobs import chunked_token_logprobs, naive_token_logprobs
 
     if kind == "naive":
         fn = naive_token_logprobs
@@ -160,7 +160,7 @@ def bench_speed(args) -> dict:
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM
 
-    from tuna_jax.losses import sequence_logprobs
+    from tuna_jax.logprobs import sequence_logprobs
     from tuna_jax.model.convert import load_hf_model
 
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

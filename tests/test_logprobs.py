@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tuna_jax.losses import chunked_token_logprobs, naive_token_logprobs, sequence_logprobs, sequence_scores
+from tuna_jax.logprobs import chunked_token_logprobs, naive_token_logprobs, sequence_logprobs
+from tuna_jax.losses import sequence_scores
 from tuna_jax.model.llama import Llama, LlamaConfig
 
 

@@ -7,7 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tuna_jax import parallel
-from tuna_jax.losses import sequence_logprobs
+from tuna_jax.logprobs import sequence_logprobs
 from tuna_jax.model.llama import Llama, LlamaConfig
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,

@@ -1,13 +1,9 @@
-"""Exact candidate log-likelihoods, sequence scores, and the Tuna ranking and MLE losses.
+"""Sequence scores and the Tuna ranking and MLE losses, on per-candidate log-likelihoods.
 
-Conventions (see DESIGN.md "The equations, exactly"):
+The log-likelihoods themselves (float32, only scored tokens projected to the vocabulary) come
+from :mod:`tuna_jax.logprobs`. Conventions (see DESIGN.md "The equations, exactly"):
 
-* Token batches carry an explicit candidate axis: ``input_ids`` [B, N, L].
-* ``loss_mask`` [B, N, L] is target-aligned: 1 at position t when token t is a response
-  token or the EOS. The logits at t-1 predict token t, so position 0 is never scored.
-* log p is computed in float32, ``chunk`` positions at a time: the [B*N, L, V] logits are
-  never materialised (only [B*N, chunk, V]), and the chunk body is rematerialised in the
-  backward pass so the gradient does not store them either.
+* Every ranking tensor carries an explicit candidate axis: scores and masks are [B, N].
 * v_k = (1/|r_k|) sum_t log p(r_k,t | i, r_k,<t): the per-token mean over response + EOS.
   A candidate with no scored tokens is masked out, never 0/0.
 """
@@ -18,63 +14,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from tuna_jax.model.llama import DTYPES, Llama
 
-# ---- log-likelihoods -------------------------------------------------------------------
-
-
-def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk: int = 128) -> jax.Array:
-    """log p(targets) from hidden states, ``chunk`` positions at a time.
-
-    hidden [M, L, D] (any float dtype), head [D, V], targets [M, L] int -> [M, L] float32.
-    Peak extra memory: [M, chunk, V] float32 logits, not [M, L, V].
-    """
-    m, l, d = hidden.shape
-    chunk = max(1, min(chunk, l))
-    pad = (-l) % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    n = (l + pad) // chunk
-    hs = hidden.reshape(m, n, chunk, d).swapaxes(0, 1)  # [n, M, c, D]
-    ts = targets.reshape(m, n, chunk).swapaxes(0, 1)  # [n, M, c]
-
-    @jax.checkpoint  # recompute the chunk's logits in the backward pass instead of storing them
-    def one_chunk(h, t):
-        logits = jnp.einsum("mcd,dv->mcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
-        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
-
-    out = jax.lax.map(lambda xs: one_chunk(*xs), (hs, ts))  # [n, M, c]
-    return out.swapaxes(0, 1).reshape(m, n * chunk)[:, :l]
-
-
-def naive_token_logprobs(hidden: jax.Array, head: jax.Array, targets: jax.Array) -> jax.Array:
-    """Reference: the full log_softmax then gather. [M, L, D], [D, V], [M, L] -> [M, L]."""
-    logits = jnp.einsum("mld,dv->mlv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-
-
-def sequence_logprobs(model: Llama, input_ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array | None = None,
-                      positions: jax.Array | None = None, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
-    """Sum of log p over the masked tokens and their count, per sequence.
-
-    input_ids, loss_mask, segment_ids, positions: [..., L] (e.g. [B, N, L] or [B, L]).
-    Returns logprob_sum [...] float32 and num_tokens [...] float32.
-    """
-    lead, l = input_ids.shape[:-1], input_ids.shape[-1]
-    flat = lambda x: x.reshape((-1, l))  # noqa: E731
-    ids = flat(input_ids)
-    seg = flat(segment_ids) if segment_ids is not None else jnp.ones_like(ids)
-    pos = flat(positions) if positions is not None else jnp.broadcast_to(jnp.arange(l), ids.shape)
-    hidden, _ = model.hidden_states(ids, pos, seg)
-    # logits at t predict token t+1: score targets ids[:, 1:] with hidden[:, :-1].
-    lp = chunked_token_logprobs(hidden[:, :-1], model.lm_head_weight().astype(DTYPES[model.cfg.dtype]),
-                                ids[:, 1:], chunk)
-    mask = flat(loss_mask)[:, 1:].astype(jnp.float32)
-    total = jnp.sum(lp * mask, axis=-1)
-    count = jnp.sum(mask, axis=-1)
-    return total.reshape(lead), count.reshape(lead)
+# ---- sequence scores --------------------------------------------------------------------
 
 
 def sequence_scores(logprob_sum: jax.Array, num_tokens: jax.Array, candidate_mask: jax.Array | None = None,

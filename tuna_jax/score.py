@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tuna_jax import parallel
-from tuna_jax.losses import sequence_logprobs
+from tuna_jax.logprobs import sequence_logprobs
 
 
 class ScoreInputError(ValueError):

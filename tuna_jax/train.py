@@ -37,7 +37,8 @@ from flax import nnx
 
 from tuna_jax import parallel
 from tuna_jax.config import Config
-from tuna_jax.losses import mle_loss, pair_accuracy, ranking_loss, sequence_logprobs, sequence_scores
+from tuna_jax.logprobs import sequence_logprobs
+from tuna_jax.losses import mle_loss, pair_accuracy, ranking_loss, sequence_scores
 from tuna_jax.model.checkpoint import TrainCheckpointer, save_params
 from tuna_jax.model.llama import Llama, LlamaConfig, abstract_model
 

@@ -68,7 +68,7 @@ def _token_logprobs_kernel():
     import jax.numpy as jnp
     from flax import nnx
 
-    from tuna_jax.losses import chunked_token_logprobs
+    from tuna_jax.logprobs import chunked_token_logprobs
     from tuna_jax.model.llama import DTYPES
 
     def step(graphdef, state, batch, *, chunk):

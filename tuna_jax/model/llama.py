@@ -13,12 +13,14 @@ Layout decisions (why they are what they are):
 * Parameters live in ``param_dtype`` (float32 by default); matmuls run in ``dtype``
   (bfloat16 for training on accelerators); RMSNorm statistics, RoPE tables and the softmax
   always run in float32, as in HF.
-* The attention mask is built here, from per-token ``segment_ids`` (0 = padding; tokens
-  attend only within their segment, causally by index) and optional ``branch_ids``
-  (0 = shared prefix; a token with branch b > 0 sees the shared prefix and its own branch
-  only). Plain padded batches, several examples packed in one row, and prefix-shared
+* The attention mask is built once per forward pass, from per-token ``segment_ids`` (0 =
+  padding; tokens attend only within their segment, causally by index) and optional
+  ``branch_ids`` (0 = shared prefix; a token with branch b > 0 sees the shared prefix and its own
+  branch only). Plain padded batches, several examples packed in one row, and prefix-shared
   candidates (instruction once, then N candidates with positions restarting after the
-  instruction) are all expressed by these two arrays, without touching the model.
+  instruction) are all expressed by these two arrays, without touching the model. The mask
+  semantics and the attention implementations (einsum reference, XLA, cuDNN, splash) live in
+  ``model/attention.py``; ``attention`` in the config picks one.
 * A fixed-size KV cache (``KVCache``) is an explicit input/output of the forward pass: the
   sampler owns it, donates it, and the model writes the new keys/values at ``cache.index``.
 
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tuna_jax.model.attention import IMPLEMENTATIONS, attend, attention_mask, resolve
 from tuna_jax.parallel import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -72,6 +75,7 @@ class LlamaConfig:
     dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention: str = "auto"  # auto | einsum | xla | cudnn | splash (model/attention.py)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -79,6 +83,8 @@ class LlamaConfig:
                              f"num_key_value_heads={self.num_kv_heads}")
         if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose none or one of {sorted(REMAT_POLICIES)}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
@@ -202,25 +208,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-# ---- attention mask -------------------------------------------------------------------
-
-def attention_mask(q_segment: jax.Array, k_segment: jax.Array, q_index: jax.Array, k_index: jax.Array,
-                   q_branch: jax.Array | None = None, k_branch: jax.Array | None = None) -> jax.Array:
-    """Boolean [B, 1, Lq, Lk]: query i sees key j iff both are real (segment != 0), in the same
-    segment, j is not after i (by index in the row or cache), and j is in the shared prefix
-    (branch 0) or in i's own branch.
-
-    q_segment [B, Lq], k_segment [B, Lk], q_index [B, Lq] / [Lq], k_index [Lk]; branches like segments.
-    """
-    q_index = jnp.broadcast_to(q_index, q_segment.shape)
-    same = (q_segment[:, :, None] == k_segment[:, None, :]) & (k_segment[:, None, :] != 0)
-    causal = k_index[None, None, :] <= q_index[:, :, None]
-    mask = same & causal
-    if q_branch is not None:
-        mask &= (k_branch[:, None, :] == 0) | (k_branch[:, None, :] == q_branch[:, :, None])
-    return mask[:, None, :, :]
-
-
 # ---- KV cache -------------------------------------------------------------------------
 
 class KVCache(NamedTuple):
@@ -274,11 +261,12 @@ class Attention(nnx.Module):
         self.o_proj = _param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), pd)
         self.cfg = cfg
 
-    def __call__(self, x, cos, sin, segment_ids, branch_ids, kv=None, cache_meta=None):
-        """x [B, L, D] -> ([B, L, D], (k, v) of this call or the updated cache slices).
+    def __call__(self, x, cos, sin, mask, kv=None, cache_meta=None, ids=None):
+        """x [B, L, D] -> ([B, L, D], the updated cache slices (k, v) or None).
 
-        kv: this layer's cache (k, v) [B, S, K, Dh] or None; cache_meta: (segment_ids [B, S],
-        branch_ids [B, S], index) of the cache *after* this call's tokens were written.
+        mask [B, 1, L, S] (``attention.attention_mask``). kv: this layer's cache (k, v)
+        [B, S, K, Dh] or None; cache_meta: the cache's index (where this call's keys go).
+        ids: (segment_ids, branch_ids) [B, L] of this call, for the splash kernel.
         """
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         x = x.astype(dt)
@@ -286,30 +274,17 @@ class Attention(nnx.Module):
         k = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(dt))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        b, l = x.shape[:2]
         if kv is None:
-            keys, values = k, v
-            k_seg, k_branch, k_index, q_index = segment_ids, branch_ids, jnp.arange(l), jnp.arange(l)
+            impl = resolve(cfg.attention, dt, cfg.head_dim)
+            out = attend(q, k, v, mask, impl, segment_ids=ids[0], branch_ids=ids[1])
+            new_kv = None
         else:
-            cache_seg, cache_branch, index = cache_meta
-            keys = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-            k_seg, k_branch = cache_seg, cache_branch
-            k_index, q_index = jnp.arange(keys.shape[1]), index + jnp.arange(l)
-        mask = attention_mask(segment_ids, k_seg, q_index, k_index, branch_ids, k_branch)
-
-        # Grouped-query attention: query heads [K, G] share kv head K.
-        g = cfg.num_heads // cfg.num_kv_heads
-        qg = q.reshape(b, l, cfg.num_kv_heads, g, cfg.head_dim)
-        scores = jnp.einsum("blkgd,bskd->bkgls", qg, keys.astype(dt)).astype(jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim)
-        # A large finite negative, not -inf: fully masked (padding) rows stay finite.
-        scores = jnp.where(mask[:, :, None, :, :], scores, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, values.astype(dt)).reshape(b, l, cfg.num_heads, cfg.head_dim)
-        out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(dt))
-        return out, ((keys, values) if kv is not None else None)
+            keys = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_meta, axis=1)
+            values = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_meta, axis=1)
+            out, new_kv = attend(q, keys.astype(dt), values.astype(dt), mask, "einsum"), (keys, values)
+        b, l = x.shape[:2]
+        out = jnp.einsum("blhk,hkd->bld", out.reshape(b, l, cfg.num_heads, cfg.head_dim), self.o_proj[...].astype(dt))
+        return out, new_kv
 
 
 class MLP(nnx.Module):
@@ -336,9 +311,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, h, cos, sin, segment_ids, branch_ids, kv=None, cache_meta=None):
+    def __call__(self, h, cos, sin, mask, kv=None, cache_meta=None, ids=None):
         """h [B, L, D] float32 residual stream -> (h [B, L, D], updated kv or None)."""
-        attn, kv = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, branch_ids, kv, cache_meta)
+        attn, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, cache_meta, ids)
         h = h + attn.astype(h.dtype)
         h = h + self.mlp(self.post_attention_layernorm(h)).astype(h.dtype)
         return h, kv
@@ -346,7 +321,7 @@ class DecoderLayer(nnx.Module):
 
 class Llama(nnx.Module):
     """LlamaForCausalLM. ``__call__`` gives logits; ``hidden_states`` + ``lm_head_weight`` let
-    the log-likelihood code project to the vocabulary in chunks (see ``losses.py``)."""
+    the log-likelihood code project only the scored tokens (see ``logprobs.py``)."""
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -381,25 +356,32 @@ class Llama(nnx.Module):
         written at ``cache.index`` and queries attend to every cached slot their mask allows.
         """
         cfg = self.cfg
-        if branch_ids is None:
-            branch_ids = jnp.zeros_like(segment_ids)
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.float32)
         h = constrain(h, ("batch", "length", "act_embed"))
         cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg))
 
-        cache_meta, new_cache = None, None
-        if cache is not None:
-            l = input_ids.shape[1]
-            cache_meta = (jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1),
-                          jax.lax.dynamic_update_slice_in_dim(cache.branch_ids, branch_ids, cache.index, axis=1),
-                          cache.index)
+        # The mask is built once per call, not per layer.
+        l = input_ids.shape[1]
+        zeros = jnp.zeros_like(segment_ids)
+        if cache is None:
+            idx = jnp.arange(l)
+            mask = attention_mask(segment_ids, segment_ids, idx, idx, branch_ids, branch_ids)
+            cache_meta = None
+        else:
+            seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
+            branch = jax.lax.dynamic_update_slice_in_dim(
+                cache.branch_ids, zeros if branch_ids is None else branch_ids, cache.index, axis=1)
+            mask = attention_mask(segment_ids, seg, cache.index + jnp.arange(l), jnp.arange(seg.shape[1]),
+                                  zeros if branch_ids is None else branch_ids, branch)
+            cache_meta = cache.index
+        ids = (segment_ids, branch_ids)
 
         graphdef, layer_state = nnx.split(self.layers)
 
         def layer_step(h, xs):
             state, kv = xs
             layer = nnx.merge(graphdef, state)
-            h, kv = layer(h, cos, sin, segment_ids, branch_ids, kv, cache_meta)
+            h, kv = layer(h, cos, sin, mask, kv, cache_meta, ids)
             return constrain(h, ("batch", "length", "act_embed")), kv
 
         if cfg.remat_policy != "none":
@@ -407,13 +389,14 @@ class Llama(nnx.Module):
         kv_in = None if cache is None else (cache.k, cache.v)
         h, kv_out = jax.lax.scan(layer_step, h, (layer_state, kv_in),
                                  unroll=1 if cfg.scan_layers else cfg.num_layers)
+        new_cache = None
         if cache is not None:
-            new_cache = KVCache(kv_out[0], kv_out[1], cache_meta[0], cache_meta[1], cache.index + l)
+            new_cache = KVCache(kv_out[0], kv_out[1], seg, branch, cache.index + l)
         return self.norm(h.astype(DTYPES[cfg.dtype])), new_cache
 
     def __call__(self, input_ids, positions=None, segment_ids=None, branch_ids=None, cache=None):
         """Logits [B, L, V] float32. Defaults: positions 0..L-1, every token in segment 1.
-        Materialises the full vocabulary: use ``losses.sequence_logprobs`` for training."""
+        Materialises the full vocabulary: training and scoring use ``logprobs.py`` instead."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         if segment_ids is None:

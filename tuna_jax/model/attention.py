@@ -1,0 +1,164 @@
+"""Attention: the mask semantics (once) and the implementations behind one switch.
+
+The mask is the single source of truth: :func:`attention_mask` turns per-token ``segment_ids``
+(0 = padding), ``branch_ids`` (0 = shared prefix) and indices into "query i may see key j".
+Padded rows, several examples packed in a row, and prefix-shared candidates are all expressed by
+those arrays; every implementation below computes softmax(q k^T / sqrt(Dh)) v under that mask.
+
+``model.attention`` chooses the implementation:
+
+* ``einsum``: the reference. Float32 scores ``[B, K, G, L, S]``, a dense boolean mask. Tests
+  compare every other path against it.
+* ``xla``: ``jax.nn.dot_product_attention(implementation="xla")`` with the dense mask. Portable.
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention on
+  NVIDIA GPUs (bfloat16/float16, head_dim <= 128 and a multiple of 8). cuDNN's own mask types
+  cover causal + padding only, so the dense mask goes in as an additive bias (that is how jax
+  passes a boolean mask to cuDNN), which covers packed and prefix-shared rows exactly.
+* ``splash``: Pallas splash attention on TPU. Padded and packed rows use its causal mask with
+  segment ids (fully masked blocks are skipped); rows with branches (prefix-shared) use a dynamic
+  dense mask, from which splash builds its block-sparsity metadata. Runs on CPU in Pallas
+  interpret mode (slow; for tests).
+* ``auto``: cudnn on GPU when the dtype allows, splash on TPU, xla elsewhere.
+
+A query with no visible key (a padding token) attends to itself only, so no implementation ever
+normalises over an empty set: padding stays finite and never reaches a real token, because real
+tokens never see padding keys.
+
+Decoding with a KV cache always uses ``einsum`` (one or a few queries against a cache; the fused
+kernels are for training and scoring).
+
+Shapes: B batch, L queries, S keys, H query heads, K kv heads, G = H // K, Dh head dim.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash")
+
+
+def attention_mask(q_segment: jax.Array, k_segment: jax.Array, q_index: jax.Array, k_index: jax.Array,
+                   q_branch: jax.Array | None = None, k_branch: jax.Array | None = None) -> jax.Array:
+    """Boolean [B, 1, Lq, Lk]: query i sees key j iff both are real (segment != 0), in the same
+    segment, j is not after i (by index in the row or cache), and j is in the shared prefix
+    (branch 0) or in i's own branch. A padding query (segment 0) sees only its own index.
+
+    q_segment [B, Lq], k_segment [B, Lk], q_index [B, Lq] / [Lq], k_index [Lk]; branches like segments.
+    """
+    q_index = jnp.broadcast_to(q_index, q_segment.shape)
+    same = (q_segment[:, :, None] == k_segment[:, None, :]) & (k_segment[:, None, :] != 0)
+    causal = k_index[None, None, :] <= q_index[:, :, None]
+    mask = same & causal
+    if q_branch is not None:
+        mask &= (k_branch[:, None, :] == 0) | (k_branch[:, None, :] == q_branch[:, :, None])
+    itself = (q_segment[:, :, None] == 0) & (k_index[None, None, :] == q_index[:, :, None])
+    return (mask | itself)[:, None, :, :]
+
+
+def resolve(implementation: str, dtype, head_dim: int, platform: str | None = None) -> str:
+    """The concrete implementation ``auto`` stands for on this platform (others pass through)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention={implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation != "auto":
+        return implementation
+    platform = platform or jax.default_backend()
+    if platform == "gpu" and cudnn_supports(dtype, head_dim):
+        return "cudnn"
+    if platform == "tpu":
+        return "splash"
+    return "xla"
+
+
+def cudnn_supports(dtype, head_dim: int) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim <= 128 and head_dim % 8 == 0
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str, *,
+           segment_ids: jax.Array | None = None, branch_ids: jax.Array | None = None) -> jax.Array:
+    """Masked multi-head attention with grouped-query heads.
+
+    q [B, L, H, Dh], k / v [B, S, K, Dh] -> [B, L, H, Dh] in q's dtype. ``mask`` [B, 1, L, S]
+    from :func:`attention_mask`. ``splash`` reads ``segment_ids`` / ``branch_ids`` [B, L]
+    (self-attention only) and builds what it needs from them.
+    """
+    if implementation == "einsum":
+        return _einsum_attention(q, k, v, mask)
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    if implementation == "splash":
+        return splash_attention(q, k, v, segment_ids, branch_ids, mask)
+    raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS[1:]}")
+
+
+def _einsum_attention(q, k, v, mask):
+    b, l, h, dh = q.shape
+    kv_heads = k.shape[2]
+    dt = q.dtype
+    qg = q.reshape(b, l, kv_heads, h // kv_heads, dh)  # query heads [K, G] share kv head K
+    scores = jnp.einsum("blkgd,bskd->bkgls", qg, k.astype(dt)).astype(jnp.float32) / math.sqrt(dh)
+    # A large finite negative, not -inf: a fully masked row could never go NaN.
+    scores = jnp.where(mask[:, :, None, :, :], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    return jnp.einsum("bkgls,bskd->blkgd", probs, v.astype(dt)).reshape(b, l, h, dh)
+
+
+# ---- splash (TPU) --------------------------------------------------------------------------
+
+SPLASH_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_causal_kernel(heads: int, length: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
+    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret,
+                              block_sizes=_splash_blocks(length))
+
+
+def _splash_blocks(length: int):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    b = min(SPLASH_BLOCK, length)
+    return sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                         block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+
+
+def splash_attention(q, k, v, segment_ids, branch_ids, mask):
+    """Splash attention over a batch. q [B, L, H, Dh], k / v [B, L, K, Dh] (self-attention), segment
+    and branch ids [B, L]; ``mask`` [B, 1, L, L] is used only when rows have branches.
+
+    Grouped kv heads are repeated to H (splash's MHA kernel; gradients sum over the copies). L is
+    padded to a multiple of the block size with padding tokens, which the mask keeps out.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    interpret = jax.default_backend() != "tpu"
+    b, l, h, dh = q.shape
+    group = h // k.shape[2]
+    pad = (-l) % min(SPLASH_BLOCK, max(l, 8))
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    to_heads = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
+    qh, kh, vh = to_heads(q / math.sqrt(dh)), to_heads(k), to_heads(v)  # [B, H, L', Dh]
+    length = l + pad
+    # Padding tokens get a segment of their own (-1), so they see only padding, never real tokens.
+    seg = jnp.pad(jnp.where(segment_ids == 0, -1, segment_ids), ((0, 0), (0, pad)), constant_values=-1)
+    if branch_ids is None:
+        kernel = _splash_causal_kernel(h, length, interpret)
+        out = jax.vmap(lambda qq, kk, vv, s: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(q=s, kv=s)))(qh, kh, vh, seg)
+    else:
+        dense = jnp.pad(mask[:, 0], ((0, 0), (0, pad), (0, pad)))
+        idx = jnp.arange(length)
+        dense = dense | ((idx[:, None] == idx[None, :]) & (idx[:, None] >= l))[None]  # padded rows: themselves
+
+        def one(qq, kk, vv, m):
+            kernel = sk.make_splash_mha(jnp.broadcast_to(m, (h, length, length)), head_shards=1, q_seq_shards=1,
+                                        interpret=interpret, block_sizes=_splash_blocks(length))
+            return kernel(qq, kk, vv)
+
+        out = jax.vmap(one)(qh, kh, vh, dense)
+    return out.transpose(0, 2, 1, 3)[:, :l].astype(q.dtype)
