@@ -66,8 +66,11 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    form: str = "paper"  # paper | reference (see losses.ranking_loss)
+    form: str = "paper"  # paper | reference | listmle | infonca | dpo_pairs | dpo_best | lipo_lambda (losses.py)
     margin: float = 0.1
+    beta: float = 1.0  # score scale of listmle, infonca, dpo_*, lipo_lambda (margin is for paper/reference)
+    score: str = "mean"  # mean: v = log-prob / tokens (Tuna) | sum: summed log-probs (the DPO convention)
+    reference: str | None = None  # "data": s = v - v_ref from the records' ref_logprob_sum/ref_num_tokens; None: s = v
     mle_weight: float = 1.0  # lambda
     mle_target: str = "original"  # original | best | all
     chunk: int = 128  # log-prob sequence chunk
@@ -115,7 +118,9 @@ CHOICES = {
     ("data", "on_error"): ("raise", "skip"),
     ("data", "format"): ("auto", "native", "reference", "probabilistic", "contextual"),
     ("optim", "schedule"): ("cosine", "linear", "constant"),
-    ("loss", "form"): ("paper", "reference"),
+    ("loss", "form"): ("paper", "reference", "listmle", "infonca", "dpo_pairs", "dpo_best", "lipo_lambda"),
+    ("loss", "score"): ("mean", "sum"),
+    ("loss", "reference"): (None, "data"),
     ("loss", "mle_target"): ("original", "best", "all"),
     ("train", "mode"): ("sft", "ranking"),
 }

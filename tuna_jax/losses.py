@@ -1,11 +1,15 @@
-"""Sequence scores and the Tuna ranking and MLE losses, on per-candidate log-likelihoods.
+"""Sequence scores, the ranking losses (Tuna's and the DPO / PRO / InfoNCA / LiPO family of
+``ranking_loss``) and the MLE loss, on per-candidate log-likelihoods.
 
 The log-likelihoods themselves (float32, only scored tokens projected to the vocabulary) come
 from :mod:`tuna_jax.logprobs`. Conventions (see DESIGN.md "The equations, exactly"):
 
 * Every ranking tensor carries an explicit candidate axis: scores and masks are [B, N].
 * v_k = (1/|r_k|) sum_t log p(r_k,t | i, r_k,<t): the per-token mean over response + EOS.
-  A candidate with no scored tokens is masked out, never 0/0.
+  A candidate with no scored tokens is masked out, never 0/0. ``sequence_scores(...,
+  length_power=0.0)`` is the summed log-prob instead (``loss.score=sum``, DPO's convention).
+* A reference model's candidate scores v_ref are precomputed and stored with the data
+  (``data/reference.py``) and turned into scores the same way as v.
 """
 from __future__ import annotations
 
@@ -57,33 +61,99 @@ def sort_by_target(v: jax.Array, target: jax.Array, mask: jax.Array):
     return take(v), take(target), take(mask)
 
 
-def ranking_loss(v: jax.Array, target: jax.Array, mask: jax.Array, margin: float = 0.1,
-                 form: Literal["paper", "reference"] = "paper") -> jax.Array:
-    """The Tuna pairwise ranking loss per example.
+RANKING_FORMS = ("paper", "reference", "listmle", "infonca", "dpo_pairs", "dpo_best", "lipo_lambda")
 
-    v [B, N]: model scores; target [B, N]: quality, higher is better; mask [B, N] bool.
+
+def counted_pairs(ts: jax.Array, ms: jax.Array) -> jax.Array:
+    """Which sorted pairs (j, k) count: j < k, both unmasked, target_j != target_k.
+
+    ts [B, N], ms [B, N] bool (sorted by target) -> [B, N, N] bool, indexed [b, j, k].
+    """
+    idx = jnp.arange(ts.shape[-1])
+    return ((idx[:, None] < idx[None, :])[None]
+            & ms[:, :, None] & ms[:, None, :]
+            & (ts[:, :, None] != ts[:, None, :]))
+
+
+def ranking_loss(v: jax.Array, target: jax.Array, mask: jax.Array, margin: float = 0.1,
+                 form: Literal["paper", "reference", "listmle", "infonca", "dpo_pairs", "dpo_best",
+                               "lipo_lambda"] = "paper",
+                 beta: float = 1.0, v_ref: jax.Array | None = None) -> jax.Array:
+    """A ranking loss per example, one of ``RANKING_FORMS``.
+
+    v [B, N]: model scores; target [B, N]: quality, higher is better; mask [B, N] bool;
+    v_ref [B, N] or None: the frozen reference model's scores of the same candidates.
     Returns [B] float32.
 
-    After a stable sort of the candidates by target (best first, masked last), a pair j < k
-    (sorted positions) counts when both are unmasked and not tied (target_j != target_k);
-    its hinge is max(0, v_k - v_j + margin * (k - j)).
+    The score of candidate k is s_k = v_k - v_ref_k when ``v_ref`` is given, else s_k = v_k.
+    Candidates are sorted by target, best first (stable: tied candidates keep their input order;
+    masked ones go last), so c_0 .. c_{n-1} below are the n unmasked candidates in that order.
+    A pair (j, k), j < k in sorted order, counts when both are unmasked and target_j != target_k.
+    ``margin`` is used by ``paper`` and ``reference`` only, ``beta`` (> 0) by the other forms.
+    An example with fewer than two unmasked candidates (or, for the pairwise forms, no counted
+    pair) gives 0; values and gradients are finite for every mask, all-masked rows included,
+    and masked candidates get zero gradient.
 
-    * ``paper``:     sum over counted pairs.
-    * ``reference``: sum over gaps g of the mean over counted pairs with k - j = g
+    * ``paper`` (Tuna, Li et al. 2023): sum over counted pairs of max(0, s_k - s_j + margin*(k - j)).
+    * ``reference``: sum over gaps g of the mean over counted pairs with k - j = g of the same hinge
       (what microsoft/LMOps tuna runs; a gap with no counted pair contributes 0).
+    * ``listmle``: the Plackett-Luce negative log-likelihood of the sorted order,
+      -sum_{i=0}^{n-2} [beta*s_{c_i} - logsumexp_{j>=i} beta*s_{c_j}] (the ranking loss of PRO,
+      Song et al. 2023, "Preference Ranking Optimization for Human Alignment", without its
+      reward-dependent temperature; with v_ref, the Plackett-Luce form of DPO, Rafailov et al. 2023,
+      Appendix A.3). Tied candidates keep the stable order: the one that came first in the input is
+      treated as better (Plackett-Luce has no ties; we do not average over tie orders).
+    * ``infonca`` (InfoNCA, Chen et al. 2024, "Noise Contrastive Alignment of Language Models with
+      Explicit Rewards"): -sum_k softmax(target)_k * log softmax(beta*s)_k, both softmaxes over the
+      unmasked candidates. The paper's target is softmax(r/alpha); here alpha = 1, so the scale of
+      ``target`` is the temperature (rescale it to change alpha). Tied targets get equal weight.
+    * ``dpo_pairs`` (DPO's Bradley-Terry loss, Rafailov et al. 2023, "Direct Preference
+      Optimization: Your Language Model is Secretly a Reward Model", on every counted pair):
+      mean over counted pairs of -log sigmoid(beta*(s_j - s_k)).
+    * ``dpo_best``: the same, only for pairs (c_0, k): mean over unmasked k with target_k below
+      target_{c_0} of -log sigmoid(beta*(s_{c_0} - s_k)). Candidates tied with c_0 are left out.
+    * ``lipo_lambda`` (LiPO-lambda, Liu et al. 2024, "LiPO: Listwise Preference Optimization
+      through Learning-to-Rank"): sum over counted pairs of
+      Delta_jk * -log sigmoid(beta*(s_j - s_k)), with the Lambda weight held constant
+      (stop_gradient), see ``lambda_weights``.
     """
-    if form not in ("paper", "reference"):
-        raise ValueError(f"ranking loss form {form!r}: choose 'paper' or 'reference'")
+    if form not in RANKING_FORMS:
+        raise ValueError(f"ranking loss form {form!r}: choose one of {', '.join(RANKING_FORMS)}")
+    if isinstance(beta, (int, float)) and not beta > 0:
+        raise ValueError(f"ranking loss beta={beta!r}: must be > 0")
     v = v.astype(jnp.float32)
     mask = mask.astype(bool)
+    s = v if v_ref is None else v - v_ref.astype(jnp.float32)
+    if form in ("paper", "reference"):
+        return _hinge_loss(s, target, mask, margin, form)
+    # A masked score never enters a term; zeroing it here also keeps NaN/inf padding out of the
+    # gradient (the where's gradient sends 0 to masked entries).
+    s = jnp.where(mask, s, 0.0)
+    ss, ts, ms = sort_by_target(s, target, mask)
+    x = beta * ss
+    if form == "listmle":
+        return _listmle(x, ms)
+    if form == "infonca":
+        return _infonca(x, ts.astype(jnp.float32), ms)
+    counted = counted_pairs(ts, ms)  # [B, N, N]
+    nll = jax.nn.softplus(x[:, None, :] - x[:, :, None])  # -log sigmoid(x_j - x_k), [b, j, k]
+    if form == "dpo_best":
+        counted = counted & (jnp.arange(x.shape[-1]) == 0)[None, :, None]
+    if form == "lipo_lambda":
+        weights = jax.lax.stop_gradient(lambda_weights(x, ts, ms))
+        return jnp.sum(jnp.where(counted, weights * nll, 0.0), axis=(-2, -1))
+    count = jnp.sum(counted, axis=(-2, -1)).astype(jnp.float32)
+    return jnp.sum(jnp.where(counted, nll, 0.0), axis=(-2, -1)) / jnp.maximum(count, 1.0)
+
+
+def _hinge_loss(v: jax.Array, target: jax.Array, mask: jax.Array, margin: float, form: str) -> jax.Array:
+    """Tuna's ``paper`` and ``reference`` forms (see ``ranking_loss``). [B, N] each -> [B]."""
     vs, ts, ms = sort_by_target(v, target, mask)
     n = v.shape[-1]
     idx = jnp.arange(n)
     gap = (idx[None, :] - idx[:, None]).astype(jnp.float32)  # [N, N]: k - j
     hinge = _batched_pairs(vs, vs, gap, jnp.float32(margin))  # [B, N, N], [b, j, k]
-    counted = ((idx[:, None] < idx[None, :])[None]
-               & ms[:, :, None] & ms[:, None, :]
-               & (ts[:, :, None] != ts[:, None, :]))
+    counted = counted_pairs(ts, ms)
     hinge = jnp.where(counted, hinge, 0.0)
     if form == "paper":
         return jnp.sum(hinge, axis=(-2, -1))
@@ -93,16 +163,86 @@ def ranking_loss(v: jax.Array, target: jax.Array, mask: jax.Array, margin: float
     return jnp.sum(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0)[:, 1:], axis=-1)
 
 
+def masked_logsumexp(x: jax.Array, where: jax.Array) -> jax.Array:
+    """log sum_{k: where_k} exp(x_k) over the last axis; 0 where nothing is selected.
+
+    x [..., N] float, where [..., N] bool -> [...]. Finite values and gradients for any ``where``
+    (no exp of +inf, no log 0, no 0 * inf in the backward pass); unselected entries get zero
+    gradient.
+    """
+    top = jnp.max(jnp.where(where, x, -jnp.inf), axis=-1, keepdims=True)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))  # lse does not depend on it
+    e = jnp.where(where, jnp.exp(jnp.where(where, x, top) - top), 0.0)
+    total = jnp.sum(e, axis=-1)
+    some = total > 0
+    return jnp.where(some, jnp.log(jnp.where(some, total, 1.0)) + top[..., 0], 0.0)
+
+
+def _listmle(x: jax.Array, ms: jax.Array) -> jax.Array:
+    """Plackett-Luce NLL of the sorted order. x = beta*s sorted best first [B, N], ms [B, N] -> [B]."""
+    n = x.shape[-1]
+    idx = jnp.arange(n)
+    rest = (idx[None, :] >= idx[:, None])[None] & ms[:, None, :]  # [B, i, j]: j >= i, unmasked
+    lse = masked_logsumexp(jnp.broadcast_to(x[:, None, :], rest.shape), rest)  # [B, N]
+    n_valid = jnp.sum(ms, axis=-1, keepdims=True)
+    term = idx[None, :] < n_valid - 1  # positions 0 .. n-2 (unmasked candidates come first)
+    return -jnp.sum(jnp.where(term, x - lse, 0.0), axis=-1)
+
+
+def _infonca(x: jax.Array, t: jax.Array, ms: jax.Array) -> jax.Array:
+    """-sum_k softmax(t)_k log softmax(x)_k over unmasked k. x = beta*s, t, ms [B, N] -> [B]."""
+    p = jnp.where(ms, jnp.exp(jnp.where(ms, t, 0.0) - masked_logsumexp(t, ms)[:, None]), 0.0)
+    log_q = x - masked_logsumexp(x, ms)[:, None]
+    enough = jnp.sum(ms, axis=-1) >= 2
+    return jnp.where(enough, -jnp.sum(jnp.where(ms, p * log_q, 0.0), axis=-1), 0.0)
+
+
+def lambda_weights(x: jax.Array, ts: jax.Array, ms: jax.Array) -> jax.Array:
+    """LiPO-lambda's pair weights: |Delta NDCG| of swapping j and k in the model's ranking.
+
+    x [B, N]: model scores (beta*s), ts [B, N] targets and ms [B, N] bool, all sorted best first by
+    target -> [B, N, N] float32, indexed [b, j, k] (meaningful where ``counted_pairs``).
+
+    Liu et al. 2024 (LiPO, Sec. 4) weight a pair by the Lambda weight
+    |G_j - G_k| * |1/D(tau(j)) - 1/D(tau(k))|, with gain G = 2^psi - 1 of the label psi and
+    discount D(tau) = log(1 + tau) of the rank tau a candidate has in the model's ranking by s.
+    Over the n unmasked candidates of one example we use:
+
+    * psi_j = #{unmasked k: target_k < target_j} / (n - 1), in [0, 1]: the fraction of the other
+      candidates it beats. Our choice: gains come from the target's ranks, not its values, so any
+      monotone rescaling of the target (ranks, teacher log-probs) gives the same weights; tied
+      candidates get the same gain.
+    * tau(j) = 1 + #{unmasked k: s_k > s_j, or s_k = s_j and k is before j in target order}: the
+      1-based position in the model's ranking, ties in s broken in favour of the target order
+      (so the equal scores of a policy still equal to its reference give nonzero weights).
+    * D(tau) = log2(1 + tau) (the base only scales every weight by the same constant).
+    * Delta_jk = |G_j - G_k| * |1/D(tau(j)) - 1/D(tau(k))| / IDCG, IDCG = sum_r G_(r) / log2(1 + r)
+      over the gains sorted descending: the |Delta NDCG| of swapping j and k, the LambdaRank
+      weight. Dividing by IDCG (a per-example constant) is our choice of normalisation.
+    """
+    n = x.shape[-1]
+    idx = jnp.arange(n)
+    n_valid = jnp.sum(ms, axis=-1, keepdims=True).astype(jnp.float32)  # [B, 1]
+    beats = jnp.sum(ms[:, None, :] & (ts[:, None, :] < ts[:, :, None]), axis=-1)  # [B, j]
+    psi = jnp.where(ms, beats / jnp.maximum(n_valid - 1.0, 1.0), 0.0)
+    gain = jnp.exp2(psi) - 1.0
+    ahead = ms[:, None, :] & ((x[:, None, :] > x[:, :, None])
+                              | ((x[:, None, :] == x[:, :, None]) & (idx[None, :] < idx[:, None])[None]))
+    tau = 1.0 + jnp.sum(ahead, axis=-1)  # [B, j]
+    inv_disc = 1.0 / jnp.log2(1.0 + tau)
+    ideal = jnp.sum(jnp.where(ms, gain / jnp.log2(2.0 + idx), 0.0), axis=-1)  # sorted = ideal order
+    delta = (jnp.abs(gain[:, :, None] - gain[:, None, :])
+             * jnp.abs(inv_disc[:, :, None] - inv_disc[:, None, :]))
+    return delta / jnp.where(ideal > 0, ideal, 1.0)[:, None, None]
+
+
 def pair_accuracy(v: jax.Array, target: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Fraction of counted (non-tied, unmasked) pairs that v orders like the target.
 
     [B, N] each -> (correct pairs [B], counted pairs [B]); a tie in v counts as wrong.
     """
     vs, ts, ms = sort_by_target(v.astype(jnp.float32), target, mask.astype(bool))
-    n = v.shape[-1]
-    idx = jnp.arange(n)
-    counted = ((idx[:, None] < idx[None, :])[None] & ms[:, :, None] & ms[:, None, :]
-               & (ts[:, :, None] != ts[:, None, :]))
+    counted = counted_pairs(ts, ms)
     correct = counted & (vs[:, :, None] > vs[:, None, :])
     return jnp.sum(correct, axis=(-2, -1)).astype(jnp.float32), jnp.sum(counted, axis=(-2, -1)).astype(jnp.float32)
 
