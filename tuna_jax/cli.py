@@ -83,6 +83,13 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_reference_scores(args) -> int:
+    from tuna_jax.data.reference import attach_reference_scores
+
+    print(attach_reference_scores(args.ranked, args.scores, args.out).summary(args.out))
+    return 0
+
+
 def cmd_train(args) -> int:
     from tuna_jax.config import load_config
     from tuna_jax.train import Interrupted, TrainingDiverged, train
@@ -190,6 +197,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--max-len", type=int, default=None, help="longest prompt+candidate (default: model maximum)")
     mesh_arg(s)
     s.set_defaults(func=cmd_score)
+    r = sub.add_parser("reference-scores", help="store a frozen reference model's `tuna-jax score` output with "
+                       "ranking data (ref_logprob_sum, ref_num_tokens), for loss.reference=data",
+                       description="Join a native ranking file with the `tuna-jax score` output for it (made with "
+                       "the starting model) line by line, checking index, id and candidate counts, and write the "
+                       "ranking rows with ref_logprob_sum / ref_num_tokens added.")
+    r.add_argument("ranked", help="native ranking JSONL (the file that was scored)")
+    r.add_argument("scores", help="`tuna-jax score` output for it")
+    r.add_argument("out", help="output ranking JSONL (may be RANKED itself)")
+    r.set_defaults(func=cmd_reference_scores)
     t = sub.add_parser("train", help="train a stage (SFT or ranking) from a YAML config",
                        description="Train one stage. CONFIG is a YAML file (see configs/); overrides are "
                        "section.key=value, e.g. optim.lr=1e-5 train.global_batch=64 data.train=ranked.jsonl. "

@@ -9,9 +9,13 @@ Sources: ``*.json`` (a JSON list; a ``.json`` file whose first character is ``{`
 Ranking row formats (``format="auto"`` decides from the first row's keys):
 
 * native: ``{instruction, input?, output?, candidates: [str], scores: [num] | ranks: [int], id?,
-  prompt?}``. ``output`` is the original response ("" if none). ``ranks[i]`` is the rank of
-  ``candidates[i]``, 1 = best; it is stored as ``score = -rank`` (higher is better, ties kept).
-  ``prompt``, when present, is the exact (already templated) model prompt.
+  prompt?, ref_logprob_sum?: [num], ref_num_tokens?: [int]}``. ``output`` is the original response
+  ("" if none). ``ranks[i]`` is the rank of ``candidates[i]``, 1 = best; it is stored as
+  ``score = -rank`` (higher is better, ties kept). ``prompt``, when present, is the exact (already
+  templated) model prompt. ``ref_logprob_sum`` / ``ref_num_tokens`` (both or neither, one per
+  candidate, in candidate order): a frozen reference model's summed log-prob (nats) and scored token
+  count (response + EOS) of each candidate, from ``tuna-jax score`` attached by
+  ``tuna-jax reference-scores`` (``data/reference.py``).
 * reference (microsoft/LMOps tuna training files, e.g. train.davinci_003_w_prob.w_orig_alpaca.json):
   ``{instruction (already templated), id, output: [N], score: [N]}``, higher score better (the
   reference sorts descending). Every row must have the same N (the reference asserts it).
@@ -134,6 +138,8 @@ class RankingRecord:
     id: str
     prompt: Optional[str] = None
     source: str = dataclasses.field(default="", compare=False)
+    ref_logprob_sum: Optional[list] = None  # reference model's log p(candidate) per candidate, nats
+    ref_num_tokens: Optional[list] = None  # the token counts those sums are over (> 0)
 
 
 Record = Union[SFTRecord, RankingRecord]
@@ -377,11 +383,33 @@ def parse_native(row: Any, where: str, report: SkipReport) -> RankingRecord:
     else:
         scores = _num_list(row, "scores", where, len(cands))
     prompt = _get(row, "prompt", where, str, default=None)
+    ref_sum, ref_tokens = candidate_logprobs(row, where, len(cands), "ref_logprob_sum", "ref_num_tokens")
     return RankingRecord(
         instruction=_get(row, "instruction", where, str, default="" if prompt is not None else dataclasses.MISSING),
         input=_get(row, "input", where, str, default=""),
         output=_get(row, "output", where, str, default=""),
-        candidates=cands, scores=scores, id=_row_id(row, where, where), prompt=prompt, source=where)
+        candidates=cands, scores=scores, id=_row_id(row, where, where), prompt=prompt, source=where,
+        ref_logprob_sum=ref_sum, ref_num_tokens=ref_tokens)
+
+
+def candidate_logprobs(row: dict, where: str, n: int, sum_field: str, tokens_field: str, *,
+                       required: bool = False) -> tuple[Optional[list], Optional[list]]:
+    """Per-candidate log-likelihoods of a row: ``row[sum_field]`` (n finite numbers) and
+    ``row[tokens_field]`` (n token counts > 0). Both or neither, unless ``required``;
+    (None, None) when neither is there."""
+    has_sum, has_tokens = row.get(sum_field) is not None, row.get(tokens_field) is not None
+    if not has_sum and not has_tokens and not required:
+        return None, None
+    for field, other, present in ((sum_field, tokens_field, has_sum), (tokens_field, sum_field, has_tokens)):
+        if not present:
+            why = "" if required and not (has_sum or has_tokens) else f" ({other} is given; both are needed)"
+            raise DataError(where, field, "missing field" + why, reason="missing_field")
+    sums = _num_list(row, sum_field, where, n)
+    tokens = _num_list(row, tokens_field, where, n, typ=int)
+    for k, t in enumerate(tokens):
+        if t <= 0:
+            raise DataError(where, f"{tokens_field}[{k}]", f"token count {t} <= 0", reason="wrong_type")
+    return sums, tokens
 
 
 def parse_reference(row: Any, where: str, report: SkipReport) -> RankingRecord:
@@ -553,6 +581,9 @@ def record_to_dict(rec: Record) -> dict:
     if isinstance(rec, RankingRecord):
         d["candidates"] = list(rec.candidates)
         d["scores"] = [float(s) for s in rec.scores]
+        if rec.ref_logprob_sum is not None:
+            d["ref_logprob_sum"] = [float(x) for x in rec.ref_logprob_sum]
+            d["ref_num_tokens"] = [int(x) for x in rec.ref_num_tokens]
     if rec.prompt is not None:
         d["prompt"] = rec.prompt
     return d
