@@ -10,6 +10,7 @@ from rouge_score import rouge_scorer
 
 from tuna_jax.data.records import DataError, read_records
 from tuna_jax.feedback import diverse as D
+from tuna_jax.io.errors import InputError
 
 SAME = "the cat sat on the mat"
 OTHERS = ["a red apple fell down", "seven blue whales swim far", "we should code every night",
@@ -117,15 +118,15 @@ def test_resume_skips_finished_items_and_matches_an_uninterrupted_run(tmp_path):
     assert all("A" not in names for names, *_ in model.calls)  # item a was not sampled again
     assert report.items == 3 and report.fallbacks == 1  # the report covers the earlier run's records too
     # Other settings, another input, duplicate ids: clear errors naming the file.
-    with pytest.raises(D.DiverseInputError, match=r"other settings \(tau: 0.8 -> 0.5\)"):
+    with pytest.raises(InputError, match=r"other settings \(tau: 0.8 -> 0.5\)"):
         D.sample_diverse_file(src, str(out), model, D.DiverseConfig(tau=0.5), progress=False)
-    with pytest.raises(D.DiverseInputError, match="resumed.jsonl:1: id 'a' is not in the input"):
+    with pytest.raises(InputError, match="resumed.jsonl:1: id 'a' is not in the input"):
         D.sample_diverse_file(write_rows(tmp_path / "other.jsonl", ROWS[1:]), str(out), model, progress=False)
     def too_long(prompt, where):
         if "### Instruction:\nB\n" in prompt:
             raise ValueError(f"{where}: 999 prompt tokens, over max_prompt_len=8")
 
-    with pytest.raises(D.DiverseInputError, match=r"in.jsonl:2: 999 prompt tokens"):  # before any sampling
+    with pytest.raises(InputError, match=r"in.jsonl:2: 999 prompt tokens"):  # before any sampling
         D.sample_diverse_file(src, str(tmp_path / "new.jsonl"), model, check_prompt=too_long, progress=False)
     with pytest.raises(DataError, match="ids must be unique"):
         D.sample_diverse_file(write_rows(tmp_path / "dup.jsonl", [ROWS[0], ROWS[0]]), str(tmp_path / "d.jsonl"),
@@ -136,7 +137,8 @@ def test_end_to_end_real_sampler_then_metric_judge(tmp_path_factory, tmp_path):
     """The real sampler on a tiny model (the local-teacher fixture: same shapes, so its compilations are
     reused), then `judge --kind metric` of the output: ranking records."""
     from test_local_teacher import INSTRUCTIONS, MAX_NEW, eos_happy_model
-    from tuna_jax.feedback.judge import JudgeConfig, MetricJudge, read_candidates, run_judge
+    from tuna_jax.data.rows import read_candidates
+    from tuna_jax.feedback.judge import JudgeConfig, MetricJudge, run_judge
 
     model_dir = eos_happy_model(tmp_path_factory.mktemp("diverse") / "model")
     rows = [dict(r, id=f"i{k}") for k, r in enumerate(INSTRUCTIONS[:3])]

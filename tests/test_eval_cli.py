@@ -16,7 +16,7 @@ from test_vicuna import first, write_answers, write_vicuna_data
 from tuna_jax.assets import stories260k_hf_dir
 from tuna_jax.cli import main as cli_main
 from tuna_jax.eval import run as R
-from tuna_jax.eval.common import EvalInputError
+from tuna_jax.io.errors import InputError
 
 KEY = "sk-test-eval-0123456789"
 
@@ -180,7 +180,7 @@ def test_eval_run_writes_table_and_chart_and_resumes(world, tmp_path, monkeypatc
         assert (pred / "lmentry.jsonl").read_text() != before
         assert json.loads(open(pred / "lmentry.jsonl").readline())["prompt_tokens"] < 40
         # ... and other generation settings are an error naming the file, not a silent mix
-        with pytest.raises(EvalInputError, match=r"superni_0shot\.jsonl\.params\.json: .*max_new_tokens: 8 -> 9"):
+        with pytest.raises(InputError, match=r"superni_0shot\.jsonl\.params\.json: .*max_new_tokens: 8 -> 9"):
             R.run_eval(R.load_eval_config(cfg, ["generation.max_new_tokens=9"]), progress=False)
 
 
@@ -211,7 +211,7 @@ lmentry:
 def test_config_errors_name_file_and_line(tmp_path, extra, pattern):
     p = tmp_path / "tiny.yaml"
     p.write_text(BASE_CFG.format(out=tmp_path / "o", model=tmp_path, lm=tmp_path) + extra)
-    with pytest.raises(EvalInputError, match=pattern):
+    with pytest.raises(InputError, match=pattern):
         R.load_eval_config(p)
 
 
@@ -219,13 +219,13 @@ def test_config_template_choice_and_overrides(tmp_path):
     p = tmp_path / "tiny.yaml"
     p.write_text(BASE_CFG.format(out=tmp_path / "o", model=tmp_path, lm=tmp_path).replace(
         "max_new_tokens: 8", "max_new_tokens: 8\n  template: chat"))
-    with pytest.raises(EvalInputError, match=r"tiny\.yaml:7: generation\.template='chat': choose one of alpaca, raw"):
+    with pytest.raises(InputError, match=r"tiny\.yaml:7: generation\.template='chat': choose one of alpaca, raw"):
         R.load_eval_config(p)
     p.write_text(BASE_CFG.format(out=tmp_path / "o", model=tmp_path, lm=tmp_path))
     cfg = R.load_eval_config(p, ["generation.template=raw", "generation.temperature=0.7", "name=x1"])
     assert cfg.generation.template == "raw" and cfg.generation.temperature == 0.7 and cfg.name == "x1"
     assert cfg.lmentry.data == str(tmp_path) and cfg.superni is None
-    with pytest.raises(EvalInputError, match="a review is configured but there is no judge section"):
+    with pytest.raises(InputError, match="a review is configured but there is no judge section"):
         R.load_eval_config(p, ["vicuna.data=x", "vicuna.baseline=y"])  # a section made by overrides
 
 

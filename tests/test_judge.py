@@ -42,6 +42,11 @@ VALID = [
     # the same ranking twice agrees
     ("rank: [4, 2, 0, 1, 3]\n\nSo, once more, rank: 4 > 2 > 0 > 1 > 3", IDS, [4, 2, 0, 1, 3]),
     ("Final rank: [###Response 4, ###Response 0, ###Response 3, ###Response 1, ###Response 2]", IDS, [4, 0, 3, 1, 2]),
+    # "rank:" with digits inside the reasoning, before the real ranking line: the final line decides
+    ("First, the instruction is open-ended. I would rank: 2 above 1 because it is longer, and Response 3 "
+     "deserves rank: 4 at best.\nFourth, the scores.\nLast, rank: [4, 2, 0, 1, 3]", IDS, [4, 2, 0, 1, 3]),
+    ("Response 0 would get rank: 1 in a list of short answers.\nrank: [0, 4, 2, 1, 3]", IDS, [0, 4, 2, 1, 3]),
+    ("rank: [4, 2, 0, 1, 3]\nOn reflection, rank: [2, 4, 0, 1, 3]", IDS, [2, 4, 0, 1, 3]),
     ("rank: [ 4 ,2 ,0 ,1 ,3 ]", IDS, [4, 2, 0, 1, 3]),
 ]
 
@@ -59,7 +64,8 @@ INVALID = [
     ("rank: [2, 1, three, 0]", IDS, "unexpected text"),
     ("rank: [4, 2, 0, 1, 3", IDS, "unclosed"),
     ("rank:\n[4, 2, 0,\n", IDS, "unclosed"),
-    ("rank: [4, 2, 0, 1, 3]\nOn reflection, rank: [2, 4, 0, 1, 3]", IDS, "different rankings"),
+    # the final ranking decides: a malformed one after a good one fails the reply
+    ("rank: [4, 2, 0, 1, 3]\nOn reflection, rank: [2, 4, 0, 9]", IDS, "not shown"),
     ("rank: , 4, 2", IDS, "separator"),
     ("rank: 1st Response 2, 2nd Response 0", IDS, "unexpected text"),
     ("Rank 1: Response 2\nRank 2: Response 0", IDS, "no 'rank:'"),  # enumerated, no "rank:" list
@@ -214,11 +220,21 @@ def test_bad_replies_are_retried_then_recorded_never_guessed(server, data, tmp_p
     assert [t["reply"] for t in failed["b"]["replies"]] == ["rank: [2, 1, 7, 0]"] * 3
     assert "not shown" in failed["b"]["replies"][0]["error"] and "twice" in failed["d"]["replies"][0]["error"]
     assert s.counters["parse_failed"] == 2 and s.counters["unparsed_replies"] == 7
-    # A rerun replays the same replies from the store: same result, no new requests.
+    # No unparseable reply was cached as good: a rerun reads the finished items and the known-bad replies
+    # from the store (no request), and asks the failed items again, as new requests (the faults are used
+    # up, so the server now answers properly).
     n = server.count()
     s2 = judge_run(server, data, str(tmp_path / "out2.jsonl"), tmp_path / "s.jsonl", max_parse_retries=2)
-    assert server.count() == n and s2.failed == 2
-    assert open(out, "rb").read() == open(tmp_path / "out2.jsonl", "rb").read()
+    assert server.count() - n == 2 and server.count("Translate") == 4 and server.count("Count to three") == 4
+    assert s2.failed == 0 and s2.written == 4
+    recs = {r["id"]: r for r in read(tmp_path / "out2.jsonl")}
+    assert recs["a"] == a  # finished items: identical, from the store
+    assert recs["b"]["judge"]["per_order"][0]["attempts"] == 4  # 3 known-bad replies, then a good one
+    # A third run sends nothing at all.
+    n = server.count()
+    judge_run(server, data, str(tmp_path / "out3.jsonl"), tmp_path / "s.jsonl", max_parse_retries=2)
+    assert server.count() == n
+    assert open(tmp_path / "out2.jsonl", "rb").read() == open(tmp_path / "out3.jsonl", "rb").read()
 
 
 def test_shuffled_orders_aggregate_by_borda(server, data, tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tuna_jax.eval import lmentry as L
-from tuna_jax.eval.common import EvalInputError
+from tuna_jax.io.errors import InputError
 
 # ---------------------------------------------------------------- examples (metadata as in data/*.json)
 
@@ -409,7 +409,7 @@ def test_aggregate_rounding_and_partial():
     assert r.answer_index_accuracy(0) == 50.0 and r.answer_index_accuracy(1) == 0.0
     table = _hand_made_table()
     del table["less_letters_length_diff_1"]
-    with pytest.raises(EvalInputError, match="absent"):
+    with pytest.raises(InputError, match="absent"):
         L.aggregate(table)
     agg = L.aggregate(table, allow_partial=True)
     assert agg["partial"] and agg["absent_tasks"] == ["less_letters_length_diff_1"]
@@ -495,10 +495,10 @@ def test_cli_malformed_lines(lmentry_checkout, tmp_path, capsys, line, message):
 
 
 def test_bad_data_is_clear(tmp_path):
-    with pytest.raises(EvalInputError, match="not found"):
+    with pytest.raises(InputError, match="not found"):
         L.load_data(tmp_path / "missing")
     d = tmp_path / "data"
     d.mkdir()
     _write_task(d, "bigger_number", [{"input": "x", "metadata": {"template_id": 5, "answer_index": 0}}])
-    with pytest.raises(EvalInputError, match=r"bigger_number.json: example '1': metadata.template_id"):
+    with pytest.raises(InputError, match=r"bigger_number.json: example '1': metadata.template_id"):
         L.load_data(d)

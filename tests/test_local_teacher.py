@@ -19,6 +19,7 @@ from tuna_jax.data.records import read_records
 from tuna_jax.data.templates import format_prompt
 from tuna_jax.feedback import teacher as T
 from tuna_jax.feedback.local import LocalTeacher, stable_rng_id
+from tuna_jax.feedback.replies import ReplyError
 from tuna_jax.feedback.store import Store
 
 MAX_NEW = 16
@@ -208,6 +209,6 @@ def test_bad_settings_are_clear_errors(model, model_dir):
     with pytest.raises(ValueError, match="rescore='sometimes'"):
         teacher_for(model, model_dir, rescore="sometimes")
     teacher = teacher_for(model, model_dir, max_prompt_len=8)
-    with pytest.raises(T.TeacherResponseError, match="over max_prompt_len=8"):
+    with pytest.raises(ReplyError, match="over max_prompt_len=8"):
         teacher.sample(format_prompt("Say hello."), 4)
     assert math.isfinite(stable_rng_id("x")) and stable_rng_id("x") == stable_rng_id("x") != stable_rng_id("y")

@@ -1,7 +1,6 @@
 """The store (cache, ledger, budget) and the HTTP client against a real local server (no mocks)."""
 import json
 import logging
-import os
 import socket
 import time
 
@@ -9,8 +8,7 @@ import pytest
 
 from openai_server import OpenAIServer
 from tuna_jax.feedback.client import APIError, ClientConfig, FatalAPIError, OpenAIClient
-from tuna_jax.feedback.store import (Budget, BudgetExceeded, Prices, Store, StoreError, content_key, run_items,
-                                     ItemOutcome)
+from tuna_jax.feedback.store import Budget, BudgetExceeded, Prices, Store, StoreError, content_key
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 
@@ -262,28 +260,6 @@ def test_budget_mid_retry_is_recorded_for_the_rerun(server, tmp_path):
         assert store.total_requests == 1
         OpenAIClient(fast_config(server.base_url), store).complete("flaky", max_tokens=4)
     assert server.count("flaky") == 2
-
-
-def test_run_items_orders_output_and_stops_cleanly_on_budget(tmp_path):
-    out = str(tmp_path / "out.jsonl")
-
-    def work(i):
-        if i == 7:
-            raise BudgetExceeded("stop")
-        time.sleep(0.001 * ((i * 7) % 5))  # finish out of order
-        if i % 4 == 3:
-            return ItemOutcome(failure={"i": i}, counters={"bad": 1})
-        return ItemOutcome(record={"i": i}, counters={"good": 1})
-
-    s = run_items(list(range(6)), work, out, concurrency=3, progress=False)
-    assert [json.loads(x)["i"] for x in open(out)] == [0, 1, 2, 4, 5]
-    assert [json.loads(x)["i"] for x in open(out + ".failed.jsonl")] == [3]
-    assert s.counters == {"good": 5, "bad": 1} and s.written == 5 and s.failed == 1
-    with pytest.raises(BudgetExceeded) as ei:
-        run_items(list(range(12)), work, str(tmp_path / "o2.jsonl"), concurrency=1, progress=False)
-    assert ei.value.summary.stopped == "budget"
-    assert not os.path.exists(tmp_path / "o2.jsonl")  # only a complete run makes the final file
-    assert [json.loads(x)["i"] for x in open(tmp_path / "o2.jsonl.partial")] == [0, 1, 2, 4, 5, 6]
 
 
 def test_base_url_must_be_http():

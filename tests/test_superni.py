@@ -9,7 +9,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from tuna_jax.eval import superni as S
-from tuna_jax.eval.common import EvalInputError
+from tuna_jax.io.errors import InputError
 
 
 # ---------------------------------------------------------------- an independent reference scorer
@@ -302,10 +302,10 @@ def test_shared_sample_has_six_full_tasks(shared_dir, capsys):
     instances = list(S.iter_eval_instances(src))
     assert len(instances) == 600
     assert "113 of 119 test tasks are not available in full" in capsys.readouterr().err
-    with pytest.raises(EvalInputError, match="not available in full"):
+    with pytest.raises(InputError, match="not available in full"):
         list(S.iter_eval_instances(src, require_all_tasks=True))
     refs_only = S.load_source(shared_dir / "data" / "superni" / "test_references.jsonl")
-    with pytest.raises(EvalInputError, match="references only"):
+    with pytest.raises(InputError, match="references only"):
         next(S.iter_eval_instances(refs_only))
 
 
@@ -328,16 +328,16 @@ def test_malformed_predictions_name_file_and_line(tmp_path, ni_checkout, capsys,
 
 
 def test_bad_sources_are_clear(tmp_path):
-    with pytest.raises(EvalInputError, match="not found"):
+    with pytest.raises(InputError, match="not found"):
         S.load_source(tmp_path / "nope")
     bad = tmp_path / "refs.jsonl"
     bad.write_text('{"id": "a", "references": [], "task_id": "t"}\n')
-    with pytest.raises(EvalInputError, match=r"refs.jsonl:1: field 'references' is empty"):
+    with pytest.raises(InputError, match=r"refs.jsonl:1: field 'references' is empty"):
         S.load_source(bad)
     bad.write_text('{"id": "a", "foo": 1}\n')
-    with pytest.raises(EvalInputError, match=r"refs.jsonl:1: neither a reference record"):
+    with pytest.raises(InputError, match=r"refs.jsonl:1: neither a reference record"):
         S.load_source(bad)
     good = tmp_path / "good.jsonl"
     good.write_text('{"id": "a", "references": ["x"], "task_id": "t", "task_category": "C"}\n')
-    with pytest.raises(EvalInputError, match="none of the 1 reference instances has a prediction"):
+    with pytest.raises(InputError, match="none of the 1 reference instances has a prediction"):
         S.score_predictions({"b": "x"}, good)

@@ -117,8 +117,11 @@ def test_sentinel_missing_and_length_guards(server, data, tmp_path):
     assert all(lp > -9999 for r in recs.values() for lp in r["logprobs"])
     assert cap["teacher"]["dropped"] == [{"index": 0, "reason": "missing_logprob", "finish_reason": "stop"}]
     assert recs["Write a haiku about code."]["finish_reasons"].count("length") == 1
-    assert len(recs["Name a primary colour."]["candidates"]) == 3
-    assert s.counters["missing_logprob"] == 1 and s.counters["length_cut"] == 1 and s.counters["no_logprobs"] == 1
+    # A reply without log-probs is not usable: stored as invalid (never served as good) and asked again.
+    assert len(recs["Name a primary colour."]["candidates"]) == 4 and server.count("primary colour") == 4 + 1
+    assert s.counters["missing_logprob"] == 1 and s.counters["length_cut"] == 1 and "no_logprobs" not in s.counters
+    statuses = [json.loads(x)["status"] for x in open(tmp_path / "s.jsonl")]
+    assert statuses.count("invalid") == 1 and statuses.count("ok") == 4 * len(INSTRUCTIONS)
 
 
 def test_drop_length_cut_and_too_few_candidates_fail_the_item(server, data, tmp_path):

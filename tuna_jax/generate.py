@@ -9,7 +9,7 @@ How one batch runs (B rows, P = bucketed prompt length, T = max_new_tokens)
   single ``cache.index`` serves all rows. Padding has segment id 0 (masked as a key); positions
   start at 0 on each row's first real token, exactly as ``llama.padded_inputs`` gives them, so a
   row's tokens see the same positions as when it runs alone. P is bucketed
-  (``score.bucket_length``: 8, 16, 32, 64, then multiples of 64) and B is a power of two (at most
+  (``data.shapes.bucket_length``: 8, 16, 32, 64, then multiples of 64) and B is a power of two (at most
   ``batch_size``) rounded up to a multiple of the mesh's data x fsdp axes, so a stream of prompts
   compiles a handful of shapes, not one per length. Rows are sorted by prompt length before
   batching to keep padding small.
@@ -36,7 +36,7 @@ line's index), and step t uses ``fold_in(row_key, t)``. A sample therefore depen
 rng_id, j) only: not on the batch size, the other prompts, their order, the mesh, or on whether a
 run was resumed.
 
-What is returned per sample (:class:`Sample`)
+What is returned per sample (:class:`tuna_jax.samples.Sample`)
 ---------------------------------------------
 * ``token_ids``: the generated ids, INCLUDING the stop token when ``finish_reason == "stop"`` (the
   DESIGN's candidate score sums over response tokens plus EOS, so the teacher needs that token's
@@ -68,7 +68,11 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
+
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import check_settings, dumps, iter_jsonl, read_out_lines
+from tuna_jax.samples import Sample
 
 log = logging.getLogger(__name__)
 
@@ -108,39 +112,6 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
-
-
-@dataclasses.dataclass
-class Sample:
-    """One generated continuation.
-
-    token_ids [T] (the stop token included when finish_reason == "stop"), token_logprobs [T]
-    (model log-probs at temperature 1, nats), sampling_logprobs [T] (log-probs under the sampling
-    distribution), text (``decode_continuation`` of the ids without the stop token; None without a
-    tokenizer), finish_reason "stop" | "length".
-    """
-
-    text: str | None
-    token_ids: list[int]
-    token_logprobs: list[float]
-    finish_reason: str
-    sampling_logprobs: list[float] | None = None
-
-    @property
-    def logprob_sum(self) -> float:
-        """sum of token_logprobs: log p(response [+ EOS] | prompt) under the model."""
-        return float(sum(self.token_logprobs))
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    def to_json(self, sampling_logprobs: bool = False) -> dict:
-        out = {"text": self.text, "token_ids": self.token_ids, "token_logprobs": self.token_logprobs,
-               "finish_reason": self.finish_reason}
-        if sampling_logprobs:
-            out["sampling_logprobs"] = self.sampling_logprobs
-        return out
 
 
 # ---- device code -----------------------------------------------------------------------
@@ -426,7 +397,7 @@ class Sampler:
         import jax
         import numpy as np
 
-        from tuna_jax.score import bucket_length
+        from tuna_jax.data.shapes import bucket_length
 
         b = self._rows_for(len(rows))
         longest = max(len(r[0]) for r in rows)
@@ -509,10 +480,6 @@ def _to_host(x):
 
 # ---- `tuna-jax generate` -----------------------------------------------------------------
 
-class GenerateInputError(ValueError):
-    """A bad prompts or output line; the message names file:line and the field."""
-
-
 @dataclasses.dataclass
 class PromptLine:
     index: int
@@ -528,67 +495,36 @@ def parse_prompt_line(obj: dict, where: str) -> str | list[int]:
 
     kinds = [k for k in ("prompt_ids", "prompt", "instruction") if k in obj]
     if len(kinds) > 1:
-        raise GenerateInputError(f"{where}: give exactly one of 'instruction', 'prompt', 'prompt_ids' "
-                                 f"(found {kinds})")
+        raise InputError(f"{where}: give exactly one of 'instruction', 'prompt', 'prompt_ids' "
+                         f"(found {kinds})")
     if not kinds:
-        raise GenerateInputError(f"{where}: missing field 'instruction' (or give 'prompt' / 'prompt_ids')")
+        raise InputError(f"{where}: missing field 'instruction' (or give 'prompt' / 'prompt_ids')")
     kind = kinds[0]
     if kind == "prompt_ids":
         ids = obj["prompt_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise GenerateInputError(f"{where}: field 'prompt_ids' must be a list of integer token ids")
+            raise InputError(f"{where}: field 'prompt_ids' must be a list of integer token ids")
         return ids
     if kind == "prompt":
         if not isinstance(obj["prompt"], str):
-            raise GenerateInputError(f"{where}: field 'prompt' must be a string")
+            raise InputError(f"{where}: field 'prompt' must be a string")
         return obj["prompt"]
     if not isinstance(obj["instruction"], str):
-        raise GenerateInputError(f"{where}: field 'instruction' must be a string")
+        raise InputError(f"{where}: field 'instruction' must be a string")
     inp = obj.get("input", "")
     if inp is None:
         inp = ""
     if not isinstance(inp, str):
-        raise GenerateInputError(f"{where}: field 'input' must be a string")
+        raise InputError(f"{where}: field 'input' must be a string")
     return format_prompt(obj["instruction"], inp)
 
 
 def read_prompts(path: str) -> list[PromptLine]:
     """Every non-blank line of ``path`` (index = position among non-blank lines, as ``score``)."""
-    from tuna_jax.score import ScoreInputError, read_jsonl
-
     out = []
-    try:
-        for index, (lineno, obj) in enumerate(read_jsonl(path)):
-            where = f"{path}:{lineno}"
-            out.append(PromptLine(index, lineno, obj.get("id"), "id" in obj, parse_prompt_line(obj, where)))
-    except ScoreInputError as e:
-        raise GenerateInputError(str(e)) from None
+    for index, (lineno, where, obj) in enumerate(iter_jsonl(path, what="prompts file")):
+        out.append(PromptLine(index, lineno, obj.get("id"), "id" in obj, parse_prompt_line(obj, where)))
     return out
-
-
-def read_out_lines(out_path: str, *, fix: bool = True, logger: logging.Logger = log) -> Iterator[tuple[str, Any]]:
-    """("OUT:line", parsed JSON or None where unparsable) per complete non-blank line of a resumed OUT file
-    (none when it does not exist). Every record is written as one line ending in a newline, so a last line
-    without one is a write torn by a crash: it is left out, and cut off the file (with a warning on
-    ``logger``) when ``fix``."""
-    if not os.path.exists(out_path):
-        return
-    with open(out_path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    if lines[-1] and fix:
-        logger.warning("%s:%d: incomplete last line (an interrupted write) removed; it will be regenerated",
-                       out_path, len(lines))
-        with open(out_path, "r+b") as f:
-            f.truncate(len(data) - len(lines[-1]))
-    for k, raw in enumerate(lines[:-1]):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            rec = None
-        yield f"{out_path}:{k + 1}", rec
 
 
 def read_done(out_path: str, prompts: list[PromptLine], fix: bool = True) -> set[int]:
@@ -601,33 +537,16 @@ def read_done(out_path: str, prompts: list[PromptLine], fix: bool = True) -> set
     done: set[int] = set()
     for where, rec in read_out_lines(out_path, fix=fix, logger=log):
         if not (isinstance(rec, dict) and isinstance(rec.get("index"), int) and isinstance(rec.get("samples"), list)):
-            raise GenerateInputError(f"{where}: not an output record of `tuna-jax generate` (cannot resume)")
+            raise InputError(f"{where}: not an output record of `tuna-jax generate` (cannot resume)")
         i = rec["index"]
         if not 0 <= i < len(prompts):
-            raise GenerateInputError(f"{where}: index {i} is not a line of the input ({len(prompts)} lines); "
-                                     f"OUT belongs to another input file")
+            raise InputError(f"{where}: index {i} is not a line of the input ({len(prompts)} lines); "
+                             f"OUT belongs to another input file")
         if prompts[i].has_id and rec.get("id") != prompts[i].id:
-            raise GenerateInputError(f"{where}: id {rec.get('id')!r} but input line {i} has id {prompts[i].id!r}; "
-                                     f"OUT belongs to another input file")
+            raise InputError(f"{where}: id {rec.get('id')!r} but input line {i} has id {prompts[i].id!r}; "
+                             f"OUT belongs to another input file")
         done.add(i)
     return done
-
-
-def _check_params_file(path: str, settings: dict, resuming: bool, write: bool) -> None:
-    """OUT.params.json records the sampling settings; resuming with different ones is an error
-    (the file would mix samples from two distributions)."""
-    if resuming and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise GenerateInputError(f"{path}: OUT was started with other settings ({changes}); use the same "
-                                     f"settings to resume, or a new OUT")
-    elif write:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=1)
-            f.write("\n")
 
 
 def generate_file(sampler: Sampler, prompts_path: str, out_path: str, params: SamplingParams, n: int = 1,
@@ -652,16 +571,16 @@ def generate_file(sampler: Sampler, prompts_path: str, out_path: str, params: Sa
         try:
             ids = sampler.encode(pl.prompt, where)
             sampler.check_length(len(ids), params.max_new_tokens, where)
-        except GenerateInputError:
+        except InputError:
             raise
         except ValueError as e:
-            raise GenerateInputError(str(e)) from None
+            raise InputError(str(e)) from None
         encoded.append(ids)
     settings = {"n": n, **dataclasses.asdict(params), "stop_ids": list(sampler.stop_ids),
                 "add_bos": sampler.policy.add_bos, "bos_override": sampler.policy.bos_override, **(meta or {})}
     writer = _is_main_process()
-    resuming = os.path.exists(out_path) and os.path.getsize(out_path) > 0
-    _check_params_file(out_path + ".params.json", settings, resuming, writer)
+    # OUT.params.json: resuming with other settings would mix samples from two distributions.
+    check_settings(out_path, settings, write=writer)
     done = read_done(out_path, prompts, fix=writer)
     todo = [pl for pl in prompts if pl.index not in done]
     if done:
@@ -679,7 +598,7 @@ def generate_file(sampler: Sampler, prompts_path: str, out_path: str, params: Sa
                 if pl.has_id:
                     rec["id"] = pl.id
                 rec["samples"] = [smp.to_json(sampling_logprobs) for smp in samples]
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.write(dumps(rec) + "\n")
                 written += 1
             f.flush()
             if writer:

@@ -18,21 +18,20 @@ This is also the local teacher's scorer (``feedback/teacher.py``).
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import pathlib
 import sys
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tuna_jax import parallel
+from tuna_jax.data.shapes import bucket_length
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import dumps, iter_jsonl
 from tuna_jax.logprobs import sequence_logprobs
-
-
-class ScoreInputError(ValueError):
-    """A bad input line; the message names file:line and the field."""
 
 
 @dataclasses.dataclass
@@ -43,14 +42,6 @@ class ScoreRow:
     candidate: int
     ids: list[int]
     start: int
-
-
-def bucket_length(n: int, multiple: int = 64) -> int:
-    """Round a length up so that few distinct shapes are compiled (powers of two up to
-    ``multiple``, then multiples of it)."""
-    if n <= multiple:
-        return max(8, 1 << (n - 1).bit_length())
-    return -(-n // multiple) * multiple
 
 
 def rows_to_batch(rows: Sequence[ScoreRow], batch_rows: int, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
@@ -100,62 +91,81 @@ class Scorer:
         return out  # type: ignore[return-value]
 
 
-def read_jsonl(path: str | pathlib.Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; malformed JSON is a ScoreInputError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ScoreInputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ScoreInputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
 def _int_list(value, where: str, field: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise ScoreInputError(f"{where}: field {field!r} must be a list of integer token ids")
+        raise InputError(where, field, "must be a list of integer token ids", reason="wrong_type")
     return value
+
+
+def check_line(obj: dict, where: str) -> None:
+    """Structural checks of one input line, the same rules as training data: text fields are strings,
+    candidates a non-empty list of non-empty responses, token ids integers, ``id`` a string or integer.
+    Needs no model or tokenizer, so a whole file is checked before anything loads."""
+    if "id" in obj and (isinstance(obj["id"], bool) or not isinstance(obj["id"], (str, int))):
+        raise InputError(where, "id", f"expected a string or integer, got {type(obj['id']).__name__}",
+                         reason="wrong_type")
+    if "prompt_ids" in obj or "candidate_ids" in obj:
+        for field in ("prompt_ids", "candidate_ids"):
+            if field not in obj:
+                raise InputError(f"{where}: pre-tokenised line is missing field {field!r}")
+        if not _int_list(obj["prompt_ids"], where, "prompt_ids"):
+            raise InputError(f"{where}: 'prompt_ids' is empty; the first candidate token needs a context")
+        if not isinstance(obj["candidate_ids"], list) or not obj["candidate_ids"]:
+            raise InputError(f"{where}: 'candidate_ids' must be a non-empty list of token-id lists")
+        for k, cand in enumerate(obj["candidate_ids"]):
+            if not _int_list(cand, where, f"candidate_ids[{k}]"):
+                raise InputError(where, f"candidate_ids[{k}]", "empty candidate: there is no token to score",
+                                 reason="empty_response")
+        return
+    for field in ("instruction", "candidates"):
+        if field not in obj:
+            raise InputError(f"{where}: missing field {field!r} (or give prompt_ids/candidate_ids)")
+    if not isinstance(obj["instruction"], str):
+        raise InputError(where, "instruction", f"expected a string, got {type(obj['instruction']).__name__}",
+                         reason="wrong_type")
+    if obj.get("input") is not None and not isinstance(obj["input"], str):
+        raise InputError(where, "input", f"expected a string, got {type(obj['input']).__name__}", reason="wrong_type")
+    cands = obj["candidates"]
+    if not isinstance(cands, list) or not cands:
+        raise InputError(f"{where}: 'candidates' must be a non-empty list of strings")
+    for k, c in enumerate(cands):
+        if not isinstance(c, str):
+            raise InputError(where, f"candidates[{k}]", f"expected a string, got {type(c).__name__}",
+                             reason="wrong_type")
+        if not c.strip():
+            raise InputError(where, f"candidates[{k}]", "empty response", reason="empty_response")
+
+
+def read_lines(path: str) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a ``tuna-jax score`` input, each checked by
+    :func:`check_line`; the first bad line is an InputError naming file, line and field."""
+    lines = []
+    for lineno, where, obj in iter_jsonl(path, what="input file"):
+        check_line(obj, where)
+        lines.append((lineno, obj))
+    return lines
 
 
 def rows_for_line(obj: dict, where: str, example: int, encoder, vocab_size: int, max_len: int) -> list[ScoreRow]:
     """Turn one input line into scoring rows (pre-tokenised or text)."""
-    if "prompt_ids" in obj or "candidate_ids" in obj:
-        for field in ("prompt_ids", "candidate_ids"):
-            if field not in obj:
-                raise ScoreInputError(f"{where}: pre-tokenised line is missing field {field!r}")
-        prompt = _int_list(obj["prompt_ids"], where, "prompt_ids")
-        if not prompt:
-            raise ScoreInputError(f"{where}: 'prompt_ids' is empty; the first candidate token needs a context")
-        if not isinstance(obj["candidate_ids"], list) or not obj["candidate_ids"]:
-            raise ScoreInputError(f"{where}: 'candidate_ids' must be a non-empty list of token-id lists")
-        seqs = []
-        for k, cand in enumerate(obj["candidate_ids"]):
-            cand = _int_list(cand, where, f"candidate_ids[{k}]")
-            seqs.append((prompt + cand, len(prompt)))
+    check_line(obj, where)
+    if "prompt_ids" in obj:
+        prompt = obj["prompt_ids"]
+        seqs = [(prompt + cand, len(prompt)) for cand in obj["candidate_ids"]]
     else:
-        for field in ("instruction", "candidates"):
-            if field not in obj:
-                raise ScoreInputError(f"{where}: missing field {field!r} (or give prompt_ids/candidate_ids)")
-        if not isinstance(obj["candidates"], list) or not obj["candidates"] or \
-                not all(isinstance(c, str) for c in obj["candidates"]):
-            raise ScoreInputError(f"{where}: 'candidates' must be a non-empty list of strings")
         if encoder is None:
-            raise ScoreInputError(f"{where}: text candidates need a tokenizer (none found with the model; "
-                                  f"pass --tokenizer)")
+            raise InputError(f"{where}: text candidates need a tokenizer (none found with the model; "
+                             f"pass --tokenizer)")
         seqs = [encoder(obj["instruction"], obj.get("input") or "", c) for c in obj["candidates"]]
     rows = []
     for k, (ids, start) in enumerate(seqs):
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise ScoreInputError(f"{where}: candidate {k}: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+            raise InputError(f"{where}: candidate {k}: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
         if len(ids) > max_len:
-            raise ScoreInputError(f"{where}: candidate {k} is {len(ids)} tokens with its prompt, over --max-len "
-                                  f"{max_len}; shorten it or raise --max-len (the model allows "
-                                  f"{max_len} positions here)")
+            raise InputError(f"{where}: candidate {k} is {len(ids)} tokens with its prompt, over --max-len "
+                             f"{max_len}; shorten it or raise --max-len (the model allows "
+                             f"{max_len} positions here)")
         rows.append(ScoreRow(example, k, ids, start))
     return rows
 
@@ -174,15 +184,26 @@ def make_candidate_encoder(tokenizer_path, policy=None):
     return encode
 
 
+def _finite(x: float) -> float | None:
+    """A log-likelihood for the output: None (JSON null) when it is not finite, never NaN in a file."""
+    return x if math.isfinite(x) else None
+
+
 def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: int = 8, max_len: int | None = None,
-               examples_per_flush: int = 64, progress: bool = True) -> int:
-    """Score every line of ``data`` and write ``out``; returns the number of lines written."""
+               examples_per_flush: int = 64, progress: bool = True,
+               lines: list[tuple[int, dict]] | None = None) -> int:
+    """Score every line of ``data`` and write ``out``; returns the number of lines written.
+
+    ``lines``: ``read_lines(data)`` when the caller already read them (the CLI does, before loading the
+    model). A log-likelihood that is not finite (a numerical overflow, e.g. in bfloat16) is written as
+    null and counted in a warning."""
     from tqdm import tqdm
 
     cfg = model.cfg
     max_len = max_len or cfg.max_position_embeddings
+    lines = read_lines(data) if lines is None else lines
     scorer = Scorer(model, mesh, batch_rows)
-    lines = list(read_jsonl(data))
+    non_finite = 0
     written = 0
     tmp = pathlib.Path(str(out) + ".partial")
     with open(tmp, "w", encoding="utf-8") as f, tqdm(total=len(lines), desc="score", unit="ex",
@@ -200,11 +221,16 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
                 rec = {"index": s + e}
                 if "id" in obj:
                     rec["id"] = obj["id"]
-                rec["candidates"] = [{"logprob_sum": lp, "num_tokens": n} for lp, n in per_example[e]]
-                rec["logprob_sum"] = [lp for lp, _ in per_example[e]]
+                sums = [_finite(lp) for lp, _ in per_example[e]]
+                non_finite += sum(x is None for x in sums)
+                rec["candidates"] = [{"logprob_sum": lp, "num_tokens": n} for lp, (_, n) in zip(sums, per_example[e])]
+                rec["logprob_sum"] = sums
                 rec["num_tokens"] = [n for _, n in per_example[e]]
-                f.write(json.dumps(rec) + "\n")
+                f.write(dumps(rec) + "\n")
                 written += 1
             bar.update(len(group))
     tmp.replace(out)
+    if non_finite:
+        print(f"score: WARNING: {non_finite} log-likelihood(s) were not finite (numerical overflow; try --dtype "
+              f"float32) and are written as null", file=sys.stderr)
     return written

@@ -50,15 +50,13 @@ import re
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from tuna_jax.data.templates import format_prompt, parse_prompt
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import read_text
 
 
-class DataError(ValueError):
-    """Bad input data. ``where`` is ``file:line`` (or ``file[row]``), ``field`` the offending key."""
-
-    def __init__(self, where: str, field: Optional[str], message: str, reason: str = "invalid"):
-        self.where, self.field, self.reason = where, field, reason
-        loc = f"{where}: field {field!r}: " if field else f"{where}: "
-        super().__init__(loc + message)
+# Bad input data: ``where`` is ``file:line`` (or ``file[row]``), ``field`` the offending key. The
+# project's one input-error type under the name this module has always used.
+DataError = InputError
 
 
 @dataclasses.dataclass
@@ -174,8 +172,7 @@ def iter_rows(path: str) -> Iterator[tuple[str, Any]]:
     if ext in (".parquet", ".csv", ".arrow"):
         yield from _iter_hf(spath)
         return
-    with open(spath, "r", encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(spath)
     first = text.lstrip()[:1]
     if ext == ".json" and first == "[":
         yield from _iter_json_list(spath, text)

@@ -8,16 +8,16 @@ without anyone noticing.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable
 
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import iter_jsonl, write_json
 
-class EvalInputError(ValueError):
-    """Bad evaluation input (predictions, benchmark data); the message names the file and place."""
+__all__ = ["InputError", "PredictionRecord", "read_predictions_jsonl", "check_unique", "emit_json", "warn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,28 +31,6 @@ class PredictionRecord:
     extra: dict[str, Any]
 
 
-def iter_json_objects(path: str | os.PathLike, *, what: str = "file",
-                      expected: str = "a JSON object") -> Iterator[tuple[int, str, dict]]:
-    """(line number, "path:line", object) per non-blank line of a JSON Lines file; a missing file (``what``
-    names it in the message) or a line that is not a JSON object (``expected`` says what it should be) is an
-    :class:`EvalInputError` naming file and line."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise EvalInputError(f"{path}: {what} not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise EvalInputError(f"{where}: expected {expected}, got {type(obj).__name__}")
-            yield lineno, where, obj
-
-
 def read_predictions_jsonl(path: str | os.PathLike, *, id_field: str = "id") -> list[PredictionRecord]:
     """Reads ``{"id", "prediction", ...}`` lines; blank lines are allowed, everything else is checked.
 
@@ -62,21 +40,21 @@ def read_predictions_jsonl(path: str | os.PathLike, *, id_field: str = "id") -> 
     """
     path = os.fspath(path)
     records: list[PredictionRecord] = []
-    for lineno, where, obj in iter_json_objects(path, what="predictions file",
+    for lineno, where, obj in iter_jsonl(path, what="predictions file",
                                                 expected="a JSON object with 'id' and 'prediction'"):
         if id_field not in obj:
-            raise EvalInputError(f"{where}: missing field '{id_field}'")
+            raise InputError(f"{where}: missing field '{id_field}'")
         if "prediction" not in obj:
-            raise EvalInputError(f"{where}: missing field 'prediction'")
+            raise InputError(f"{where}: missing field 'prediction'")
         id_ = obj[id_field]
         if isinstance(id_, bool) or not isinstance(id_, (str, int)):
-            raise EvalInputError(f"{where}: field '{id_field}' must be a string or an integer, "
-                                 f"got {type(id_).__name__}")
+            raise InputError(f"{where}: field '{id_field}' must be a string or an integer, "
+                             f"got {type(id_).__name__}")
         id_ = str(id_)
         pred = obj["prediction"]
         if not isinstance(pred, str):
-            raise EvalInputError(f"{where}: field 'prediction' must be a string, got "
-                                 f"{type(pred).__name__} (write \"\" for an empty answer)")
+            raise InputError(f"{where}: field 'prediction' must be a string, got "
+                             f"{type(pred).__name__} (write \"\" for an empty answer)")
         extra = {k: v for k, v in obj.items() if k not in (id_field, "prediction")}
         records.append(PredictionRecord(id_, pred, path, lineno, extra))
     return records
@@ -89,36 +67,19 @@ def check_unique(records: Iterable[PredictionRecord], key=lambda r: r.id) -> dic
         k = key(r)
         if k in out:
             prev = out[k]
-            raise EvalInputError(f"{r.path}:{r.line}: duplicate prediction for id {k!r} "
-                                 f"(first given at line {prev.line}); keep one prediction per id")
+            raise InputError(f"{r.path}:{r.line}: duplicate prediction for id {k!r} "
+                             f"(first given at line {prev.line}); keep one prediction per id")
         out[k] = r
     return out
 
 
 def emit_json(result: dict, out_path: str | os.PathLike | None) -> None:
     """Prints ``result`` as JSON on stdout and, if asked, writes it to ``out_path`` too."""
-    text = json.dumps(result, indent=2, sort_keys=False)
     if out_path:
-        out_path = os.fspath(out_path)
-        parent = os.path.dirname(out_path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        with open(out_path, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    print(text)
+        write_json(out_path, result)
+    print(json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False))
 
 
 def warn(message: str) -> None:
     """A loud, unmissable warning on stderr (scores with missing data must not look complete)."""
     print(f"WARNING: {message}", file=sys.stderr)
-
-
-def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
-            argv: Sequence[str] | None = None) -> int:
-    """The ``main()`` of a scorer CLI: parse ``argv``, return ``run(args)``; bad input is ``error: ...`` and 2."""
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except EvalInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

@@ -89,7 +89,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from tuna_jax.eval.common import EvalInputError, emit_json, read_predictions_jsonl, run_cli, warn
+from tuna_jax.eval.common import emit_json, read_predictions_jsonl, warn
+from tuna_jax.io.cli import cli_main
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import read_json
 
 # --------------------------------------------------------------------------------------------------
 # Task lists (from the paper's Table 1 / the repository's analysis)
@@ -772,40 +775,37 @@ def prediction_id(task: str, example_id: str | int) -> str:
 def _resolve_data_dir(path: str | os.PathLike) -> pathlib.Path:
     p = pathlib.Path(path)
     if not p.exists():
-        raise EvalInputError(f"{p}: not found (expected an lmentry checkout or its data folder)")
+        raise InputError(f"{p}: not found (expected an lmentry checkout or its data folder)")
     if p.is_dir() and (p / "data").is_dir() and any((p / "data").glob("*.json")):
         return p / "data"
     if p.is_dir() and any(p.glob("*.json")):
         return p
-    raise EvalInputError(f"{p}: no LMentry task files (data/<task>.json) found")
+    raise InputError(f"{p}: no LMentry task files (data/<task>.json) found")
 
 
 def _load_task_file(path: pathlib.Path, name: str) -> LMentryTask:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    obj = read_json(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("settings"), dict) \
             or not isinstance(obj.get("examples"), dict):
-        raise EvalInputError(f"{path}: expected {{\"settings\": {{...}}, \"examples\": {{id: ...}}}}")
+        raise InputError(f"{path}: expected {{\"settings\": {{...}}, \"examples\": {{id: ...}}}}")
     settings = obj["settings"]
     templates = settings.get("input_templates")
     if not isinstance(templates, list) or not templates:
-        raise EvalInputError(f"{path}: settings.input_templates must be a non-empty list")
+        raise InputError(f"{path}: settings.input_templates must be a non-empty list")
     n_per = settings.get("num_examples_per_template")
     if not isinstance(n_per, int) or n_per <= 0:
-        raise EvalInputError(f"{path}: settings.num_examples_per_template must be a positive integer")
+        raise InputError(f"{path}: settings.num_examples_per_template must be a positive integer")
     needs_index = name in ANSWER_INDEX_TASKS  # argument order robustness reads it
     for eid, ex in obj["examples"].items():
         where = f"{path}: example {eid!r}"
         if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) \
                 or not isinstance(ex.get("metadata"), dict):
-            raise EvalInputError(f"{where}: needs a string 'input' and a 'metadata' object")
+            raise InputError(f"{where}: needs a string 'input' and a 'metadata' object")
         tid = ex["metadata"].get("template_id")
         if not isinstance(tid, int) or not 0 <= tid < len(templates):
-            raise EvalInputError(f"{where}: metadata.template_id must be an integer in [0, {len(templates)})")
+            raise InputError(f"{where}: metadata.template_id must be an integer in [0, {len(templates)})")
         if needs_index and ex["metadata"].get("answer_index") not in (0, 1):
-            raise EvalInputError(f"{where}: metadata.answer_index must be 0 or 1 for {name}")
+            raise InputError(f"{where}: metadata.answer_index must be 0 or 1 for {name}")
     return LMentryTask(name, templates, n_per, obj["examples"], str(path))
 
 
@@ -822,10 +822,10 @@ def load_data(path: str | os.PathLike, tasks: Sequence[str] | None = None) -> di
         _base_task(name)  # unknown names are an error
         f = d / f"{name}.json"
         if not f.is_file():
-            raise EvalInputError(f"{f}: task file not found")
+            raise InputError(f"{f}: task file not found")
         out[name] = _load_task_file(f, name)
     if not out:
-        raise EvalInputError(f"{d}: none of the LMentry task files ({', '.join(CORE_TASKS[:3])}, ...) found")
+        raise InputError(f"{d}: none of the LMentry task files ({', '.join(CORE_TASKS[:3])}, ...) found")
     return out
 
 
@@ -889,7 +889,7 @@ def score_task(task: LMentryTask, predictions: Mapping[str, str], truncate: bool
             try:
                 score, certain = score_prediction(task.name, pred, ex)
             except KeyError as e:
-                raise EvalInputError(f"{task.path}: example {eid!r}: metadata lacks {e}") from None
+                raise InputError(f"{task.path}: example {eid!r}: metadata lacks {e}") from None
         n_correct += score
         n_certain += certain
         t = meta["template_id"]
@@ -921,11 +921,11 @@ def aggregate(results: Mapping[str, TaskResult], allow_partial: bool = False) ->
     """
     absent = [t for t in ALL_TASKS if t not in results]
     if absent and not allow_partial:
-        raise EvalInputError(f"LMentry needs results for all {len(ALL_TASKS)} tasks; absent: {absent}")
+        raise InputError(f"LMentry needs results for all {len(ALL_TASKS)} tasks; absent: {absent}")
     acc = {t: r.accuracy for t, r in results.items()}
     core = [t for t in CORE_TASKS if t in results]
     if not core:
-        raise EvalInputError("none of the 25 LMentry tasks has results")
+        raise InputError("none of the 25 LMentry tasks has results")
 
     order = {t: _gap_robustness([results[t].answer_index_accuracy(0), results[t].answer_index_accuracy(1)])
              for t in ANSWER_INDEX_TASKS if t in results}
@@ -971,13 +971,13 @@ def _split_prediction_key(record) -> tuple[str, str]:
     rid = record.id
     if task is not None:
         if not isinstance(task, str):
-            raise EvalInputError(f"{record.path}:{record.line}: field 'task' must be a string")
+            raise InputError(f"{record.path}:{record.line}: field 'task' must be a string")
         if rid.startswith(task + "/"):
             rid = rid[len(task) + 1:]
         return task, rid
     if "/" not in rid:
-        raise EvalInputError(f"{record.path}:{record.line}: id {rid!r} does not name its task; write "
-                             f"\"<task>/<example id>\" (e.g. \"bigger_number/17\") or add a \"task\" field")
+        raise InputError(f"{record.path}:{record.line}: id {rid!r} does not name its task; write "
+                         f"\"<task>/<example id>\" (e.g. \"bigger_number/17\") or add a \"task\" field")
     task, _, eid = rid.partition("/")
     return task, eid
 
@@ -1009,7 +1009,7 @@ def score_predictions(predictions: Mapping[tuple[str, str], str] | Mapping[str, 
         results[name] = score_task(task, by_task[name], truncate)
     if not results:
         hint = f" (e.g. {unknown[0]!r} matches no example)" if unknown else ""
-        raise EvalInputError(f"no prediction matches an LMentry example{hint}")
+        raise InputError(f"no prediction matches an LMentry example{hint}")
     agg = aggregate(results, allow_partial=allow_partial)
     n_scored = sum(r.n_examples - r.n_missing for r in results.values())
     return {
@@ -1053,15 +1053,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Scores a predictions file, prints the JSON, writes ``--out``; bad input raises EvalInputError."""
+    """Scores a predictions file, prints the JSON, writes ``--out``; bad input raises InputError."""
     records = read_predictions_jsonl(args.predictions)
     preds: dict[tuple[str, str], str] = {}
     first: dict[tuple[str, str], int] = {}
     for r in records:
         key = _split_prediction_key(r)
         if key in preds:
-            raise EvalInputError(f"{r.path}:{r.line}: duplicate prediction for {prediction_id(*key)!r} "
-                                 f"(first given at line {first[key]})")
+            raise InputError(f"{r.path}:{r.line}: duplicate prediction for {prediction_id(*key)!r} "
+                             f"(first given at line {first[key]})")
         preds[key] = r.prediction
         first[key] = r.line
     # getattr: callers may build the Namespace themselves with only the required fields
@@ -1081,9 +1081,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="tuna-jax eval lmentry", description="LMentry accuracy, robustness and score of a predictions file"))
-    return run_cli(parser, run, argv)
+    return cli_main("tuna-jax eval lmentry", add_arguments, run, argv,
+                    description="LMentry accuracy, robustness and score of a predictions file")
 
 
 if __name__ == "__main__":

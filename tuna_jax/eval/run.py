@@ -115,17 +115,15 @@ from tuna_jax.eval import lmentry as lmentry_mod
 from tuna_jax.eval import report as report_mod
 from tuna_jax.eval import superni as superni_mod
 from tuna_jax.eval import vicuna as vicuna_mod
-from tuna_jax.eval.common import EvalInputError, read_predictions_jsonl, warn
+from tuna_jax.eval.common import read_predictions_jsonl, warn
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import check_settings, read_text, write_json
 
 logger = logging.getLogger("tuna_jax.eval")
 
-__all__ = ["EvalConfigError", "EvalConfig", "ModelSpec", "GenerationSettings", "SuperNISettings",
+__all__ = ["EvalConfig", "ModelSpec", "GenerationSettings", "SuperNISettings",
            "LMentrySettings", "VicunaSettings", "AlpacaEvalSettings", "JudgeSettings", "load_eval_config",
            "run_eval", "add_arguments", "add_run_arguments", "run", "run_config"]
-
-
-class EvalConfigError(EvalInputError):
-    """A bad eval config; the message names the file and line."""
 
 
 # ================================================================================================ schema
@@ -279,20 +277,20 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 def _read_yaml(path: str) -> _Map:
     if not os.path.isfile(path):
-        raise EvalConfigError(f"{path}: no such config file")
+        raise InputError(f"{path}: no such config file")
+    text = read_text(path, what="config file")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.load(f, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
     except _DuplicateKey as e:
-        raise EvalConfigError(f"{path}:{e.line}: key {e.key!r} given twice (first at line {e.first})") from None
+        raise InputError(f"{path}:{e.line}: key {e.key!r} given twice (first at line {e.first})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise EvalConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        raise InputError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if raw is None:
-        raise EvalConfigError(f"{path}: the config is empty")
+        raise InputError(f"{path}: the config is empty")
     if not isinstance(raw, _Map):
-        raise EvalConfigError(f"{path}:1: an eval config must be a mapping (output_dir, models, ...)")
+        raise InputError(f"{path}:1: an eval config must be a mapping (output_dir, models, ...)")
     return raw
 
 
@@ -303,7 +301,7 @@ def _apply_overrides(raw: _Map, overrides: Sequence[str], path: str) -> None:
         try:
             keys, value = parse_override(text)
         except ConfigError as e:
-            raise EvalConfigError(str(e)) from None
+            raise InputError(str(e)) from None
         node = raw
         for k in keys[:-1]:
             if node.get(k) is None:
@@ -312,7 +310,7 @@ def _apply_overrides(raw: _Map, overrides: Sequence[str], path: str) -> None:
                 node[k] = child
             node = node[k]
             if not isinstance(node, dict):
-                raise EvalConfigError(f"override {text!r}: {k} is not a section of {path}")
+                raise InputError(f"override {text!r}: {k} is not a section of {path}")
         node[keys[-1]] = value
 
 
@@ -332,11 +330,11 @@ def _check_value(value, tp, where: str, key: str):
         return _check_value(value, inner[0], where, key)
     if origin is list:
         if not isinstance(value, list):
-            raise EvalConfigError(f"{where}: {key} must be a list, got {value!r}")
+            raise InputError(f"{where}: {key} must be a list, got {value!r}")
         return [_check_value(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise EvalConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+            raise InputError(f"{where}: {key} must be a mapping, got {value!r}")
         return _build(tp, value, where.rsplit(":", 1)[0] if ":" in where else where, key)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
@@ -345,19 +343,19 @@ def _check_value(value, tp, where: str, key: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EvalConfigError(f"{where}: {key} must be a number, got {value!r}")
+            raise InputError(f"{where}: {key} must be a number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise EvalConfigError(f"{where}: {key} must be an integer, got {value!r}")
+            raise InputError(f"{where}: {key} must be an integer, got {value!r}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise EvalConfigError(f"{where}: {key} must be true or false, got {value!r}")
+            raise InputError(f"{where}: {key} must be true or false, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise EvalConfigError(f"{where}: {key} must be a string, got {value!r}")
+            raise InputError(f"{where}: {key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {tp}")  # a programming error, not a user error
 
@@ -373,21 +371,21 @@ def _build(cls, values: dict, path: str, section: str):
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise EvalConfigError(f"{where}: unknown key {key!r} in {section or 'the config'}{hint}; "
-                                  f"valid keys: {', '.join(fields)}")
+            raise InputError(f"{where}: unknown key {key!r} in {section or 'the config'}{hint}; "
+                             f"valid keys: {', '.join(fields)}")
         full = f"{section}.{key}" if section else key
         v = _check_value(value, hints[key], where, full)
         if key in _CHOICES and v is not None and v not in _CHOICES[key]:
-            raise EvalConfigError(f"{where}: {full}={v!r}: choose one of {', '.join(_CHOICES[key])}")
+            raise InputError(f"{where}: {full}={v!r}: choose one of {', '.join(_CHOICES[key])}")
         if key in _POSITIVE and v is not None and v <= 0:
-            raise EvalConfigError(f"{where}: {full}={v!r}: must be positive")
+            raise InputError(f"{where}: {full}={v!r}: must be positive")
         if key in _NON_NEGATIVE and v is not None and v < 0:
-            raise EvalConfigError(f"{where}: {full}={v!r}: must be >= 0")
+            raise InputError(f"{where}: {full}={v!r}: must be >= 0")
         kwargs[key] = v
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise EvalConfigError(f"{path}:{line}: {section or 'the config'} needs {', '.join(missing)}")
+        raise InputError(f"{path}:{line}: {section or 'the config'} needs {', '.join(missing)}")
     return cls(**kwargs)
 
 
@@ -405,43 +403,43 @@ def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
     cfg.source = path
     where = f"{path}:{_line(raw, 'models')}"
     if not cfg.models:
-        raise EvalConfigError(f"{where}: models is empty")
+        raise InputError(f"{where}: models is empty")
     seen = set()
     for m in cfg.models:
         if not _NAME_RE.fullmatch(m.name):
-            raise EvalConfigError(f"{where}: model name {m.name!r}: use letters, digits, '.', '_', '-' (it names "
-                                  f"files)")
+            raise InputError(f"{where}: model name {m.name!r}: use letters, digits, '.', '_', '-' (it names "
+                             f"files)")
         if m.name in seen:
-            raise EvalConfigError(f"{where}: model name {m.name!r} appears twice")
+            raise InputError(f"{where}: model name {m.name!r} appears twice")
         seen.add(m.name)
     if not any((cfg.superni, cfg.lmentry, cfg.vicuna, cfg.alpaca_eval)):
-        raise EvalConfigError(f"{path}: no benchmark configured (add superni, lmentry, vicuna or alpaca_eval)")
+        raise InputError(f"{path}: no benchmark configured (add superni, lmentry, vicuna or alpaca_eval)")
     if cfg.superni is not None:
         shots = cfg.superni.shots
         if not shots or any(k not in (0, 2) for k in shots) or len(set(shots)) != len(shots):
-            raise EvalConfigError(f"{path}:{_line(raw['superni'], 'shots')}: superni.shots must be a non-empty "
-                                  f"subset of [0, 2], got {shots}")
+            raise InputError(f"{path}:{_line(raw['superni'], 'shots')}: superni.shots must be a non-empty "
+                             f"subset of [0, 2], got {shots}")
     v = cfg.vicuna
     if v is not None:
         vl = f"{path}:{_line(raw, 'vicuna')}"
         if v.data is None and not (v.questions and v.prompts and v.reviewers):
-            raise EvalConfigError(f"{vl}: vicuna needs data (a folder) or questions, prompts and reviewers")
+            raise InputError(f"{vl}: vicuna needs data (a folder) or questions, prompts and reviewers")
         if v.review and (v.baseline is None) == (v.baseline_model is None):
-            raise EvalConfigError(f"{vl}: vicuna needs exactly one of baseline (an answer file) and baseline_model "
-                                  f"(a model of this config), or review: false")
+            raise InputError(f"{vl}: vicuna needs exactly one of baseline (an answer file) and baseline_model "
+                             f"(a model of this config), or review: false")
         if v.baseline_model is not None and v.baseline_model not in seen:
-            raise EvalConfigError(f"{vl}: vicuna.baseline_model {v.baseline_model!r} is not one of the models "
-                                  f"{sorted(seen)}")
+            raise InputError(f"{vl}: vicuna.baseline_model {v.baseline_model!r} is not one of the models "
+                             f"{sorted(seen)}")
     a = cfg.alpaca_eval
     if a is not None and a.review and not a.prompt_template:
-        raise EvalConfigError(f"{path}:{_line(raw, 'alpaca_eval')}: alpaca_eval needs prompt_template (the annotator "
-                              f"prompt, judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt) or review: false")
+        raise InputError(f"{path}:{_line(raw, 'alpaca_eval')}: alpaca_eval needs prompt_template (the annotator "
+                         f"prompt, judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt) or review: false")
     if ((v is not None and v.review) or (a is not None and a.review)) and cfg.judge is None:
-        raise EvalConfigError(f"{path}: a review is configured but there is no judge section (base_url, model)")
+        raise InputError(f"{path}: a review is configured but there is no judge section (base_url, model)")
     if cfg.name is None:
         cfg.name = pathlib.Path(path).stem
     if not _NAME_RE.fullmatch(cfg.name):
-        raise EvalConfigError(f"{path}: name {cfg.name!r}: use letters, digits, '.', '_', '-' (it names files)")
+        raise InputError(f"{path}: name {cfg.name!r}: use letters, digits, '.', '_', '-' (it names files)")
     return cfg
 
 
@@ -475,8 +473,8 @@ def _context_length(model_path: str) -> int:
         with open(cfg_path, encoding="utf-8") as f:
             return int(json.load(f)["max_position_embeddings"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EvalInputError(f"{cfg_path}: cannot read max_position_embeddings ({e}); is {model_path} a HF "
-                             f"folder or a tuna-jax params checkpoint?") from None
+        raise InputError(f"{cfg_path}: cannot read max_position_embeddings ({e}); is {model_path} a HF "
+                         f"folder or a tuna-jax params checkpoint?") from None
 
 
 class _Prompter:
@@ -499,8 +497,8 @@ class _Prompter:
         if g.max_prompt_tokens is not None:
             limit = min(limit, g.max_prompt_tokens)
         if limit < 2:
-            raise EvalConfigError(f"{self.cfg.source}: model {self.spec.name} has a context of {self.context} "
-                                  f"tokens; max_new_tokens={max_new_tokens} leaves no room for a prompt")
+            raise InputError(f"{self.cfg.source}: model {self.spec.name} has a context of {self.context} "
+                             f"tokens; max_new_tokens={max_new_tokens} leaves no room for a prompt")
         return limit
 
     def encode(self, text: str) -> list[int]:
@@ -531,7 +529,7 @@ def _superni_source(cfg: EvalConfig):
         keep = list(dict.fromkeys(i.task for i in instances))[:s.num_tasks]
         instances = [i for i in instances if i.task in set(keep)]
     if not instances:
-        raise EvalInputError(f"{s.tasks}: no Super-NI instances to generate for")
+        raise InputError(f"{s.tasks}: no Super-NI instances to generate for")
     return src, instances
 
 
@@ -598,20 +596,8 @@ class _Cache:
         self.path, self.settings = path, settings
 
     def check_settings(self) -> None:
-        p = self.path + ".params.json"
-        if os.path.exists(p):
-            with open(p, encoding="utf-8") as f:
-                old = json.load(f)
-            diff = {k: (old.get(k), v) for k, v in self.settings.items() if old.get(k) != v}
-            if diff:
-                changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                raise EvalInputError(f"{p}: {self.path} was generated with other settings ({changes}); use another "
-                                     f"output_dir, or delete {self.path} to generate it again")
-        else:
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            with open(p, "w", encoding="utf-8") as f:
-                json.dump(self.settings, f, indent=1)
-                f.write("\n")
+        check_settings(self.path, self.settings,
+                       hint=f"use another output_dir, or delete {self.path} to generate it again")
 
     def load(self, jobs: Sequence[_Job]) -> dict[str, dict]:
         """Lines of the current prompts; stale lines (prompt changed, id gone, a torn last line) are removed."""
@@ -632,8 +618,8 @@ class _Cache:
                 if n == len(lines) and not raw.endswith("\n"):  # killed while writing: generate it again
                     dropped += 1
                     continue
-                raise EvalInputError(f"{self.path}:{n}: unreadable predictions line ({e}); delete the file to "
-                                     f"generate it again") from None
+                raise InputError(f"{self.path}:{n}: unreadable predictions line ({e}); delete the file to "
+                                 f"generate it again") from None
             if want.get(rid) == sha and rid not in kept:
                 kept[rid] = rec
             else:
@@ -668,8 +654,8 @@ class _Generator:
         model = load_model(self.spec.path, mesh, dtype=g.dtype, param_dtype="float32")
         tok = self.prompter.tokenizer
         if tok.vocab_size > model.cfg.vocab_size:
-            raise EvalInputError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but model {self.spec.path} has "
-                                 f"a vocabulary of {model.cfg.vocab_size}: they do not belong together")
+            raise InputError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but model {self.spec.path} has "
+                             f"a vocabulary of {model.cfg.vocab_size}: they do not belong together")
         self.sampler = Sampler(model, tok, self.prompter.policy, mesh=mesh, batch_size=g.batch_size)
 
     def generate(self, jobs: Sequence[_Job], max_new_tokens: int):
@@ -751,15 +737,6 @@ def _gen_details(preds: dict[str, dict], path: str) -> dict:
             "length_cut": sum(1 for p in preds.values() if p.get("finish_reason") == "length")}
 
 
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _score_superni(cfg: EvalConfig, data: _Data, bench: str, path: str, score_dir: str):
     src, instances = data.superni
     preds = _read_preds(path)
@@ -770,7 +747,7 @@ def _score_superni(cfg: EvalConfig, data: _Data, bench: str, path: str, score_di
     result = superni_mod.score_predictions({i: p["prediction"] for i, p in preds.items()}, refs)
     result.update(predictions_file=path, tasks_source=src.path)
     out = os.path.join(score_dir, f"{bench}.json")
-    _write_json(out, result)
+    write_json(out, result)
     return result["overall"], {**_gen_details(preds, path), "scores": out, "num_scored": result["num_scored"],
                                "num_tasks": result["num_tasks"], "missing": result["missing"]}
 
@@ -782,7 +759,7 @@ def _score_lmentry(cfg: EvalConfig, data: _Data, path: str, score_dir: str):
                                            allow_partial=cfg.lmentry.allow_partial)
     result["predictions_file"] = path
     out = os.path.join(score_dir, "lmentry.json")
-    _write_json(out, result)
+    write_json(out, result)
     return result["overall"], {**_gen_details(preds, path), "scores": out, "accuracy": result["accuracy"],
                                "robustness": result["robustness"], "partial": result["partial"],
                                "missing": result["missing"]}
@@ -802,7 +779,7 @@ def _alpaca_outputs(cfg: EvalConfig, data: _Data, spec: ModelSpec, path: str) ->
     outs = [{"instruction": r["instruction"], "output": preds[str(i)]["prediction"], "generator": spec.name,
              "dataset": r.get("dataset")} for i, r in enumerate(data.alpaca) if str(i) in preds]
     out = os.path.join(cfg.output_dir, "alpaca_eval", f"{spec.name}.outputs.json")
-    _write_json(out, outs)
+    write_json(out, outs)
     return out
 
 
@@ -942,7 +919,7 @@ def _reviews(cfg: EvalConfig, data: _Data, rows: dict, notes: list, progress: bo
                 warn(f"{bench} review of {name} stopped: {e}")
                 status = 2
                 break
-            _write_json(stem + ".json", result)
+            write_json(stem + ".json", result)
             keep = ("win", "lose", "tie", "failed", "missing", "judged", "baseline", "judge")
             if bench == "alpaca_eval":
                 keep += ("win_rate", "win_rate_stderr")

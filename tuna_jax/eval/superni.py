@@ -68,8 +68,10 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from tuna_jax.eval.common import (EvalInputError, check_unique, emit_json, iter_json_objects, read_predictions_jsonl,
-                                  run_cli, warn)
+from tuna_jax.eval.common import check_unique, emit_json, read_predictions_jsonl, warn
+from tuna_jax.io.cli import cli_main
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import iter_jsonl, read_json, read_text
 
 DEFAULT_NUM_INSTANCES = 100  # first 100 instances per test task, as the benchmark evaluates
 DEFAULT_SPLIT = "default"    # the English track; "xlingual" is the cross-lingual one
@@ -209,19 +211,19 @@ def build_prompt(definition: str | Sequence[str], positive_examples: Sequence[Ma
 # --------------------------------------------------------------------------------------------------
 
 def _read_lines_list(path: pathlib.Path) -> list[str]:
-    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    names = [ln.strip() for ln in read_text(path).splitlines()]
     names = [n for n in names if n]
     dup = [n for n, c in Counter(names).items() if c > 1]
     if dup:
-        raise EvalInputError(f"{path}: task listed more than once: {dup[:5]}")
+        raise InputError(f"{path}: task listed more than once: {dup[:5]}")
     return names
 
 
 def _check_str_list(value: Any, where: str, field: str, *, non_empty: bool = True) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise EvalInputError(f"{where}: field '{field}' must be a list of strings")
+        raise InputError(f"{where}: field '{field}' must be a list of strings")
     if non_empty and not value:
-        raise EvalInputError(f"{where}: field '{field}' is empty (max over references needs one)")
+        raise InputError(f"{where}: field '{field}' is empty (max over references needs one)")
     return tuple(value)
 
 
@@ -232,39 +234,39 @@ def _task_from_obj(obj: Mapping[str, Any], name: str | None, where: str) -> Task
         for k in keys:
             if k in obj:
                 return obj[k]
-        raise EvalInputError(f"{where}: missing field {' / '.join(repr(k) for k in keys)}")
+        raise InputError(f"{where}: missing field {' / '.join(repr(k) for k in keys)}")
 
     name = obj.get("task", obj.get("Task", name))
     if not isinstance(name, str) or not name:
-        raise EvalInputError(f"{where}: the task has no name (field 'task')")
+        raise InputError(f"{where}: the task has no name (field 'task')")
     definition = get("definition", "Definition")
     if isinstance(definition, list):
         if not definition or not isinstance(definition[0], str):
-            raise EvalInputError(f"{where}: field 'Definition' must be a non-empty list of strings")
+            raise InputError(f"{where}: field 'Definition' must be a non-empty list of strings")
         definition = definition[0]
     if not isinstance(definition, str):
-        raise EvalInputError(f"{where}: field 'definition' must be a string")
+        raise InputError(f"{where}: field 'definition' must be a string")
     categories = obj.get("categories", obj.get("Categories", []))
     if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
-        raise EvalInputError(f"{where}: field 'categories' must be a list of strings")
+        raise InputError(f"{where}: field 'categories' must be a list of strings")
     pos = get("positive_examples", "Positive Examples")
     if not isinstance(pos, list):
-        raise EvalInputError(f"{where}: field 'positive_examples' must be a list")
+        raise InputError(f"{where}: field 'positive_examples' must be a list")
     for i, ex in enumerate(pos):
         if not (isinstance(ex, dict) and isinstance(ex.get("input"), str)
                 and isinstance(ex.get("output"), str)):
-            raise EvalInputError(f"{where}: positive example {i} needs string 'input' and 'output'")
+            raise InputError(f"{where}: positive example {i} needs string 'input' and 'output'")
     instances = get("instances", "Instances")
     if not isinstance(instances, list):
-        raise EvalInputError(f"{where}: field 'instances' must be a list")
+        raise InputError(f"{where}: field 'instances' must be a list")
     for i, inst in enumerate(instances):
         iw = f"{where}: instance {i}"
         if not isinstance(inst, dict):
-            raise EvalInputError(f"{iw}: must be an object")
+            raise InputError(f"{iw}: must be an object")
         if not isinstance(inst.get("id"), str):
-            raise EvalInputError(f"{iw}: needs a string 'id'")
+            raise InputError(f"{iw}: needs a string 'id'")
         if not isinstance(inst.get("input"), str):
-            raise EvalInputError(f"{iw} ({inst['id']}): needs a string 'input'")
+            raise InputError(f"{iw} ({inst['id']}): needs a string 'input'")
         _check_str_list(inst.get("output"), f"{iw} ({inst['id']})", "output")
     return TaskData(name, list(categories), definition, list(pos), instances, where)
 
@@ -276,32 +278,32 @@ def _references_from_task(task: TaskData, num_instances: int) -> list[ReferenceR
 
 def _reference_from_obj(obj: Mapping[str, Any], where: str) -> ReferenceRecord:
     if not isinstance(obj.get("id"), str):
-        raise EvalInputError(f"{where}: needs a string 'id'")
+        raise InputError(f"{where}: needs a string 'id'")
     refs = _check_str_list(obj.get("references"), where, "references")
     task = obj.get("task_id")
     if not isinstance(task, str) or not task:
-        raise EvalInputError(f"{where}: needs a string 'task_id' (per-task scores are part of the output)")
+        raise InputError(f"{where}: needs a string 'task_id' (per-task scores are part of the output)")
     category = obj.get("task_category", "Uncategorized")
     if not isinstance(category, str):
-        raise EvalInputError(f"{where}: 'task_category' must be a string")
+        raise InputError(f"{where}: 'task_category' must be a string")
     track = obj.get("track", DEFAULT_SPLIT)  # official default when the field is absent
     return ReferenceRecord(obj["id"], task, category, refs, track)
 
 
 def _load_jsonl_file(path: pathlib.Path, refs: list[ReferenceRecord], tasks: dict[str, TaskData]) -> None:
     """A JSONL file holds either reference records ("references") or whole tasks ("instances")."""
-    for _, where, obj in iter_json_objects(path, what="references file"):
+    for _, where, obj in iter_jsonl(path, what="references file"):
         if "references" in obj:
             refs.append(_reference_from_obj(obj, where))
         elif "instances" in obj or "Instances" in obj:
             task = _task_from_obj(obj, None, where)
             if task.name in tasks:
-                raise EvalInputError(f"{where}: task {task.name} given twice (also {tasks[task.name].origin})")
+                raise InputError(f"{where}: task {task.name} given twice (also {tasks[task.name].origin})")
             tasks[task.name] = task
         else:
-            raise EvalInputError(f"{where}: neither a reference record (id, references, task_id, "
-                                 f"task_category) nor a task (task, definition, positive_examples, "
-                                 f"instances)")
+            raise InputError(f"{where}: neither a reference record (id, references, task_id, "
+                             f"task_category) nor a task (task, definition, positive_examples, "
+                             f"instances)")
 
 
 def _find_ni_root(p: pathlib.Path) -> pathlib.Path | None:
@@ -328,8 +330,8 @@ def load_source(path: str | os.PathLike, *, num_instances: int = DEFAULT_NUM_INS
     """
     p = pathlib.Path(path)
     if not p.exists():
-        raise EvalInputError(f"{p}: not found (expected a natural-instructions checkout, a folder "
-                             f"like shared/data/superni, or a .jsonl/.json file)")
+        raise InputError(f"{p}: not found (expected a natural-instructions checkout, a folder "
+                         f"like shared/data/superni, or a .jsonl/.json file)")
     if num_instances <= 0:
         raise ValueError(f"num_instances must be positive, got {num_instances}")
     notes: list[str] = []
@@ -342,18 +344,15 @@ def load_source(path: str | os.PathLike, *, num_instances: int = DEFAULT_NUM_INS
         kind = "natural-instructions"
         split_file = ni_root / "splits" / track / "test_tasks.txt"
         if not split_file.is_file():
-            raise EvalInputError(f"{split_file}: not found (track {track!r})")
+            raise InputError(f"{split_file}: not found (track {track!r})")
         test_tasks = _read_lines_list(split_file)
         for name in test_tasks:
             tf = ni_root / "tasks" / f"{name}.json"
             if not tf.is_file():
-                raise EvalInputError(f"{tf}: task listed in {split_file} is missing from the checkout")
-            try:
-                obj = json.loads(tf.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{tf}: not valid JSON ({e.msg} at line {e.lineno})") from None
+                raise InputError(f"{tf}: task listed in {split_file} is missing from the checkout")
+            obj = read_json(tf)
             if not isinstance(obj, dict):
-                raise EvalInputError(f"{tf}: expected a JSON object")
+                raise InputError(f"{tf}: expected a JSON object")
             tasks[name] = _task_from_obj(obj, name, str(tf))
             tasks[name].name = name  # the file name is the task id, whatever the file says
         for name in test_tasks:
@@ -364,8 +363,8 @@ def load_source(path: str | os.PathLike, *, num_instances: int = DEFAULT_NUM_INS
         if p.is_dir():
             files = sorted(p.glob("*.jsonl"))
             if not files:
-                raise EvalInputError(f"{p}: no *.jsonl files and not a natural-instructions checkout "
-                                     f"(no tasks/ + splits/{DEFAULT_SPLIT}/test_tasks.txt)")
+                raise InputError(f"{p}: no *.jsonl files and not a natural-instructions checkout "
+                                 f"(no tasks/ + splits/{DEFAULT_SPLIT}/test_tasks.txt)")
             for f in files:
                 _load_jsonl_file(f, refs, tasks)
             if (p / "test_tasks.txt").is_file():
@@ -373,16 +372,13 @@ def load_source(path: str | os.PathLike, *, num_instances: int = DEFAULT_NUM_INS
         elif p.suffix == ".jsonl":
             _load_jsonl_file(p, refs, tasks)
         elif p.suffix == ".json":
-            try:
-                obj = json.loads(p.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            obj = read_json(p)
             if not isinstance(obj, dict):
-                raise EvalInputError(f"{p}: expected a task JSON object")
+                raise InputError(f"{p}: expected a task JSON object")
             task = _task_from_obj(obj, p.stem, str(p))
             tasks[task.name] = task
         else:
-            raise EvalInputError(f"{p}: expected a folder, a .jsonl or a .json file")
+            raise InputError(f"{p}: expected a folder, a .jsonl or a .json file")
         if not refs:  # references only from tasks: the benchmark's first-N rule
             names = test_tasks if test_tasks is not None else list(tasks)
             for name in names:
@@ -407,10 +403,10 @@ def load_source(path: str | os.PathLike, *, num_instances: int = DEFAULT_NUM_INS
     by_id: dict[str, ReferenceRecord] = {}
     for r in refs:
         if r.id in by_id:
-            raise EvalInputError(f"{p}: instance id {r.id!r} appears twice in the references")
+            raise InputError(f"{p}: instance id {r.id!r} appears twice in the references")
         by_id[r.id] = r
     if not by_id:
-        raise EvalInputError(f"{p}: no reference instances found (track {track!r})")
+        raise InputError(f"{p}: no reference instances found (track {track!r})")
     return SuperNISource(str(p), kind, test_tasks, by_id, tasks, notes)
 
 
@@ -428,7 +424,7 @@ def _as_source(source: Any, track: str = DEFAULT_SPLIT) -> SuperNISource:
         if not isinstance(r, ReferenceRecord):
             raise TypeError(f"references[{i}]: expected ReferenceRecord or mapping, got {type(r).__name__}")
         if r.id in refs:
-            raise EvalInputError(f"references[{i}]: duplicate id {r.id!r}")
+            raise InputError(f"references[{i}]: duplicate id {r.id!r}")
         refs[r.id] = r
     return SuperNISource("<in-memory>", "records", None, refs, {})
 
@@ -445,13 +441,13 @@ def iter_eval_instances(source: str | os.PathLike | SuperNISource, *,
     """
     src = _as_source(source)
     if not src.tasks:
-        raise EvalInputError(f"{src.path}: has references only; prompts need the task definitions and "
-                             f"examples -- clone allenai/natural-instructions and pass the checkout")
+        raise InputError(f"{src.path}: has references only; prompts need the task definitions and "
+                         f"examples -- clone allenai/natural-instructions and pass the checkout")
     if tasks is not None:
         names = list(tasks)
         absent = [t for t in names if t not in src.tasks]
         if absent:
-            raise EvalInputError(f"{src.path}: tasks not available in full: {absent}")
+            raise InputError(f"{src.path}: tasks not available in full: {absent}")
     else:
         names = list(src.test_tasks) if src.test_tasks is not None else list(src.tasks)
         absent = [t for t in names if t not in src.tasks]
@@ -460,7 +456,7 @@ def iter_eval_instances(source: str | os.PathLike | SuperNISource, *,
                    f"(no definition/examples), e.g. {absent[:3]}; generating for the other "
                    f"{len(names) - len(absent)} only")
             if require_all_tasks:
-                raise EvalInputError(msg)
+                raise InputError(msg)
             warn(msg)
         names = [t for t in names if t in src.tasks]
     for name in names:
@@ -528,8 +524,8 @@ class _GPT2Tokenizer:
             from transformers import AutoTokenizer
             self._tok = AutoTokenizer.from_pretrained("gpt2")
         except Exception as e:  # offline, or transformers missing
-            raise EvalInputError(f"the xlingual track needs the GPT-2 tokenizer, which could not be "
-                                 f"loaded ({type(e).__name__}: {e})") from e
+            raise InputError(f"the xlingual track needs the GPT-2 tokenizer, which could not be "
+                             f"loaded ({type(e).__name__}: {e})") from e
 
     def tokenize(self, s: str) -> list[str]:
         return [t.lstrip("Ġ") for t in self._tok.tokenize(s)]
@@ -637,7 +633,7 @@ def score_predictions(predictions: Mapping[str, str], references_source: Any, *,
                 continue
             pred = ""
         if not isinstance(pred, str):
-            raise EvalInputError(f"prediction for {rec.id!r} is {type(pred).__name__}, not a string")
+            raise InputError(f"prediction for {rec.id!r} is {type(pred).__name__}, not a string")
         em = float(max(exact_match(pred, g) for g in rec.references))
         rl = scorer.max_over_references(pred, rec.references)
         n_scored += 1
@@ -653,8 +649,8 @@ def score_predictions(predictions: Mapping[str, str], references_source: Any, *,
     n_missing = sum(missing_per_task.values())
     if n_scored == 0:
         hint = f" (e.g. prediction id {unknown[0]!r} is not a reference id)" if unknown else ""
-        raise EvalInputError(f"{src.path}: none of the {len(src.references)} reference instances has a "
-                             f"prediction{hint}")
+        raise InputError(f"{src.path}: none of the {len(src.references)} reference instances has a "
+                         f"prediction{hint}")
     return {
         "overall": 100.0 * total_rl / n_scored,
         "exact_match": 100.0 * total_em / n_scored,
@@ -698,7 +694,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Scores a predictions file, prints the JSON, writes ``--out``; bad input raises EvalInputError."""
+    """Scores a predictions file, prints the JSON, writes ``--out``; bad input raises InputError."""
     records = read_predictions_jsonl(args.predictions)
     predictions = {r.id: r.prediction for r in check_unique(records).values()}
     # getattr: callers may build the Namespace themselves with only the required fields
@@ -721,9 +717,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="tuna-jax eval superni", description="Super-NaturalInstructions ROUGE-L of a predictions file"))
-    return run_cli(parser, run, argv)
+    return cli_main("tuna-jax eval superni", add_arguments, run, argv,
+                    description="Super-NaturalInstructions ROUGE-L of a predictions file")
 
 
 if __name__ == "__main__":

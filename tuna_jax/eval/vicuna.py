@@ -64,10 +64,15 @@ import re
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
-from tuna_jax.eval.common import EvalInputError, emit_json, iter_json_objects, warn
+from tuna_jax.eval.common import emit_json, warn
 from tuna_jax.feedback.client import (APIError, OpenAIClient, add_client_arguments, client_config_from_args,
                                       store_from_args)
-from tuna_jax.feedback.store import BudgetExceeded, FatalRunError, ItemOutcome, RunSummary, run_items
+from tuna_jax.feedback.replies import ReplyError, ask_parsed
+from tuna_jax.feedback.store import BudgetExceeded, FatalRunError
+from tuna_jax.io.cli import report_stop
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.items import ItemOutcome, RunSummary, run_items
+from tuna_jax.io.jsonl import iter_jsonl, read_json, read_records, read_text
 
 logger = logging.getLogger("tuna_jax.eval")
 
@@ -119,16 +124,16 @@ class Reviewer:
 
 def _jsonl(path: str | os.PathLike):
     """(where, object) per non-blank line; a line that is not a JSON object is an error naming file:line."""
-    return ((where, obj) for _, where, obj in iter_json_objects(path))
+    return ((where, obj) for _, where, obj in iter_jsonl(path))
 
 
 def _field(obj: Mapping, name: str, types, where: str):
     if name not in obj:
-        raise EvalInputError(f"{where}: missing field '{name}'")
+        raise InputError(f"{where}: missing field '{name}'")
     v = obj[name]
     if isinstance(v, bool) or not isinstance(v, types):
         want = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-        raise EvalInputError(f"{where}: field '{name}' must be {want}, got {type(v).__name__}")
+        raise InputError(f"{where}: field '{name}' must be {want}, got {type(v).__name__}")
     return v
 
 
@@ -139,11 +144,11 @@ def read_questions(path: str | os.PathLike) -> list[Question]:
         q = Question(_field(obj, "question_id", int, where), _field(obj, "text", str, where),
                      _field(obj, "category", str, where))
         if q.question_id in seen:
-            raise EvalInputError(f"{where}: question_id {q.question_id} repeats (first at {seen[q.question_id]})")
+            raise InputError(f"{where}: question_id {q.question_id} repeats (first at {seen[q.question_id]})")
         seen[q.question_id] = where
         out.append(q)
     if not out:
-        raise EvalInputError(f"{os.fspath(path)}: no questions")
+        raise InputError(f"{os.fspath(path)}: no questions")
     return out
 
 
@@ -155,7 +160,7 @@ def read_answers(path: str | os.PathLike) -> dict[int, Answer]:
         qid = _field(obj, "question_id", int, where)
         a = Answer(qid, _field(obj, "text", str, where), obj.get("answer_id"), obj.get("model_id"))
         if qid in seen:
-            raise EvalInputError(f"{where}: a second answer for question_id {qid} (first at {seen[qid]})")
+            raise InputError(f"{where}: a second answer for question_id {qid} (first at {seen[qid]})")
         seen[qid] = where
         out[qid] = a
     return out
@@ -170,9 +175,9 @@ def read_review_prompts(path: str | os.PathLike) -> dict[int, ReviewPrompt]:
                          _field(obj, "category", str, where))
         for name in ("{question}", "{answer_1}", "{answer_2}"):
             if name not in p.prompt_template:
-                raise EvalInputError(f"{where}: prompt_template has no {name} placeholder")
+                raise InputError(f"{where}: prompt_template has no {name} placeholder")
         if p.prompt_id in out:
-            raise EvalInputError(f"{where}: prompt_id {p.prompt_id} repeats")
+            raise InputError(f"{where}: prompt_id {p.prompt_id} repeats")
         out[p.prompt_id] = p
     return out
 
@@ -183,11 +188,11 @@ def read_reviewers(path: str | os.PathLike) -> list[Reviewer]:
     for where, obj in _jsonl(path):
         meta = obj.get("metadata") or {}
         if not isinstance(meta, dict):
-            raise EvalInputError(f"{where}: field 'metadata' must be an object")
+            raise InputError(f"{where}: field 'metadata' must be an object")
         out.append(Reviewer(_field(obj, "reviewer_id", str, where), _field(obj, "prompt_id", int, where),
                             dict(meta), _field(obj, "category", str, where)))
     if not out:
-        raise EvalInputError(f"{os.fspath(path)}: no reviewers")
+        raise InputError(f"{os.fspath(path)}: no reviewers")
     return out
 
 
@@ -203,11 +208,11 @@ class VicunaData:
     def __post_init__(self):
         for r in self.reviewers:
             if r.prompt_id not in self.prompts:
-                raise EvalInputError(f"{self.source}: reviewer {r.reviewer_id} uses prompt_id {r.prompt_id}, "
-                                     f"which prompt.jsonl does not have")
+                raise InputError(f"{self.source}: reviewer {r.reviewer_id} uses prompt_id {r.prompt_id}, "
+                                 f"which prompt.jsonl does not have")
         if not any(r.category == "general" for r in self.reviewers):
-            raise EvalInputError(f"{self.source}: no reviewer of category 'general' (the fallback of every "
-                                 f"question category without its own reviewer)")
+            raise InputError(f"{self.source}: no reviewer of category 'general' (the fallback of every "
+                             f"question category without its own reviewer)")
 
     def reviewer_for(self, category: str) -> Reviewer:
         """The reviewer whose category is the question's, else the general one (FastChat's gen_prompt)."""
@@ -224,7 +229,7 @@ def load_vicuna_data(data_dir: str | os.PathLike | None = None, *, questions: st
         if explicit:
             return os.fspath(explicit)
         if data_dir is None:
-            raise EvalInputError(f"no {name} given: pass the Vicuna data folder or the file itself")
+            raise InputError(f"no {name} given: pass the Vicuna data folder or the file itself")
         return os.path.join(os.fspath(data_dir), name)
 
     q, p, r = pick(questions, "question.jsonl"), pick(prompts, "prompt.jsonl"), pick(reviewers, "reviewer.jsonl")
@@ -258,7 +263,7 @@ def write_answers(path: str | os.PathLike, records: Sequence[Mapping[str, Any]])
 
 
 # ================================================================================================ parsing
-class ScoreParseError(ValueError):
+class ScoreParseError(ReplyError):
     """A judge reply without a valid verdict (the message says why)."""
 
 
@@ -345,40 +350,26 @@ class _PairwiseJudge:
                  params: Callable[[_PairItem], dict], max_parse_retries: int):
         self.client, self.parse, self.params, self.max_parse_retries = client, parse, params, max_parse_retries
 
-    def _ask(self, messages, params, attempt):
-        extra = {"parse_attempt": attempt} if attempt else None  # a retry is a new request, cached apart
-        r = self.client.chat(messages, extra_key=extra, n=1, **params)
-        ch = (r.response.get("choices") or [{}])[0]
-        content = (ch.get("message") or {}).get("content")
-        return (content if isinstance(content, str) else ""), ch.get("finish_reason")
-
     def review(self, item: _PairItem) -> ItemOutcome:
         counters: dict[str, int] = {}
         per_order = {}
         prefs = {}
         failed_orders = []
         for order, messages in item.orders.items():
-            tries = []
-            verdict = None
-            for attempt in range(self.max_parse_retries + 1):
-                try:
-                    reply, finish = self._ask(messages, self.params(item), attempt)
-                except (BudgetExceeded, FatalRunError):
-                    raise
-                except APIError as e:
-                    counters["request_failed"] = 1
-                    return ItemOutcome(failure={"id": item.id, **item.extra, "category": item.category,
-                                                "order": order, "error": str(e), "replies": tries},
-                                       counters=counters)
-                try:
-                    pref, detail = self.parse(reply, item)
-                    tries.append({"reply": reply, "finish_reason": finish})
-                    verdict = (pref, detail)
-                    break
-                except ScoreParseError as e:
-                    counters["unparsed_replies"] = counters.get("unparsed_replies", 0) + 1
-                    logger.info("review: item %r (%s): reply %d has no verdict: %s", item.id, order, attempt + 1, e)
-                    tries.append({"reply": reply, "finish_reason": finish, "error": str(e)})
+            # A reply without a verdict is stored as unusable and asked again as a new request.
+            try:
+                got = ask_parsed(self.client, messages, lambda reply: self.parse(reply, item),
+                                 max_parse_retries=self.max_parse_retries, params=self.params(item))
+            except (BudgetExceeded, FatalRunError):
+                raise
+            except APIError as e:
+                counters["request_failed"] = 1
+                return ItemOutcome(failure={"id": item.id, **item.extra, "category": item.category,
+                                            "order": order, "error": str(e)}, counters=counters)
+            for k, v in got.counters.items():
+                counters[k] = counters.get(k, 0) + v
+            tries = got.tries
+            verdict = got.value
             if verdict is None:
                 failed_orders.append(order)
                 per_order[order] = {"error": f"no verdict in {len(tries)} replies", "replies": tries}
@@ -401,16 +392,9 @@ class _PairwiseJudge:
         return ItemOutcome(record=rec, counters=counters)
 
 
-def _read_jsonl_file(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(x) for x in f if x.strip()]
-
-
 def _summarise(summary: RunSummary, out_path: str, n_items: int, missing: list, extra: dict) -> dict:
-    records = _read_jsonl_file(out_path)
-    failures = _read_jsonl_file(summary.failed_path)
+    records = read_records(out_path)
+    failures = read_records(summary.failed_path)
     counts = {k: sum(1 for r in records if r["outcome"] == k) for k in ("win", "lose", "tie")}
     judged = sum(counts.values())
     per_category: dict[str, dict[str, int]] = {}
@@ -518,21 +502,21 @@ def load_alpaca_eval_template(path: str | os.PathLike) -> AlpacaEvalTemplate:
     """A ChatML prompt file (``<|im_start|>role\\ncontent<|im_end|>`` blocks) -> messages."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise EvalInputError(f"{path}: prompt template not found")
-    text = open(path, encoding="utf-8").read().strip()
+        raise InputError(f"{path}: prompt template not found")
+    text = read_text(path).strip()
     if not text.startswith(_IM_START) or not text.endswith(_IM_END):
-        raise EvalInputError(f"{path}: expected ChatML blocks '{_IM_START}role ... {_IM_END}'")
+        raise InputError(f"{path}: expected ChatML blocks '{_IM_START}role ... {_IM_END}'")
     msgs = []
     for block in text.split(_IM_START)[1:]:
         head, _, rest = block.partition("\n")
         role = head.strip()
         if role not in ("system", "user", "assistant"):
-            raise EvalInputError(f"{path}: unknown ChatML role {role!r}")
+            raise InputError(f"{path}: unknown ChatML role {role!r}")
         msgs.append((role, rest.split(_IM_END, 1)[0].strip()))
     joined = "\n".join(c for _, c in msgs)
     for name in ("{instruction}", "{output_1}", "{output_2}"):
         if name not in joined:
-            raise EvalInputError(f"{path}: the template has no {name} placeholder")
+            raise InputError(f"{path}: the template has no {name} placeholder")
     return AlpacaEvalTemplate(tuple(msgs), path)
 
 
@@ -563,24 +547,19 @@ def parse_alpaca_eval_ranking(reply: str) -> int:
 def read_alpaca_eval_outputs(path: str | os.PathLike) -> list[dict]:
     """An alpaca_eval outputs file: a JSON list of {instruction, output, generator?, dataset?}."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise EvalInputError(f"{path}: outputs file not found")
-    try:
-        data = json.load(open(path, encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path, what="outputs file")
     if not isinstance(data, list):
-        raise EvalInputError(f"{path}: expected a JSON list of {{instruction, output}} objects")
+        raise InputError(f"{path}: expected a JSON list of {{instruction, output}} objects")
     seen: dict[str, int] = {}
     for i, r in enumerate(data):
         where = f"{path}: entry {i}"
         if not isinstance(r, dict):
-            raise EvalInputError(f"{where}: expected an object")
+            raise InputError(f"{where}: expected an object")
         _field(r, "instruction", str, where)
         _field(r, "output", str, where)
         if r["instruction"] in seen:
-            raise EvalInputError(f"{where}: instruction repeats entry {seen[r['instruction']]}: outputs are "
-                                 f"matched by instruction, so each must be unique")
+            raise InputError(f"{where}: instruction repeats entry {seen[r['instruction']]}: outputs are "
+                             f"matched by instruction, so each must be unique")
         seen[r["instruction"]] = i
     return data
 
@@ -633,15 +612,6 @@ def review_alpaca_eval(outputs: str | os.PathLike | Sequence[Mapping[str, Any]],
 
 
 # ================================================================================================ CLI
-def _stopped(e: BaseException, store, what: str) -> int:
-    print(f"{what}: stopped: {e}", file=sys.stderr)
-    s = getattr(e, "summary", None)
-    if s is not None:
-        print(f"{what}: {s.line()}", file=sys.stderr)
-    print(f"{what}: {store.summary()}; rerun the same command to continue", file=sys.stderr)
-    return 2
-
-
 def _stem(out: str) -> str:
     """OUT.json -> OUT: the reviews and the store are written beside the summary."""
     return out[:-5] if out.endswith(".json") else out
@@ -714,7 +684,7 @@ def run(args: argparse.Namespace) -> int:
                                    model_name=_model_id(args.answers, args.model_name),
                                    baseline_name=_model_id(args.baseline, args.baseline_name))
         except (BudgetExceeded, FatalRunError) as e:
-            return _stopped(e, store, "eval vicuna")
+            return report_stop("eval vicuna", e, store)
         print(f"eval vicuna: {store.summary()}", file=sys.stderr)
     return _finish(result, args, "eval vicuna")
 
@@ -747,6 +717,6 @@ def run_alpaca_eval(args: argparse.Namespace) -> int:
                                         _review_config(args),
                                         model_name=name)
         except (BudgetExceeded, FatalRunError) as e:
-            return _stopped(e, store, "eval alpaca-eval")
+            return report_stop("eval alpaca-eval", e, store)
         print(f"eval alpaca-eval: {store.summary()}", file=sys.stderr)
     return _finish(result, args, "eval alpaca-eval")

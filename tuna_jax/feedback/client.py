@@ -1,30 +1,41 @@
 """OpenAI-compatible HTTP client (OpenAI, vLLM, SGLang, llama.cpp server) with retries, cache and budget.
 
-One idea: turn "POST this body to /v1/chat/completions or /v1/completions" into a JSON reply, exactly
-once per distinct request, robustly. The store (store.py) is the cache and the ledger; this module is the
-wire. Split from store.py (DESIGN.md had both in one module) because the store is also read without any
-network (reports, resume checks) and because the retry policy is easier to read on its own.
+One idea: turn "POST this body to /v1/chat/completions or /v1/completions" into a JSON reply the caller
+can use, exactly once per distinct request, robustly. The store (store.py) is the cache and the ledger;
+this module is the wire. Split from store.py (DESIGN.md had both in one module) because the store is
+also read without any network (reports, resume checks) and because the retry policy is easier to read
+on its own.
 
-Wire: stdlib ``urllib`` (no extra dependency: the ``api`` extra is not needed for the client). One request
-per call, HTTP/1.1, a socket timeout per blocking operation (``timeout_s``).
+Wire: the standard library's ``http.client``, one connection per attempt, HTTP/1.1. ``timeout_s`` is a
+TOTAL deadline per attempt: connecting, sending, waiting for the status line and reading the whole body.
+A watchdog shuts the socket down when the deadline passes, so a server that trickles its reply (one
+byte every half second) cannot hold a request longer than ``timeout_s``. Why not httpx or the openai
+SDK: their timeouts, like urllib's, apply to each network operation, not to the request, so the same
+deadline would still be ours to write; the SDK also parses replies into its own types and retries on
+its own, both of which the store's exact ledger and our validation must control. Environment proxies
+(HTTP(S)_PROXY, NO_PROXY) are honoured as urllib honours them; loopback hosts never use a proxy.
 
 Retry policy (bounded, exponential backoff with jitter):
   - HTTP 429 and 5xx, timeouts, connection errors: retried up to ``max_retries`` times; the delay is
     ``min(backoff_max_s, backoff_initial_s * backoff_factor**i)`` times a jitter factor in
-    ``[1 - jitter, 1]``, and at least the server's ``Retry-After`` / ``retry-after-ms`` (capped at
-    ``max_retry_after_s``).
+    ``[1 - jitter, 1]``, and at least the server's ``Retry-After`` / ``retry-after-ms`` -- but never more
+    than ``max_retry_after_s`` (a server asking for an hour gets ``max_retry_after_s``).
   - HTTP 200 with a body that is not JSON, or JSON without a "choices" list: retried up to
     ``max_bad_json_retries`` times, then recorded as an error.
+  - HTTP 200 with JSON the caller's ``validate`` rejects (see replies.py): recorded as ``invalid`` (paid
+    for, never served from the cache as good) and retried up to ``invalid_retries`` times.
   - Any other 4xx: not retried, recorded as an error. 401/403/404 raise :class:`FatalAPIError` (a subclass
     of store.FatalRunError) because every further request would fail the same way.
 
 The API key is read from the environment variable named by ``api_key_env`` (default OPENAI_API_KEY) when
 the client is created; it is kept in a wrapper whose str/repr is "<redacted>", sent only in the
 Authorization header, and scrubbed from every message this module builds (server error bodies may echo
-it). It is never part of a cache key, a store line, a log line or an exception.
+it). It is never part of a cache key, a store line, a log line or an exception. A base URL with
+credentials in it (``https://user:sk-...@host/v1``) is refused: they would end up in logs and the store.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import email.utils
 import http.client
@@ -37,11 +48,11 @@ import re
 import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Callable, Mapping, Sequence
 
+from .replies import ReplyError
 from .store import BudgetExceeded, FatalRunError, Store, content_key
 
 logger = logging.getLogger("tuna_jax.feedback")
@@ -55,9 +66,11 @@ class ClientConfig:
       "http://localhost:8000/v1" (vLLM, SGLang), "http://localhost:8080/v1" (llama.cpp).
     model: the model name the server expects.
     api_key_env: name of the environment variable holding the key (the key itself is never configured).
-    timeout_s: socket timeout per request operation.
+    timeout_s: total time allowed for one attempt (connect, send, wait, read the whole reply).
     max_retries: retries after the first attempt for 429 / 5xx / timeout / connection errors.
-    max_bad_json_retries: retries for a 2xx reply whose body is not the expected JSON.
+    max_retry_after_s: the longest wait a server's Retry-After can impose before a retry.
+    max_bad_json_retries: retries for a 2xx reply whose body is not the expected JSON, and the default
+      number of retries for a reply the caller's validator rejects.
     concurrency: requests in flight at once (thread pool size of the callers, and a semaphore here).
     """
 
@@ -70,7 +83,7 @@ class ClientConfig:
     backoff_max_s: float = 60.0
     backoff_factor: float = 2.0
     jitter: float = 0.25
-    max_retry_after_s: float = 300.0
+    max_retry_after_s: float = 60.0
     max_bad_json_retries: int = 2
     concurrency: int = 4
 
@@ -99,7 +112,7 @@ class APIError(RuntimeError):
     """A request that failed for good. Message and attributes never contain the API key.
 
     Attributes: url (str), status (int | None, HTTP status), kind ("http" | "timeout" | "connection" |
-    "bad_json"), attempts (int).
+    "bad_json" | "invalid_reply"), attempts (int).
     """
 
     def __init__(self, message: str, *, url: str, status: int | None, kind: str, attempts: int):
@@ -112,6 +125,19 @@ class APIError(RuntimeError):
 
 class FatalAPIError(APIError, FatalRunError):
     """401/403/404: wrong key, no access, or wrong URL/model -- stop the run instead of failing every item."""
+
+
+class InvalidReplyError(APIError):
+    """The server answered, but ``validate`` rejected the reply (for every attempt allowed).
+
+    Attributes: response (the last reply, a dict, or None), reason (why it was rejected), cached (True:
+    an earlier run already found this request's reply unusable and no request was sent now).
+    """
+
+    def __init__(self, message: str, *, url: str, attempts: int, response: dict | None, reason: str,
+                 cached: bool):
+        super().__init__(message, url=url, status=200, kind="invalid_reply", attempts=attempts)
+        self.response, self.reason, self.cached = response, reason, cached
 
 
 @dataclasses.dataclass
@@ -174,6 +200,30 @@ def _compact(response: dict) -> dict:
     return response
 
 
+def _url_credentials(url: str) -> bool:
+    """True when ``url`` carries user:password (or a key) before the host."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.username is not None or parts.password is not None
+
+
+def _strip_credentials(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, "<credentials removed>@" + host, parts.path, parts.query, ""))
+
+
+def _proxy_for(url: str) -> str | None:
+    """The HTTP(S)_PROXY that applies to ``url`` (urllib's rules: NO_PROXY, no proxy for loopback)."""
+    if _is_loopback(url):
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
 class OpenAIClient:
     """Client for one endpoint + model. Thread-safe; share one instance between worker threads.
 
@@ -194,64 +244,110 @@ class OpenAIClient:
         self._sem = threading.BoundedSemaphore(max(1, config.concurrency))
         self._key = _Secret(os.environ.get(config.api_key_env))
         self.base_url = config.base_url.rstrip("/")
+        if _url_credentials(self.base_url):
+            raise ValueError(f"base_url {_strip_credentials(self.base_url)!r} has credentials in it; they would "
+                             f"be written to logs and the request store. Remove them and put the key in "
+                             f"${config.api_key_env}")
         if urllib.parse.urlsplit(self.base_url).scheme not in ("http", "https"):
             raise ValueError(f"base_url {config.base_url!r} must start with http:// or https:// "
                              f"(e.g. http://localhost:8000/v1)")
         if not self._key and not _is_loopback(self.base_url):
             logger.warning("no API key in $%s; sending requests to %s without an Authorization header",
                            config.api_key_env, self.base_url)
-        # Loopback servers (a local vLLM, the tests) must not go through an HTTP(S)_PROXY from the env.
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.base_url) else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._proxy = _proxy_for(self.base_url)
 
     def __repr__(self) -> str:
         return f"OpenAIClient(base_url={self.base_url!r}, model={self.config.model!r}, key=<redacted>)"
 
     # ------------------------------------------------------------------ public calls
     def chat(self, messages: Sequence[Mapping[str, str]], *, extra_key: Mapping[str, Any] | None = None,
-             **params: Any) -> APIResult:
+             validate: Callable[[dict], None] | None = None, known_invalid: str = "retry",
+             invalid_retries: int | None = None, **params: Any) -> APIResult:
         """POST /chat/completions with {"model", "messages", **params} (e.g. temperature, n, max_tokens,
-        logprobs=True, top_logprobs=k, seed)."""
+        logprobs=True, top_logprobs=k, seed). See :meth:`post` for the other arguments."""
         body = {"model": self.config.model, "messages": [dict(m) for m in messages], **params}
-        return self.post("chat/completions", body, extra_key=extra_key)
+        return self.post("chat/completions", body, extra_key=extra_key, validate=validate,
+                         known_invalid=known_invalid, invalid_retries=invalid_retries)
 
-    def complete(self, prompt: str, *, extra_key: Mapping[str, Any] | None = None, **params: Any) -> APIResult:
+    def complete(self, prompt: str, *, extra_key: Mapping[str, Any] | None = None,
+                 validate: Callable[[dict], None] | None = None, known_invalid: str = "retry",
+                 invalid_retries: int | None = None, **params: Any) -> APIResult:
         """POST /completions (legacy) with {"model", "prompt", **params} (e.g. logprobs=1, echo=True)."""
         body = {"model": self.config.model, "prompt": prompt, **params}
-        return self.post("completions", body, extra_key=extra_key)
+        return self.post("completions", body, extra_key=extra_key, validate=validate,
+                         known_invalid=known_invalid, invalid_retries=invalid_retries)
 
-    def post(self, path: str, body: Mapping[str, Any], *, extra_key: Mapping[str, Any] | None = None) -> APIResult:
-        """Return the reply for ``body`` from the store, or fetch it (with retries) and store it.
+    def post(self, path: str, body: Mapping[str, Any], *, extra_key: Mapping[str, Any] | None = None,
+             validate: Callable[[dict], None] | None = None, known_invalid: str = "retry",
+             invalid_retries: int | None = None) -> APIResult:
+        """Return a usable reply for ``body`` from the store, or fetch it (with retries) and store it.
 
-        Raises APIError (FatalAPIError for 401/403/404) after recording the failure in the store, and
-        BudgetExceeded before sending a request the budget does not allow.
+        validate: raises ``replies.ReplyError`` for a reply the caller cannot use; such a reply is stored
+          as ``invalid`` (paid for, never served as good), and the request is sent again up to
+          ``invalid_retries`` times (default ``max_bad_json_retries``). A cached good reply that fails
+          ``validate`` (a store written before a check existed) is invalidated and requested again; a
+          cached invalid reply that passes it now (a parser that learnt a new form) is used, unpaid.
+        known_invalid: what to do when the store says an earlier run found this request's reply unusable:
+          "retry" sends it again; "raise" raises InvalidReplyError(cached=True) without a request (the
+          judge loop then moves on to its next attempt, which is a different request).
+
+        Raises APIError (FatalAPIError for 401/403/404, InvalidReplyError for a rejected reply) after
+        recording the failure in the store, and BudgetExceeded before sending a request the budget does not
+        allow.
         """
         body = dict(body)
         key = content_key(self.base_url, path, body, extra_key)
         url = f"{self.base_url}/{path.strip('/')}"
         store = self.store
-        if store is not None:
-            hit = store.get(key)
-            if hit is not None:
-                return APIResult(hit["response"], key, True)
-            if not store.retry_failed:
-                err = store.error(key)
-                if err is not None:
-                    raise APIError(f"{url}: failed in an earlier run (store line {err['line']}): {err['error']} "
-                                   f"(not retried: retry_failed is off)", url=url, status=err["http_status"],
-                                   kind=err["error_kind"] or "http", attempts=0)
         meta = {"base_url": self.base_url, "path": path, "model": body.get("model")}
         if extra_key:
             meta["extra"] = dict(extra_key)
+
+        def rejection(response) -> str | None:
+            if validate is None:
+                return None
+            try:
+                validate(response)
+            except ReplyError as e:
+                return str(e)
+            return None
+
+        if store is not None:
+            hit = store.get(key)
+            if hit is not None:
+                why = rejection(hit["response"])
+                if why is None:
+                    return APIResult(hit["response"], key, True)
+                store.put_invalid(key, error=why, meta=meta, attempts=0, response=None, paid=False)
+                logger.info("POST %s: the stored reply is unusable (%s); requesting it again", url, why)
+            else:
+                bad = store.invalid(key)
+                if bad is not None:
+                    why = rejection(bad.get("response")) if bad.get("response") is not None else bad.get("error")
+                    if why is None:  # the check accepts it now: it was paid for already
+                        store.put_ok(key, bad["response"], meta=meta, attempts=0, paid=False)
+                        return APIResult(bad["response"], key, True)
+                    if known_invalid == "raise" or not store.retry_failed:
+                        raise InvalidReplyError(f"{url}: the reply stored by an earlier run is unusable: {why}",
+                                                url=url, attempts=0, response=bad.get("response"), reason=why,
+                                                cached=True)
+                elif not store.retry_failed:
+                    err = store.error(key)
+                    if err is not None:
+                        raise APIError(f"{url}: failed in an earlier run (store line {err['line']}): {err['error']} "
+                                       f"(not retried: retry_failed is off)", url=url, status=err["http_status"],
+                                       kind=err["error_kind"] or "http", attempts=0)
         payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
         cfg = self.config
-        attempts = transient = bad_json = 0
+        max_invalid = cfg.max_bad_json_retries if invalid_retries is None else invalid_retries
+        attempts = transient = bad_json = invalid = 0
+        recorded = 0  # attempts already on a store line (an "invalid" one): each line counts its own
         retries: list[dict] = []
 
         def fail(exc: APIError) -> APIError:
             if store is not None:
                 store.put_error(key, error=str(exc), error_kind=exc.kind, http_status=exc.status, meta=meta,
-                                attempts=attempts, retries=retries)
+                                attempts=attempts - recorded, retries=retries)
             return exc
 
         while True:
@@ -261,7 +357,7 @@ class OpenAIClient:
                 except BudgetExceeded:
                     if attempts:  # the retries spent so far are on record, and a rerun retries this key
                         store.put_error(key, error="stopped by the budget while retrying", error_kind="budget",
-                                        http_status=None, meta=meta, attempts=attempts, retries=retries)
+                                        http_status=None, meta=meta, attempts=attempts - recorded, retries=retries)
                     raise
             attempts += 1
             try:
@@ -272,7 +368,7 @@ class OpenAIClient:
 
             # ---- classify
             retry_after = None
-            if exc_kind is not None:  # no HTTP reply: timeout or connection error
+            if exc_kind is not None:  # no (complete) HTTP reply: timeout or connection error
                 what = (f"timed out after {cfg.timeout_s:g}s" if exc_kind == "timeout"
                         else f"connection failed ({exc_text})")
                 transient += 1
@@ -299,9 +395,22 @@ class OpenAIClient:
                     retries.append({"attempt": attempts, "kind": "bad_json", "http_status": status})
                     reason = text
                 else:
-                    if store is not None:
-                        store.put_ok(key, _compact(response), meta=meta, attempts=attempts, retries=retries)
-                    return APIResult(response, key, False)
+                    response = _compact(response)
+                    why = rejection(response)
+                    if why is None:
+                        if store is not None:
+                            store.put_ok(key, response, meta=meta, attempts=attempts - recorded, retries=retries)
+                        return APIResult(response, key, False)
+                    invalid += 1
+                    if store is not None:  # paid for: on the ledger, but never served as a good reply
+                        store.put_invalid(key, error=why, meta=meta, attempts=attempts - recorded, retries=retries,
+                                          response=response)
+                        recorded, retries = attempts, []
+                    if invalid > max_invalid:
+                        raise InvalidReplyError(f"POST {url}: the reply cannot be used: {why}", url=url,
+                                                attempts=attempts, response=response, reason=why, cached=False)
+                    retries.append({"attempt": attempts, "kind": "invalid_reply"})
+                    reason = f"unusable reply ({why})"
             else:
                 detail = self._error_detail(raw)
                 if status == 429 or status >= 500:
@@ -318,36 +427,85 @@ class OpenAIClient:
                 else:
                     raise fail(self._client_error(url, status, detail, attempts))
 
-            delay = self._backoff(transient + bad_json - 1, retry_after)
+            delay = self._backoff(transient + bad_json + invalid - 1, retry_after)
+            if retry_after is not None and retry_after > cfg.max_retry_after_s:
+                reason += f"; Retry-After {retry_after:g}s capped at {cfg.max_retry_after_s:g}s"
             logger.warning("POST %s: %s; retry %d in %.2fs", url, reason, attempts, delay)
             self._sleep(delay)
 
+    def invalidate(self, path: str, body: Mapping[str, Any], *, extra_key: Mapping[str, Any] | None = None,
+                   reason: str) -> None:
+        """Mark the stored good reply of this request unusable (the item that used it failed because of
+        it), so a rerun sends the request again. Nothing happens without a store or a stored reply."""
+        if self.store is None:
+            return
+        key = content_key(self.base_url, path, dict(body), extra_key)
+        if key in self.store:
+            meta = {"base_url": self.base_url, "path": path, "model": body.get("model")}
+            self.store.put_invalid(key, error=reason, meta=meta, attempts=0, paid=False)
+
     # ------------------------------------------------------------------ internals
+    def _connection(self, url: str, timeout: float) -> tuple[http.client.HTTPConnection, str, dict]:
+        """(connection, request target, extra headers) for ``url``, through the environment's proxy if any."""
+        parts = urllib.parse.urlsplit(url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        if self._proxy is None:
+            return cls(parts.hostname, parts.port, timeout=timeout), target, {}
+        proxy = urllib.parse.urlsplit(self._proxy if "://" in self._proxy else "http://" + self._proxy)
+        auth = {}
+        if proxy.username is not None:
+            token = base64.b64encode(f"{urllib.parse.unquote(proxy.username)}:"
+                                     f"{urllib.parse.unquote(proxy.password or '')}".encode()).decode()
+            auth = {"Proxy-Authorization": "Basic " + token}
+        if parts.scheme == "https":  # CONNECT tunnel, then TLS to the real host
+            conn = http.client.HTTPSConnection(proxy.hostname, proxy.port or 8080, timeout=timeout)
+            conn.set_tunnel(parts.hostname, parts.port, headers=auth)
+            return conn, target, {}
+        conn = http.client.HTTPConnection(proxy.hostname, proxy.port or 8080, timeout=timeout)
+        return conn, url, auth  # a plain-HTTP proxy takes the absolute URL
+
     def _send(self, url: str, payload: bytes):
-        """One HTTP attempt -> (status, headers, body bytes, exc_kind, exc_text). Never raises for I/O."""
+        """One HTTP attempt within ``timeout_s`` in all -> (status, headers, body bytes, exc_kind, exc_text).
+        Never raises for I/O."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key:
             headers["Authorization"] = "Bearer " + self._key.reveal()
-        req = urllib.request.Request(url, data=payload, headers=headers, method="POST")
-        del headers  # keep the key out of this frame's locals as far as we can
+        timeout = self.config.timeout_s
         with self._sem:
+            start = time.monotonic()
+            conn, target, extra = self._connection(url, timeout)
+            expired = threading.Event()
+
+            def abort() -> None:  # the deadline: unblock whatever read or write is waiting
+                expired.set()
+                sock = conn.sock
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+            watchdog = threading.Timer(timeout, abort)
+            watchdog.daemon = True
+            watchdog.start()
             try:
-                with self._opener.open(req, timeout=self.config.timeout_s) as resp:
-                    return resp.status, resp.headers, resp.read(), None, None
-            except urllib.error.HTTPError as e:
-                try:
-                    body = e.read()
-                except (OSError, http.client.HTTPException):
-                    body = b""
-                return e.code, e.headers, body, None, None
+                conn.request("POST", target, body=payload, headers={**headers, **extra})
+                resp = conn.getresponse()
+                body = resp.read()
+                if expired.is_set():  # the read may have ended early because the socket was shut down
+                    return 0, None, b"", "timeout", "timeout"
+                return resp.status, resp.headers, body, None, None
             except (socket.timeout, TimeoutError):
                 return 0, None, b"", "timeout", "timeout"
-            except urllib.error.URLError as e:
-                if isinstance(e.reason, (socket.timeout, TimeoutError)):
+            except (OSError, http.client.HTTPException) as e:
+                if expired.is_set() or time.monotonic() - start >= timeout:
                     return 0, None, b"", "timeout", "timeout"
-                return 0, None, b"", "connection", self._redact(str(e.reason))
-            except (ConnectionError, http.client.HTTPException, OSError) as e:
                 return 0, None, b"", "connection", self._redact(f"{type(e).__name__}: {e}")
+            finally:
+                watchdog.cancel()
+                del headers  # keep the key out of this frame's locals as far as we can
+                conn.close()
 
     def _backoff(self, retry_index: int, retry_after: float | None) -> float:
         cfg = self.config
@@ -408,13 +566,17 @@ def add_client_arguments(parser) -> None:
                    help="name of the environment variable that holds the API key; the key itself is never "
                         "given on the command line, logged or stored (default: %(default)s)")
     g.add_argument("--timeout", type=float, default=ClientConfig.timeout_s,
-                   help="seconds to wait on the server per request before retrying (default: %(default)s)")
+                   help="seconds one request attempt may take in all (connect, wait, read the whole reply) "
+                        "before it is retried (default: %(default)s)")
     g.add_argument("--max-retries", type=int, default=ClientConfig.max_retries,
                    help="retries on 429, 5xx, timeouts and connection errors (default: %(default)s)")
     g.add_argument("--backoff", type=float, default=ClientConfig.backoff_initial_s,
                    help="first retry delay in seconds, doubled each retry up to --backoff-max (default: %(default)s)")
     g.add_argument("--backoff-max", type=float, default=ClientConfig.backoff_max_s,
                    help="longest retry delay in seconds (default: %(default)s)")
+    g.add_argument("--max-retry-after", type=float, default=ClientConfig.max_retry_after_s,
+                   help="longest wait in seconds a server's Retry-After header may impose before a retry "
+                        "(default: %(default)s)")
     g.add_argument("--concurrency", type=int, default=ClientConfig.concurrency,
                    help="requests in flight at once (default: %(default)s)")
     s = parser.add_argument_group("cache and budget")
@@ -436,7 +598,8 @@ def add_client_arguments(parser) -> None:
 def client_config_from_args(args) -> ClientConfig:
     return ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
                         timeout_s=args.timeout, max_retries=args.max_retries, backoff_initial_s=args.backoff,
-                        backoff_max_s=args.backoff_max, concurrency=args.concurrency)
+                        backoff_max_s=args.backoff_max, max_retry_after_s=args.max_retry_after,
+                        concurrency=args.concurrency)
 
 
 def store_from_args(args, out_path: str) -> Store:
@@ -445,38 +608,3 @@ def store_from_args(args, out_path: str) -> Store:
     return Store(args.store or (out_path + ".store.jsonl"),
                  prices=Prices(args.price_input, args.price_output),
                  budget=Budget(args.max_usd, args.max_requests), retry_failed=not args.no_retry_failed)
-
-
-def report_run(name: str, call: Callable[[], Any], store: Store, failed_note: str) -> int:
-    """Run ``call()`` (an item loop returning a :class:`~tuna_jax.feedback.store.RunSummary`) and report it on
-    stderr as ``NAME: ...``: 0 done, 1 some items failed (``failed_note`` follows the count, e.g.
-    ``"item(s) failed, listed in"``, then the failed file), 2 stopped on a budget or a fatal endpoint error."""
-    import sys
-
-    try:
-        summary = call()
-    except (BudgetExceeded, FatalRunError) as e:
-        print(f"{name}: stopped: {e}", file=sys.stderr)
-        s = getattr(e, "summary", None)
-        if s is not None:
-            print(f"{name}: {s.line()}", file=sys.stderr)
-        print(f"{name}: {store.summary()}", file=sys.stderr)
-        return 2
-    print(f"{name}: {summary.line()}", file=sys.stderr)
-    print(f"{name}: {store.summary()}", file=sys.stderr)
-    if summary.failed:
-        print(f"{name}: {summary.failed} {failed_note} {summary.failed_path}; rerun to retry them", file=sys.stderr)
-        return 1
-    return 0
-
-
-def cli_main(prog: str, add_arguments: Callable[[Any], None], run: Callable[[Any], int],
-             argv: Sequence[str] | None = None) -> int:
-    """The ``main()`` of a ``tuna-jax`` subcommand: parse ``argv``, set up logging, return ``run(args)``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=prog)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(args)

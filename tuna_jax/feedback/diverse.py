@@ -48,15 +48,14 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import check_settings, dumps, read_out_lines, write_json
+
 logger = logging.getLogger("tuna_jax.feedback")
 
 #: sample_fn(prompts, n, temperature, rng_ids) -> texts [len(prompts)][n]. ``prompts`` are full Alpaca prompts;
 #: ``rng_ids`` [len(prompts)] ints in [0, 2**31) name each prompt's random stream (see the module docstring).
 SampleFn = Callable[[Sequence[str], int, float, Sequence[int]], list]
-
-
-class DiverseInputError(ValueError):
-    """Bad input, or an OUT that does not belong to this input / these settings; names file:line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,16 +145,14 @@ class DiverseItem:
 def read_items(path: str, limit: int | None = None) -> list[DiverseItem]:
     """Alpaca-format rows {instruction, input?, output?, id?} (JSON/JSONL/hf:), id defaulting to the row
     number; ids must be unique (they key the resume). Errors name file:line and field."""
-    from tuna_jax.data.records import DataError
-
-    from .teacher import read_instructions
+    from tuna_jax.data.rows import read_instructions
 
     items, seen = [], {}
     for t in read_instructions(path, limit):  # validates the fields; output "" when the row has none
         key = json.dumps(t.id)
         if key in seen:
-            raise DataError(t.where, "id", f"id {t.id!r} also on {seen[key]}: ids must be unique (resume uses "
-                            f"them)", reason="duplicate_id")
+            raise InputError(t.where, "id", f"id {t.id!r} also on {seen[key]}: ids must be unique (resume uses "
+                             f"them)", reason="duplicate_id")
         seen[key] = t.where
         items.append(DiverseItem(t.id, t.instruction, t.input, t.output if t.output != "" else None, t.where))
     return items
@@ -251,33 +248,16 @@ class DiverseReport:
 # ---------------------------------------------------------------------------- resume
 def _read_done(out_path: str, items: Sequence[DiverseItem]) -> dict[str, dict]:
     """Records already in OUT by json id; cuts a torn last line; a record of another input is an error."""
-    from tuna_jax.generate import read_out_lines
-
     done: dict[str, dict] = {}
     known = {json.dumps(it.id) for it in items}
     for where, rec in read_out_lines(out_path, logger=logger):
         if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("diversity"), dict):
-            raise DiverseInputError(f"{where}: not an output record of `tuna-jax sample-diverse` (cannot resume)")
+            raise InputError(f"{where}: not an output record of `tuna-jax sample-diverse` (cannot resume)")
         key = json.dumps(rec["id"])
         if key not in known:
-            raise DiverseInputError(f"{where}: id {rec['id']!r} is not in the input; OUT belongs to another input")
+            raise InputError(f"{where}: id {rec['id']!r} is not in the input; OUT belongs to another input")
         done[key] = rec
     return done
-
-
-def _check_settings(path: str, settings: dict) -> None:
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise DiverseInputError(f"{path}: OUT was started with other settings ({changes}); use the same "
-                                    f"settings to resume, or a new OUT")
-    else:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=1, sort_keys=True)
-            f.write("\n")
 
 
 def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg: DiverseConfig = DiverseConfig(),
@@ -300,8 +280,8 @@ def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg
             try:
                 check_prompt(format_prompt(it.instruction, it.input), it.where)
             except ValueError as e:
-                raise DiverseInputError(str(e)) from None
-    _check_settings(out_path + ".params.json", {**dataclasses.asdict(cfg), **(settings or {})})
+                raise InputError(str(e)) from None
+    check_settings(out_path, {**dataclasses.asdict(cfg), **(settings or {})})
     done = _read_done(out_path, items)
     todo = [it for it in items if json.dumps(it.id) not in done]
     if done:
@@ -315,7 +295,7 @@ def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg
         for s in range(0, len(todo), group):
             part = todo[s:s + group]
             for rec in diversify(part, sample_fn, cfg, sim):
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.write(dumps(rec) + "\n")
                 new[json.dumps(rec["id"])] = rec
             f.flush()
             os.fsync(f.fileno())
@@ -412,9 +392,7 @@ def run_diverse(model_path: str, input_path: str, out_path: str, cfg: DiverseCon
                                  items_per_call=items_per_call or max(1, (4 * sampler.batch_size) // cfg.n),
                                  limit=limit, progress=progress and main, check_prompt=check_prompt)
     if main:
-        with open(out_path + ".report.json", "w", encoding="utf-8") as f:
-            json.dump(report.to_json(), f, indent=1)
-            f.write("\n")
+        write_json(out_path + ".report.json", report.to_json(), indent=1)
     return report
 
 

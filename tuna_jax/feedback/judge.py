@@ -21,9 +21,12 @@ Parsing. :func:`parse_rank` is strict and never guesses: the list after ``rank:`
 ``ranking:``) must be a permutation of a subset of the ids shown (a judge told to keep one of duplicate
 responses may return fewer), with no repeats, no ids out of range, no ties; forms "[2, 1, 3, 4]",
 "2 > 1 > 3 > 4", "2, 1, 4, 3", "[Response 2, Response 1]" are accepted; an unbracketed list must end its
-line. Every ``rank:`` followed by digits in the reply must parse and agree (a ``rank:`` with no digits
-after it, such as an echo of the format "rank: [i, j, k]", is ignored). A reply that does not parse is
-asked again (a new request, ``max_parse_retries`` times) and then recorded as failed with every reply.
+line. The LAST ``rank:`` followed by digits decides: the prompt asks for the ranking as the final step,
+and a judge reasoning aloud may write "rank:" with digits before it ("I would rank: 2 above 1 because
+...") -- those earlier mentions are ignored, never guessed from. A ``rank:`` with no digits after it (an
+echo of the format "rank: [i, j, k]") is not a ranking. A reply whose final ranking does not parse is
+stored as unusable and asked again (a new request, ``max_parse_retries`` times, see replies.py), then
+recorded as failed with every reply.
 
 Judge's own response. The prompt asks the judge to write "###Response N" (N=4 in the paper) and to rank
 it with the others; the ids parsed are therefore 0..N. The own response is kept whole in the record
@@ -54,13 +57,15 @@ import re
 import sys
 from typing import Any, Sequence
 
-from tuna_jax.data.records import DataError
+from tuna_jax.data.rows import CandidateRow, read_candidates
 from tuna_jax.data.templates import format_prompt
 
-from .client import (APIError, OpenAIClient, add_client_arguments, cli_main, client_config_from_args, report_run,
-                     store_from_args)
-from .store import BudgetExceeded, FatalRunError, ItemOutcome, RunSummary, run_items
-from .teacher import iter_input_objects
+from tuna_jax.io.cli import cli_main, report_run
+from tuna_jax.io.items import ItemOutcome, RunSummary, run_items
+
+from .client import APIError, OpenAIClient, add_client_arguments, client_config_from_args, store_from_args
+from .replies import ReplyError, ask_parsed
+from .store import BudgetExceeded, FatalRunError
 
 logger = logging.getLogger("tuna_jax.feedback")
 
@@ -109,7 +114,7 @@ def build_ranking_prompt(instruction: str, input: str, responses: Sequence[str])
 
 
 # --------------------------------------------------------------------------------------------- parsing
-class RankParseError(ValueError):
+class RankParseError(ReplyError):
     """A judge reply whose ranking cannot be read without guessing."""
 
 
@@ -193,9 +198,9 @@ def parse_rank(reply: str, shown_ids: list[int]) -> list[int]:
     """The judge's ranking (ids best first) from ``reply``, or RankParseError.
 
     shown_ids: the ids the judge may rank (e.g. [0, 1, 2, 3, 4] for 4 shown responses plus its own). The
-    result is a permutation of a non-empty subset of shown_ids: fewer ids are allowed (a judge that
-    removed duplicates), repeats, ids not in shown_ids and ties are errors. See the module docstring for
-    the accepted forms.
+    result, read from the reply's last ``rank:`` list, is a permutation of a non-empty subset of shown_ids:
+    fewer ids are allowed (a judge that removed duplicates), repeats, ids not in shown_ids and ties are
+    errors. See the module docstring for the accepted forms.
     """
     if not isinstance(reply, str):
         raise RankParseError(f"reply is {type(reply).__name__}, not text")
@@ -204,26 +209,22 @@ def parse_rank(reply: str, shown_ids: list[int]) -> list[int]:
         if isinstance(i, bool) or not isinstance(i, int):
             raise TypeError(f"shown_ids must be ints, got {i!r}")
         allowed.add(i)
-    found: list[list[int]] = []
-    for segment, bracketed in _rank_segments(reply):
-        if not re.search(r"\d", segment):
-            continue  # "rank: [i, j, k]" echoed from the instructions, or prose after "rank:"
-        if bracketed is None:
-            raise RankParseError(f"unclosed bracket after 'rank:' in {segment.strip()[:60]!r}")
-        ids = _parse_items(segment, bracketed)
-        seen = set()
-        for i in ids:
-            if i not in allowed:
-                raise RankParseError(f"id {i} was not shown (shown ids: {sorted(allowed)}) in {segment.strip()!r}")
-            if i in seen:
-                raise RankParseError(f"id {i} ranked twice in {segment.strip()!r}")
-            seen.add(i)
-        found.append(ids)
-    if not found:
+    # "rank: [i, j, k]" echoed from the instructions, or prose after "rank:", has no digits: not a ranking.
+    candidates = [(seg, br) for seg, br in _rank_segments(reply) if re.search(r"\d", seg)]
+    if not candidates:
         raise RankParseError("no 'rank:' followed by a list of ids in the reply")
-    if any(f != found[0] for f in found[1:]):
-        raise RankParseError(f"the reply gives {len(found)} different rankings: {found}")
-    return found[0]
+    segment, bracketed = candidates[-1]  # the final ranking decides; mentions in the reasoning before it do not
+    if bracketed is None:
+        raise RankParseError(f"unclosed bracket after 'rank:' in {segment.strip()[:60]!r}")
+    ids = _parse_items(segment, bracketed)
+    seen = set()
+    for i in ids:
+        if i not in allowed:
+            raise RankParseError(f"id {i} was not shown (shown ids: {sorted(allowed)}) in {segment.strip()!r}")
+        if i in seen:
+            raise RankParseError(f"id {i} ranked twice in {segment.strip()!r}")
+        seen.add(i)
+    return ids
 
 
 _SCORE_LINE = re.compile(
@@ -325,44 +326,7 @@ class JudgeConfig:
     reference_field: str = "output"
 
 
-@dataclasses.dataclass
-class JudgeItem:
-    id: Any
-    instruction: str
-    input: str
-    output: str
-    candidates: list
-    aligned: dict  # candidate-aligned input fields (logprobs, num_tokens, finish_reasons)
-    reference: str | None
-    where: str
-
-
-ALIGNED_FIELDS = ("logprobs", "num_tokens", "finish_reasons")
-
-
-def read_candidates(path: str, reference_field: str = "output", limit: int | None = None) -> list[JudgeItem]:
-    """Rows {id?, instruction, input?, output?, candidates: [str], ...} (JSON/JSONL/hf:). Errors name file:line
-    and field."""
-    items = []
-    for n, where, row in iter_input_objects(path, limit):
-        ins = row.get("instruction")
-        if not isinstance(ins, str) or not ins.strip():
-            raise DataError(where, "instruction", "missing, empty or not a string", reason="missing_field")
-        cands = row.get("candidates")
-        if not isinstance(cands, list) or not cands:
-            raise DataError(where, "candidates", "missing or empty list", reason="missing_field")
-        for k, c in enumerate(cands):
-            if not isinstance(c, str):
-                raise DataError(where, f"candidates[{k}]", f"expected str, got {type(c).__name__}",
-                                reason="wrong_type")
-        aligned = {f: row[f] for f in ALIGNED_FIELDS if isinstance(row.get(f), list) and len(row[f]) == len(cands)}
-        ref = row.get(reference_field)
-        items.append(JudgeItem(row.get("id", n), ins, row.get("input") or "", row.get("output") or "", cands,
-                               aligned, ref if isinstance(ref, str) else None, where))
-    return items
-
-
-def _record(item: JudgeItem, scores: Sequence[float | None], judge_meta: dict) -> tuple[dict, list[int]]:
+def _record(item: CandidateRow, scores: Sequence[float | None], judge_meta: dict) -> tuple[dict, list[int]]:
     """Candidates with a score, best first (stable on candidate index); returns (record, dropped indices)."""
     kept = [c for c in range(len(item.candidates)) if scores[c] is not None]
     kept.sort(key=lambda c: (-scores[c], c))
@@ -382,64 +346,49 @@ class LLMJudge:
         self.client = client
         self.config = config
 
-    def _ask(self, prompt: str, attempt: int) -> tuple[str, str | None]:
-        c = self.config
-        msgs = ([{"role": "system", "content": c.system_prompt}] if c.system_prompt else []) + \
-               [{"role": "user", "content": prompt}]
-        # A retry of an unparseable reply is a new request: the attempt number is in the cache key.
-        extra = {"parse_attempt": attempt} if attempt else None
-        r = self.client.chat(msgs, extra_key=extra, temperature=c.temperature, top_p=c.top_p,
-                             max_tokens=c.max_tokens, n=1)
-        ch = (r.response.get("choices") or [{}])[0]
-        content = (ch.get("message") or {}).get("content")
-        return (content if isinstance(content, str) else ""), ch.get("finish_reason")
-
-    def judge(self, item: JudgeItem) -> ItemOutcome:
+    def judge(self, item: CandidateRow) -> ItemOutcome:
         c = self.config
         n = len(item.candidates)
         counters: dict[str, int] = {}
         orders = presentation_orders(n, c.orders, c.seed, item.id)
         per_order = []
         rankings = []
+        msgs0 = [{"role": "system", "content": c.system_prompt}] if c.system_prompt else []
+        params = {"temperature": c.temperature, "top_p": c.top_p, "max_tokens": c.max_tokens}
         for perm in orders:
             prompt = build_ranking_prompt(item.instruction, item.input, [item.candidates[p] for p in perm])
-            tries = []
-            labels = None
-            for attempt in range(c.max_parse_retries + 1):
-                try:
-                    reply, finish = self._ask(prompt, attempt)
-                except (BudgetExceeded, FatalRunError):
-                    raise
-                except APIError as e:
-                    counters["request_failed"] = 1
-                    return ItemOutcome(failure={"id": item.id, "where": item.where, "error": str(e),
-                                                "replies": tries}, counters=counters)
-                if finish == "length":  # a reply cut at max_tokens: the rank is often missing
-                    counters["reply_length_cut"] = counters.get("reply_length_cut", 0) + 1
-                try:
-                    labels = parse_rank(reply, list(range(n + 1)))
-                    tries.append({"reply": reply, "finish_reason": finish})
-                    break
-                except RankParseError as e:
-                    counters["unparsed_replies"] = counters.get("unparsed_replies", 0) + 1
-                    logger.info("judge: item %r: reply %d did not parse: %s", item.id, attempt + 1, e)
-                    tries.append({"reply": reply, "finish_reason": finish, "error": str(e)})
-            if labels is None:
+            # A reply whose rank does not parse is stored as unusable and asked again as a new request.
+            try:
+                got = ask_parsed(self.client, msgs0 + [{"role": "user", "content": prompt}],
+                                 lambda reply: parse_rank(reply, list(range(n + 1))),
+                                 max_parse_retries=c.max_parse_retries, params=params)
+            except (BudgetExceeded, FatalRunError):
+                raise
+            except APIError as e:
+                counters["request_failed"] = 1
+                return ItemOutcome(failure={"id": item.id, "where": item.where, "error": str(e)}, counters=counters)
+            for k, v in got.counters.items():
+                counters[k] = counters.get(k, 0) + v
+            for t in got.tries:
+                if "error" in t:
+                    logger.info("judge: item %r: a reply did not parse: %s", item.id, t["error"])
+            if got.value is None:
                 counters["parse_failed"] = 1
                 return ItemOutcome(failure={"id": item.id, "where": item.where, "order": perm,
-                                            "error": f"no parseable ranking in {len(tries)} replies",
-                                            "replies": tries}, counters=counters)
+                                            "error": f"no parseable ranking in {len(got.tries)} replies",
+                                            "replies": got.tries}, counters=counters)
+            labels = got.value
             ranking = [perm[l] for l in labels if l != n]
             rankings.append(ranking)
-            reply = tries[-1]["reply"]
+            reply = got.tries[-1]["reply"]
             own_scores = parse_scores(reply, list(range(n + 1)))
             per_order.append({
                 "order": perm, "rank": labels, "ranking": ranking,
                 "own_rank": labels.index(n) if n in labels else None,
                 "response_own": extract_own_response(reply, n),
                 "response_scores": {str(perm[l]): s for l, s in own_scores.items() if l != n},
-                "own_score": own_scores.get(n), "reply": reply, "attempts": len(tries),
-                "failed_replies": [t for t in tries if "error" in t]})
+                "own_score": own_scores.get(n), "reply": reply, "attempts": len(got.tries),
+                "failed_replies": [t for t in got.tries if "error" in t]})
         scores = borda(rankings, n)
         meta = {"kind": "llm", "model": self.client.config.model, "prompt": "tuna-reference", "orders": len(orders),
                 "temperature": c.temperature, "per_order": per_order}
@@ -475,7 +424,7 @@ class MetricJudge:
             return 1.0 if _normalise(candidate) == _normalise(reference) else 0.0
         return float(self._scorer.score(reference, candidate)["rougeL"].fmeasure)
 
-    def judge(self, item: JudgeItem) -> ItemOutcome:
+    def judge(self, item: CandidateRow) -> ItemOutcome:
         if item.reference is None or not item.reference.strip():
             return ItemOutcome(failure={"id": item.id, "where": item.where,
                                         "error": f"no reference answer in field {self.config.reference_field!r}"},
@@ -487,9 +436,11 @@ class MetricJudge:
 
 
 def run_judge(input_path: str, out_path: str, judge: LLMJudge | MetricJudge, *, reference_field: str = "output",
-              concurrency: int = 4, limit: int | None = None, progress: bool = True) -> RunSummary:
-    """Judge every record of ``input_path``; write ranking records to ``out_path`` (see store.run_items)."""
-    items = read_candidates(input_path, reference_field, limit)
+              concurrency: int = 4, limit: int | None = None, progress: bool = True,
+              items: list[CandidateRow] | None = None) -> RunSummary:
+    """Judge every record of ``input_path`` (or the already read ``items``); write ranking records to
+    ``out_path`` (see io.items.run_items)."""
+    items = read_candidates(input_path, reference_field, limit) if items is None else items
     return run_items(items, judge.judge, out_path, concurrency=concurrency, desc="judge", progress=progress)
 
 
@@ -542,19 +493,22 @@ def run(args) -> int:
     endpoint error; rerun to continue)."""
     cfg = config_from_args(args)
     progress = not args.no_progress
+    if cfg.kind == "llm" and not args.model:
+        raise ValueError("--model is required with --kind llm (the judge endpoint's model name)")
+    items = read_candidates(args.input, cfg.reference_field, args.limit)  # before any store or request
     if cfg.kind == "metric":
-        summary = run_judge(args.input, args.out, MetricJudge(cfg), reference_field=cfg.reference_field,
-                            concurrency=1, limit=args.limit, progress=progress)
+        summary = run_judge(args.input, args.out, MetricJudge(cfg), concurrency=1, items=items, progress=progress)
         print(f"judge: {summary.line()}", file=sys.stderr)
+        if summary.failed:
+            print(f"judge: {summary.failed} record(s) failed, listed in {summary.failed_path}", file=sys.stderr)
         return 1 if summary.failed else 0
-    if not args.model:
-        print("judge: --model is required with --kind llm", file=sys.stderr)
-        return 2
     ccfg = client_config_from_args(args)
+    client = OpenAIClient(ccfg)  # checks --base-url before the store file is created
     with store_from_args(args, args.out) as store:
-        judge = LLMJudge(OpenAIClient(ccfg, store), cfg)
+        client.store = store
+        judge = LLMJudge(client, cfg)
         return report_run("judge", lambda: run_judge(args.input, args.out, judge, concurrency=ccfg.concurrency,
-                                                     limit=args.limit, progress=progress),
+                                                     items=items, progress=progress),
                           store, "record(s) failed, listed with the judge's replies in")
 
 

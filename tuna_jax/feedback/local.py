@@ -41,14 +41,14 @@ jax is imported inside functions: ``tuna-jax teacher --help`` builds this module
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
-import sys
 from typing import Any, Sequence
 
-from .teacher import Sample, TeacherResponseError
+from tuna_jax.samples import Sample
+
+from .replies import ReplyError
 
 
 RESCORE = ("noncanonical", "always", "never")
@@ -104,7 +104,8 @@ class TokenScorer:
         import jax
 
         from tuna_jax import parallel
-        from tuna_jax.score import ScoreRow, bucket_length, rows_to_batch
+        from tuna_jax.data.shapes import bucket_length
+        from tuna_jax.score import ScoreRow, rows_to_batch
 
         limit = self.model.cfg.max_position_embeddings
         for ids, start in rows:
@@ -199,7 +200,7 @@ class LocalTeacher:
         try:
             return self.sampler.encode(prompt)
         except ValueError as e:
-            raise TeacherResponseError(f"local teacher: {e}") from None
+            raise ReplyError(f"local teacher: {e}") from None
 
     def _canonical(self, text: str, token_ids: Sequence[int], finish_reason: str) -> list[int]:
         """The tokens the student will see for ``text``: encode_continuation(text) (+ the stop token)."""
@@ -216,7 +217,7 @@ class LocalTeacher:
     # ------------------------------------------------------------------ TeacherBackend
     def sample(self, prompt: str, n: int) -> list[Sample]:
         """n responses to ``prompt`` (the full Alpaca prompt text), each with per-token log-probs [T] under the
-        model at temperature 1 (EOS included when it stopped). Raises TeacherResponseError when the prompt
+        model at temperature 1 (EOS included when it stopped). Raises ReplyError when the prompt
         cannot be generated from (too long for the model or for ``max_prompt_len``): the item fails, the run
         goes on."""
         key = self._cache_key(prompt, n) if self.store is not None else None
@@ -229,7 +230,7 @@ class LocalTeacher:
         try:
             got = self.sampler.generate([prompt_ids], self.params, n=n, rng_ids=[stable_rng_id(prompt)])[0]
         except ValueError as e:
-            raise TeacherResponseError(f"local teacher: {e}") from None
+            raise ReplyError(f"local teacher: {e}") from None
         out = [Sample(g.text, list(g.token_logprobs), g.finish_reason) for g in got]
         redo = []
         for j, g in enumerate(got):
@@ -265,73 +266,9 @@ class LocalTeacher:
         try:
             lps = self.scorer.token_logprobs(rows)
         except ValueError as e:
-            raise TeacherResponseError(f"local teacher: {e}") from None
+            raise ReplyError(f"local teacher: {e}") from None
         out = [Sample(r, [], "stop") for r in responses]
         for k, lp in zip(where, lps):
             out[k].token_logprobs = lp
         self.stats.scored += len(rows)
         return out
-
-
-# ---------------------------------------------------------------------------- CLI (inside `tuna-jax teacher`)
-def add_local_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--local-*`` options of ``tuna-jax teacher``. With ``--local-model`` the endpoint's ``--model``
-    is not needed, so it is made optional here (``run`` asks for it when there is no local model)."""
-    g = parser.add_argument_group(
-        "local teacher (a tuna-jax model on this machine instead of an endpoint; --n, --temperature, --top-p, "
-        "--max-tokens, --seed, --beta, --store apply; endpoint options are ignored)")
-    g.add_argument("--local-model", metavar="PATH", default=None,
-                   help="HF folder or tuna-jax params checkpoint of the teacher; sampled with tuna-jax, token "
-                        "log-probs exact (response tokens + EOS)")
-    g.add_argument("--local-tokenizer", metavar="PATH", default=None,
-                   help="tokenizer folder or tokenizer.model (default: the model's)")
-    g.add_argument("--local-top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--local-batch-size", type=int, default=8, help="sampler rows per device call (>= --n)")
-    g.add_argument("--local-max-prompt-len", type=int, default=None,
-                   help="longer prompts fail their item (default: only the model's context length limits)")
-    g.add_argument("--local-dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    g.add_argument("--local-mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                   help="device mesh sizes, one may be -1 (default: all devices on fsdp)")
-    g.add_argument("--local-rescore", default="noncanonical", choices=RESCORE,
-                   help="re-score samples by teacher forcing: 'noncanonical' (those whose sampled tokens are not "
-                        "the tokenizer's segmentation of their text; default), 'always' or 'never'")
-    action = parser._option_string_actions.get("--model")  # argparse keeps no public handle on an option
-    if action is not None:
-        action.required = False
-        action.help = "model name as the server knows it (required unless --local-model is given)"
-
-
-def run_local(args) -> int:
-    """``tuna-jax teacher ... --local-model PATH``: 0 done, 1 some items failed (OUT.failed.jsonl), 2 stopped
-    (interrupted; rerun the same command to continue from the store)."""
-    from tuna_jax import parallel
-
-    from .client import store_from_args
-    from .store import FatalRunError
-    from .teacher import config_from_args, run_teacher
-
-    cfg = config_from_args(args)
-    parallel.initialize_distributed()
-    mesh = parallel.make_mesh(args.local_mesh)
-    seed = 0 if cfg.seed is None else cfg.seed
-    with store_from_args(args, args.out) as store:
-        backend = LocalTeacher(args.local_model, tokenizer=args.local_tokenizer, mesh=mesh,
-                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=args.local_top_k,
-                               max_new_tokens=cfg.max_tokens, seed=seed, batch_size=args.local_batch_size,
-                               max_prompt_len=args.local_max_prompt_len, dtype=args.local_dtype,
-                               rescore=args.local_rescore, store=store)
-        meta = {"model": args.model or args.local_model, "api": "local", "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "top_k": args.local_top_k, "max_tokens": cfg.max_tokens, "seed": seed}
-        try:
-            # One item at a time: the device is the bottleneck, threads would only queue on it.
-            summary = run_teacher(args.input, args.out, backend, cfg, meta=meta, concurrency=1, limit=args.limit,
-                                  progress=not args.no_progress)
-        except (KeyboardInterrupt, FatalRunError) as e:
-            print(f"teacher: stopped: {type(e).__name__} {e}; rerun the same command to continue", file=sys.stderr)
-            return 2
-        print(f"teacher: {summary.line()}", file=sys.stderr)
-        print(f"teacher (local): {backend.stats.line()}", file=sys.stderr)
-        if summary.failed:
-            print(f"teacher: {summary.failed} item(s) failed, listed in {summary.failed_path}", file=sys.stderr)
-            return 1
-        return 0

@@ -160,7 +160,8 @@ class ProxyRankingModel:
         import jax
 
         from tuna_jax import parallel
-        from tuna_jax.score import ScoreRow, bucket_length, rows_to_batch
+        from tuna_jax.data.shapes import bucket_length
+        from tuna_jax.score import ScoreRow, rows_to_batch
 
         fn = _reward_jit(self.binder)
         limit = max_len or self.cfg.max_position_embeddings
@@ -428,9 +429,8 @@ def rerank_file(prm: ProxyRankingModel, input_path: str, out_path: str, *, token
 
     from tuna_jax.data.batching import tokenize_ranking
     from tuna_jax.data.records import DataError, RankingRecord, SkipReport
+    from tuna_jax.data.rows import read_candidates
     from tuna_jax.data.templates import SpecialTokenPolicy, load_tokenizer
-
-    from .judge import read_candidates
 
     if tokenizer is None and prm.path is None:
         raise ValueError("rerank needs a tokenizer: this PRM was not loaded from a folder")

@@ -11,11 +11,18 @@ The store file holds one JSON object per line (units in the field names):
     {"key": "<sha256 hex>", "status": "error", "time": "...", "meta": {...}, "attempts": 3,
      "retries": [...], "http_status": int | null, "error_kind": "http|timeout|connection|bad_json|budget",
      "error": "readable message"}
+    {"key": "<sha256 hex>", "status": "invalid", "time": "...", "meta": {...}, "attempts": 1, "retries": [...],
+     "error": "why the caller cannot use it", "usage": {...}, "cost_usd": float, "response": {...} | null}
 
 The key hashes (endpoint base URL, endpoint path, request body = model + messages/prompt + sampling
 parameters, and an optional `extra` dict such as a sample index) -- never the API key, which is not part of
 any of these. Later lines win: an "ok" line for a key makes the key finished; an "error" line for a key
-without an "ok" line records a failure that a rerun retries (or reports, with ``retry_failed=False``).
+without an "ok" line records a failure that a rerun retries (or reports, with ``retry_failed=False``). An
+"invalid" line records a reply the server sent (and that was paid for: its usage counts) but that the
+caller could not use -- choices that are not objects, fewer than asked, no log-probs, a judge ranking that
+does not parse; it overrides an earlier "ok" line for its key (a reply found unusable later), so the key
+is never served as good again until a new "ok" line follows. ``response`` is kept so a rerun can show
+what was wrong, or use it when a newer check accepts it (that "ok" line then costs nothing).
 
 Why offsets and not the replies in memory: a probabilistic-ranking run over 52K instructions with token
 log-probs is gigabytes of JSON; the index keeps (offset, status, small fields) per key and re-reads a line
@@ -32,13 +39,11 @@ with everything fetched so far already on disk. The USD limit is checked before 
 overshot by at most the cost of the requests already in flight (<= the concurrency); the request limit is
 exact (in-flight requests are reserved).
 
-This module also holds the small item loop shared by the teacher and the judge (:func:`run_items`):
-ordered JSONL output written through a ``.partial`` file, failures to a ``.failed.jsonl`` file, and the
-clean stop on a budget or a fatal endpoint error.
+The item loop that drives the store's callers is ``tuna_jax.io.items.run_items``; the budget and the
+fatal endpoint errors raised here are its ``StopRun`` stops.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -46,7 +51,10 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.items import StopRun
 
 try:  # POSIX advisory lock: two processes appending to one store would interleave lines.
     import fcntl
@@ -58,16 +66,18 @@ logger = logging.getLogger("tuna_jax.feedback")
 STORE_FORMAT = 1
 
 
-class StoreError(RuntimeError):
-    """The store file is unreadable (corrupt line, locked by another process)."""
+class StoreError(InputError):
+    """The store file is unreadable (corrupt line) or locked by another process; names the file (and line)."""
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(StopRun):
     """A budget limit was reached. Everything fetched before it is saved in the store.
 
     Attributes: spent_usd (float, the store's total), requests (int, HTTP requests sent, all runs),
     limit (str, which limit).
     """
+
+    stop_kind = "budget"
 
     def __init__(self, message: str, *, spent_usd: float = 0.0, requests: int = 0, limit: str = ""):
         super().__init__(message)
@@ -76,8 +86,10 @@ class BudgetExceeded(RuntimeError):
         self.limit = limit
 
 
-class FatalRunError(RuntimeError):
+class FatalRunError(StopRun):
     """An error that makes every further request pointless (bad key, wrong URL or model): stop the run."""
+
+    stop_kind = "fatal"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +173,7 @@ class Store:
         self.total_requests = 0
         self.total_prompt_tokens = 0
         self.total_completion_tokens = 0
-        self.run = {"cache_hits": 0, "requests": 0, "ok": 0, "errors": 0, "prompt_tokens": 0,
+        self.run = {"cache_hits": 0, "requests": 0, "ok": 0, "errors": 0, "invalid": 0, "prompt_tokens": 0,
                     "completion_tokens": 0, "cost_usd": 0.0, "usage_missing": 0}
         self._inflight = 0
         self._lines = 0  # lines in the file, for file:line in messages
@@ -224,16 +236,17 @@ class Store:
                 raise StoreError(f"{self.path}:{lineno}: unreadable store line ({e}). The file was edited or "
                                  f"written by two processes at once; move the line out and rerun.") from None
             self.total_requests += int(rec.get("attempts", 0))
-            if status == "ok":
+            if status in ("ok", "invalid"):
                 self._count_usage(rec, this_run=False)
-                self._index[key] = _Index(start, lineno, "ok")
+                self._index[key] = _Index(start, lineno, status, rec.get("error"))
             elif status == "error":
                 prev = self._index.get(key)
                 if prev is None or prev.status != "ok":
                     self._index[key] = _Index(start, lineno, "error", rec.get("error"), rec.get("error_kind"),
                                               rec.get("http_status"))
             else:
-                raise StoreError(f"{self.path}:{lineno}: field 'status' is {status!r}, expected 'ok' or 'error'")
+                raise StoreError(f"{self.path}:{lineno}: field 'status' is {status!r}, expected 'ok', 'error' or "
+                                 f"'invalid'")
         self._lines = lineno
 
     def _count_usage(self, rec: Mapping[str, Any], this_run: bool) -> None:
@@ -267,6 +280,16 @@ class Store:
             self.run["cache_hits"] += 1
         return json.loads(line)
 
+    def invalid(self, key: str) -> dict | None:
+        """For a key whose latest record is an unusable reply: that record ({"error", "response", ...})."""
+        with self._lock:
+            idx = self._index.get(key)
+            if idx is None or idx.status != "invalid":
+                return None
+            self._rfh.seek(idx.offset)
+            line = self._rfh.readline()
+        return json.loads(line)
+
     def error(self, key: str) -> dict | None:
         """For a key whose latest record is an error: {"error", "error_kind", "http_status", "line"}."""
         idx = self._index.get(key)
@@ -292,31 +315,56 @@ class Store:
                 os.fsync(self._fh.fileno())
             self._lines += 1
             lineno = self._lines
-            if rec["status"] == "ok":
-                self._index[rec["key"]] = _Index(offset, lineno, "ok")
+            if rec["status"] in ("ok", "invalid"):
+                self._index[rec["key"]] = _Index(offset, lineno, rec["status"], rec.get("error"))
             else:
                 prev = self._index.get(rec["key"])
                 if prev is None or prev.status != "ok":
                     self._index[rec["key"]] = _Index(offset, lineno, "error", rec.get("error"),
                                                      rec.get("error_kind"), rec.get("http_status"))
 
-    def put_ok(self, key: str, response: Mapping[str, Any], *, meta: Mapping[str, Any], attempts: int,
-               retries: Sequence[Mapping[str, Any]] = ()) -> dict:
-        """Record a successful reply; returns the stored record. Cost from response["usage"] and the prices."""
-        usage = response.get("usage") if isinstance(response, Mapping) else None
+    def _usage(self, response: Any, paid: bool) -> tuple[dict, float, bool]:
+        """(usage, cost in USD, usage missing) of a reply; zero when it was paid for on an earlier line."""
+        usage = response.get("usage") if isinstance(response, Mapping) and paid else None
         if not isinstance(usage, Mapping):
             usage = {}
-        pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        try:
+            pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        except (TypeError, ValueError):  # a server writing nonsense in "usage" costs nothing we can count
+            pt = ct = 0
+        return ({"prompt_tokens": pt, "completion_tokens": ct}, self.prices.cost(pt, ct),
+                paid and not usage)
+
+    def put_ok(self, key: str, response: Mapping[str, Any], *, meta: Mapping[str, Any], attempts: int,
+               retries: Sequence[Mapping[str, Any]] = (), paid: bool = True) -> dict:
+        """Record a successful reply; returns the stored record. Cost from response["usage"] and the prices.
+        ``paid=False``: a reply already counted on an earlier (invalid) line, now accepted: no cost again."""
+        usage, cost, missing = self._usage(response, paid)
         rec = {"key": key, "status": "ok", "v": STORE_FORMAT, "time": _now(), "meta": dict(meta),
-               "attempts": attempts, "retries": list(retries),
-               "usage": {"prompt_tokens": pt, "completion_tokens": ct},
-               "cost_usd": self.prices.cost(pt, ct), "response": response}
+               "attempts": attempts, "retries": list(retries), "usage": usage, "cost_usd": cost,
+               "response": response}
         with self._lock:
-            if not usage:
+            if missing:
                 self.run["usage_missing"] += 1
             self._append(rec)
             self._count_usage(rec, this_run=True)
             self.run["ok"] += 1
+        return rec
+
+    def put_invalid(self, key: str, *, error: str, meta: Mapping[str, Any], attempts: int,
+                    retries: Sequence[Mapping[str, Any]] = (), response: Mapping[str, Any] | None = None,
+                    paid: bool = True) -> dict:
+        """Record a reply the caller cannot use (``error`` says why): counted as spent, never served as a
+        good reply; a rerun requests the key again. ``paid=False``: the invalidation of a reply already on
+        an "ok" line (``response`` None: it is there)."""
+        usage, cost, _ = self._usage(response, paid)
+        rec = {"key": key, "status": "invalid", "v": STORE_FORMAT, "time": _now(), "meta": dict(meta),
+               "attempts": attempts, "retries": list(retries), "error": error, "usage": usage, "cost_usd": cost,
+               "response": response}
+        with self._lock:
+            self._append(rec)
+            self._count_usage(rec, this_run=True)
+            self.run["invalid"] += 1
         return rec
 
     def put_error(self, key: str, *, error: str, error_kind: str, http_status: int | None,
@@ -370,135 +418,7 @@ class Store:
     def summary(self) -> str:
         """One line for the user: this run and the store's totals."""
         r = self.run
-        return (f"requests: {r['requests']} sent, {r['cache_hits']} from cache, {r['errors']} failed | tokens "
+        bad = f", {r['invalid']} unusable replies" if r["invalid"] else ""
+        return (f"requests: {r['requests']} sent, {r['cache_hits']} from cache, {r['errors']} failed{bad} | tokens "
                 f"this run: {r['prompt_tokens']} in / {r['completion_tokens']} out, ${r['cost_usd']:.4f} | "
                 f"store total: {self.total_requests} requests, ${self.total_cost_usd:.4f} ({self.path})")
-
-
-# ---------------------------------------------------------------------------- record files
-def dump_record(rec: Mapping[str, Any]) -> str:
-    """One JSONL line (no newline); key order as given so outputs are byte-reproducible."""
-    return json.dumps(rec, ensure_ascii=False)
-
-
-# ---------------------------------------------------------------------------- the item loop
-@dataclasses.dataclass
-class ItemOutcome:
-    """What one work item produced: a record for the output file, or a failure for the failed file.
-
-    counters: named counts summed over the run (e.g. {"length_cut": 1}).
-    """
-
-    record: dict | None = None
-    failure: dict | None = None
-    counters: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class RunSummary:
-    items: int = 0
-    written: int = 0
-    failed: int = 0
-    counters: dict[str, int] = dataclasses.field(default_factory=dict)
-    stopped: str | None = None  # "budget" | "fatal" | "interrupted" | None
-    out_path: str = ""
-    failed_path: str = ""
-
-    def line(self) -> str:
-        c = ", ".join(f"{k}={v}" for k, v in sorted(self.counters.items()) if v)
-        s = f"items: {self.items}, written: {self.written}, failed: {self.failed}"
-        if c:
-            s += f" | {c}"
-        if self.stopped:
-            s += f" | STOPPED ({self.stopped})"
-        return s
-
-
-def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path: str, *,
-              concurrency: int = 4, desc: str = "items", progress: bool = True) -> RunSummary:
-    """Run ``work`` over ``items`` with a thread pool; write records in input order.
-
-    Records go to ``out_path + ".partial"``, renamed to ``out_path`` when every item was processed (so a
-    complete file always means a complete run); failures go to ``out_path + ".failed.jsonl"`` (rewritten
-    each run, absent when nothing failed). On BudgetExceeded / FatalRunError / KeyboardInterrupt the loop
-    submits nothing more, lets in-flight items finish (their replies are in the store), writes the ordered
-    prefix and re-raises; a rerun with the same store repeats no finished request.
-    """
-    from tqdm import tqdm
-
-    partial = out_path + ".partial"
-    failed_path = out_path + ".failed.jsonl"
-    failed_partial = failed_path + ".partial"
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    summary = RunSummary(items=len(items), out_path=out_path, failed_path=failed_path)
-    results: dict[int, ItemOutcome] = {}
-    next_write = 0
-    stop_exc: BaseException | None = None
-    window = max(1, concurrency) * 2  # bounded look-ahead keeps the reorder buffer small
-
-    with open(partial, "w", encoding="utf-8") as out, open(failed_partial, "w", encoding="utf-8") as bad, \
-            tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True) as bar, \
-            cf.ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-
-        def flush_ready() -> None:
-            nonlocal next_write
-            while next_write in results:
-                o = results.pop(next_write)
-                for k, v in o.counters.items():
-                    summary.counters[k] = summary.counters.get(k, 0) + v
-                if o.record is not None:
-                    out.write(dump_record(o.record) + "\n")
-                    summary.written += 1
-                if o.failure is not None:
-                    bad.write(dump_record(o.failure) + "\n")
-                    summary.failed += 1
-                next_write += 1
-            out.flush()
-            bad.flush()
-
-        pending: dict[cf.Future, int] = {}
-        it = iter(enumerate(items))
-        exhausted = False
-        try:
-            while True:
-                while not exhausted and stop_exc is None and len(pending) < window:
-                    try:
-                        i, item = next(it)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    pending[pool.submit(work, item)] = i
-                if not pending:
-                    break
-                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    i = pending.pop(fut)
-                    try:
-                        results[i] = fut.result()
-                        bar.update(1)
-                    except (BudgetExceeded, FatalRunError) as e:
-                        if stop_exc is None:
-                            stop_exc = e
-                flush_ready()
-        except KeyboardInterrupt as e:
-            stop_exc = e
-            for fut in pending:
-                fut.cancel()
-            flush_ready()
-
-    if stop_exc is not None:
-        summary.stopped = ("budget" if isinstance(stop_exc, BudgetExceeded) else
-                           "fatal" if isinstance(stop_exc, FatalRunError) else "interrupted")
-        logger.warning("%s stopped after %d of %d items (%s); partial output in %s. Rerun the same command: "
-                       "finished requests come from the store.", desc, next_write, len(items), summary.stopped,
-                       partial)
-        stop_exc.summary = summary  # type: ignore[attr-defined]
-        raise stop_exc
-    os.replace(partial, out_path)
-    if summary.failed:
-        os.replace(failed_partial, failed_path)
-    else:
-        os.remove(failed_partial)
-        if os.path.exists(failed_path):
-            os.remove(failed_path)  # a stale failure list from an earlier run would mislead
-    return summary

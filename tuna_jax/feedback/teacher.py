@@ -42,28 +42,23 @@ import dataclasses
 import logging
 import math
 import sys
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
-from tuna_jax.data.records import DataError, iter_rows
+from tuna_jax.data.rows import InstructionRow, read_instructions
 from tuna_jax.data.templates import format_prompt
 
-from .client import (APIError, OpenAIClient, add_client_arguments, cli_main, client_config_from_args, report_run,
-                     store_from_args)
-from .store import BudgetExceeded, FatalRunError, ItemOutcome, RunSummary, run_items
+from tuna_jax.io.cli import cli_main, report_run
+from tuna_jax.io.items import ItemOutcome, RunSummary, run_items
+
+from tuna_jax.samples import Sample
+
+from .client import APIError, OpenAIClient, add_client_arguments, client_config_from_args, store_from_args
+from .replies import ReplyError, check_choices
+from .store import BudgetExceeded, FatalRunError
 
 logger = logging.getLogger("tuna_jax.feedback")
 
 DEFAULT_SENTINEL = -9999.0
-
-
-@dataclasses.dataclass
-class Sample:
-    """One response: text, token_logprobs ([T] floats in nats, None where the endpoint gave none),
-    finish_reason ("stop" | "length" | None)."""
-
-    text: str
-    token_logprobs: list
-    finish_reason: str | None = None
 
 
 class TeacherBackend(Protocol):
@@ -103,19 +98,6 @@ class TeacherConfig:
     strip: bool = True
 
 
-class TeacherResponseError(RuntimeError):
-    """The endpoint's reply cannot be used (wrong number of choices, missing fields)."""
-
-
-def _choices(resp: dict, want: int, url: str) -> list[dict]:
-    choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
-    if len(choices) != want:
-        raise TeacherResponseError(
-            f"{url}: asked for n={want} responses, the server returned {len(choices)}; if it ignores `n`, "
-            f"use --n-per-request 1")
-    return choices
-
-
 def _sample_from_choice(choice: dict, api: str) -> Sample:
     lp = choice.get("logprobs")
     if api == "chat":
@@ -153,23 +135,42 @@ class RemoteTeacher:
             p["logprobs"] = c.logprobs
         return p
 
-    def sample(self, prompt: str, n: int) -> list[Sample]:
+    def _requests(self, prompt: str, n: int) -> list[tuple[str, dict, dict, int]]:
+        """(path, body, cache-key extra, responses asked) of each request that samples ``n`` responses."""
         c = self.config
         per = min(c.n_per_request, n)
-        out: list[Sample] = []
+        out = []
         for group in range(math.ceil(n / per)):
-            k = min(per, n - len(out))
-            # The sample group is part of the cache key: N equal bodies must be N cached replies.
-            extra = {"sample_group": group}
+            k = min(per, n - group * per)
             if c.api == "chat":
-                r = self.client.chat([{"role": "user", "content": prompt}], extra_key=extra, **self._params(k, group))
+                body = {"model": self.client.config.model, "messages": [{"role": "user", "content": prompt}]}
                 path = "chat/completions"
             else:
-                r = self.client.complete(prompt, extra_key=extra, **self._params(k, group))
+                body = {"model": self.client.config.model, "prompt": prompt}
                 path = "completions"
-            for ch in _choices(r.response, k, f"{self.client.base_url}/{path}"):
-                out.append(_sample_from_choice(ch, c.api))
+            # The sample group is part of the cache key: N equal bodies must be N cached replies.
+            out.append((path, {**body, **self._params(k, group)}, {"sample_group": group}, k))
         return out
+
+    def sample(self, prompt: str, n: int) -> list[Sample]:
+        """n responses with their token log-probs. A reply with other than the asked number of choices,
+        choices that are not objects, or no log-probs is never cached as good (replies.check_choices): it
+        is retried, then the item fails with an APIError."""
+        api = self.config.api
+        out: list[Sample] = []
+        for path, body, extra, k in self._requests(prompt, n):
+            def validate(response, k=k):
+                check_choices(response, k, api, logprobs=True)
+
+            r = self.client.post(path, body, extra_key=extra, validate=validate)
+            out.extend(_sample_from_choice(ch, api) for ch in check_choices(r.response, k, api, logprobs=True))
+        return out
+
+    def forget(self, prompt: str, n: int, reason: str) -> None:
+        """Mark the cached replies of ``sample(prompt, n)`` unusable (the item could not use them), so a
+        rerun requests them again instead of failing on the same replies."""
+        for path, body, extra, _ in self._requests(prompt, n):
+            self.client.invalidate(path, body, extra_key=extra, reason=reason)
 
     def score(self, prompt: str, responses: Sequence[str]) -> list[Sample]:
         """Legacy completions with ``echo``: the log-probs of prompt+response, cut at the prompt's end.
@@ -181,19 +182,22 @@ class RemoteTeacher:
         """
         if self.config.api != "completions":
             raise ValueError("score() needs the legacy completions API (echo); chat cannot score given text")
+
+        def validate(response):
+            ch = check_choices(response, 1, "completions", logprobs=True)[0]
+            offsets = ch["logprobs"].get("text_offset")
+            if not isinstance(offsets, list) or len(offsets) != len(ch["logprobs"]["token_logprobs"]):
+                raise ReplyError("logprobs.text_offset is missing or does not match the token log-probs: the "
+                                 "server cannot echo prompt log-probs")
+
         out = []
         for resp in responses:
             full = prompt + resp
             # max_tokens=1, logprobs=1: what vLLM needs for echoed prompt log-probs (0 is rejected by some
             # servers); the one generated token starts at len(full) and is cut off below.
-            r = self.client.complete(full, max_tokens=1, echo=True, logprobs=1, temperature=0.0)
-            ch = _choices(r.response, 1, f"{self.client.base_url}/completions")[0]
-            lp = ch.get("logprobs") or {}
-            offsets, toks = lp.get("text_offset"), lp.get("token_logprobs")
-            if offsets is None or toks is None or len(offsets) != len(toks):
-                out.append(Sample(resp, None, "stop"))
-                continue
-            keep = [t for o, t in zip(offsets, toks) if len(prompt) <= o < len(full)]
+            r = self.client.complete(full, validate=validate, max_tokens=1, echo=True, logprobs=1, temperature=0.0)
+            lp = r.response["choices"][0]["logprobs"]
+            keep = [t for o, t in zip(lp["text_offset"], lp["token_logprobs"]) if len(prompt) <= o < len(full)]
             out.append(Sample(resp, keep, "stop"))
         return out
 
@@ -251,63 +255,27 @@ def rank_samples(samples: Sequence[Sample], cfg: TeacherConfig) -> tuple[dict, d
     return cols, counters, dropped
 
 
-@dataclasses.dataclass
-class TeacherItem:
-    id: Any
-    instruction: str
-    input: str
-    output: str
-    where: str
-
-
-def iter_input_objects(path: str, limit: int | None = None) -> Iterator[tuple[int, str, dict]]:
-    """(row number from 0, "file:line", row) for the first ``limit`` rows of a JSON/JSONL/hf: input; an
-    unreadable row or one that is not a JSON object raises its :class:`DataError`."""
-    for n, (where, row) in enumerate(iter_rows(path)):
-        if limit is not None and n >= limit:
-            break
-        if isinstance(row, DataError):
-            raise row
-        if not isinstance(row, dict):
-            raise DataError(where, None, f"expected a JSON object, got {type(row).__name__}")
-        yield n, where, row
-
-
-def read_instructions(path: str, limit: int | None = None) -> list[TeacherItem]:
-    """Alpaca-format rows {instruction, input?, output?, id?} from JSON/JSONL/hf:. id defaults to the row
-    number (0-based). Errors name file:line and field."""
-    items = []
-    for n, where, row in iter_input_objects(path, limit):
-        ins = row.get("instruction")
-        if not isinstance(ins, str) or not ins.strip():
-            raise DataError(where, "instruction", "missing or empty" if not ins else "expected str",
-                            reason="missing_field")
-        for f in ("input", "output"):
-            if row.get(f) is not None and not isinstance(row[f], str):
-                raise DataError(where, f, f"expected str, got {type(row[f]).__name__}", reason="wrong_type")
-        rid = row.get("id", n)
-        items.append(TeacherItem(rid, ins, row.get("input") or "", row.get("output") or "", where))
-    return items
-
-
 def make_work(backend: TeacherBackend, cfg: TeacherConfig, meta: dict):
-    """The per-item function for :func:`store.run_items`."""
+    """The per-item function for :func:`tuna_jax.io.items.run_items`."""
 
-    def work(item: TeacherItem) -> ItemOutcome:
+    def work(item: InstructionRow) -> ItemOutcome:
         prompt = format_prompt(item.instruction, item.input)
         try:
             samples = backend.sample(prompt, cfg.n)
         except (BudgetExceeded, FatalRunError):
             raise
-        except (APIError, TeacherResponseError) as e:
+        except (APIError, ReplyError) as e:
             return ItemOutcome(failure={"id": item.id, "where": item.where, "error": str(e)},
                                counters={"request_failed": 1})
         cols, counters, dropped = rank_samples(samples, cfg)
         if len(cols["candidates"]) < cfg.min_candidates:
             counters["too_few_candidates"] = 1
-            return ItemOutcome(failure={"id": item.id, "where": item.where,
-                                        "error": f"{len(cols['candidates'])} valid candidates of {len(samples)} "
-                                                 f"(min_candidates={cfg.min_candidates})", "dropped": dropped},
+            error = (f"{len(cols['candidates'])} valid candidates of {len(samples)} "
+                     f"(min_candidates={cfg.min_candidates})")
+            forget = getattr(backend, "forget", None)
+            if forget is not None:  # the item could not use these replies: a rerun asks again
+                forget(prompt, cfg.n, error)
+            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": error, "dropped": dropped},
                                counters=counters)
         rec = {"id": item.id, "instruction": item.instruction, "input": item.input, "output": item.output, **cols,
                "teacher": {**meta, "dropped": dropped}}
@@ -318,12 +286,13 @@ def make_work(backend: TeacherBackend, cfg: TeacherConfig, meta: dict):
 
 def run_teacher(input_path: str, out_path: str, backend: TeacherBackend, cfg: TeacherConfig, *,
                 meta: dict | None = None, concurrency: int = 4, limit: int | None = None,
-                progress: bool = True) -> RunSummary:
-    """Sample, score and rank every instruction of ``input_path``; write ranking records to ``out_path``.
+                progress: bool = True, items: list[InstructionRow] | None = None) -> RunSummary:
+    """Sample, score and rank every instruction of ``input_path`` (or the already read ``items``); write
+    ranking records to ``out_path``.
 
-    Raises BudgetExceeded / FatalRunError after saving (see store.run_items); returns the RunSummary.
+    Raises BudgetExceeded / FatalRunError after saving (see io.items.run_items); returns the RunSummary.
     """
-    items = read_instructions(input_path, limit)
+    items = read_instructions(input_path, limit) if items is None else items
     meta = dict(meta or {})
     meta.update({"n": cfg.n, "beta": cfg.beta})
     return run_items(items, make_work(backend, cfg, meta), out_path, concurrency=concurrency,
@@ -364,9 +333,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--limit", type=int, default=None, help="only the first LIMIT instructions")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_client_arguments(parser)
-    from .local import add_local_arguments  # --local-model: a tuna-jax model as the teacher (local.py)
-
     add_local_arguments(parser)
+
+
+def add_local_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--local-*`` options: a tuna-jax model as the teacher (``local.LocalTeacher``). With
+    ``--local-model`` the endpoint's ``--model`` is not needed, so it is made optional here (``run`` asks for
+    it when there is no local model)."""
+    from .local import RESCORE
+
+    g = parser.add_argument_group(
+        "local teacher (a tuna-jax model on this machine instead of an endpoint; --n, --temperature, --top-p, "
+        "--max-tokens, --seed, --beta, --store apply; endpoint options are ignored)")
+    g.add_argument("--local-model", metavar="PATH", default=None,
+                   help="HF folder or tuna-jax params checkpoint of the teacher; sampled with tuna-jax, token "
+                        "log-probs exact (response tokens + EOS)")
+    g.add_argument("--local-tokenizer", metavar="PATH", default=None,
+                   help="tokenizer folder or tokenizer.model (default: the model's)")
+    g.add_argument("--local-top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--local-batch-size", type=int, default=8, help="sampler rows per device call (>= --n)")
+    g.add_argument("--local-max-prompt-len", type=int, default=None,
+                   help="longer prompts fail their item (default: only the model's context length limits)")
+    g.add_argument("--local-dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    g.add_argument("--local-mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="device mesh sizes, one may be -1 (default: all devices on fsdp)")
+    g.add_argument("--local-rescore", default="noncanonical", choices=RESCORE,
+                   help="re-score samples by teacher forcing: 'noncanonical' (those whose sampled tokens are not "
+                        "the tokenizer's segmentation of their text; default), 'always' or 'never'")
+    action = parser._option_string_actions.get("--model")  # argparse keeps no public handle on an option
+    if action is not None:
+        action.required = False
+        action.help = "model name as the server knows it (required unless --local-model is given)"
 
 
 def config_from_args(args) -> TeacherConfig:
@@ -379,23 +376,51 @@ def config_from_args(args) -> TeacherConfig:
 
 def run(args) -> int:
     """`tuna-jax teacher`: 0 done, 1 some items failed (see OUT.failed.jsonl), 2 stopped (budget or a fatal
-    endpoint error; rerun to continue)."""
-    if getattr(args, "local_model", None):
-        from .local import run_local
-
-        return run_local(args)
-    if not args.model:
+    endpoint error; rerun to continue). The input is read and checked before anything else happens: a bad
+    row costs no request, loads no model and leaves no store behind."""
+    local = getattr(args, "local_model", None)
+    if not local and not args.model:
         raise ValueError("--model is required (the endpoint's model name), or give --local-model PATH")
     cfg = config_from_args(args)
+    items = read_instructions(args.input, args.limit)
+    if local:
+        return _run_local(args, cfg, items)
     ccfg = client_config_from_args(args)
+    client = OpenAIClient(ccfg)  # checks --base-url before the store file is created
     with store_from_args(args, args.out) as store:
-        client = OpenAIClient(ccfg, store)
+        client.store = store
         backend = RemoteTeacher(client, cfg)
         meta = {"model": ccfg.model, "api": cfg.api, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
         return report_run("teacher", lambda: run_teacher(args.input, args.out, backend, cfg, meta=meta,
-                                                         concurrency=ccfg.concurrency, limit=args.limit,
+                                                         concurrency=ccfg.concurrency, items=items,
                                                          progress=not args.no_progress),
                           store, "item(s) failed, listed in")
+
+
+def _run_local(args, cfg: TeacherConfig, items: list[InstructionRow]) -> int:
+    """``tuna-jax teacher ... --local-model PATH``: 0 done, 1 some items failed (OUT.failed.jsonl); Ctrl-C
+    stops it (rerun the same command to continue from the store)."""
+    from tuna_jax import parallel
+
+    from .local import LocalTeacher
+
+    parallel.initialize_distributed()
+    mesh = parallel.make_mesh(args.local_mesh)
+    seed = 0 if cfg.seed is None else cfg.seed
+    with store_from_args(args, args.out) as store:
+        backend = LocalTeacher(args.local_model, tokenizer=args.local_tokenizer, mesh=mesh,
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=args.local_top_k,
+                               max_new_tokens=cfg.max_tokens, seed=seed, batch_size=args.local_batch_size,
+                               max_prompt_len=args.local_max_prompt_len, dtype=args.local_dtype,
+                               rescore=args.local_rescore, store=store)
+        meta = {"model": args.model or args.local_model, "api": "local", "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "top_k": args.local_top_k, "max_tokens": cfg.max_tokens, "seed": seed}
+        # One item at a time: the device is the bottleneck, threads would only queue on it.
+        status = report_run("teacher", lambda: run_teacher(args.input, args.out, backend, cfg, meta=meta,
+                                                           concurrency=1, items=items, progress=not args.no_progress),
+                            store, "item(s) failed, listed in")
+        print(f"teacher (local): {backend.stats.line()}", file=sys.stderr)
+        return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

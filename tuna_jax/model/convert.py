@@ -40,6 +40,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from tuna_jax.io.errors import InputError
 from tuna_jax.model.llama import DTYPES, Llama, LlamaConfig, abstract_model
 from tuna_jax.parallel import RULES, state_shardings
 
@@ -50,8 +51,9 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file and tensor."""
+# A checkpoint that cannot be converted; the message names the file and tensor. The project's one
+# input-error type under the name this module has always used.
+ConversionError = InputError
 
 
 # ---- the name/layout table -------------------------------------------------------------
