@@ -20,6 +20,10 @@ contains ``match`` (None: any request):
   length       the normal reply with finish_reason "length"
   gate         block until ``release()``; ``reached`` is set when the request arrives (to kill a client
                at a known point)
+  trickle      the normal reply, its body sent one byte every ``delay_s`` (headers at once)
+  body         HTTP ``status`` (default 200) with ``content`` as the raw body (e.g. '{"choices": ["a", "b"]}')
+  drop_choices the normal reply without its last ``at`` choices (fewer than ``n``)
+  close        close the connection without answering
 
 Counting: ``server.count(match)`` is the number of requests whose text contains ``match``;
 ``server.requests`` logs (path, text, body, auth_ok, fault) -- never the Authorization header itself.
@@ -75,7 +79,7 @@ class Fault:
     status: int = 500
     retry_after: str | None = None
     delay_s: float = 1.0
-    content: str = ""
+    content: str | bytes = ""
     at: int = 0
     reached: threading.Event = dataclasses.field(default_factory=threading.Event)
     released: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -132,6 +136,8 @@ class OpenAIServer:
 
     # -------------------------------------------------------------- scripting and counting
     def add_fault(self, kind: str, match: str | None = None, times: int = 1, **kw) -> Fault:
+        if kind == "body":
+            kw.setdefault("status", 200)
         f = Fault(kind=kind, match=match, times=times, **kw)
         with self._lock:
             self.faults.append(f)
@@ -209,13 +215,43 @@ class OpenAIServer:
                 fault.reached.set()
                 fault.released.wait(30)
                 return self._send(h, 503, b'{"error":{"message":"gate closed"}}')
+            elif fault.kind == "body":
+                raw = fault.content if isinstance(fault.content, bytes) else fault.content.encode("utf-8")
+                return self._send(h, fault.status, raw)
+            elif fault.kind == "close":
+                h.close_connection = True
+                try:
+                    h.connection.shutdown(2)
+                except OSError:
+                    pass
+                return None
         if path == "/v1/chat/completions":
             resp = self._chat(body, text, fault)
         elif path == "/v1/completions":
             resp = self._completion(body, text, fault)
         else:
             return self._send(h, 404, b'{"error":{"message":"no such endpoint"}}')
-        self._send(h, 200, json.dumps(resp).encode("utf-8"))
+        if fault is not None and fault.kind == "drop_choices":
+            resp["choices"] = resp["choices"][:max(0, len(resp["choices"]) - max(1, fault.at))]
+        raw = json.dumps(resp).encode("utf-8")
+        if fault is not None and fault.kind == "trickle":
+            return self._trickle(h, raw, fault.delay_s)
+        self._send(h, 200, raw)
+
+    def _trickle(self, h: BaseHTTPRequestHandler, body: bytes, delay_s: float) -> None:
+        """Headers at once, then the body one byte every ``delay_s`` (a stalled or throttled server)."""
+        try:
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.flush()
+            for i in range(len(body)):
+                h.wfile.write(body[i:i + 1])
+                h.wfile.flush()
+                time.sleep(delay_s)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # the client gave up: what a deadline is for
 
     # -------------------------------------------------------------- endpoints
     @staticmethod
