@@ -21,3 +21,15 @@ def shared_dir() -> pathlib.Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent: this test needs the workplace's shared data (a user's clone has none)")
     return SHARED
+
+
+@pytest.fixture
+def server(monkeypatch, request):
+    """A real OpenAI-compatible server on 127.0.0.1 (tests/openai_server.py) that accepts only the test
+    module's ``KEY``, which is also put in $OPENAI_API_KEY for the client."""
+    from openai_server import OpenAIServer
+
+    key = request.module.KEY
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    with OpenAIServer(api_key=key) as srv:
+        yield srv

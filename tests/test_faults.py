@@ -16,7 +16,6 @@ import time
 
 import pytest
 
-from openai_server import OpenAIServer
 from tuna_jax.feedback import judge as J
 from tuna_jax.feedback import teacher as T
 from tuna_jax.feedback.replies import ReplyError, chat_content, check_choices
@@ -33,13 +32,6 @@ ITEMS = [
 HIT = "capital of France"  # every fault below hits this item's requests only
 FAST = ["--timeout", "0.5", "--max-retries", "2", "--backoff", "0.01", "--backoff-max", "0.02",
         "--max-retry-after", "0.05", "--concurrency", "2", "--no-progress"]
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    with OpenAIServer(api_key=KEY) as srv:
-        yield srv
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import os
 
 import pytest
 
-from openai_server import OpenAIServer
 from tuna_jax.data.records import SkipReport, parse_contextual, read_records
 from tuna_jax.data.templates import format_prompt
 from tuna_jax.feedback import judge as J
@@ -154,13 +153,6 @@ ITEMS = [
     {"id": "d", "instruction": "Count to three.", "input": "", "output": "1 2 3",
      "candidates": ["1 2 3", "one two three", "1, 2, 3", "123"]},
 ]
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    with OpenAIServer(api_key=KEY) as srv:
-        yield srv
 
 
 @pytest.fixture

@@ -20,13 +20,6 @@ def fast_config(base_url, **kw):
     return ClientConfig(**cfg)
 
 
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    with OpenAIServer(api_key=KEY) as srv:
-        yield srv
-
-
 # ------------------------------------------------------------------------------------------ keys
 def test_content_key_is_stable_and_separates_what_matters():
     body = {"model": "m", "prompt": "hi", "temperature": 1.0, "n": 4}

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from openai_server import OpenAIServer
 from tuna_jax.data.records import read_records
 from tuna_jax.feedback import teacher as T
 from tuna_jax.feedback.client import ClientConfig, OpenAIClient
@@ -26,13 +25,6 @@ INSTRUCTIONS = [
     {"instruction": "Write a haiku about code.", "input": "", "output": "Lines fall into place"},
     {"instruction": "Name a primary colour.", "input": "", "output": "Blue."},
 ]
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    with OpenAIServer(api_key=KEY) as srv:
-        yield srv
 
 
 @pytest.fixture

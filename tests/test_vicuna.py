@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from openai_server import OpenAIServer
 
 from tuna_jax.cli import main as cli_main
 from tuna_jax.eval import vicuna as V
@@ -188,13 +187,6 @@ def script_vicuna(server):
     server.add_fault("reply", match=first(MODEL[6]), content="Assistant 1 is clearly better.")  # 1st try fails
     server.add_fault("reply", match=first(MODEL[6]), content="8.5 7")                       # the retry parses
     server.add_fault("reply", match=first(BASE[6]), content="7 8.5")                         # -> win
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    with OpenAIServer(api_key=KEY) as srv:
-        yield srv
 
 
 def client_for(server, store):
