@@ -18,7 +18,7 @@ import pytest
 
 from tuna_jax.feedback import judge as J
 from tuna_jax.feedback import teacher as T
-from tuna_jax.feedback.replies import ReplyError, chat_content, check_choices
+from tuna_jax.feedback.replies import chat_content, check_choices
 
 KEY = "sk-test-SECRET-faults-31337"
 ITEMS = [
