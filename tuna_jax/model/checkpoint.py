@@ -15,6 +15,7 @@ rules table, not from the mesh it was saved on.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 
@@ -22,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from tuna_jax.io.errors import InputError
 from tuna_jax.model.convert import ConversionError, copy_tokenizer_files
 from tuna_jax.model.llama import Llama, LlamaConfig, abstract_model
 from tuna_jax.parallel import RULES, state_shardings
@@ -72,6 +74,15 @@ def state_shardings_as_structs(abs_state: nnx.State, mesh, rules=RULES) -> nnx.S
 
 # ---- train state ------------------------------------------------------------------------
 
+logger = logging.getLogger("tuna_jax.checkpoint")
+
+
+def _reason(e: BaseException) -> str:
+    """One short line for an Orbax / TensorStore error (they run to dozens of lines of spec)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager for the train state.
 
@@ -80,6 +91,14 @@ class TrainCheckpointer:
     run's bookkeeping). Saves are asynchronous (the step loop goes on while the previous save
     is written); the last ``keep`` are kept. A restore targets the *current* mesh's shardings,
     so a run saved on (1,8,1) resumes on (2,2,2) or one device.
+
+    A damaged step never strands a run. A step folder can be left unreadable by a disk that filled
+    up, a copy that was cut short, or a file deleted by hand (a missing ``_METADATA`` or ``meta/``, a
+    truncated or deleted array file). :meth:`restore` then falls back to the newest step that restores,
+    with a warning naming each bad folder, and renames the bad folders to ``<step>.unrestorable`` --
+    kept for inspection, but out of Orbax's way: Orbax skips saving a step whose folder exists, so the
+    resumed run would otherwise never write that step again and every later resume would trip on it.
+    When no step restores, the error is one line naming the folder and what to do.
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True):
@@ -95,14 +114,66 @@ class TrainCheckpointer:
         return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                meta=ocp.args.JsonSave(meta)), force=force)
 
-    def restore(self, abstract_state, step: int | None = None):
-        """(state, meta) of ``step`` (default the latest) onto ``abstract_state``'s shardings."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
+    def _restore_step(self, step: int, abstract_state):
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                  meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+        meta = out["meta"]
+        if not isinstance(meta, dict) or "data" not in meta:
+            raise ValueError("meta/ holds no data-iterator position")
+        return out["state"], meta
+
+    def restore(self, abstract_state, step: int | None = None):
+        """(state, meta) onto ``abstract_state``'s shardings: of ``step`` if given, else of the newest step
+        that restores (see the class docstring). Raises InputError naming the folder when none does."""
+        if step is not None:
+            try:
+                return self._restore_step(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types for one damaged folder
+                raise InputError(str(self.directory / str(step)), None,
+                                 f"checkpoint step {step} cannot be restored ({_reason(e)})") from e
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
+        bad: list[tuple[int, str]] = []
+        for s in steps:
+            try:
+                state, meta = self._restore_step(s, abstract_state)
+            except Exception as e:  # noqa: BLE001 - see above
+                bad.append((s, _reason(e)))
+                logger.warning("checkpoint %s cannot be restored (%s); trying the step before it",
+                               self.directory / str(s), bad[-1][1])
+                continue
+            if bad:
+                moved = self._set_aside([b for b, _ in bad])
+                logger.warning("resuming from step %d, the newest step that restores; the damaged step folder(s) "
+                               "were renamed: %s", s, ", ".join(moved))
+            return state, meta
+        first, why = bad[0]
+        raise InputError(str(self.directory / str(first)), None,
+                         f"no checkpoint step in {self.directory} can be restored (steps {[b for b, _ in bad]}; "
+                         f"step {first}: {why}); move the damaged step folders out of {self.directory}, or start "
+                         f"again without --resume in a new output directory")
+
+    def _set_aside(self, steps: list[int]) -> list[str]:
+        """Rename the folders of ``steps`` to ``<step>.unrestorable`` (process 0 of a multi-host run; the
+        others wait for it) and make the manager forget them."""
+        moved = []
+        if jax.process_index() == 0:
+            for s in steps:
+                src = self.directory / str(s)
+                dst = self.directory / f"{s}.unrestorable"
+                k = 1
+                while dst.exists():
+                    k += 1
+                    dst = self.directory / f"{s}.unrestorable{k}"
+                os.rename(src, dst)
+                moved.append(f"{src} -> {dst.name}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tuna_jax_checkpoint_set_aside")
+        self.manager.reload()
+        return moved
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
