@@ -4,7 +4,7 @@ happen inside the handlers so that `tuna-jax --help` is instant."""
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 
 EPILOG = """The staged pipeline (see README.md):
@@ -30,8 +30,10 @@ def _mesh(args):
 
 def cmd_convert_hf_to_orbax(args) -> int:
     from tuna_jax.model.checkpoint import save_params
-    from tuna_jax.model.convert import load_hf_model
+    from tuna_jax.model.convert import ConversionError, load_hf_model
 
+    if os.path.exists(args.ckpt_dir) and os.path.samefile(args.ckpt_dir, args.hf_dir):
+        raise ConversionError(f"{args.ckpt_dir}: the checkpoint folder is the HF folder being read; choose another")
     mesh = _mesh(args)
     model = load_hf_model(args.hf_dir, mesh, param_dtype=args.param_dtype)
     out = save_params(args.ckpt_dir, model, tokenizer_src=args.hf_dir)
@@ -43,8 +45,9 @@ def cmd_convert_orbax_to_hf(args) -> int:
     from flax import nnx
 
     from tuna_jax.model import load_model
-    from tuna_jax.model.convert import save_hf_model
+    from tuna_jax.model.convert import prepare_export_dir, save_hf_model
 
+    prepare_export_dir(args.out_dir, [args.ckpt_dir, args.like], overwrite=args.overwrite)  # before loading
     mesh = _mesh(args)
     model = load_model(args.ckpt_dir, mesh)
     like = args.like
@@ -68,8 +71,9 @@ def cmd_convert_llama2c_to_hf(args) -> int:
 
 def cmd_score(args) -> int:
     from tuna_jax.model import load_model
-    from tuna_jax.score import make_candidate_encoder, score_file
+    from tuna_jax.score import make_candidate_encoder, read_lines, score_file
 
+    lines = read_lines(args.data)  # every line checked before the model loads
     mesh = _mesh(args)
     model = load_model(args.model, mesh, **_runtime(args))
     encoder = None
@@ -78,7 +82,7 @@ def cmd_score(args) -> int:
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"note: no tokenizer ({e}); only pre-tokenised lines can be scored", file=sys.stderr)
     n = score_file(model, args.data, args.out, encoder=encoder, mesh=mesh, batch_rows=args.batch_size,
-                   max_len=args.max_len)
+                   max_len=args.max_len, lines=lines)
     print(f"scored {n} lines -> {args.out}")
     return 0
 
@@ -176,6 +180,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="storage dtype (default: that of --like, so bf16 stays bf16)")
     c.add_argument("--max-shard-gb", type=float, default=5.0)
+    c.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that is not empty (the old shards there are removed)")
     mesh_arg(c)
     c.set_defaults(func=cmd_convert_orbax_to_hf)
     c = csub.add_parser("llama2c-to-hf", help="llama2.c legacy model.bin + tokenizer.bin -> HF folder")
@@ -227,19 +233,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tuna_jax.io.cli import quiet_libraries, run_command, setup_logging
+
+    quiet_libraries()  # before any library is imported, even by a command's argument parser
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # Orbax logs every read and write at INFO through absl: keep the terminal readable
-        logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        if args.verbose:
-            raise
-        print(f"tuna-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    setup_logging(args.verbose)  # INFO for tuna-jax, WARNING for the libraries (jax, Orbax, transformers)
+    return run_command(f"tuna-jax {args.command}", args.func, args, args.verbose)
 
 
 if __name__ == "__main__":

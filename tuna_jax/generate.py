@@ -551,7 +551,7 @@ def read_done(out_path: str, prompts: list[PromptLine], fix: bool = True) -> set
 
 def generate_file(sampler: Sampler, prompts_path: str, out_path: str, params: SamplingParams, n: int = 1,
                   sampling_logprobs: bool = False, progress: bool = True, lines_per_call: int | None = None,
-                  meta: dict | None = None) -> int:
+                  meta: dict | None = None, prompts: list[PromptLine] | None = None) -> int:
     """Generate for every line of ``prompts_path`` not yet in ``out_path`` and append them; returns
     the number of lines written by this call.
 
@@ -564,7 +564,7 @@ def generate_file(sampler: Sampler, prompts_path: str, out_path: str, params: Sa
     """
     from tqdm import tqdm
 
-    prompts = read_prompts(prompts_path)
+    prompts = read_prompts(prompts_path) if prompts is None else prompts
     encoded = []
     for pl in prompts:  # validate everything before generating anything
         where = f"{prompts_path}:{pl.lineno}"
@@ -644,6 +644,7 @@ def run(args) -> int:
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.n < 1:
         raise ValueError(f"--n {args.n}: must be >= 1")
+    prompts = read_prompts(args.prompts)  # every line checked before the model loads
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(args.mesh)
     tokenizer = None
@@ -660,7 +661,7 @@ def run(args) -> int:
                          f"is {model.cfg.vocab_size}: they do not belong together")
     sampler = Sampler(model, tokenizer, mesh=mesh, batch_size=args.batch_size, max_prompt_len=args.max_prompt_len)
     n = generate_file(sampler, args.prompts, args.out, params, n=args.n, sampling_logprobs=args.sampling_logprobs,
-                      progress=_is_main_process(), meta={"dtype": args.dtype})
+                      progress=_is_main_process(), meta={"dtype": args.dtype}, prompts=prompts)
     print(f"generated {n} lines ({args.n} samples each) -> {args.out}")
     return 0
 

@@ -45,6 +45,26 @@ PROMPT_NO_INPUT = (
 PROMPT_DICT = {"prompt_input": PROMPT_INPUT, "prompt_no_input": PROMPT_NO_INPUT}
 
 
+def alpaca_chat_template() -> str:
+    """A Hugging Face chat template (Jinja) that renders ``[{"role": "user", "content": INSTRUCTION,
+    "input": INPUT (optional)}]`` as ``bos_token + format_prompt(INSTRUCTION, INPUT)``: the exact prompt
+    (and, tokenised, the exact ids of ``encode_prompt`` with the default BOS policy) that the model
+    was trained on, so ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` just
+    works on an export. The Alpaca prompt ends with its own "### Response:", so the generation prompt
+    is always there. An assistant message is rendered as the response followed by ``eos_token``
+    (the training target). Built from PROMPT_INPUT / PROMPT_NO_INPUT, so the two cannot drift apart."""
+    def fill(template: str) -> str:
+        return (template.replace("{instruction}", "{{ message['content'] }}")
+                .replace("{input}", "{{ message['input'] }}"))
+
+    return ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+            "{% if message['input'] is defined and message['input'] %}" + fill(PROMPT_INPUT) + "{% else %}"
+            + fill(PROMPT_NO_INPUT) + "{% endif %}"
+            "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+            "{% else %}{{ raise_exception('the Alpaca prompt has the roles user (content, optional input) and "
+            "assistant only') }}{% endif %}{% endfor %}")
+
+
 def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (the Alpaca field name)
     """The Alpaca prompt. The with-input template is used iff ``input != ""`` (as stanford_alpaca)."""
     if input != "":

@@ -829,8 +829,8 @@ def _notes(cfg: EvalConfig, data: _Data) -> list[str]:
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> tuple[dict, dict[str, str], int]:
     """Runs the whole evaluation; returns (the JSON table, the report's paths, the exit status)."""
+    data = _Data(cfg)  # every benchmark file is read and checked before a folder is made or a model loads
     os.makedirs(cfg.output_dir, exist_ok=True)
-    data = _Data(cfg)
     status = 0
     rows: dict[str, dict] = {m.name: {"model": m.name, "path": m.path, "details": {}} for m in cfg.models}
     preds_paths: dict[str, dict[str, str]] = {}

@@ -262,8 +262,8 @@ def _read_done(out_path: str, items: Sequence[DiverseItem]) -> dict[str, dict]:
 
 def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg: DiverseConfig = DiverseConfig(),
                         *, settings: dict | None = None, items_per_call: int = 16, limit: int | None = None,
-                        progress: bool = True, check_prompt: Callable[[str, str], None] | None = None
-                        ) -> DiverseReport:
+                        progress: bool = True, check_prompt: Callable[[str, str], None] | None = None,
+                        items: list[DiverseItem] | None = None) -> DiverseReport:
     """Run the procedure for every instruction of ``input_path`` not yet in ``out_path`` and append the
     records (flushed and fsynced per group of ``items_per_call`` items). ``settings``: what else defines the
     samples (model, seed, max_new_tokens ...), recorded in OUT.params.json with ``cfg``. ``check_prompt(prompt,
@@ -272,7 +272,7 @@ def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg
     (this run and earlier ones)."""
     from tqdm import tqdm
 
-    items = read_items(input_path, limit)
+    items = read_items(input_path, limit) if items is None else items
     if check_prompt is not None:
         from tuna_jax.data.templates import format_prompt
 
@@ -374,6 +374,7 @@ def run_diverse(model_path: str, input_path: str, out_path: str, cfg: DiverseCon
 
     SamplingParams(temperature=cfg.temperature_of(cfg.max_trials - 1), top_p=top_p, top_k=top_k,
                    max_new_tokens=max_new_tokens, seed=seed)  # validate before loading anything
+    items = read_items(input_path, limit)  # the input too: a bad line fails in a second, not after the model
     tok = load_tokenizer(tokenizer or model_path)
     model = load_model(model_path, mesh, dtype=dtype, param_dtype="float32")
     if tok.vocab_size > model.cfg.vocab_size:
@@ -390,7 +391,7 @@ def run_diverse(model_path: str, input_path: str, out_path: str, cfg: DiverseCon
     main = jax_main_process()
     report = sample_diverse_file(input_path, out_path, fn, cfg, settings=settings,
                                  items_per_call=items_per_call or max(1, (4 * sampler.batch_size) // cfg.n),
-                                 limit=limit, progress=progress and main, check_prompt=check_prompt)
+                                 limit=limit, progress=progress and main, check_prompt=check_prompt, items=items)
     if main:
         write_json(out_path + ".report.json", report.to_json(), indent=1)
     return report

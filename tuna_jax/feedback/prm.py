@@ -419,7 +419,7 @@ class RerankSummary:
 
 def rerank_file(prm: ProxyRankingModel, input_path: str, out_path: str, *, tokenizer=None, batch_rows: int = 8,
                 max_len: int | None = None, items_per_flush: int = 256, limit: int | None = None,
-                progress: bool = True) -> RerankSummary:
+                progress: bool = True, items: list | None = None) -> RerankSummary:
     """Score every candidate of ``input_path`` with ``prm`` and write ranking records (module docstring).
 
     tokenizer: a ``templates.Tokenizer`` or path (default: the PRM folder's backbone/). max_len: default
@@ -438,7 +438,7 @@ def rerank_file(prm: ProxyRankingModel, input_path: str, out_path: str, *, token
         tokenizer = load_tokenizer(tokenizer or os.path.join(prm.path, "backbone"))
     policy = SpecialTokenPolicy(add_bos=prm.meta.get("add_bos", True), add_eos=prm.meta.get("add_eos", True))
     max_len = max_len or prm.meta.get("max_len") or prm.cfg.max_position_embeddings
-    items = read_candidates(input_path, limit=limit)
+    items = read_candidates(input_path, limit=limit) if items is None else items
     summary = RerankSummary(items=len(items))
     partial, failed_path = out_path + ".partial", out_path + ".failed.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -589,10 +589,13 @@ def run(args) -> int:
                     f"{res.final_eval['pair_accuracy']:.3f} ({res.final_eval['pairs']} pairs)")
         print(f"{msg}; saved {res.out_dir}")
         return 0
+    from tuna_jax.data.rows import read_candidates
+
+    items = read_candidates(args.input, limit=args.limit)  # checked before the PRM loads
     prm = load_prm(args.prm, mesh, args.dtype)
     with jax.set_mesh(mesh):
         summary = rerank_file(prm, args.input, args.out, tokenizer=args.tokenizer, batch_rows=args.batch_size,
-                              max_len=args.max_len, limit=args.limit, progress=not args.no_progress)
+                              max_len=args.max_len, limit=args.limit, progress=not args.no_progress, items=items)
     print(f"prm rerank: {summary.line()} -> {args.out}", file=sys.stderr)
     if summary.failed:
         print(f"prm rerank: {summary.failed} row(s) could not be scored, listed in {args.out}.failed.jsonl",

@@ -22,6 +22,11 @@ from tuna_jax.io.errors import InputError
 _BOM = b"\xef\xbb\xbf"
 
 
+def _not_utf8(where: str, byte: int, column: int) -> InputError:
+    return InputError(where, None, f"not UTF-8 text (byte 0x{byte:02x} at column {column}); save the file as UTF-8 "
+                      f"(e.g. iconv -f latin1 -t utf-8)", reason="not_utf8")
+
+
 def decode_text(data: bytes, path: str) -> str:
     """``data`` decoded as UTF-8 (a leading byte-order mark dropped); bad bytes are an InputError naming
     the file, line and column."""
@@ -32,9 +37,7 @@ def decode_text(data: bytes, path: str) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise InputError(f"{path}:{line}", None,
-                         f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); save the file as UTF-8 "
-                         f"(e.g. iconv -f latin1 -t utf-8)", reason="not_utf8") from None
+        raise _not_utf8(f"{path}:{line}", data[e.start], col) from None
 
 
 def read_text(path: str | os.PathLike, *, what: str = "file") -> str:
@@ -94,8 +97,7 @@ def iter_jsonl(path: str | os.PathLike, *, what: str = "file",
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise InputError(where, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                             f"save the file as UTF-8", reason="not_utf8") from None
+            raise _not_utf8(where, raw[e.start], e.start + 1) from None
         obj = parse_json(text, where)
         if not isinstance(obj, dict):
             raise InputError(where, None, f"expected {expected}, got {type(obj).__name__}", reason="wrong_type")

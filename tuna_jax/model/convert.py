@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import read_json
 from tuna_jax.model.llama import DTYPES, Llama, LlamaConfig, abstract_model
 from tuna_jax.parallel import RULES, state_shardings
 
@@ -108,10 +109,20 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     path = pathlib.Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json; is this a Hugging Face model folder?")
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _open_safetensors(path: pathlib.Path):
+    """``safe_open`` of one file; a damaged file (truncated download, not safetensors) is one line."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+        return safe_open(str(path), framework="numpy")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        raise ConversionError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())}); it is "
+                              f"probably truncated (an interrupted download or copy): fetch or export it "
+                              f"again") from None
 
 
 class SafetensorsIndex:
@@ -134,7 +145,10 @@ class SafetensorsIndex:
             raise ConversionError(f"{hf_dir}: no *.safetensors files.{hint}")
         self.where: dict[str, pathlib.Path] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            doc = read_json(index)
+            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
             for name, fname in weight_map.items():
                 self.where[name] = self.dir / fname
             missing = {p for p in self.where.values() if not p.is_file()}
@@ -142,25 +156,29 @@ class SafetensorsIndex:
                 raise ConversionError(f"{index}: lists missing shard file(s) {sorted(str(m) for m in missing)}")
         else:
             for path in files:
-                with safe_open(str(path), framework="numpy") as f:
+                with _open_safetensors(path) as f:
                     for name in f.keys():
                         self.where[name] = path
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.where:
             raise ConversionError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
-        with safe_open(str(self.where[name]), framework="numpy") as f:
-            return f.get_tensor(name)
+        with _open_safetensors(self.where[name]) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as e:  # noqa: BLE001 - a header that promises more bytes than the file has
+                raise ConversionError(f"{self.where[name]}: tensor {name!r} cannot be read "
+                                      f"({' '.join(str(e).split())}); the file is probably truncated") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.where:
             raise ConversionError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
-        with safe_open(str(self.where[name]), framework="numpy") as f:
+        with _open_safetensors(self.where[name]) as f:
             return tuple(f.get_slice(name).get_shape())
 
     def dtype_name(self) -> str:
         """The checkpoint's storage dtype, from the embedding."""
-        with safe_open(str(self.where["model.embed_tokens.weight"]), framework="numpy") as f:
+        with _open_safetensors(self.where["model.embed_tokens.weight"]) as f:
             return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
                 f.get_slice("model.embed_tokens.weight").get_dtype(), "float32")
 
@@ -301,7 +319,10 @@ def save_hf_model(state: nnx.State, cfg: LlamaConfig, out_dir: str | os.PathLike
             final[old] = new
         index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-        (out / "model.safetensors").unlink(missing_ok=True)
+    written = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for old in out.glob("model*.safetensors"):  # shards of an earlier export into this folder
+        if old.name not in written:
+            old.unlink()
 
     config = dict(base_cfg)
     for stale in ("rope_parameters", "torch_dtype", "dtype", "rope_scaling", "rope_theta"):
@@ -311,6 +332,51 @@ def save_hf_model(state: nnx.State, cfg: LlamaConfig, out_dir: str | os.PathLike
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if like:
         copy_tokenizer_files(like, out)
+    write_chat_template(out)
+    # safetensors writes its files 0600; an export is meant to be shared and served: normal permissions
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+    return out
+
+
+def write_chat_template(out_dir: str | os.PathLike) -> bool:
+    """Put the Alpaca chat template (``templates.alpaca_chat_template``) in ``OUT/tokenizer_config.json`` when
+    the folder has tokenizer files, so ``apply_chat_template`` gives the prompt the model was trained on.
+    A template already there (e.g. copied from a chat model's ``--like``) is replaced: this model was
+    trained on the Alpaca prompt. Returns whether a template was written."""
+    from tuna_jax.data.templates import alpaca_chat_template
+
+    out = pathlib.Path(out_dir)
+    if not any((out / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        return False
+    path = out / "tokenizer_config.json"
+    cfg = read_json(path) if path.is_file() else {}
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    cfg["chat_template"] = alpaca_chat_template()
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
+
+
+def prepare_export_dir(out_dir: str | os.PathLike, sources: list, overwrite: bool = False) -> pathlib.Path:
+    """Check an export target before anything is loaded: never one of the ``sources`` (the checkpoint being
+    exported, the ``--like`` folder: an export there would overwrite the weights it reads), and, unless
+    ``overwrite``, empty or absent (an export into a folder with other files would mix two models).
+    ``save_hf_model`` removes the old shards of an overwritten export."""
+    out = pathlib.Path(out_dir)
+    for src in sources:
+        if src is not None and out.exists() and os.path.exists(src) and os.path.samefile(out, src):
+            raise ConversionError(f"{out}: the export folder is the folder being read ({src}); choose another "
+                                  f"folder")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        n = sum(1 for _ in out.iterdir())
+        raise ConversionError(f"{out}: not empty ({n} entries); pass --overwrite to replace the export there "
+                              f"(its old shards are removed), or choose an empty folder")
     return out
 
 
