@@ -1,11 +1,12 @@
-"""[B, N, L] batches, masks, truncation, and the resumable per-host iterator."""
+"""Tokenisation, truncation, padded [B, N, L] batches, and the resumable per-host iterator.
+(Every layout's exactness: tests/test_layouts.py.)"""
 import json
 
 import numpy as np
 import pytest
 
-from tuna_jax.data.batching import (BatchIterator, RankingCollator, SFTCollator, tokenize_ranking,
-                                    tokenize_sft)
+from tuna_jax.data.batching import BatchIterator, tokenize_ranking, tokenize_sft
+from tuna_jax.data.layouts import LayoutCollator
 from tuna_jax.data.records import DataError, RankingRecord, SFTRecord, record_prompt
 from tuna_jax.data.templates import SpecialTokenPolicy, encode_prompt, load_tokenizer
 
@@ -33,56 +34,81 @@ def rrec(i, cands, scores, output="orig", prompt=None):
                          prompt=prompt if prompt is not None else f"P{i}:", source=f"f.jsonl:{i}")
 
 
-def check_rows(ids, loss, seg, pos, prompt, resp, pad):
-    """One [L] row: prompt then resp (with EOS), right-padded; the loss mask on resp only."""
+def padded(max_len, n, mle_target="original", pad_to_multiple=0, mode="ranking"):
+    return LayoutCollator("padded", mode, max_len, TOK.pad_id, n, mle_target, pad_to_multiple=pad_to_multiple)
+
+
+def collate(coll, rows):
+    return coll(rows, coll.plan([rows]))
+
+
+def scored(b, unit, slot):
+    """The scored tokens of one sequence slot of a padded batch, in order."""
+    sel = b["score_slot"][unit] == slot
+    return b["score_tgt"][unit][sel].tolist()
+
+
+def check_row(ids, seg, pos, prompt, resp, pad):
+    """One [L] row: prompt then resp (with EOS), right-padded."""
     p, n = len(prompt), len(prompt) + len(resp)
     assert ids[:p].tolist() == prompt and ids[p:n].tolist() == resp and (ids[n:] == pad).all()
-    assert loss.tolist() == [0.0] * p + [1.0] * len(resp) + [0.0] * (len(ids) - n)
     assert seg.tolist() == [1] * n + [0] * (len(ids) - n)
     assert pos.tolist() == list(range(n)) + [0] * (len(ids) - n)
 
 
 @pytest.mark.parametrize("mle_target", ["original", "best", "all"])
-def test_ranking_batch_layout(mle_target):
+def test_padded_ranking_batch(mle_target):
     recs = [rrec(0, ["ab", "cde", "f"], [0.5, 2.0, 2.0]), rrec(1, ["xyz", "w"], [-1.0, -3.0], output="oo")]
     ex, rep = tokenize_ranking(recs, TOK, POL, max_len=16, num_candidates=4, mle_target=mle_target)
-    b = RankingCollator(16, TOK.pad_id, 4, mle_target)(ex, 16)
-    assert b["input_ids"].shape == (2, 4, 16) and b["input_ids"].dtype == np.int32
-    assert b["loss_mask"].dtype == np.float32 and b["segment_ids"].dtype == np.int32
-    assert b["positions"].dtype == np.int32 and b["candidate_mask"].dtype == bool
-    assert b["target"].dtype == np.float32 and b["target"].shape == (2, 4)
-    assert b["candidate_mask"].tolist() == [[True, True, True, False], [True, True, False, False]]
-    assert b["target"].tolist() == [[0.5, 2.0, 2.0, 0.0], [-1.0, -3.0, 0.0, 0.0]]
-    assert (b["loss_mask"][..., 0] == 0).all()
+    b = collate(padded(16, 4, mle_target), ex)
+    q = 5 if mle_target == "original" else 4
+    longest = max(e.seq_len() for e in ex) if mle_target == "original" else max(
+        len(e.prompt_ids) + max(map(len, e.responses)) for e in ex)
+    assert b["input_ids"].shape == (2, q, longest) and b["input_ids"].dtype == np.int32
+    assert b["segment_ids"].dtype == np.int32 and b["positions"].dtype == np.int32
+    assert b["candidate_mask"].dtype == bool and b["target"].dtype == np.float32
+    assert b["target"].shape == (2, 1, 4) and b["candidate_mask"].shape == (2, 1, 4)
+    assert b["candidate_mask"][:, 0].tolist() == [[True, True, True, False], [True, True, False, False]]
+    assert b["target"][:, 0].tolist() == [[0.5, 2.0, 2.0, 0.0], [-1.0, -3.0, 0.0, 0.0]]
     for i, r in enumerate(recs):
         prompt = [1] + TOK.encode(r.prompt)
         for k in range(4):
             resp = TOK.encode(r.candidates[k]) + [2] if k < len(r.candidates) else []
-            check_rows(b["input_ids"][i, k], b["loss_mask"][i, k], b["segment_ids"][i, k], b["positions"][i, k],
-                       prompt if resp else [], resp, TOK.pad_id)
-        # the masked tokens are the candidate and its EOS, target-aligned
-        sel = b["input_ids"][i, 0][b["loss_mask"][i, 0] > 0].tolist()
-        assert TOK.decode(sel) == r.candidates[0] and sel[-1] == 2
-    if mle_target == "all":
-        assert not any(k.startswith("mle_") for k in b)
-    else:
-        mle = {"original": ["orig", "oo"], "best": ["cde", "xyz"]}[mle_target]  # tie at 2.0: the first
-        for i, r in enumerate(recs):
-            check_rows(b["mle_input_ids"][i], b["mle_loss_mask"][i], b["mle_segment_ids"][i],
-                       b["mle_positions"][i], [1] + TOK.encode(r.prompt), TOK.encode(mle[i]) + [2], TOK.pad_id)
-    assert b["example_mask"].tolist() == [True, True]
+            check_row(b["input_ids"][i, k], b["segment_ids"][i, k], b["positions"][i, k], prompt if resp else [],
+                      resp, TOK.pad_id)
+            assert scored(b, i, k) == resp  # the candidate and its EOS are scored, nothing else
+        # each scored token is predicted by the token just before it in the same row
+        sel = b["score_slot"][i] == 0
+        src = b["score_src"][i][sel]
+        assert src.tolist() == list(range(len(prompt) - 1, len(prompt) - 1 + len(r.candidates[0]) + 1))
+    mle = {"original": ["orig", "oo"], "best": ["cde", "xyz"], "all": [None, None]}[mle_target]  # tie: the first
+    for i, r in enumerate(recs):
+        if mle_target == "original":
+            check_row(b["input_ids"][i, 4], b["segment_ids"][i, 4], b["positions"][i, 4],
+                      [1] + TOK.encode(r.prompt), TOK.encode(mle[i]) + [2], TOK.pad_id)
+            assert b["mle_slot"][i, 0] == 4
+        elif mle_target == "best":  # the best candidate's own slot: no extra row
+            assert r.candidates[b["mle_slot"][i, 0]] == mle[i]
+        else:
+            assert b["mle_slot"][i, 0] == -1
+    assert b["example_mask"][:, 0].tolist() == [True, True]
+    assert b["real_tokens"].tolist() == [sum(len(e.prompt_ids) + len(x) for x in e.responses)
+                                         + (len(e.prompt_ids) + len(e.mle) if mle_target == "original" else 0)
+                                         for e in ex]
 
 
-def test_sft_batch_layout():
+def test_padded_sft_batch():
     recs = [SFTRecord("i", "", "hello", "a", prompt="Q:"), SFTRecord("i", "", "yo", "b", prompt="Long Q:")]
     ex, _ = tokenize_sft(recs, TOK, POL, max_len=12)
-    b = SFTCollator(12, TOK.pad_id)(ex + [None], 12)
-    assert set(b) == {"input_ids", "loss_mask", "segment_ids", "positions", "example_mask"}
+    b = collate(padded(12, 0, mode="sft"), ex + [None])
+    assert set(b) == {"input_ids", "segment_ids", "positions", "score_src", "score_tgt", "score_slot",
+                      "example_mask", "real_tokens"}
     for i, r in enumerate(recs):
-        check_rows(b["input_ids"][i], b["loss_mask"][i], b["segment_ids"][i], b["positions"][i],
-                   [1] + TOK.encode(r.prompt), TOK.encode(r.output) + [2], TOK.pad_id)
-    assert b["example_mask"].tolist() == [True, True, False]
-    assert b["loss_mask"][2].sum() == 0 and b["segment_ids"][2].sum() == 0
+        check_row(b["input_ids"][i, 0], b["segment_ids"][i, 0], b["positions"][i, 0],
+                  [1] + TOK.encode(r.prompt), TOK.encode(r.output) + [2], TOK.pad_id)
+        assert scored(b, i, 0) == TOK.encode(r.output) + [2]
+    assert b["example_mask"][:, 0].tolist() == [True, True, False]
+    assert (b["score_slot"][2] < 0).all() and b["segment_ids"][2].sum() == 0
 
 
 def test_truncation_policy():
@@ -95,8 +121,8 @@ def test_truncation_policy():
     assert rep.skipped == {"response_too_long": 1} and rep.changed == {"prompt_truncated_left": 1}
     # BOS kept, then the prompt's last 12 - 7 - 1 = 4 tokens; the longest candidate's EOS survives
     assert ex[0].prompt_ids.tolist() == [1] + TOK.encode("cdef")
-    b = RankingCollator(12, TOK.pad_id, 2)(ex, 12)
-    assert b["input_ids"][0, 1, -1] == 2 and b["loss_mask"][0, 1].sum() == 7
+    b = collate(padded(12, 2, "all"), ex)
+    assert b["input_ids"][0, 1, -1] == 2 and len(scored(b, 0, 1)) == 7
     with pytest.raises(DataError, match=r"f\.jsonl:1: response alone"):
         tokenize_ranking(recs, TOK, POL, max_len=12, num_candidates=2)
     ex, rep = tokenize_ranking(recs, TOK, POL, max_len=12, num_candidates=2, truncate="drop", on_error="skip")
@@ -136,7 +162,7 @@ def _same(a, b):
 
 def test_resume_gives_exactly_the_remaining_batches():
     ex = _examples(23)
-    coll = RankingCollator(40, TOK.pad_id, 3, pad_to_multiple=8)
+    coll = padded(40, 3, pad_to_multiple=8)
     make = lambda: BatchIterator(ex, coll, 4, seed=5, num_epochs=3)
     full = list(make())
     assert len(full) == 3 * (23 // 4)
@@ -158,17 +184,17 @@ def test_resume_gives_exactly_the_remaining_batches():
 def test_shuffle_is_seeded_and_covers_each_epoch():
     ex = _examples(10)
     index_of = {tuple(e.prompt_ids.tolist()): i for i, e in enumerate(ex)}
-    coll = RankingCollator(40, TOK.pad_id, 3)
+    coll = padded(40, 3)
     it = BatchIterator(ex, coll, 4, seed=1, num_epochs=2, drop_remainder=False)
     assert it.steps_per_epoch == 3 and len(it) == 6
     seen = [[], []]
     for step, b in enumerate(it):
-        for r in np.flatnonzero(b["example_mask"]):
-            start = int(b["loss_mask"][r, 0].argmax())
+        for r in np.flatnonzero(b["example_mask"][:, 0]):
+            start = int(b["score_src"][r][0]) + 1  # the first scored token follows the prompt
             seen[step // 3].append(index_of[tuple(b["input_ids"][r, 0, :start].tolist())])
         if step % 3 == 2:  # the last batch of an epoch is padded: 10 = 4 + 4 + 2
-            assert b["example_mask"].tolist() == [True, True, False, False]
-            assert not b["candidate_mask"][2:].any() and b["loss_mask"][2:].sum() == 0
+            assert b["example_mask"][:, 0].tolist() == [True, True, False, False]
+            assert not b["candidate_mask"][2:].any() and (b["score_slot"][2:] < 0).all()
     assert sorted(seen[0]) == sorted(seen[1]) == list(range(10))  # each epoch: every example once
     assert seen[0] == it.order(0).tolist() and seen[1] == it.order(1).tolist() and seen[0] != seen[1]
     o = [BatchIterator(ex, coll, 2, seed=s).order(e).tolist() for s, e in [(1, 0), (1, 0), (2, 0)]]
@@ -177,7 +203,7 @@ def test_shuffle_is_seeded_and_covers_each_epoch():
 
 def test_hosts_slice_the_global_batch():
     ex = _examples(30, seed=3)
-    coll = RankingCollator(40, TOK.pad_id, 3, pad_to_multiple=8)
+    coll = padded(40, 3, pad_to_multiple=8)
     glob = list(BatchIterator(ex, coll, 6, seed=2, num_epochs=2))
     hosts = [list(BatchIterator(ex, coll, 6, seed=2, num_epochs=2, process_index=p, process_count=3))
              for p in range(3)]
@@ -190,7 +216,7 @@ def test_hosts_slice_the_global_batch():
 
 def test_pad_to_multiple_length():
     ex = _examples(12, seed=4)
-    coll = RankingCollator(40, TOK.pad_id, 3, pad_to_multiple=8)
+    coll = padded(40, 3, pad_to_multiple=8)
     for b in BatchIterator(ex, coll, 3, seed=0, num_epochs=1):
         L = b["input_ids"].shape[-1]
         longest = int(b["segment_ids"].sum(-1).max())
@@ -199,7 +225,7 @@ def test_pad_to_multiple_length():
 
 def test_drop_remainder_needs_a_full_batch():
     with pytest.raises(ValueError, match="no full global batch"):
-        BatchIterator(_examples(3), RankingCollator(40, 0, 3), 4)
+        BatchIterator(_examples(3), padded(40, 3), 4)
 
 
 def test_llama_tokenizer_ranking_batch(shared_dir):
@@ -208,14 +234,17 @@ def test_llama_tokenizer_ranking_batch(shared_dir):
                         [1.0, 3.0, 2.0], "c")
     pol = SpecialTokenPolicy()
     ex, _ = tokenize_ranking([rec], tok, pol, max_len=64, num_candidates=4)
-    b = RankingCollator(64, tok.pad_id, 4)(ex, 64)
+    b = LayoutCollator("padded", "ranking", 64, tok.pad_id, 4, "original")(ex, LayoutCollator(
+        "padded", "ranking", 64, tok.pad_id, 4, "original").plan([ex]))
     prompt = encode_prompt(tok, record_prompt(rec), pol)
     for k, c in enumerate(rec.candidates):
-        ids, m = b["input_ids"][0, k], b["loss_mask"][0, k] > 0
-        assert ids[: len(prompt)].tolist() == prompt and m.argmax() == len(prompt)
-        assert tok.decode(ids[m][:-1]) == c and ids[m][-1] == tok.eos_id
+        ids = b["input_ids"][0, k]
+        assert ids[: len(prompt)].tolist() == prompt
+        resp = scored(b, 0, k)
+        assert tok.decode(resp[:-1]) == c and resp[-1] == tok.eos_id
     # left truncation with the real tokenizer keeps BOS and the EOS
     ex, rep = tokenize_ranking([rec], tok, pol, max_len=20, num_candidates=4)
     assert rep.changed["prompt_truncated_left"] == 1 and ex[0].prompt_ids[0] == 1
-    b = RankingCollator(20, tok.pad_id, 4)(ex, 20)
+    coll = LayoutCollator("padded", "ranking", 20, tok.pad_id, 4, "original")
+    b = coll(ex, coll.plan([ex]))
     assert (b["segment_ids"].sum(-1)[0, :3] <= 20).all() and b["input_ids"][0, 1, 19] == tok.eos_id

@@ -31,6 +31,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"  # none | full | dots | dots_no_batch | nothing_saveable
+    attention: str = "auto"  # auto | einsum | xla | cudnn | splash (model/attention.py)
 
 
 @dataclasses.dataclass
@@ -45,7 +46,10 @@ class DataConfig:
     truncate: str = "left_prompt"  # left_prompt | drop; the response's EOS is never cut
     on_error: str = "raise"  # raise | skip (counted and reported)
     beta: float = 1.3  # length exponent when importing probabilistic-ranking files
-    pad_to_multiple: int = 64  # batch length = longest in the global batch, rounded up (<= max_len)
+    pad_to_multiple: int = 64  # batch length = longest in the global batch, rounded up; 0: one shape per run
+    layout: str = "packed"  # padded | prefix_shared | packed (data/layouts.py); all give the same losses
+    row_len: int = 0  # packed row length in tokens; 0: the longest prompt+candidates group, rounded up to 128
+    attention_block: int = 64  # block table for the xla attention to skip masked blocks (prefix_shared/packed); 0: dense
     add_bos: bool = True
     add_eos: bool = True
     eos_as_bos: bool = False  # the reference code's quirk: </s> used as BOS
@@ -73,7 +77,8 @@ class LossConfig:
     reference: str | None = None  # "data": s = v - v_ref from the records' ref_logprob_sum/ref_num_tokens; None: s = v
     mle_weight: float = 1.0  # lambda
     mle_target: str = "original"  # original | best | all
-    chunk: int = 128  # log-prob sequence chunk
+    chunk: int = 0  # tokens per vocabulary-projection chunk; 0: all at once if they fit logits_budget_mb
+    logits_budget_mb: int = 1024  # float32 logits one projection pass may hold (memory stays flat in V)
 
 
 @dataclasses.dataclass
@@ -114,6 +119,8 @@ CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
     ("model", "param_dtype"): ("float32", "bfloat16"),
     ("model", "remat_policy"): ("none", "full", "dots", "dots_no_batch", "nothing_saveable"),
+    ("model", "attention"): ("auto", "einsum", "xla", "cudnn", "splash"),
+    ("data", "layout"): ("padded", "prefix_shared", "packed"),
     ("data", "truncate"): ("left_prompt", "drop"),
     ("data", "on_error"): ("raise", "skip"),
     ("data", "format"): ("auto", "native", "reference", "probabilistic", "contextual"),

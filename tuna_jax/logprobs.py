@@ -42,9 +42,10 @@ def auto_chunk(num_tokens: int, vocab: int, budget_mb: float = DEFAULT_BUDGET_MB
 def _logprob_of(h: jax.Array, head: jax.Array, t: jax.Array) -> jax.Array:
     """h [T, D], head [D, V], t [T] -> log p(t | h) [T] float32, logits in float32."""
     logits = jnp.einsum("td,dv->tv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
-    # The picked logit by a compare-and-sum over V, not a gather: it fuses with the logsumexp pass,
-    # its gradient is elementwise (no scatter), and it stays local when V is sharded over "tensor".
-    picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == t[:, None], logits, 0.0), axis=-1)
+    # The picked logit as h . head[:, t]: a gather of T columns of the head, so nothing of size
+    # [T, V] is written for it (a compare-and-select over V materialises one on XLA:CPU).
+    picked = jnp.einsum("td,td->t", h, jnp.take(head, t, axis=1).T.astype(h.dtype),
+                        preferred_element_type=jnp.float32)
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
@@ -86,34 +87,34 @@ def scored_token_logprobs(model: Llama, tokens: dict, chunk: int = 0,
     """log p of every scored token of a layout batch (:mod:`tuna_jax.data.layouts`).
 
     tokens: ``input_ids, positions, segment_ids`` [U, Q, L] (``branch_ids`` optional) and
-    ``score_src, score_tgt`` [U, Q, S]. Returns [U, Q, S] float32 (entries with ``score_slot`` -1
-    hold garbage: mask them).
+    ``score_src, score_tgt`` [U, S] (src indexes the unit's flattened Q * L positions).
+    Returns [U, S] float32 (entries whose ``score_slot`` is -1 hold garbage: mask them).
     """
     u, q, length = tokens["input_ids"].shape
-    flat = lambda x: x.reshape((u * q,) + x.shape[2:])  # noqa: E731
-    branch = tokens.get("branch_ids")
+    flat = lambda x: x.reshape((u * q, length))  # noqa: E731
+    branch, blocks = tokens.get("branch_ids"), tokens.get("kv_blocks")
     hidden, _ = model.hidden_states(flat(tokens["input_ids"]), flat(tokens["positions"]),
-                                    flat(tokens["segment_ids"]), None if branch is None else flat(branch))
-    src, tgt = flat(tokens["score_src"]), flat(tokens["score_tgt"])  # [U*Q, S]
-    picked = jnp.take_along_axis(hidden, src[..., None], axis=1)  # [U*Q, S, D]
-    s, d = src.shape[1], hidden.shape[-1]
+                                    flat(tokens["segment_ids"]), None if branch is None else flat(branch),
+                                    kv_blocks=None if blocks is None else blocks.reshape((u * q,) + blocks.shape[2:]))
+    d = hidden.shape[-1]
+    src, tgt = tokens["score_src"], tokens["score_tgt"]  # [U, S]
+    picked = jnp.take_along_axis(hidden.reshape(u, q * length, d), src[..., None], axis=1)  # [U, S, D]
     head = model.lm_head_weight().astype(DTYPES[model.cfg.dtype])
-    lp = token_logprobs(picked.reshape(u * q * s, d), head, tgt.reshape(-1), chunk, budget_mb)
-    return lp.reshape(u, q, s)
+    lp = token_logprobs(picked.reshape(-1, d), head, tgt.reshape(-1), chunk, budget_mb)
+    return lp.reshape(src.shape)
 
 
 def slot_logprobs(model: Llama, tokens: dict, num_slots: int, chunk: int = 0,
                   budget_mb: float = DEFAULT_BUDGET_MB) -> tuple[jax.Array, jax.Array]:
     """Per-sequence log-likelihood sums and token counts of a layout batch.
 
-    ``score_slot`` [U, Q, S] assigns each scored token to one of ``num_slots`` sequences of its
-    unit (-1: unused). Returns logprob_sum [U, num_slots] and num_tokens [U, num_slots], float32.
+    ``score_slot`` [U, S] assigns each scored token to one of ``num_slots`` sequences of its unit
+    (-1: unused). Returns logprob_sum [U, num_slots] and num_tokens [U, num_slots], float32.
     """
-    lp = scored_token_logprobs(model, tokens, chunk, budget_mb)
-    u = lp.shape[0]
-    slot = tokens["score_slot"].reshape(u, -1)
-    onehot = (slot[..., None] == jnp.arange(num_slots)).astype(jnp.float32)  # [U, Q*S, slots]; -1 matches none
-    total = jnp.einsum("ut,uts->us", jnp.where(slot >= 0, lp.reshape(u, -1), 0.0), onehot)
+    lp = scored_token_logprobs(model, tokens, chunk, budget_mb)  # [U, S]
+    slot = tokens["score_slot"]
+    onehot = (slot[..., None] == jnp.arange(num_slots)).astype(jnp.float32)  # [U, S, slots]; -1 matches none
+    total = jnp.einsum("us,usk->uk", jnp.where(slot >= 0, lp, 0.0), onehot)
     return total, jnp.sum(onehot, axis=1)
 
 
@@ -133,7 +134,7 @@ def sequence_logprobs(model: Llama, input_ids: jax.Array, loss_mask: jax.Array, 
     pos = positions.reshape(ids.shape) if positions is not None else jnp.broadcast_to(jnp.arange(l), ids.shape)
     scored = loss_mask.reshape(m, 1, l)[..., 1:] > 0
     tokens = {"input_ids": ids, "positions": pos, "segment_ids": seg,
-              "score_src": jnp.broadcast_to(jnp.arange(l - 1), (m, 1, l - 1)),
-              "score_tgt": ids[..., 1:], "score_slot": jnp.where(scored, 0, -1)}
+              "score_src": jnp.broadcast_to(jnp.arange(l - 1), (m, l - 1)),
+              "score_tgt": ids[:, 0, 1:], "score_slot": jnp.where(scored[:, 0], 0, -1)}
     total, count = slot_logprobs(model, tokens, 1, chunk)
     return total[:, 0].reshape(lead), count[:, 0].reshape(lead)

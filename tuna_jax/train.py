@@ -37,7 +37,7 @@ from flax import nnx
 
 from tuna_jax import parallel
 from tuna_jax.config import Config
-from tuna_jax.logprobs import sequence_logprobs
+from tuna_jax.logprobs import slot_logprobs
 from tuna_jax.losses import mle_loss, pair_accuracy, ranking_loss, sequence_scores
 from tuna_jax.model.checkpoint import TrainCheckpointer, save_params
 from tuna_jax.model.llama import Llama, LlamaConfig, abstract_model
@@ -110,33 +110,33 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
 # ---- losses over a batch ---------------------------------------------------------------
 
 def batch_sums(model: Llama, batch: dict, cfg: Config) -> dict[str, jax.Array]:
-    """Summed losses and counters of one (micro-)batch; dividing by ``count`` gives means.
+    """Summed losses and counters of one (micro-)batch in any layout; dividing by ``count`` gives means.
 
+    ``batch`` is a :mod:`tuna_jax.data.layouts` batch (U units, E examples per unit, N candidates;
+    every example has N + 1 sequence slots, slot N the separate MLE target). The candidates and the
+    MLE target go through the model in one forward pass whatever the layout.
     SFT: count = scored tokens. Ranking: count = real prompts (``example_mask``).
     """
     lc = cfg.loss
-    ex = batch["example_mask"].astype(jnp.float32)  # [b]
-    tokens = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
+    n = cfg.data.num_candidates if cfg.train.mode == "ranking" else 0
+    u, e = batch["example_mask"].shape
+    ex = batch["example_mask"].astype(jnp.float32).reshape(u * e)  # [U*E]
+    lp, cnt = slot_logprobs(model, batch, e * (n + 1), chunk=lc.chunk, budget_mb=lc.logits_budget_mb)
+    lp, cnt = lp.reshape(u * e, n + 1), cnt.reshape(u * e, n + 1)  # [U*E, N+1]
+    tokens = jnp.sum(batch["real_tokens"])
     if cfg.train.mode == "sft":
-        lp, n = sequence_logprobs(model, batch["input_ids"], batch["loss_mask"], batch["segment_ids"],
-                                  batch["positions"], chunk=lc.chunk)  # [b]
-        return {"loss": -jnp.sum(lp * ex), "count": jnp.sum(n * ex), "tokens": tokens}
+        return {"loss": -jnp.sum(lp[:, 0] * ex), "count": jnp.sum(cnt[:, 0] * ex), "tokens": tokens}
 
-    b, n_cand, length = batch["input_ids"].shape
-    with_mle = "mle_input_ids" in batch
-    # Candidates and the MLE target share one forward pass: [b*N (+ b), L].
-    rows = {k: batch[k].reshape(b * n_cand, length) for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
-    if with_mle:
-        for k in rows:
-            rows[k] = jnp.concatenate([rows[k], batch["mle_" + k]], axis=0)
-        tokens = tokens + jnp.sum((batch["mle_segment_ids"] > 0).astype(jnp.float32))
-    lp, cnt = sequence_logprobs(model, rows["input_ids"], rows["loss_mask"], rows["segment_ids"],
-                                rows["positions"], chunk=lc.chunk)
-    cand_lp, cand_n = lp[: b * n_cand].reshape(b, n_cand), cnt[: b * n_cand].reshape(b, n_cand)
-    v, valid = sequence_scores(cand_lp, cand_n, batch["candidate_mask"])
-    rank = ranking_loss(v, batch["target"], valid, margin=lc.margin, form=lc.form)  # [b]
-    mle = mle_loss(lp[b * n_cand:], cnt[b * n_cand:]) if with_mle else mle_loss(cand_lp, cand_n, valid)
-    correct, counted = pair_accuracy(v, batch["target"], valid)
+    flat = lambda x: x.reshape((u * e,) + x.shape[2:])  # noqa: E731: [U, E, ...] -> [U*E, ...]
+    target = flat(batch["target"])  # [U*E, N]
+    v, valid = sequence_scores(lp[:, :n], cnt[:, :n], flat(batch["candidate_mask"]))
+    rank = ranking_loss(v, target, valid, margin=lc.margin, form=lc.form)  # [U*E]
+    if lc.mle_target == "all":
+        mle = mle_loss(lp[:, :n], cnt[:, :n], valid)
+    else:  # the separate MLE sequence (original) or the best candidate's slot (best)
+        at = jnp.maximum(flat(batch["mle_slot"]), 0)[:, None]
+        mle = mle_loss(jnp.take_along_axis(lp, at, -1)[:, 0], jnp.take_along_axis(cnt, at, -1)[:, 0])
+    correct, counted = pair_accuracy(v, target, valid)
     total = rank + lc.mle_weight * mle
     return {"loss": jnp.sum(total * ex), "rank_loss": jnp.sum(rank * ex), "mle_loss": jnp.sum(mle * ex),
             "pairs_correct": jnp.sum(correct * ex), "pairs": jnp.sum(counted * ex), "count": jnp.sum(ex),
@@ -234,13 +234,15 @@ def tokenize_source(path, cfg: Config, tok, policy, report=None, max_examples: i
                             truncate=d.truncate, on_error=d.on_error, report=report)
 
 
-def make_collator(cfg: Config, pad_id: int):
-    from tuna_jax.data.batching import RankingCollator, SFTCollator
+def make_collator(cfg: Config, pad_id: int, unit_multiple: int = 1):
+    """The layout collator of ``data.layout``. ``unit_multiple``: packed rows per host are a
+    multiple of it (this host's data-parallel devices x gradient-accumulation steps)."""
+    from tuna_jax.data.layouts import LayoutCollator
 
     d = cfg.data
-    if cfg.train.mode == "sft":
-        return SFTCollator(d.max_len, pad_id, pad_to_multiple=d.pad_to_multiple)
-    return RankingCollator(d.max_len, pad_id, d.num_candidates, cfg.loss.mle_target, pad_to_multiple=d.pad_to_multiple)
+    return LayoutCollator(d.layout, cfg.train.mode, d.max_len, pad_id, d.num_candidates, cfg.loss.mle_target,
+                          pad_to_multiple=d.pad_to_multiple, row_len=d.row_len, unit_multiple=unit_multiple,
+                          attention_block=d.attention_block)
 
 
 # ---- metrics ---------------------------------------------------------------------------
@@ -308,7 +310,8 @@ def _load_or_init_model(cfg: Config, mesh) -> Llama:
     from tuna_jax.model import load_model
 
     m = cfg.model
-    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+    runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
+                   attention=m.attention)
     if m.path:
         return load_model(m.path, mesh, **runtime)
     if not m.hf_config:
@@ -350,7 +353,8 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
 
     from tuna_jax.data.batching import BatchIterator
 
-    collator = make_collator(cfg, tok.pad_id)
+    local_data = max(1, n_data // jax.process_count())
+    collator = make_collator(cfg, tok.pad_id, unit_multiple=local_data * tc.grad_accum)
     it = BatchIterator(train_examples, collator, tc.global_batch, seed=tc.seed, num_epochs=tc.epochs,
                        process_index=jax.process_index(), process_count=jax.process_count())
     total_steps = tc.epochs * it.steps_per_epoch
@@ -404,40 +408,64 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         last, eval_metrics, step = {}, None, start_step
         bar = tqdm(total=total_steps, initial=start_step, desc=cfg.name or tc.mode, unit="step",
                    disable=not tc.progress or jax.process_index() != 0, file=sys.stderr)
+        # Metrics are fetched one step late: step n+1 is dispatched before step n's metrics are
+        # pulled to the host, so the device never waits for Python (logging, the next batch).
+        # step_time is the wall time between two consecutive steps' results (steady-state throughput;
+        # the first step includes compilation). Checkpoints, evaluation and stops sync first, so a
+        # checkpoint is only written for a step whose loss and gradient were finite.
+        pending: list = []  # [(step, metrics on device)]
+        clock = [time.perf_counter()]
+
+        def finish() -> None:
+            nonlocal last
+            done, dev_metrics = pending.pop(0)
+            metrics = _host(dev_metrics)
+            now = time.perf_counter()
+            dt, clock[0] = now - clock[0], now
+            if not bool(metrics.pop("finite")):
+                ckpt.wait()
+                raise TrainingDiverged(
+                    f"step {done}: loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} is not "
+                    f"finite; stopped without applying it. The last good checkpoint is step "
+                    f"{ckpt.latest_step()} in {ckpt.directory}. Try a lower optim.lr, optim.grad_clip, or "
+                    f"model.dtype=float32, and check the data around this step.")
+            last = summarize(metrics)
+            last.update(step=done, lr=float(metrics["lr"]), grad_norm=float(metrics["grad_norm"]),
+                        step_time=dt, tokens_per_s=last["tokens"] / dt, epoch=it.epoch)
+            if done % tc.log_every == 0 or done == total_steps:
+                writer.write({"split": "train", **last})
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if on_step:
+                on_step(done, last)
+
         try:
             if eval_examples and step == 0:
                 run_eval(0)  # the starting point, so a run's gain is visible in its own log
+            clock[0] = time.perf_counter()
             while step < total_steps:
-                batch = next(it)
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, parallel.shard_batch(batch, mesh))
-                metrics = _host(metrics)
-                dt = time.perf_counter() - t0
+                batch = parallel.shard_batch(next(it), mesh)
+                state, metrics = step_fn(state, batch)
                 step += 1
-                if not bool(metrics.pop("finite")):
-                    ckpt.wait()
-                    raise TrainingDiverged(
-                        f"step {step}: loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} is not "
-                        f"finite; stopped without applying it. The last good checkpoint is step "
-                        f"{ckpt.latest_step()} in {ckpt.directory}. Try a lower optim.lr, optim.grad_clip, or "
-                        f"model.dtype=float32, and check the data around this step.")
-                last = summarize(metrics)
-                last.update(step=step, lr=float(metrics["lr"]), grad_norm=float(metrics["grad_norm"]),
-                            step_time=dt, tokens_per_s=last["tokens"] / dt, epoch=it.epoch)
-                if step % tc.log_every == 0 or step == total_steps:
-                    writer.write({"split": "train", **last})
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-                if on_step:
-                    on_step(step, last)
-                if tc.eval_every and step % tc.eval_every == 0:
+                pending.append((step, metrics))
+                if len(pending) > 1:
+                    finish()
+                do_eval = bool(tc.eval_every and step % tc.eval_every == 0)
+                do_save = step % tc.save_every == 0 or step == total_steps
+                if do_eval or do_save or stop_signal:
+                    while pending:
+                        finish()
+                if do_eval:
                     eval_metrics = run_eval(step)
+                    clock[0] = time.perf_counter()
                 if stop_signal:
                     ckpt.save(step, state, {"data": it.state(), "step": step}, force=True)
                     ckpt.wait()
                     raise Interrupted(stop_signal[0], step)
-                if step % tc.save_every == 0 or step == total_steps:
+                if do_save:
                     ckpt.save(step, state, {"data": it.state(), "step": step})
+            while pending:
+                finish()
             if eval_examples and (not tc.eval_every or step % tc.eval_every):
                 eval_metrics = run_eval(step)
         finally:

@@ -1,19 +1,9 @@
-"""Tokenised examples, [B, N, L] numpy batches, and the resumable, per-host batch iterator.
+"""Tokenised examples and the resumable, per-host batch iterator.
 
-Batch layout (the loss code depends on it). Ranking batch, B prompts, N = ``num_candidates``,
-L = sequence length (``max_len``, or the global batch's longest rounded up to ``pad_to_multiple``):
-
-  input_ids      int32   [B, N, L]  BOS? + prompt + candidate + EOS, right-padded with pad_id
-  loss_mask      float32 [B, N, L]  1.0 at t iff input_ids[..., t] is a response token or the EOS
-                                    (target-aligned: logits at t-1 predict token t; t=0 never 1)
-  segment_ids    int32   [B, N, L]  1 for real tokens, 0 for padding
-  positions      int32   [B, N, L]  0..len-1 on real tokens, 0 on padding
-  candidate_mask bool    [B, N]     True for real candidates (variable N within a batch)
-  target         float32 [B, N]     candidate scores, higher is better; 0 where masked
-  example_mask   bool    [B]        False for rows that only fill the last, partial batch
-  mle_input_ids, mle_loss_mask, mle_segment_ids, mle_positions  [B, L], same conventions, for the
-                                    MLE target ("original" or "best"); absent for "all"
-SFT batch: input_ids, loss_mask, segment_ids, positions [B, L] and example_mask [B].
+Tokenisation fixes every example's token ids once, the same for every layout: one prompt per
+example, shared by its candidates (and its MLE target), each response ending in EOS.
+How examples become device arrays (padded, prefix-shared or packed) is
+:mod:`tuna_jax.data.layouts`.
 
 Every example fits in ``max_len``: when prompt + longest response (+EOS) is too long, either the
 prompt is cut from the left, after the BOS (``truncate="left_prompt"``, counted as changed), or the
@@ -21,7 +11,7 @@ example is dropped (``truncate="drop"``, counted); if the response alone does no
 prompt token, the example is dropped and counted. The EOS is never cut.
 
 All examples are tokenised up front on every host: every host must agree on the example list,
-the shuffle and each global batch's length, and then it collates only its own rows.
+the shuffle and each global batch's shape, and then it collates only its own rows.
 """
 from __future__ import annotations
 
@@ -177,96 +167,14 @@ def _need_prompt(prompt: list, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Collation.
-
-def _put(ids, loss, seg, pos, prompt: np.ndarray, resp: np.ndarray) -> None:
-    """Write prompt+resp into one row (1-D views of length L)."""
-    p, n = len(prompt), len(prompt) + len(resp)
-    if n > len(ids):
-        raise ValueError(f"sequence of {n} tokens > batch length {len(ids)}: tokenise with the "
-                         "collator's max_len")
-    ids[:p], ids[p:n] = prompt, resp
-    loss[p:n] = 1.0
-    seg[:n] = 1
-    pos[:n] = np.arange(n, dtype=np.int32)
-
-
-def _empty(shape, pad_id):
-    return (np.full(shape, pad_id, np.int32), np.zeros(shape, np.float32),
-            np.zeros(shape, np.int32), np.zeros(shape, np.int32))
-
-
-class _Collator:
-    def __init__(self, max_len: int, pad_id: int, pad_to_multiple: Optional[int] = None):
-        self.max_len, self.pad_id, self.pad_to_multiple = int(max_len), int(pad_id), pad_to_multiple
-
-    def length_for(self, examples: Sequence[Optional[TokenizedExample]]) -> int:
-        """L for a global batch: max_len, or its longest rounded up to pad_to_multiple (<= max_len).
-        Computed over the GLOBAL batch so every host agrees on the shape."""
-        if not self.pad_to_multiple:
-            return self.max_len
-        m = self.pad_to_multiple
-        longest = max([e.seq_len() for e in examples if e is not None] + [1])
-        return min(self.max_len, -(-longest // m) * m)
-
-
-class SFTCollator(_Collator):
-    """SFT rows -> the [B, L] batch dict (see the module docstring). None rows are padding."""
-
-    def __call__(self, examples: Sequence[Optional[TokenizedExample]], length: int) -> dict:
-        b = len(examples)
-        ids, loss, seg, pos = _empty((b, length), self.pad_id)
-        for i, e in enumerate(examples):
-            if e is not None:
-                _put(ids[i], loss[i], seg[i], pos[i], e.prompt_ids, e.responses[0])
-        return {"input_ids": ids, "loss_mask": loss, "segment_ids": seg, "positions": pos,
-                "example_mask": np.array([e is not None for e in examples], dtype=bool)}
-
-
-class RankingCollator(_Collator):
-    """Ranking rows -> the [B, N, L] batch dict (see the module docstring). None rows are padding."""
-
-    def __init__(self, max_len: int, pad_id: int, num_candidates: int, mle_target: str = "original",
-                 pad_to_multiple: Optional[int] = None):
-        super().__init__(max_len, pad_id, pad_to_multiple)
-        if mle_target not in MLE_TARGETS:
-            raise ValueError(f"mle_target must be one of {MLE_TARGETS}, got {mle_target!r}")
-        self.num_candidates, self.mle_target = int(num_candidates), mle_target
-
-    def __call__(self, examples: Sequence[Optional[TokenizedExample]], length: int) -> dict:
-        b, n = len(examples), self.num_candidates
-        ids, loss, seg, pos = _empty((b, n, length), self.pad_id)
-        cmask = np.zeros((b, n), dtype=bool)
-        target = np.zeros((b, n), dtype=np.float32)
-        with_mle = self.mle_target != "all"
-        if with_mle:
-            mids, mloss, mseg, mpos = _empty((b, length), self.pad_id)
-        for i, e in enumerate(examples):
-            if e is None:
-                continue
-            if len(e.responses) > n:
-                raise ValueError(f"{e.source or e.id}: {len(e.responses)} candidates > num_candidates {n}")
-            for k, r in enumerate(e.responses):
-                _put(ids[i, k], loss[i, k], seg[i, k], pos[i, k], e.prompt_ids, r)
-            cmask[i, : len(e.responses)] = True
-            target[i, : len(e.responses)] = e.scores
-            if with_mle:
-                if e.mle is None:
-                    raise ValueError(f"{e.source or e.id}: tokenised without an MLE target "
-                                     f"but mle_target={self.mle_target!r}")
-                _put(mids[i], mloss[i], mseg[i], mpos[i], e.prompt_ids, e.mle)
-        out = {"input_ids": ids, "loss_mask": loss, "segment_ids": seg, "positions": pos,
-               "candidate_mask": cmask, "target": target,
-               "example_mask": np.array([e is not None for e in examples], dtype=bool)}
-        if with_mle:
-            out.update(mle_input_ids=mids, mle_loss_mask=mloss, mle_segment_ids=mseg, mle_positions=mpos)
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
 
 class BatchIterator:
     """Seeded, resumable iterator over this host's part of each global batch.
+
+    ``collator`` is a :class:`tuna_jax.data.layouts.LayoutCollator`. Each global batch's shape is
+    planned over every host's rows, so all hosts build the same shapes; when the collator asks for
+    fixed shapes (packed rows, or ``pad_to_multiple=0``), one shape covers every batch of the run
+    (``num_epochs`` epochs, or one when endless), so the step compiles once.
 
     Epoch e visits the examples in ``permutation(seed, e)`` order (``numpy`` PCG64 seeded with
     ``(seed, e)``, so any epoch's order is known without replaying earlier ones), in consecutive
@@ -280,7 +188,7 @@ class BatchIterator:
     being the next batch within the epoch; ``restore(state)`` continues exactly there.
     """
 
-    def __init__(self, examples: Sequence[TokenizedExample], collator: _Collator, global_batch_size: int,
+    def __init__(self, examples: Sequence[TokenizedExample], collator, global_batch_size: int,
                  *, seed: int = 0, shuffle: bool = True, num_epochs: Optional[int] = None,
                  drop_remainder: bool = True, process_index: int = 0, process_count: int = 1):
         if global_batch_size < 1:
@@ -303,6 +211,31 @@ class BatchIterator:
         self.process_index = process_index
         self.seed, self.epoch, self.index = int(seed), 0, 0
         self._order_epoch, self._order = None, None
+        self.process_count = process_count
+        self.row_len = collator.auto_row_len(self.examples) if collator.layout == "packed" else 0
+        self._fixed_shape = None
+
+    def _global_rows(self, epoch: int, index: int) -> list:
+        g = self.global_batch_size
+        idx = self.order(epoch)[index * g: (index + 1) * g]
+        return [self.examples[i] for i in idx] + [None] * (g - len(idx))
+
+    def _host_rows(self, rows: list) -> list[list]:
+        return [rows[p * self.per_host: (p + 1) * self.per_host] for p in range(self.process_count)]
+
+    def shape_for(self, epoch: int, index: int):
+        """The (planned or run-wide fixed) shape of batch ``index`` of ``epoch``."""
+        if not self.collator.fixed_shapes:
+            return self.collator.plan(self._host_rows(self._global_rows(epoch, index)), self.row_len)
+        if self._fixed_shape is None:
+            shape = None
+            for e in range(self.num_epochs or 1):
+                for i in range(self.steps_per_epoch):
+                    s = self.collator.plan(self._host_rows(self._global_rows(e, i)), self.row_len)
+                    shape = s if shape is None else shape.union(s)
+            self._fixed_shape = shape
+            self._order_epoch = None
+        return self._fixed_shape
 
     def __len__(self) -> int:
         """Batches left to yield (needs num_epochs)."""
@@ -343,11 +276,8 @@ class BatchIterator:
             self.epoch, self.index = self.epoch + 1, 0
         if self.num_epochs is not None and self.epoch >= self.num_epochs:
             raise StopIteration
-        g = self.global_batch_size
-        idx = self.order(self.epoch)[self.index * g: (self.index + 1) * g]
-        rows: list = [self.examples[i] for i in idx] + [None] * (g - len(idx))
-        length = self.collator.length_for(rows)
-        lo = self.process_index * self.per_host
-        batch = self.collator(rows[lo: lo + self.per_host], length)
+        shape = self.shape_for(self.epoch, self.index)
+        rows = self._host_rows(self._global_rows(self.epoch, self.index))[self.process_index]
+        batch = self.collator(rows, shape, self.row_len)
         self.index += 1
         return batch

@@ -11,7 +11,7 @@ Borda scores) gives rewards r [N]; the loss is the Tuna pairwise hinge on them,
 ``losses.ranking_loss(r, scores, mask, margin, form)`` (paper form: sum over non-tied pairs j better
 than k of max(0, r_k - r_j + margin * (k - j)) after sorting by score), averaged over prompts. The
 backbone and the head are trained together with AdamW (``train.make_optimizer``); batches are
-``data.batching`` [B, N, L] ranking batches (``RankingCollator`` with no MLE target). The head starts
+``data.layouts`` padded ranking batches ([B, N, L] token rows, no MLE target). The head starts
 random (std 1/sqrt(D), numpy-seeded), so the held-out pair accuracy at step 0 is a fair chance-level
 baseline, and it is logged next to the final one.
 
@@ -235,13 +235,13 @@ def batch_sums(f, params, batch: dict, margin: float, form: str) -> dict:
 
     from tuna_jax.losses import pair_accuracy, ranking_loss
 
-    b, n, l = batch["input_ids"].shape
+    b, n, l = batch["input_ids"].shape  # padded layout, no MLE row: sub-row k is candidate k
     flat = lambda k: batch[k].reshape(b * n, l)  # noqa: E731: every candidate is one row
     r = f(params, flat("input_ids"), flat("positions"), flat("segment_ids")).reshape(b, n)
-    mask = batch["candidate_mask"]
-    ex = batch["example_mask"].astype(jnp.float32)
-    rank = ranking_loss(r, batch["target"], mask, margin=margin, form=form)  # [B]
-    correct, counted = pair_accuracy(r, batch["target"], mask)
+    mask, target = batch["candidate_mask"].reshape(b, n), batch["target"].reshape(b, n)
+    ex = batch["example_mask"].reshape(b).astype(jnp.float32)
+    rank = ranking_loss(r, target, mask, margin=margin, form=form)  # [B]
+    correct, counted = pair_accuracy(r, target, mask)
     return {"loss": jnp.sum(rank * ex), "pairs_correct": jnp.sum(correct * ex), "pairs": jnp.sum(counted * ex),
             "count": jnp.sum(ex)}
 
@@ -280,7 +280,8 @@ def train_prm(base_model: str | os.PathLike, train_path: str, out_dir: str | os.
     from tqdm import tqdm
 
     from tuna_jax import parallel
-    from tuna_jax.data.batching import BatchIterator, RankingCollator, tokenize_ranking
+    from tuna_jax.data.batching import BatchIterator, tokenize_ranking
+    from tuna_jax.data.layouts import LayoutCollator
     from tuna_jax.data.records import read_records
     from tuna_jax.data.templates import SpecialTokenPolicy, load_tokenizer
     from tuna_jax.train import TrainingDiverged, make_optimizer
@@ -307,8 +308,8 @@ def train_prm(base_model: str | os.PathLike, train_path: str, out_dir: str | os.
     if report.num_skipped or report.changed:
         print(report.summary(), file=sys.stderr)
 
-    collator = RankingCollator(cfg.max_len, tok.pad_id, cfg.num_candidates, mle_target="all",
-                               pad_to_multiple=cfg.pad_to_multiple or None)
+    collator = LayoutCollator("padded", "ranking", cfg.max_len, tok.pad_id, cfg.num_candidates, mle_target="all",
+                              pad_to_multiple=cfg.pad_to_multiple)
     pidx, pcount = jax.process_index(), jax.process_count()
     it = BatchIterator(train_ex, collator, cfg.batch_size, seed=cfg.seed, num_epochs=cfg.epochs,
                        process_index=pidx, process_count=pcount)

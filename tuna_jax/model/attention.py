@@ -9,7 +9,11 @@ those arrays; every implementation below computes softmax(q k^T / sqrt(Dh)) v un
 
 * ``einsum``: the reference. Float32 scores ``[B, K, G, L, S]``, a dense boolean mask. Tests
   compare every other path against it.
-* ``xla``: ``jax.nn.dot_product_attention(implementation="xla")`` with the dense mask. Portable.
+* ``xla``: plain XLA ops, portable. With a key-block table (``kv_blocks``, made by the
+  prefix_shared and packed layouts) each block of queries attends only to the key blocks that hold
+  a key it may see, gathered by a one-hot block matmul: exact, and the scores shrink from
+  [L, L] to [L, M * c] per row (the XLA counterpart of splash's block mask). Without a table,
+  ``jax.nn.dot_product_attention(implementation="xla")`` with the dense mask.
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention on
   NVIDIA GPUs (bfloat16/float16, head_dim <= 128 and a multiple of 8). cuDNN's own mask types
   cover causal + padding only, so the dense mask goes in as an additive bias (that is how jax
@@ -77,15 +81,18 @@ def cudnn_supports(dtype, head_dim: int) -> bool:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str, *,
-           segment_ids: jax.Array | None = None, branch_ids: jax.Array | None = None) -> jax.Array:
+           segment_ids: jax.Array | None = None, branch_ids: jax.Array | None = None,
+           kv_blocks: jax.Array | None = None) -> jax.Array:
     """Masked multi-head attention with grouped-query heads.
 
     q [B, L, H, Dh], k / v [B, S, K, Dh] -> [B, L, H, Dh] in q's dtype. ``mask`` [B, 1, L, S]
-    from :func:`attention_mask`. ``splash`` reads ``segment_ids`` / ``branch_ids`` [B, L]
-    (self-attention only) and builds what it needs from them.
+    from :func:`attention_mask`. ``splash`` and the blocked ``xla`` path read ``segment_ids`` /
+    ``branch_ids`` [B, L] (self-attention only); ``kv_blocks`` [B, L / c, M] is the key-block table.
     """
     if implementation == "einsum":
         return _einsum_attention(q, k, v, mask)
+    if implementation == "xla" and kv_blocks is not None:
+        return blocked_attention(q, k, v, segment_ids, branch_ids, kv_blocks)
     if implementation in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     if implementation == "splash":
@@ -103,6 +110,48 @@ def _einsum_attention(q, k, v, mask):
     scores = jnp.where(mask[:, :, None, :, :], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     return jnp.einsum("bkgls,bskd->blkgd", probs, v.astype(dt)).reshape(b, l, h, dh)
+
+
+# ---- block-sparse XLA attention ------------------------------------------------------------
+
+def blocked_attention(q, k, v, segment_ids, branch_ids, kv_blocks):
+    """Self-attention over the key blocks a block table names, with the exact mask inside them.
+
+    q [B, L, H, Dh], k / v [B, L, K, Dh], segment_ids / branch_ids [B, L] (branch may be None),
+    kv_blocks [B, nB, M] int32: for query block j (c = L / nB queries), M key-block indices,
+    -1 for none. Every key a query may see must lie in a listed block (the layouts guarantee it);
+    keys outside the listed blocks are not looked at. Returns [B, L, H, Dh].
+    """
+    b, l, h, dh = q.shape
+    kh = k.shape[2]
+    nb, m = kv_blocks.shape[1:]
+    c = l // nb
+    dt = q.dtype
+    valid = kv_blocks >= 0  # [B, nB, M]
+    table = jnp.where(valid, kv_blocks, 0)
+    # Gather key / value blocks by a one-hot matmul: exact, and its gradient is a matmul, not a scatter.
+    select = jax.nn.one_hot(table, nb, dtype=dt) * valid[..., None].astype(dt)  # [B, nB, M, nB]
+    keys = jnp.einsum("bjmn,bnckd->bjmckd", select, k.reshape(b, nb, c, kh, dh).astype(dt))
+    values = jnp.einsum("bjmn,bnckd->bjmckd", select, v.reshape(b, nb, c, kh, dh).astype(dt))
+    take = jax.vmap(lambda x, t: x[t])  # [nB, c] ids per batch row, gathered by table -> [nB, M, c]
+    seg = segment_ids.reshape(b, nb, c)
+    k_seg = take(seg, table)
+    q_idx = jnp.arange(l).reshape(nb, c)
+    k_idx = table[..., None] * c + jnp.arange(c)  # [B, nB, M, c]
+    qs, ks = seg[:, :, :, None, None], k_seg[:, :, None, :, :]  # [B, nB, c, 1, 1], [B, nB, 1, M, c]
+    qi, ki = q_idx[None, :, :, None, None], k_idx[:, :, None, :, :]
+    mask = (qs == ks) & (ks != 0) & (ki <= qi) & valid[:, :, None, :, None]
+    if branch_ids is not None:
+        br = branch_ids.reshape(b, nb, c)
+        kb = take(br, table)[:, :, None, :, :]
+        mask &= (kb == 0) | (kb == br[:, :, :, None, None])
+    mask |= (qs == 0) & (ki == qi) & valid[:, :, None, :, None]  # a padding query sees itself
+    qg = q.reshape(b, nb, c, kh, h // kh, dh)
+    scores = jnp.einsum("bjqkgd,bjmckd->bjkgqmc", qg, keys).astype(jnp.float32) / math.sqrt(dh)
+    scores = jnp.where(mask[:, :, None, None], scores, -1e30)  # [B, nB, K, G, c, M, c]
+    probs = jax.nn.softmax(scores.reshape(scores.shape[:5] + (m * c,)), axis=-1).astype(dt)
+    out = jnp.einsum("bjkgqs,bjskd->bjqkgd", probs, values.reshape(b, nb, m * c, kh, dh))
+    return out.reshape(b, l, h, dh)
 
 
 # ---- splash (TPU) --------------------------------------------------------------------------

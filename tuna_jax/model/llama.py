@@ -266,7 +266,7 @@ class Attention(nnx.Module):
 
         mask [B, 1, L, S] (``attention.attention_mask``). kv: this layer's cache (k, v)
         [B, S, K, Dh] or None; cache_meta: the cache's index (where this call's keys go).
-        ids: (segment_ids, branch_ids) [B, L] of this call, for the splash kernel.
+        ids: (segment_ids, branch_ids, kv_blocks) of this call, for splash and blocked attention.
         """
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         x = x.astype(dt)
@@ -276,7 +276,7 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:
             impl = resolve(cfg.attention, dt, cfg.head_dim)
-            out = attend(q, k, v, mask, impl, segment_ids=ids[0], branch_ids=ids[1])
+            out = attend(q, k, v, mask, impl, segment_ids=ids[0], branch_ids=ids[1], kv_blocks=ids[2])
             new_kv = None
         else:
             keys = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_meta, axis=1)
@@ -347,13 +347,15 @@ class Llama(nnx.Module):
         return self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                      branch_ids: jax.Array | None = None, cache: KVCache | None = None
-                      ) -> tuple[jax.Array, KVCache | None]:
+                      branch_ids: jax.Array | None = None, cache: KVCache | None = None,
+                      kv_blocks: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """input_ids, positions, segment_ids, branch_ids [B, L] -> final-norm hidden [B, L, D] in
         the compute dtype, and the updated cache when one is given.
 
         Without a cache, queries attend to this call's tokens. With one, this call's keys are
         written at ``cache.index`` and queries attend to every cached slot their mask allows.
+        ``kv_blocks`` [B, L / c, M]: an optional key-block table (``data/layouts.py``) that lets
+        the ``xla`` attention skip fully masked blocks; it never changes the result.
         """
         cfg = self.cfg
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.float32)
@@ -374,7 +376,7 @@ class Llama(nnx.Module):
             mask = attention_mask(segment_ids, seg, cache.index + jnp.arange(l), jnp.arange(seg.shape[1]),
                                   zeros if branch_ids is None else branch_ids, branch)
             cache_meta = cache.index
-        ids = (segment_ids, branch_ids)
+        ids = (segment_ids, branch_ids, kv_blocks)
 
         graphdef, layer_state = nnx.split(self.layers)
 

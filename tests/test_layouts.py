@@ -1,0 +1,226 @@
+"""Candidate layouts: every layout shows the model exactly the same sequences, and gives the same
+log-likelihoods, losses and gradients as the padded layout (float32, 1e-5)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tuna_jax.config import load_config
+from tuna_jax.data.batching import BatchIterator, TokenizedExample
+from tuna_jax.data.layouts import LAYOUTS, LayoutCollator
+from tuna_jax.model.attention import attention_mask
+from tuna_jax.model.llama import Llama, LlamaConfig
+from tuna_jax.train import ParamBinder, batch_sums
+
+PAD = 0
+
+
+def make_examples(n, n_cand=3, seed=0, vocab=60, max_len=24, variable=True):
+    """Random tokenised examples: prompts 1..10 tokens (BOS first), 1..n_cand candidates of
+    1..12 tokens ending in EOS (2), scores with ties, and an original response."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        k = int(rng.integers(1, n_cand + 1)) if variable else n_cand
+        resp = [np.asarray(list(rng.integers(3, vocab, int(rng.integers(0, 11)))) + [2], np.int32) for _ in range(k)]
+        mle = np.asarray(list(rng.integers(3, vocab, int(rng.integers(0, 11)))) + [2], np.int32)
+        need = max(len(r) for r in resp + [mle])
+        p = [1] + list(rng.integers(3, vocab, int(rng.integers(0, 10))))
+        p = p[: max(1, max_len - need)]  # as tokenize_ranking's truncation guarantees: fits max_len
+        scores = rng.integers(0, 3, k).astype(np.float32)  # ties
+        out.append(TokenizedExample(np.asarray(p, np.int32), resp, scores, mle, f"e{i}"))
+    return out
+
+
+def visible_contexts(batch, n):
+    """Layout-independent view of a batch: for every scored token, the (position, token) pairs the
+    attention mask lets its predicting query see, in order, and the target; keyed by
+    (example index in batch order, slot). Example order: units in order, examples within a unit."""
+    ids, seg, pos = (np.asarray(batch[k]) for k in ("input_ids", "segment_ids", "positions"))
+    br = np.asarray(batch["branch_ids"]) if "branch_ids" in batch else np.zeros_like(seg)
+    u, q, length = ids.shape
+    flat = lambda x: x.reshape(u, q * length)  # noqa: E731
+    ids_f, seg_f, pos_f, br_f = flat(ids), flat(seg), flat(pos), flat(br)
+    idx = np.arange(length)
+    out = {}
+    for ui in range(u):
+        for e in range(batch["example_mask"].shape[1]):
+            if not batch["example_mask"][ui, e]:
+                continue
+            key = (ui, e)
+            for s in range(batch["score_slot"].shape[1]):
+                slot = int(batch["score_slot"][ui, s])
+                if slot < 0 or slot // (n + 1) != e:
+                    continue
+                src = int(batch["score_src"][ui, s])
+                row, col = divmod(src, length)
+                r = slice(row * length, (row + 1) * length)
+                m = np.asarray(attention_mask(seg_f[ui:ui + 1, r], seg_f[ui:ui + 1, r], idx, idx,
+                                              br_f[ui:ui + 1, r], br_f[ui:ui + 1, r]))[0, 0, col]
+                ctx = [(int(p), int(t)) for p, t in zip(pos_f[ui, r][m], ids_f[ui, r][m])]
+                out.setdefault((key, slot % (n + 1)), []).append((ctx, int(batch["score_tgt"][ui, s])))
+    # re-key examples by order of appearance
+    order = sorted({k for k, _ in out})
+    return {(order.index(k), slot): v for (k, slot), v in out.items()}
+
+
+def expected_contexts(examples, n, mode, mle_target):
+    out = {}
+    for i, e in enumerate(examples):
+        seqs = [(0, e.responses[0])] if mode == "sft" else list(enumerate(e.responses))
+        if mode == "ranking" and mle_target == "original":
+            seqs.append((n, e.mle))
+        for slot, r in seqs:
+            full = list(e.prompt_ids) + list(r)
+            p = len(e.prompt_ids)
+            out[(i, slot)] = [([(j, int(t)) for j, t in enumerate(full[: p + k])], int(r[k])) for k in range(len(r))]
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode,mle_target", [("ranking", "original"), ("ranking", "best"), ("ranking", "all"),
+                                             ("sft", "original")])
+def test_every_layout_shows_each_scored_token_its_prompt_and_prefix(layout, mode, mle_target):
+    n = 3
+    ex = make_examples(9, n, seed=1)
+    coll = LayoutCollator(layout, mode, 24, PAD, n, mle_target, pad_to_multiple=8, row_len=48 if layout == "packed" else 0,
+                          attention_block=8)
+    shape = coll.plan([ex + [None]], coll.auto_row_len(ex) if layout == "packed" else 0)
+    b = coll(ex + [None], shape, shape.length)
+    got = visible_contexts(b, coll.n)
+    if layout == "packed":  # packing reorders examples: match them by their contexts
+        exp_by_prompt = {}
+        for (i, slot), v in expected_contexts(ex, coll.n, mode, mle_target).items():
+            exp_by_prompt.setdefault(i, {})[slot] = v
+        got_by = {}
+        for (i, slot), v in got.items():
+            got_by.setdefault(i, {})[slot] = v
+        assert sorted(map(repr, got_by.values())) == sorted(map(repr, exp_by_prompt.values()))
+    else:
+        assert got == expected_contexts(ex, coll.n, mode, mle_target)
+    assert b["real_tokens"].sum() == sum(LayoutCollator.real_tokens(e, mode, mle_target) for e in ex)
+    if mode == "ranking":
+        assert b["candidate_mask"].sum() == sum(len(e.responses) for e in ex)
+        if mle_target == "best":  # the MLE target is the best candidate's own slot: no extra tokens
+            assert all(0 <= s < n for s in b["mle_slot"][b["example_mask"]])
+    assert b["example_mask"].sum() == len(ex)
+
+
+@pytest.mark.parametrize("layout", ["prefix_shared", "packed"])
+def test_block_table_lists_every_visible_key(layout):
+    ex = make_examples(12, 4, seed=2)
+    for block in (4, 8, 16):
+        coll = LayoutCollator(layout, "ranking", 24, PAD, 4, "original", pad_to_multiple=8, attention_block=block)
+        row_len = coll.auto_row_len(ex) if layout == "packed" else 0
+        shape = coll.plan([ex], row_len)
+        b = coll(ex, shape, row_len)
+        seg, br, table = b["segment_ids"][:, 0], b["branch_ids"][:, 0], b["kv_blocks"][:, 0]
+        length = seg.shape[1]
+        idx = np.arange(length)
+        mask = np.asarray(attention_mask(seg, seg, idx, idx, br, br))[:, 0]
+        need = mask.reshape(len(seg), length // block, block, length // block, block).any(axis=(2, 4))
+        listed = np.zeros_like(need)
+        for u, j, m in zip(*np.nonzero(table >= 0)):
+            listed[u, j, table[u, j, m]] = True
+        assert (need <= listed).all()  # nothing visible is left out
+        assert table.shape[-1] < length // block or block >= 16  # and it does skip blocks
+
+
+def test_packed_shape_is_fixed_for_the_run_and_units_divide():
+    ex = make_examples(40, 3, seed=3)
+    coll = LayoutCollator("packed", "ranking", 24, PAD, 3, "original", unit_multiple=4, attention_block=8)
+    it = BatchIterator(ex, coll, 8, seed=0, num_epochs=2)
+    shapes = {tuple(np.shape(b[k]) for k in ("input_ids", "score_src", "target", "kv_blocks")) for b in it}
+    assert len(shapes) == 1
+    (ids_shape, *_), = shapes
+    assert ids_shape[0] % 4 == 0 and ids_shape[2] == it.row_len
+    hosts = [BatchIterator(ex, coll, 8, seed=0, num_epochs=2, process_index=p, process_count=2) for p in range(2)]
+    for a, b in zip(*hosts):  # every host builds the same shapes from its own rows
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+# ---- model-level exactness -------------------------------------------------------------------
+
+CONFIGS = {
+    "gqa2_untied": dict(vocab_size=60, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=8),
+    "mqa_tied": dict(vocab_size=60, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                     num_kv_heads=1, head_dim=8, tie_word_embeddings=True),
+}
+
+
+def _cfg(layout, mode="ranking", mle_target="original", n=3, form="paper"):
+    return load_config(None, [f"train.mode={mode}", f"data.layout={layout}", f"data.num_candidates={n}",
+                              f"loss.mle_target={mle_target}", f"loss.form={form}", "data.max_len=24",
+                              "data.pad_to_multiple=8", "data.attention_block=8"])
+
+
+def _sums_and_grads(model, cfg, examples):
+    coll = LayoutCollator(cfg.data.layout, cfg.train.mode, cfg.data.max_len, PAD, cfg.data.num_candidates,
+                          cfg.loss.mle_target, pad_to_multiple=8, attention_block=cfg.data.attention_block)
+    row_len = coll.auto_row_len(examples) if cfg.data.layout == "packed" else 0
+    batch = coll(examples, coll.plan([examples], row_len), row_len)
+    binder = ParamBinder(model.cfg)
+    params = binder.to_pure(model)
+
+    def loss(p):
+        s = batch_sums(binder.bind(p), jax.tree.map(jnp.asarray, batch), cfg)
+        return s["loss"], s
+
+    (_, sums), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return jax.tree.map(np.asarray, sums), jax.tree.map(np.asarray, grads)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("mle_target", ["original", "best", "all"])
+def test_layouts_give_the_padded_losses_and_gradients(name, mle_target):
+    model = Llama(LlamaConfig(**CONFIGS[name], attention="xla"), nnx.Rngs(0))
+    ex = make_examples(7, 3, seed=4)
+    ex[2] = dataclasses.replace(ex[2], responses=ex[2].responses[:1], scores=ex[2].scores[:1])  # one candidate
+    ref_sums, ref_grads = _sums_and_grads(model, _cfg("padded", mle_target=mle_target), ex)
+    assert ref_sums["pairs"] > 0 and ref_sums["rank_loss"] > 0
+    for layout in ("prefix_shared", "packed"):
+        sums, grads = _sums_and_grads(model, _cfg(layout, mle_target=mle_target), ex)
+        for k in ref_sums:
+            np.testing.assert_allclose(sums[k], ref_sums[k], rtol=1e-5, atol=1e-5, err_msg=f"{layout} {k}")
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=layout)
+
+
+def test_sft_layouts_agree():
+    model = Llama(LlamaConfig(**CONFIGS["gqa2_untied"], attention="xla"), nnx.Rngs(1))
+    ex = [dataclasses.replace(e, responses=e.responses[:1], scores=None, mle=None) for e in make_examples(9, seed=5)]
+    ref_sums, ref_grads = _sums_and_grads(model, _cfg("padded", "sft"), ex)
+    for layout in ("prefix_shared", "packed"):
+        sums, grads = _sums_and_grads(model, _cfg(layout, "sft"), ex)
+        np.testing.assert_allclose(sums["loss"], ref_sums["loss"], rtol=1e-5)
+        assert sums["count"] == ref_sums["count"] == sum(len(e.responses[0]) for e in ex)
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_per_candidate_logprobs_equal_across_layouts_and_a_numpy_forward():
+    """The slot sums of every layout equal log p summed over each response (+EOS) computed from
+    the full logits of the plain, unpadded sequence."""
+    from tuna_jax.logprobs import slot_logprobs
+
+    model = Llama(LlamaConfig(**CONFIGS["gqa2_untied"], attention="xla"), nnx.Rngs(2))
+    ex = make_examples(5, 3, seed=6)
+    want = {}
+    for i, e in enumerate(ex):
+        for k, r in enumerate(list(e.responses) + [e.mle]):
+            seq = np.concatenate([e.prompt_ids, r])[None]
+            logits = np.asarray(model(jnp.asarray(seq)), np.float64)[0]
+            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+            p = len(e.prompt_ids)
+            want[(i, k if k < len(e.responses) else 3)] = sum(logp[p + j - 1, r[j]] for j in range(len(r)))
+    for layout in ("padded", "prefix_shared"):  # one example per unit, in order (packed: the sums test)
+        coll = LayoutCollator(layout, "ranking", 24, PAD, 3, "original", pad_to_multiple=8, attention_block=8)
+        b = coll(ex, coll.plan([ex]), 0)
+        total, count = slot_logprobs(model, jax.tree.map(jnp.asarray, b), 4)
+        total = np.asarray(total)
+        for (i, k), v in want.items():
+            assert abs(total[i, k] - v) <= 1e-4 * max(1.0, abs(v)), (layout, i, k)
