@@ -502,3 +502,89 @@ def test_bad_data_is_clear(tmp_path):
     _write_task(d, "bigger_number", [{"input": "x", "metadata": {"template_id": 5, "answer_index": 0}}])
     with pytest.raises(InputError, match=r"bigger_number.json: example '1': metadata.template_id"):
         L.load_data(d)
+
+
+# ---------------------------------------------------------------- issue 11: truncation, argument order, layout
+
+def _official_cut(prediction: str) -> str:
+    """The repository's rule for --truncate-predictions, in its order: lower-case and squeeze spaces,
+    then keep the text before the first newline, then before the first '.'."""
+    p = prediction.strip().lower()
+    while "  " in p:
+        p = p.replace("  ", " ")
+    return p.replace("_", " ").split("\n")[0].split(".")[0]
+
+
+def test_truncate_predictions_reaches_the_scorer(lmentry_checkout, tmp_path, capsys):
+    """--truncate-predictions is applied, and means exactly: score the text cut the repository's way."""
+    instances = list(L.iter_eval_instances(lmentry_checkout))
+    preds = {}
+    for i, inst in enumerate(instances):
+        m = inst.metadata
+        # a model that does not stop: a right answer, then chatter; or a wrong one after a newline
+        preds[inst.id] = (f"{m['answer']}\nQ: Which number is bigger, {m['distractor']}?" if i % 3 == 0 else
+                          f"{m['distractor']}. Just kidding" if i % 3 == 1 else
+                          f"The answer is {m['answer']}.\nThe answer is {m['distractor']}.")
+    pred_path = tmp_path / "pred.jsonl"
+    pred_path.write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in preds.items()))
+    got = {}
+    for flag in ([], ["--truncate-predictions"]):
+        out = tmp_path / f"out{len(flag)}.json"
+        assert L.main(["--predictions", str(pred_path), "--data", str(lmentry_checkout), "--allow-partial",
+                       "--no-progress", "--out", str(out), *flag]) == 0
+        got[bool(flag)] = json.loads(out.read_text())
+    capsys.readouterr()
+    assert got[True]["truncate_predictions"] is True and got[False]["truncate_predictions"] is False
+    assert got[True]["per_task"] != got[False]["per_task"]  # the flag changes the result ...
+    data = L.load_data(lmentry_checkout)
+    by_hand = L.score_predictions({k: _official_cut(v) for k, v in preds.items()}, data, allow_partial=True)
+    assert got[True]["per_task"] == by_hand["per_task"]  # ... to what cutting by hand gives
+    assert got[True]["per_template"] == by_hand["per_template"]
+
+
+def test_argument_order_divides_by_the_predictions_present():
+    """The repository's analysis counts, per answer position, the predictions it has (not the examples):
+    with half the answer-position-1 examples unanswered, their accuracy is over the answered ones."""
+    ex = {str(i): {"input": "Q", "metadata": {"n1": 1, "n2": 2, "answer": 2 if i % 2 else 1, "distractor": 0,
+                                             "answer_index": i % 2, "template_id": 0}} for i in range(8)}
+    task = L.LMentryTask("bigger_number", ["Q"], 8, ex, "mem")
+    # positions: 0,2,4,6 -> index 0 (all right); 1,3,5,7 -> index 1 (1 right, 1 wrong, 2 missing)
+    preds = {"0": "1", "2": "1", "4": "1", "6": "1", "1": "2", "3": "0"}
+    r = L.score_task(task, preds)
+    assert r.answer_index_counts == {0: (4, 4), 1: (1, 2)}
+    assert r.answer_index_accuracy(0) == 100.0 and r.answer_index_accuracy(1) == 50.0  # not 1/4
+    assert r.accuracy == round(100 * 5 / 8, 2) and r.n_missing == 2  # missing still count in accuracy
+
+
+def test_repository_predictions_layout(lmentry_checkout, tmp_path, capsys):
+    """predictions/<task>/<model>.json, as the repository's predict.py writes them, scored directly."""
+    instances = list(L.iter_eval_instances(lmentry_checkout))
+    root = tmp_path / "predictions"
+    lines = []
+    for inst in instances:
+        pred = str(inst.metadata["answer"] if inst.example_id != "2" else inst.metadata["distractor"])
+        folder = root / inst.task
+        folder.mkdir(parents=True, exist_ok=True)
+        f = folder / "my-model.json"
+        obj = json.loads(f.read_text()) if f.exists() else {}
+        obj[inst.example_id] = {"input": inst.prompt, "prediction": pred}
+        f.write_text(json.dumps(obj))
+        lines.append({"id": inst.id, "prediction": pred})
+    (root / "bigger_number" / "other-model.json").write_text("{}")
+    jsonl = tmp_path / "pred.jsonl"
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert L.main(["--predictions", str(root), "--model", "my-model", "--data", str(lmentry_checkout),
+                   "--allow-partial", "--out", str(a)]) == 0
+    assert L.main(["--predictions", str(jsonl), "--data", str(lmentry_checkout), "--allow-partial",
+                   "--out", str(b)]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["model"] == "my-model" and ra["per_task"] == rb["per_task"] and ra["overall"] == rb["overall"]
+    assert ra["per_task"]["bigger_number"] < 100
+    capsys.readouterr()
+    assert L.main(["--predictions", str(root), "--data", str(lmentry_checkout), "--allow-partial"]) == 2
+    assert "holds predictions of 2 models (my-model, other-model); choose one with --model" in capsys.readouterr().err
+    (root / "smaller_number" / "my-model.json").write_text('{"1": {"prediction": 7}}')
+    assert L.main(["--predictions", str(root), "--model", "my-model", "--data", str(lmentry_checkout),
+                   "--allow-partial"]) == 2
+    assert "my-model.json: example '1': expected {\"prediction\": text}" in capsys.readouterr().err

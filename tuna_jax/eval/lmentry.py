@@ -41,7 +41,8 @@ decimals), per-template accuracy (1 decimal); accuracy = mean over the 25 tasks;
 four aspects, each 100 - (largest accuracy gap) averaged over its items:
 
 * argument order -- 7 two-argument tasks, gap between accuracy when the answer is the first vs the
-  second argument;
+  second argument, each over the predictions present (the analysis counts the predictions there, not
+  the examples, so a run with missing predictions is not penalised twice);
 * argument content -- 6 tasks, gap among the accuracies of their controlled-argument variants;
 * template -- the 25 tasks, gap among the accuracies of their 3 input templates;
 * adjacent tasks -- 17 pairs of closely related tasks (e.g. bigger/smaller number), gap between them.
@@ -259,16 +260,27 @@ def _direct(p: str, answer: str, repeats: bool = True) -> bool:
     return False
 
 
+def _alternation(parts: Sequence[str]) -> str:
+    return "(?:" + "|".join(f"(?:{x})" for x in parts) + ")"
+
+
 def _phrased(p: str, patterns: Sequence[str], prefixes: Sequence[str] = ("",),
              suffixes: Sequence[str] = ("",)) -> tuple[int, bool]:
-    """Accepted phrasings (each pattern with each prefix and suffix): the whole prediction -> certain
-    1; found inside it -> uncertain 1; else uncertain 0. One alternation, compiled once, decides
-    "any pattern" exactly as trying them one by one would."""
-    alts = [pre + base + suf for pre, suf in itertools.product(prefixes, suffixes) for base in patterns]
-    combined = "|".join(f"(?:{a})" for a in alts)
-    if re.fullmatch(rf"(?:{combined})\.?", p):
+    r"""Accepted phrasings (each pattern with each prefix and suffix): the whole prediction -> certain
+    1; found inside it -> uncertain 1; else uncertain 0.
+
+    Why one factored pattern: the repository tries the |prefixes| x |patterns| x |suffixes| phrasings
+    one by one, and compiling those regexes is nearly all of the scoring time (each example has its own
+    words in them, so nothing can be cached across examples). ``(?:P1|P2)(?:B1|B2)(?:S1|S2)`` matches
+    exactly the strings that one of the phrasings ``Pi Bj Sk`` matches (concatenation distributes over
+    alternation), so "any phrasing is the whole prediction / is found in it" is decided the same, with a
+    pattern of |prefixes| + |patterns| + |suffixes| parts compiled once. ``(?:X)\.?`` fully matches p
+    exactly when X fully matches p or p minus a final ".", so the one compiled pattern serves both
+    questions."""
+    combined = re.compile(_alternation(prefixes) + _alternation(patterns) + _alternation(suffixes))
+    if combined.fullmatch(p) or (p.endswith(".") and combined.fullmatch(p[:-1])):
         return 1, True
-    if re.search(combined, p):
+    if combined.search(p):
         return 1, False
     return 0, False
 
@@ -853,7 +865,8 @@ class TaskResult:
     n_examples: int
     n_correct: int
     template_counts: list[tuple[int, int]]                 # (correct, examples) per template
-    answer_index_counts: dict[int, tuple[int, int]] | None = None   # {0: (correct, n), 1: (...)}
+    # {0: (correct, predictions), 1: (...)}: over the predictions present, as the repository's analysis
+    answer_index_counts: dict[int, tuple[int, int]] | None = None
     n_certain: int = 0
     n_missing: int = 0
 
@@ -873,8 +886,13 @@ class TaskResult:
         return 0.0 if c == 0 else round(100.0 * c / n, 2)
 
 
-def score_task(task: LMentryTask, predictions: Mapping[str, str], truncate: bool = False) -> TaskResult:
-    """Scores ``{example_id: prediction}`` for one task; examples without a prediction count as 0."""
+def score_task(task: LMentryTask, predictions: Mapping[str, str], truncate: bool = False,
+               progress: Callable[[int], Any] | None = None) -> TaskResult:
+    """Scores ``{example_id: prediction}`` for one task; examples without a prediction count as 0 in the
+    task and template accuracies (the repository divides by the examples of the task), and are left out
+    of the answer-position counts (its analysis counts the predictions there,
+    ``get_simple_answer_index_bias``). ``truncate``: see :func:`normalize_prediction`. ``progress(n)``
+    is told every n examples scored."""
     n_t = len(task.templates)
     tc = [[0, 0] for _ in range(n_t)]
     ai = {0: [0, 0], 1: [0, 0]} if task.name in ANSWER_INDEX_TASKS else None
@@ -887,7 +905,7 @@ def score_task(task: LMentryTask, predictions: Mapping[str, str], truncate: bool
             score, certain = 0, False
         else:
             try:
-                score, certain = score_prediction(task.name, pred, ex)
+                score, certain = score_prediction(task.name, pred, ex, truncate)
             except KeyError as e:
                 raise InputError(f"{task.path}: example {eid!r}: metadata lacks {e}") from None
         n_correct += score
@@ -895,9 +913,11 @@ def score_task(task: LMentryTask, predictions: Mapping[str, str], truncate: bool
         t = meta["template_id"]
         tc[t][0] += score
         tc[t][1] += 1
-        if ai is not None:
+        if ai is not None and pred is not None:
             ai[meta["answer_index"]][0] += score
             ai[meta["answer_index"]][1] += 1
+        if progress is not None:
+            progress(1)
     n = len(task.examples)
     if n != task.num_examples_per_template * n_t:
         warn(f"{task.path}: {n} examples, but settings say {task.num_examples_per_template} x {n_t} "
@@ -984,8 +1004,9 @@ def _split_prediction_key(record) -> tuple[str, str]:
 
 def score_predictions(predictions: Mapping[tuple[str, str], str] | Mapping[str, str],
                       data: str | os.PathLike | Mapping[str, LMentryTask], *,
-                      truncate: bool = False, allow_partial: bool = False) -> dict[str, Any]:
-    """Scores predictions keyed by ``(task, example_id)`` or ``"task/example_id"``.
+                      truncate: bool = False, allow_partial: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Scores predictions keyed by ``(task, example_id)`` or ``"task/example_id"`` (a progress bar on
+    stderr with ``progress``).
 
     Returns ``overall`` (the LMentry score), ``accuracy``, ``robustness`` and its components,
     ``per_task`` (the 25 tasks' accuracies), ``per_analysis_task`` (the 16 variants), per-template and
@@ -1000,13 +1021,17 @@ def score_predictions(predictions: Mapping[tuple[str, str], str] | Mapping[str, 
             by_task.setdefault(task, {})[eid] = pred
         else:
             unknown.append(prediction_id(task, eid))
+    from tqdm import tqdm
+
     results: dict[str, TaskResult] = {}
     no_predictions = []
-    for name, task in loaded.items():
-        if name not in by_task:
-            no_predictions.append(name)  # absent: not scored as all-wrong, see module doc
-            continue
-        results[name] = score_task(task, by_task[name], truncate)
+    total = sum(len(t.examples) for name, t in loaded.items() if name in by_task)
+    with tqdm(total=total, desc="lmentry", unit="ex", disable=not progress, file=sys.stderr) as bar:
+        for name, task in loaded.items():
+            if name not in by_task:
+                no_predictions.append(name)  # absent: not scored as all-wrong, see module doc
+                continue
+            results[name] = score_task(task, by_task[name], truncate, progress=bar.update)
     if not results:
         hint = f" (e.g. {unknown[0]!r} matches no example)" if unknown else ""
         raise InputError(f"no prediction matches an LMentry example{hint}")
@@ -1036,10 +1061,62 @@ def score_predictions(predictions: Mapping[tuple[str, str], str] | Mapping[str, 
 # CLI: tuna-jax eval lmentry --predictions PRED.jsonl --data PATH [--out OUT.json]
 # --------------------------------------------------------------------------------------------------
 
+def read_repository_predictions(root: str | os.PathLike, model: str | None = None
+                                ) -> tuple[dict[tuple[str, str], str], str]:
+    """Predictions in the repository's own layout, ``predictions/<task>/<model>.json``, each file
+    ``{"<example id>": {"prediction": str, ...}, ...}`` (what its ``predict.py`` writes and its analysis
+    reads). ``root``: the ``predictions`` folder or a checkout holding one. ``model``: the file stem; None
+    when every task folder holds the same single model. Returns ({(task, id): prediction}, model)."""
+    base = pathlib.Path(root)
+    if (base / "predictions").is_dir() and not any((base / t).is_dir() for t in ALL_TASKS):
+        base = base / "predictions"
+    tasks = [t for t in ALL_TASKS if (base / t).is_dir()]
+    if not tasks:
+        raise InputError(f"{base}: no predictions/<task>/ folders of LMentry tasks found")
+    if model is None:
+        names = {f.stem for t in tasks for f in (base / t).glob("*.json")}
+        if len(names) != 1:
+            raise InputError(f"{base}: holds predictions of {len(names)} models ({', '.join(sorted(names)[:5])}); "
+                             f"choose one with --model")
+        model = names.pop()
+    preds: dict[tuple[str, str], str] = {}
+    for t in tasks:
+        f = base / t / f"{model}.json"
+        if not f.is_file():
+            continue  # this task is absent (an error unless --allow-partial, like any absent task)
+        obj = read_json(f)
+        if not isinstance(obj, dict):
+            raise InputError(f"{f}: expected an object {{example id: {{\"prediction\": ...}}}}")
+        for eid, entry in obj.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("prediction"), str):
+                raise InputError(f"{f}: example {eid!r}: expected {{\"prediction\": text}}")
+            preds[(t, str(eid))] = entry["prediction"]
+    if not preds:
+        raise InputError(f"{base}: no {model}.json in any task folder")
+    return preds, model
+
+
+def _read_jsonl_predictions(path: str) -> dict[tuple[str, str], str]:
+    preds: dict[tuple[str, str], str] = {}
+    first: dict[tuple[str, str], int] = {}
+    for r in read_predictions_jsonl(path):
+        key = _split_prediction_key(r)
+        if key in preds:
+            raise InputError(f"{r.path}:{r.line}: duplicate prediction for {prediction_id(*key)!r} "
+                             f"(first given at line {first[key]})")
+        preds[key] = r.prediction
+        first[key] = r.line
+    return preds
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--predictions", required=True, metavar="PRED.jsonl",
-                        help='JSON Lines: {"id": "<task>/<example id>", "prediction": ...} '
-                             '(or a separate "task" field)')
+    parser.add_argument("--predictions", required=True, metavar="PRED.jsonl|DIR",
+                        help='JSON Lines: {"id": "<task>/<example id>", "prediction": ...} (or a separate "task" '
+                             'field); or the repository\'s layout, a folder predictions/<task>/<model>.json')
+    parser.add_argument("--model", default=None,
+                        help="with a predictions folder: the model (file name without .json) to score; needed "
+                             "only when the folder holds several")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--data", required=True, metavar="PATH",
                         help="an lmentry checkout or its data/ folder (data/<task>.json)")
     parser.add_argument("--out", metavar="OUT.json", help="also write the JSON result here")
@@ -1053,21 +1130,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Scores a predictions file, prints the JSON, writes ``--out``; bad input raises InputError."""
-    records = read_predictions_jsonl(args.predictions)
-    preds: dict[tuple[str, str], str] = {}
-    first: dict[tuple[str, str], int] = {}
-    for r in records:
-        key = _split_prediction_key(r)
-        if key in preds:
-            raise InputError(f"{r.path}:{r.line}: duplicate prediction for {prediction_id(*key)!r} "
-                             f"(first given at line {first[key]})")
-        preds[key] = r.prediction
-        first[key] = r.line
+    """Scores a predictions file (or folder), prints the JSON, writes ``--out``; bad input raises InputError."""
+    model = None
+    if os.path.isdir(args.predictions):
+        preds, model = read_repository_predictions(args.predictions, getattr(args, "model", None))
+    else:
+        preds = _read_jsonl_predictions(args.predictions)
     # getattr: callers may build the Namespace themselves with only the required fields
     result = score_predictions(preds, args.data, truncate=getattr(args, "truncate_predictions", False),
-                               allow_partial=getattr(args, "allow_partial", False))
+                               allow_partial=getattr(args, "allow_partial", False),
+                               progress=not getattr(args, "no_progress", True))
     result["predictions_file"] = os.fspath(args.predictions)
+    if model is not None:
+        result["model"] = model
     result["data"] = str(_resolve_data_dir(args.data))
     if result["missing"]:
         warn(f"{result['missing']} of {result['num_examples']} examples have no prediction (scored as "

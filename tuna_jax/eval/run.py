@@ -737,14 +737,14 @@ def _gen_details(preds: dict[str, dict], path: str) -> dict:
             "length_cut": sum(1 for p in preds.values() if p.get("finish_reason") == "length")}
 
 
-def _score_superni(cfg: EvalConfig, data: _Data, bench: str, path: str, score_dir: str):
+def _score_superni(cfg: EvalConfig, data: _Data, bench: str, path: str, score_dir: str, progress: bool = False):
     src, instances = data.superni
     preds = _read_preds(path)
     refs = []
     for inst in instances:  # the generated instances' references, as the scorer reads them from the source
         refs.append(src.references.get(inst.id) or superni_mod.ReferenceRecord(inst.id, inst.task, inst.category,
                                                                                inst.references))
-    result = superni_mod.score_predictions({i: p["prediction"] for i, p in preds.items()}, refs)
+    result = superni_mod.score_predictions({i: p["prediction"] for i, p in preds.items()}, refs, progress=progress)
     result.update(predictions_file=path, tasks_source=src.path)
     out = os.path.join(score_dir, f"{bench}.json")
     write_json(out, result)
@@ -752,11 +752,11 @@ def _score_superni(cfg: EvalConfig, data: _Data, bench: str, path: str, score_di
                                "num_tasks": result["num_tasks"], "missing": result["missing"]}
 
 
-def _score_lmentry(cfg: EvalConfig, data: _Data, path: str, score_dir: str):
+def _score_lmentry(cfg: EvalConfig, data: _Data, path: str, score_dir: str, progress: bool = False):
     preds = _read_preds(path)
     result = lmentry_mod.score_predictions({i: p["prediction"] for i, p in preds.items()}, data.lmentry,
                                            truncate=cfg.lmentry.truncate_predictions,
-                                           allow_partial=cfg.lmentry.allow_partial)
+                                           allow_partial=cfg.lmentry.allow_partial, progress=progress)
     result["predictions_file"] = path
     out = os.path.join(score_dir, "lmentry.json")
     write_json(out, result)
@@ -847,9 +847,10 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> tuple[dict, dict[str,
         if cfg.superni:
             for k in cfg.superni.shots:
                 b = f"superni_{k}shot"
-                row[b], row["details"][b] = _score_superni(cfg, data, b, paths[b], score_dir)
+                row[b], row["details"][b] = _score_superni(cfg, data, b, paths[b], score_dir, progress)
         if cfg.lmentry:
-            row["lmentry"], row["details"]["lmentry"] = _score_lmentry(cfg, data, paths["lmentry"], score_dir)
+            row["lmentry"], row["details"]["lmentry"] = _score_lmentry(cfg, data, paths["lmentry"], score_dir,
+                                                                       progress)
         if cfg.vicuna:
             row["details"]["vicuna_answers"] = _vicuna_answers(cfg, data, spec, paths["vicuna"])
         if cfg.alpaca_eval:

@@ -602,7 +602,7 @@ def compute_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
 
 
 def score_predictions(predictions: Mapping[str, str], references_source: Any, *,
-                      missing: str = "skip", track: str = DEFAULT_SPLIT) -> dict[str, Any]:
+                      missing: str = "skip", track: str = DEFAULT_SPLIT, progress: bool = False) -> dict[str, Any]:
     """Scores ``{id: prediction}`` against a reference source (a path for ``load_source``, a
     ``SuperNISource``, or reference records / mappings).
 
@@ -610,7 +610,7 @@ def score_predictions(predictions: Mapping[str, str], references_source: Any, *,
     ``per_category`` (ROUGE-L) with their exact-match twins, and the bookkeeping: ``num_scored``,
     ``num_references``, ``missing`` (+ ``missing_per_task``), ``unknown`` (+ a few ``unknown_ids``).
     ``missing="skip"`` leaves instances without a prediction out of every mean; ``missing="zero"``
-    scores them as the empty string, as the official script does.
+    scores them as the empty string, as the official script does. ``progress``: a bar on stderr.
     """
     if missing not in ("skip", "zero"):
         raise ValueError(f"missing must be 'skip' or 'zero', got {missing!r}")
@@ -625,7 +625,9 @@ def score_predictions(predictions: Mapping[str, str], references_source: Any, *,
     missing_per_task: dict[str, int] = defaultdict(int)
     total_rl = total_em = 0.0
     n_scored = 0
-    for rec in src.references.values():
+    from tqdm import tqdm
+
+    for rec in tqdm(src.references.values(), desc="superni", unit="ex", disable=not progress, file=sys.stderr):
         pred = predictions.get(rec.id)
         if pred is None:
             missing_per_task[rec.task] += 1
@@ -683,6 +685,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="a natural-instructions checkout (tasks/*.json + splits/default/"
                              "test_tasks.txt), or a folder / .jsonl in the layout of shared/data/superni")
     parser.add_argument("--out", metavar="OUT.json", help="also write the JSON result here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--missing", choices=("skip", "zero"), default="skip",
                         help="instances without a prediction: leave out of the means (default, counted "
                              "and reported) or score as an empty answer (the official script's choice)")
@@ -702,7 +705,8 @@ def run(args: argparse.Namespace) -> int:
     track = getattr(args, "track", DEFAULT_SPLIT)
     source = load_source(args.tasks, num_instances=getattr(args, "num_instances", DEFAULT_NUM_INSTANCES),
                          track=track)
-    result = score_predictions(predictions, source, missing=missing, track=track)
+    result = score_predictions(predictions, source, missing=missing, track=track,
+                               progress=not getattr(args, "no_progress", True))
     result["predictions_file"] = os.fspath(args.predictions)
     result["tasks_source"] = source.path
     if result["missing"]:
