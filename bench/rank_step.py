@@ -50,6 +50,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 SHARED = pathlib.Path(os.environ.get("TUNA_SHARED", ROOT.parent / "shared"))
 
+TINY_MODEL = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
 CPU_MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
 GPU_MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -122,7 +124,8 @@ class Ours:
             "train.mode=ranking", f"data.layout={layout}", f"data.max_len={args.max_len}",
             f"data.num_candidates={args.n}", f"data.pad_to_multiple={args.pad_to_multiple}",
             f"model.dtype={args.dtype}", f"model.attention={args.attention}", f"model.remat_policy={args.remat}",
-            f"train.global_batch={args.batch}", "loss.form=paper", "loss.mle_target=original"])
+            f"train.global_batch={args.batch}", "loss.form=paper", "loss.mle_target=original",
+            f"loss.logits_budget_mb={args.logits_budget_mb}", f"data.row_len={args.row_len}"])
         from tuna_jax.model.llama import LlamaConfig
 
         self.lcfg = LlamaConfig.from_hf(hf, dtype=args.dtype, remat_policy=args.remat, attention=args.attention)
@@ -146,7 +149,7 @@ class Ours:
                 "rng": jax.random.key_data(jax.random.key(0))}
 
     def prepare(self) -> dict:
-        """Compile every batch shape; first-step metrics and memory of the largest shape."""
+        """Compile every batch shape once (ahead of time); first-step metrics; memory of the largest."""
         import jax
 
         from tuna_jax import parallel
@@ -155,14 +158,19 @@ class Ours:
             self.batches = [parallel.shard_batch(b, self.mesh) for b in self.host_batches]
             self.state = self.fresh_state()
             t0 = time.perf_counter()
-            first = None
+            compiled = {}
             for b in self.batches:
-                self.state, m = self.step(self.state, b)
-                m = jax.device_get(m)
-                first = first or m
+                key = tuple((k, v.shape) for k, v in sorted(b.items()))
+                if key not in compiled:
+                    compiled[key] = self.step.lower(self.state, b).compile()
+            self.calls = [compiled[tuple((k, v.shape) for k, v in sorted(b.items()))] for b in self.batches]
             compile_s = time.perf_counter() - t0
-            big = max(self.batches, key=lambda b: b["input_ids"].size)
-            mem = self.step.lower(self.state, big).compile().memory_analysis()
+            first = None
+            for call, b in zip(self.calls, self.batches):
+                self.state, m = call(self.state, b)
+                first = first or jax.device_get(m)
+            big = max(range(len(self.batches)), key=lambda i: self.batches[i]["input_ids"].size)
+            mem = self.calls[big].memory_analysis()
         peak = None
         if mem is not None:
             peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
@@ -170,7 +178,7 @@ class Ours:
         shapes = sorted({tuple(b["input_ids"].shape) for b in self.host_batches})
         return {"first_loss": float(first["loss"]) / float(first["count"]), "compile_s": compile_s,
                 "xla_peak_bytes": peak, "xla_temp_bytes": None if mem is None else mem.temp_size_in_bytes,
-                "shapes": [list(s) for s in shapes],
+                "shapes": [list(s) for s in shapes], "compiles": len(compiled),
                 "padding": _padding(self.host_batches)}
 
     def run(self) -> float:
@@ -180,8 +188,8 @@ class Ours:
 
         with jax.set_mesh(self.mesh):
             t0 = time.perf_counter()
-            for b in self.batches:
-                self.state, m = self.step(self.state, b)
+            for call, b in zip(self.calls, self.batches):
+                self.state, m = call(self.state, b)
             jax.block_until_ready((self.state, m))
             return time.perf_counter() - t0
 
@@ -339,10 +347,10 @@ def step_flops(batches, lcfg) -> float:
         scored = float(np.sum(np.asarray(b["score_slot"]) >= 0))
         idx = np.arange(seg.shape[1])
         keys = 0.0
-        for r in range(0, seg.shape[0], 64):
-            s = seg[r: r + 64]
-            m = np.asarray(attention_mask(s, s, idx, idx, None if br is None else br[r: r + 64],
-                                          None if br is None else br[r: r + 64]))[:, 0]
+        for r in range(seg.shape[0]):  # one row at a time: a row's mask is [L, L]
+            s = seg[r: r + 1]
+            m = np.asarray(attention_mask(s, s, idx, idx, None if br is None else br[r: r + 1],
+                                          None if br is None else br[r: r + 1]))[:, 0]
             keys += float(np.sum(m & (s > 0)[:, :, None]))
         total += 6 * p_body * tokens + 6 * d * v * scored + 12 * layers * h * dh * keys
     return total
@@ -372,6 +380,8 @@ def vm_hwm() -> int | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="the 1.1B config in bfloat16 on the accelerator")
+    ap.add_argument("--model", default=None, choices=["tiny", "19m", "1b"],
+                    help="default 19m (CPU, the issue's setting) / 1b (GPU, TinyLlama's shape)")
     ap.add_argument("--layouts", default="padded,prefix_shared,packed")
     ap.add_argument("--torch", default="auto", choices=["auto", "yes", "no"],
                     help="time the PyTorch reference (auto: on CPU, and on GPU when torch sees one)")
@@ -385,6 +395,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--remat", default="none")
     ap.add_argument("--pad-to-multiple", type=int, default=64)
+    ap.add_argument("--logits-budget-mb", type=int, default=None, help="loss.logits_budget_mb (default: the config's)")
+    ap.add_argument("--row-len", type=int, default=0, help="data.row_len for packed (0: auto)")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     args = ap.parse_args(argv)
     if not args.gpu:
@@ -394,6 +406,9 @@ def main(argv=None) -> int:
     args.max_resp = args.max_resp or (1024 if args.gpu else 320)
     args.batches = args.batches or (4 if args.gpu else 3)
     args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+    if args.logits_budget_mb is None:
+        from tuna_jax.config import LossConfig
+        args.logits_budget_mb = LossConfig.logits_budget_mb
 
     import jax
 
@@ -402,7 +417,7 @@ def main(argv=None) -> int:
     if args.gpu and jax.default_backend() == "cpu":
         print("--gpu: jax sees no accelerator; nothing to do")
         return 0
-    hf = dict(GPU_MODEL if args.gpu else CPU_MODEL)
+    hf = dict({"tiny": TINY_MODEL, "19m": CPU_MODEL, "1b": GPU_MODEL}[args.model or ("1b" if args.gpu else "19m")])
     mesh = parallel.make_mesh(None)
     examples, source = build_examples(args.n, args.max_resp, args.max_len, args.batch * args.batches,
                                       hf["vocab_size"])
@@ -433,10 +448,21 @@ def main(argv=None) -> int:
     del model
 
     info = {}
-    for var in variants:
+    for i, var in enumerate(variants):
         t0 = time.perf_counter()
-        info[var.name] = var.prepare()
-        print(f"  prepared {var.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+        try:
+            info[var.name] = var.prepare()
+        except Exception as e:  # e.g. a cuDNN that refuses a shape: say so, and measure the xla path instead
+            if not isinstance(var, Ours) or args.attention not in ("auto", "cudnn"):
+                raise
+            print(f"  {var.name}: attention={args.attention} failed ({type(e).__name__}: {str(e)[:300]}); "
+                  "retrying with attention=xla", flush=True)
+            fallback = argparse.Namespace(**{**vars(args), "attention": "xla"})
+            var = variants[i] = Ours(var.name.split(":")[1], fallback, hf, examples, state0, mesh)
+            var.name += " (xla attention)"
+            info[var.name] = var.prepare()
+        print(f"  prepared {var.name} in {time.perf_counter() - t0:.1f} s "
+              f"(compile {info[var.name]['compile_s']:.1f} s)", flush=True)
     tokens = sum(variants[0].real_tokens)
     assert all(abs(sum(v.real_tokens) - tokens) < 0.5 for v in variants), "variants must see the same tokens"
 
@@ -450,7 +476,6 @@ def main(argv=None) -> int:
                 rss[var.name].append(vm_hwm())
         print(f"  round {r + 1}: " + ", ".join(f"{k} {tokens / t[-1]:,.0f} tok/s" for k, t in times.items()), flush=True)
 
-    flops = step_flops(variants[0].host_batches, lcfg) if args.gpu else None
     peak = next((p for k, p in PEAK_BF16.items() if k.lower() in kind.lower()), None)
     rows = []
     for var in variants:
@@ -458,10 +483,10 @@ def main(argv=None) -> int:
         row = {"variant": var.name, "step_s": t / args.batches, "tokens_per_s": tokens / t, **info[var.name]}
         if rss[var.name]:
             row["rss_peak_bytes"] = max(rss[var.name])
-        for base in ("ours:padded", "torch"):
+        for base in [v.name for v in variants if v.name.startswith("ours:padded")][:1] + ["torch"]:
             if base in times and base != var.name:
-                row[f"vs_{base}"] = statistics.median(b / a for a, b in zip(times[var.name], times[base]))
-        if args.gpu and var.name.startswith("ours"):
+                row[f"vs_{base.split(' ')[0]}"] = statistics.median(b / a for a, b in zip(times[var.name], times[base]))
+        if var.name.startswith("ours"):
             f = step_flops(var.host_batches, lcfg)
             row["model_tflops_per_step"] = f / args.batches / 1e12
             if peak:
@@ -469,25 +494,25 @@ def main(argv=None) -> int:
         if args.gpu:
             row["device_peak_bytes"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
         rows.append(row)
-    del flops
 
     print(f"\nreal tokens per step: {tokens / args.batches:,.0f} (prompt + response per candidate and MLE target)")
-    hdr = f"{'variant':20} {'step s':>8} {'real tok/s':>11} {'vs padded':>10} {'vs torch':>9} {'padding':>8} {'peak MiB':>9}"
-    hdr += "  MFU" if args.gpu else ""
+    hdr = f"{'variant':34} {'step s':>8} {'real tok/s':>11} {'vs padded':>10} {'vs torch':>9} {'padding':>8} {'peak MiB':>9}"
+    hdr += "  TFLOP/step" + ("  MFU" if peak else "")
     print(hdr)
     for row in rows:
         mem = row.get("xla_peak_bytes") or row.get("cuda_peak_bytes") or row.get("rss_peak_bytes")
-        print(f"{row['variant']:20} {row['step_s']:8.3f} {row['tokens_per_s']:11,.0f} "
-              f"{row.get('vs_ours:padded', 1.0 if row['variant'] == 'ours:padded' else float('nan')):9.2f}x "
+        print(f"{row['variant']:34} {row['step_s']:8.3f} {row['tokens_per_s']:11,.0f} "
+              f"{row.get('vs_ours:padded', 1.0 if row['variant'].startswith('ours:padded') else float('nan')):9.2f}x "
               f"{row.get('vs_torch', float('nan')):8.2f}x {row['padding']:8.1%} "
-              f"{(mem or 0) / 2**20:9,.0f}" + (f"  {row['mfu']:.1%}" if 'mfu' in row else ""))
-    ours_pad = next((r for r in rows if r["variant"] == "ours:padded"), None)
+              f"{(mem or 0) / 2**20:9,.0f}" + (f"  {row['model_tflops_per_step']:10.2f}" if 'model_tflops_per_step' in row
+                                                 else " " * 12) + (f"  {row['mfu']:.1%}" if 'mfu' in row else ""))
+    ours_pad = next((r for r in rows if r["variant"].startswith("ours:padded")), None)
     for row in rows:
         if ours_pad and row is not ours_pad and row.get("xla_peak_bytes") and ours_pad.get("xla_peak_bytes"):
             print(f"memory {row['variant']} / ours:padded: XLA peak {row['xla_peak_bytes'] / ours_pad['xla_peak_bytes']:.2f}x, "
                   f"temporaries {row['xla_temp_bytes'] / ours_pad['xla_temp_bytes']:.2f}x")
     print("first-step loss: " + ", ".join(f"{r['variant']} {r['first_loss']:.6f}" for r in rows))
-    if args.gpu and peak:
+    if peak:
         print(f"MFU = model FLOPs computed / step time / {peak / 1e12:.0f} TFLOP/s ({kind} dense bf16); "
               "FLOPs = 6*P_body*T + 6*D*V*T_scored + 12*layers*H*Dh*sum(visible keys)")
     if args.json:

@@ -93,11 +93,37 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, imp
         return _einsum_attention(q, k, v, mask)
     if implementation == "xla" and kv_blocks is not None:
         return blocked_attention(q, k, v, segment_ids, branch_ids, kv_blocks)
-    if implementation in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    if implementation == "cudnn":
+        # Every mask here is inside the causal one (keys never follow their query), so cuDNN's causal
+        # mask type can skip the upper triangle while the dense mask, as a bias, does the rest.
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=q.shape[1] == k.shape[1],
+                                            implementation="cudnn")
+    if implementation == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     if implementation == "splash":
         return splash_attention(q, k, v, segment_ids, branch_ids, mask)
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS[1:]}")
+
+
+def attend_with_cache(q, k_cache, v_cache, mask_cache, k_new, v_new, mask_new):
+    """Attention of this call's queries over the cached keys and this call's keys, one softmax.
+
+    q [B, L, H, Dh]; k_cache / v_cache [B, S, K, Dh] (read, never copied or written here);
+    k_new / v_new [B, L, K, Dh]; mask_cache [B, 1, L, S], mask_new [B, 1, L, L] (together: the
+    mask over [cache, new]). Returns [B, L, H, Dh]. The einsum reference's arithmetic.
+    """
+    b, l, h, dh = q.shape
+    kv_heads = k_cache.shape[2]
+    dt = q.dtype
+    qg = q.reshape(b, l, kv_heads, h // kv_heads, dh)
+    score = lambda keys, m: jnp.where(  # noqa: E731
+        m[:, :, None], jnp.einsum("blkgd,bskd->bkgls", qg, keys).astype(jnp.float32) / math.sqrt(dh), -1e30)
+    s_cache, s_new = score(k_cache, mask_cache), score(k_new, mask_new)
+    probs = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1).astype(dt)
+    s = k_cache.shape[1]
+    out = (jnp.einsum("bkgls,bskd->blkgd", probs[..., :s], v_cache)
+           + jnp.einsum("bkgls,bskd->blkgd", probs[..., s:], v_new.astype(dt)))
+    return out.reshape(b, l, h, dh)
 
 
 def _einsum_attention(q, k, v, mask):
@@ -172,7 +198,7 @@ def _splash_causal_kernel(heads: int, length: int, interpret: bool):
 def _splash_blocks(length: int):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
-    b = min(SPLASH_BLOCK, length)
+    b = SPLASH_BLOCK  # the kernel's blocks are multiples of 128 lanes; rows are padded to fit
     return sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
 
@@ -189,7 +215,7 @@ def splash_attention(q, k, v, segment_ids, branch_ids, mask):
     interpret = jax.default_backend() != "tpu"
     b, l, h, dh = q.shape
     group = h // k.shape[2]
-    pad = (-l) % min(SPLASH_BLOCK, max(l, 8))
+    pad = (-l) % SPLASH_BLOCK
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     to_heads = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
     qh, kh, vh = to_heads(q / math.sqrt(dh)), to_heads(k), to_heads(v)  # [B, H, L', Dh]

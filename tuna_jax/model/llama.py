@@ -23,6 +23,10 @@ Layout decisions (why they are what they are):
   ``model/attention.py``; ``attention`` in the config picks one.
 * A fixed-size KV cache (``KVCache``) is an explicit input/output of the forward pass: the
   sampler owns it, donates it, and the model writes the new keys/values at ``cache.index``.
+  Inside the layer scan the cache is only read: a query attends to the cached keys and to this
+  call's keys as two score blocks under one softmax, and all layers' new keys are written into
+  the donated cache once, after the scan, in place. (Carrying the cache through the scan as
+  xs/ys would copy all of it on every decode step.)
 
 Shapes: B batch, L query length, S cache length, D hidden, H query heads, K kv heads,
 G = H // K, Dh head dim, F MLP width, V vocabulary, N_l layers.
@@ -38,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tuna_jax.model.attention import IMPLEMENTATIONS, attend, attention_mask, resolve
+from tuna_jax.model.attention import IMPLEMENTATIONS, attend, attend_with_cache, attention_mask, resolve
 from tuna_jax.parallel import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -262,10 +266,11 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, cos, sin, mask, kv=None, cache_meta=None, ids=None):
-        """x [B, L, D] -> ([B, L, D], the updated cache slices (k, v) or None).
+        """x [B, L, D] -> ([B, L, D], this call's (k, v) [B, L, K, Dh] when there is a cache, else None).
 
-        mask [B, 1, L, S] (``attention.attention_mask``). kv: this layer's cache (k, v)
-        [B, S, K, Dh] or None; cache_meta: the cache's index (where this call's keys go).
+        mask: [B, 1, L, L] (``attention.attention_mask``) without a cache; with one, the pair
+        (mask over the cached slots [B, 1, L, S], mask over this call's tokens [B, 1, L, L]).
+        kv: this layer's cache (k, v) [B, S, K, Dh] (read only) or None.
         ids: (segment_ids, branch_ids, kv_blocks) of this call, for splash and blocked attention.
         """
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
@@ -279,9 +284,8 @@ class Attention(nnx.Module):
             out = attend(q, k, v, mask, impl, segment_ids=ids[0], branch_ids=ids[1], kv_blocks=ids[2])
             new_kv = None
         else:
-            keys = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_meta, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_meta, axis=1)
-            out, new_kv = attend(q, keys.astype(dt), values.astype(dt), mask, "einsum"), (keys, values)
+            out = attend_with_cache(q, kv[0].astype(dt), kv[1].astype(dt), mask[0], k, v, mask[1])
+            new_kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
         b, l = x.shape[:2]
         out = jnp.einsum("blhk,hkd->bld", out.reshape(b, l, cfg.num_heads, cfg.head_dim), self.o_proj[...].astype(dt))
         return out, new_kv
@@ -370,11 +374,16 @@ class Llama(nnx.Module):
             mask = attention_mask(segment_ids, segment_ids, idx, idx, branch_ids, branch_ids)
             cache_meta = None
         else:
+            q_branch = zeros if branch_ids is None else branch_ids
+            q_idx = cache.index + jnp.arange(l)
+            # The cached slots (those at or after index are still empty: segment 0, never seen) ...
+            cached = attention_mask(segment_ids, cache.segment_ids, q_idx, jnp.arange(cache.segment_ids.shape[1]),
+                                    q_branch, cache.branch_ids)
+            # ... and this call's own tokens, causally; a padding query sees itself here only.
+            mask = (cached & (segment_ids != 0)[:, None, :, None],
+                    attention_mask(segment_ids, segment_ids, q_idx, q_idx, q_branch, q_branch))
             seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
-            branch = jax.lax.dynamic_update_slice_in_dim(
-                cache.branch_ids, zeros if branch_ids is None else branch_ids, cache.index, axis=1)
-            mask = attention_mask(segment_ids, seg, cache.index + jnp.arange(l), jnp.arange(seg.shape[1]),
-                                  zeros if branch_ids is None else branch_ids, branch)
+            branch = jax.lax.dynamic_update_slice_in_dim(cache.branch_ids, q_branch, cache.index, axis=1)
             cache_meta = cache.index
         ids = (segment_ids, branch_ids, kv_blocks)
 
@@ -392,8 +401,9 @@ class Llama(nnx.Module):
         h, kv_out = jax.lax.scan(layer_step, h, (layer_state, kv_in),
                                  unroll=1 if cfg.scan_layers else cfg.num_layers)
         new_cache = None
-        if cache is not None:
-            new_cache = KVCache(kv_out[0], kv_out[1], seg, branch, cache.index + l)
+        if cache is not None:  # every layer's new keys into the donated cache, in place: [N_l, B, l, K, Dh]
+            write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, cache.index, axis=2)  # noqa: E731
+            new_cache = KVCache(write(cache.k, kv_out[0]), write(cache.v, kv_out[1]), seg, branch, cache.index + l)
         return self.norm(h.astype(DTYPES[cfg.dtype])), new_cache
 
     def __call__(self, input_ids, positions=None, segment_ids=None, branch_ids=None, cache=None):
