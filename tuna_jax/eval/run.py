@@ -79,7 +79,8 @@ directory, like the training configs)::
       model: gpt-4
       api_key_env: OPENAI_API_KEY     # the NAME of the variable; the key is never in a config
       concurrency: 4
-      timeout_s: 120
+      timeout_s: 120                  # one request in all: connect, wait, read the whole reply
+      max_retry_after_s: 60           # the longest wait a server's Retry-After may impose
       max_retries: 6
       store: null                     # default OUTPUT_DIR/judge.store.jsonl
       max_usd: null
@@ -210,6 +211,7 @@ class JudgeSettings:
     max_retries: int = 6
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
+    max_retry_after_s: float = 60.0
     concurrency: int = 4
     store: str | None = None
     retry_failed: bool = True
@@ -237,7 +239,7 @@ _CHOICES = {"template": ("alpaca", "raw"), "dtype": ("float32", "bfloat16")}
 _POSITIVE = {"num_instances", "num_tasks", "limit", "max_new_tokens", "max_prompt_tokens", "batch_size",
              "concurrency", "max_tokens", "max_requests", "timeout_s"}
 _NON_NEGATIVE = {"max_parse_retries", "max_retries", "top_k", "seed", "temperature", "max_usd", "price_input",
-                 "price_output", "backoff_initial_s", "backoff_max_s"}
+                 "price_output", "backoff_initial_s", "backoff_max_s", "max_retry_after_s"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -802,13 +804,15 @@ def _judge_client(cfg: EvalConfig):
     from tuna_jax.feedback.store import Budget, Prices, Store
 
     j = cfg.judge
-    store = Store(j.store or os.path.join(cfg.output_dir, "judge.store.jsonl"),
-                  prices=Prices(j.price_input, j.price_output), budget=Budget(j.max_usd, j.max_requests),
-                  retry_failed=j.retry_failed)
     ccfg = ClientConfig(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, timeout_s=j.timeout_s,
                         max_retries=j.max_retries, backoff_initial_s=j.backoff_initial_s,
-                        backoff_max_s=j.backoff_max_s, concurrency=j.concurrency)
-    return OpenAIClient(ccfg, store), store
+                        backoff_max_s=j.backoff_max_s, max_retry_after_s=j.max_retry_after_s,
+                        concurrency=j.concurrency)
+    client = OpenAIClient(ccfg)  # checks base_url before the store file is created
+    client.store = Store(j.store or os.path.join(cfg.output_dir, "judge.store.jsonl"),
+                         prices=Prices(j.price_input, j.price_output), budget=Budget(j.max_usd, j.max_requests),
+                         retry_failed=j.retry_failed)
+    return client, client.store
 
 
 def _notes(cfg: EvalConfig, data: _Data) -> list[str]:

@@ -676,8 +676,9 @@ def run(args: argparse.Namespace) -> int:
     """0: reviewed; 1: some questions failed (listed); 2: stopped by the budget or a fatal endpoint error."""
     data = load_vicuna_data(args.data, questions=args.questions, prompts=args.prompts, reviewers=args.reviewers)
     stem = _stem(args.out)
+    client = OpenAIClient(client_config_from_args(args))  # checks --base-url before the store file is created
     with store_from_args(args, stem) as store:
-        client = OpenAIClient(client_config_from_args(args), store)
+        client.store = store
         try:
             result = review_vicuna(args.answers, args.baseline, stem + ".reviews.jsonl", client, data,
                                    _review_config(args),
@@ -710,8 +711,9 @@ def run_alpaca_eval(args: argparse.Namespace) -> int:
     outs = read_alpaca_eval_outputs(args.outputs)
     name = args.model_name or (str(outs[0].get("generator")) if outs and outs[0].get("generator") else "model")
     stem = _stem(args.out)
+    client = OpenAIClient(client_config_from_args(args))  # checks --base-url before the store file is created
     with store_from_args(args, stem) as store:
-        client = OpenAIClient(client_config_from_args(args), store)
+        client.store = store
         try:
             result = review_alpaca_eval(outs, args.reference, stem + ".reviews.jsonl", client, template,
                                         _review_config(args),
