@@ -67,7 +67,6 @@ BAD_CANDIDATE_ROWS = [
     ({**CANDS, "instruction": 7}, "field 'instruction': expected str, got int"),
     ({**CANDS, "input": ["x"]}, "field 'input': expected str, got list"),
     ({**CANDS, "candidates": []}, "field 'candidates': empty list"),
-    ({**CANDS, "candidates": ["ok", ""]}, "field 'candidates[1]': empty response"),
     ({**CANDS, "candidates": ["ok", 3]}, "field 'candidates[1]': expected str, got int"),
     ({**CANDS, "id": {"a": 1}}, "field 'id': expected str or int, got dict"),
     ({**CANDS, "num_tokens": [3]}, "field 'num_tokens': has 1 values for 2 candidates"),
@@ -144,10 +143,9 @@ def test_corrupt_store_line_is_one_line(tmp_path, capsys):
 
 
 def test_os_errors_are_one_line(tmp_path, capsys):
-    (tmp_path / "data").mkdir()
-    line = one_error_line(capsys, cli(["eval", "lmentry", "--predictions", str(tmp_path / "data"), "--data",
+    line = one_error_line(capsys, cli(["eval", "lmentry", "--predictions", str(tmp_path / "nope.jsonl"), "--data",
                                        str(tmp_path)]))
-    assert f"{tmp_path / 'data'}: predictions file not found" in line
+    assert f"{tmp_path / 'nope.jsonl'}: predictions file not found" in line
     pred = tmp_path / "p.jsonl"
     pred.write_text(json.dumps(PRED) + "\n")
     blocker = tmp_path / "file"
@@ -194,3 +192,15 @@ def test_library_noise_stays_out_of_normal_output(tmp_path):
                   "from transformers.utils import logging\n"
                   "logging.get_logger('transformers').warning_advice('PyTorch was not found.')")
     assert advice.returncode == 0 and "PyTorch was not found" not in advice.stderr
+
+
+def test_judge_drops_empty_candidates_with_a_count(tmp_path, capsys):
+    """sample-diverse keeps the empty responses a model gives; the judge does not show them, drops them
+    from the record, counts and lists them -- training would refuse a record holding one."""
+    p = tmp_path / "in.jsonl"
+    p.write_text(json.dumps({**CANDS, "candidates": ["Apple.", "  ", "Pear."], "num_tokens": [2, 0, 2]}) + "\n")
+    out = tmp_path / "o.jsonl"
+    assert cli(["judge", str(p), str(out), "--kind", "metric", "--no-progress"]) == 0
+    assert "empty_candidates=1" in capsys.readouterr().err
+    rec = json.loads(out.read_text())
+    assert rec["candidates"] == ["Apple.", "Pear."] and rec["judge"]["dropped"] == [1] and rec["num_tokens"] == [2, 2]

@@ -184,3 +184,16 @@ def test_cli_arguments():
     D.add_arguments(p)
     args = p.parse_args(["m", "in.jsonl", "out.jsonl", "--tau", "0.7", "--max-trials", "2"])
     assert (args.n, args.tau, args.temperature, args.temperature_step, args.max_trials) == (4, 0.7, 1.0, 0.1, 2)
+
+
+def test_one_run_per_output(tmp_path):
+    from tuna_jax.io.lock import OutputBusyError, OutputLock
+
+    src = write_rows(tmp_path / "in.jsonl", ROWS)
+    out = tmp_path / "out.jsonl"
+    with OutputLock(str(out)):  # another run is writing OUT
+        with pytest.raises(OutputBusyError, match="is being written by another run"):
+            D.sample_diverse_file(src, str(out), RepeatingModel(SCRIPT), progress=False)
+    assert not out.exists()
+    D.sample_diverse_file(src, str(out), RepeatingModel(SCRIPT), progress=False)
+    assert len(out.read_text().splitlines()) == len(ROWS) and not (tmp_path / "out.jsonl.lock").exists()

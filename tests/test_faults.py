@@ -377,8 +377,8 @@ def test_judge_faults_and_a_changed_parser(server, data, tmp_path, capsys):
 
 def test_bad_input_costs_nothing_and_leaves_nothing(server, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(ITEMS[0]) + "\n" + json.dumps({**ITEMS[1], "candidates": ["ok", ""]}) + "\n")
+    bad.write_text(json.dumps(ITEMS[0]) + "\n" + json.dumps({**ITEMS[1], "candidates": ["ok", 3]}) + "\n")
     out = tmp_path / "o" / "ranked.jsonl"
     rc, err = run_cli(J.main, [str(bad), str(out), "--base-url", server.base_url, "--model", "j", *FAST], capsys)
-    assert rc == 2 and re.search(r"bad\.jsonl:2: field 'candidates\[1\]': empty response", err)
+    assert rc == 2 and re.search(r"bad\.jsonl:2: field 'candidates\[1\]': expected str, got int", err)
     assert server.count() == 0 and not (tmp_path / "o").exists()

@@ -325,3 +325,20 @@ def test_bad_judge_input_names_file_line_and_field(tmp_path):
                  json.dumps({"instruction": "q", "candidates": ["a", 3]}) + "\n")
     with pytest.raises(ValueError, match=r"x\.jsonl:2: field 'candidates\[1\]'"):
         J.read_candidates(str(p))
+
+
+def test_empty_candidates_are_not_shown_and_are_listed(server, tmp_path):
+    row = {"id": "e", "instruction": "Name a colour.", "input": "", "output": "Red.",
+           "candidates": ["Red.", "", "Blue.", "Green."], "num_tokens": [2, 0, 2, 2]}
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    out = str(tmp_path / "out.jsonl")
+    s = judge_run(server, str(data), out, tmp_path / "s.jsonl", orders=2)
+    assert s.written == 1 and s.counters["empty_candidates"] == 1
+    for req in server.requests:  # three responses shown, ids 0..2, the judge's own is 3
+        assert "###Response 3:" not in req["text"] and "Response 0/1/2 in reply" in req["text"]
+    rec = read(out)[0]
+    assert sorted(rec["candidates"]) == ["Blue.", "Green.", "Red."] and rec["judge"]["dropped"] == [1]
+    assert rec["scores"] == sorted(rec["scores"], reverse=True) and rec["num_tokens"] == [2, 2, 2]
+    for po in rec["judge"]["per_order"]:  # indices of the input row, never the empty one
+        assert sorted(po["order"]) == [0, 2, 3] and 1 not in po["ranking"]

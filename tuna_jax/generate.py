@@ -61,6 +61,7 @@ must stay instant (cli.py's rule).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -72,6 +73,7 @@ from typing import Any, Sequence
 
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import check_settings, dumps, iter_jsonl, read_out_lines
+from tuna_jax.io.lock import OutputLock
 from tuna_jax.samples import Sample
 
 log = logging.getLogger(__name__)
@@ -392,8 +394,6 @@ class Sampler:
 
     def _run_batch(self, rows: list[tuple[list[int], int, int]], params: SamplingParams) -> list[Sample]:
         """rows: (prompt ids, rng_id, sample index) -> one Sample each (at most batch_size rows)."""
-        import contextlib
-
         import jax
         import numpy as np
 
@@ -579,32 +579,35 @@ def generate_file(sampler: Sampler, prompts_path: str, out_path: str, params: Sa
     settings = {"n": n, **dataclasses.asdict(params), "stop_ids": list(sampler.stop_ids),
                 "add_bos": sampler.policy.add_bos, "bos_override": sampler.policy.bos_override, **(meta or {})}
     writer = _is_main_process()
-    # OUT.params.json: resuming with other settings would mix samples from two distributions.
-    check_settings(out_path, settings, write=writer)
-    done = read_done(out_path, prompts, fix=writer)
-    todo = [pl for pl in prompts if pl.index not in done]
-    if done:
-        print(f"resuming: {len(done)} of {len(prompts)} lines already in {out_path}", file=sys.stderr)
-    group = lines_per_call or max(1, (4 * sampler.batch_size) // n)
-    written = 0
-    bar = tqdm(total=len(prompts), initial=len(done), desc="generate", unit="ex", file=sys.stderr, disable=not progress)
-    with open(out_path if writer else os.devnull, "a", encoding="utf-8") as f, bar:
-        for s in range(0, len(todo), group):
-            part = todo[s:s + group]
-            results = sampler.generate([encoded[pl.index] for pl in part], params, n=n,
-                                       rng_ids=[pl.index for pl in part])
-            for pl, samples in zip(part, results):
-                rec: dict[str, Any] = {"index": pl.index}
-                if pl.has_id:
-                    rec["id"] = pl.id
-                rec["samples"] = [smp.to_json(sampling_logprobs) for smp in samples]
-                f.write(dumps(rec) + "\n")
-                written += 1
-            f.flush()
-            if writer:
-                os.fsync(f.fileno())
-            bar.update(len(part))
-    return written
+    # One run per OUT: a second one would append the same lines again (OUT.lock, released at the end).
+    with OutputLock(out_path) if writer else contextlib.nullcontext():
+        # OUT.params.json: resuming with other settings would mix samples from two distributions.
+        check_settings(out_path, settings, write=writer)
+        done = read_done(out_path, prompts, fix=writer)
+        todo = [pl for pl in prompts if pl.index not in done]
+        if done:
+            print(f"resuming: {len(done)} of {len(prompts)} lines already in {out_path}", file=sys.stderr)
+        group = lines_per_call or max(1, (4 * sampler.batch_size) // n)
+        written = 0
+        bar = tqdm(total=len(prompts), initial=len(done), desc="generate", unit="ex", file=sys.stderr,
+                   disable=not progress)
+        with open(out_path if writer else os.devnull, "a", encoding="utf-8") as f, bar:
+            for s in range(0, len(todo), group):
+                part = todo[s:s + group]
+                results = sampler.generate([encoded[pl.index] for pl in part], params, n=n,
+                                           rng_ids=[pl.index for pl in part])
+                for pl, samples in zip(part, results):
+                    rec: dict[str, Any] = {"index": pl.index}
+                    if pl.has_id:
+                        rec["id"] = pl.id
+                    rec["samples"] = [smp.to_json(sampling_logprobs) for smp in samples]
+                    f.write(dumps(rec) + "\n")
+                    written += 1
+                f.flush()
+                if writer:
+                    os.fsync(f.fileno())
+                bar.update(len(part))
+        return written
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

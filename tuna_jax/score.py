@@ -17,6 +17,7 @@ This is also the local teacher's scorer (``feedback/teacher.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -31,6 +32,7 @@ from tuna_jax import parallel
 from tuna_jax.data.shapes import bucket_length
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import dumps, iter_jsonl
+from tuna_jax.io.lock import OutputLock
 from tuna_jax.logprobs import sequence_logprobs
 
 
@@ -205,31 +207,34 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
     scorer = Scorer(model, mesh, batch_rows)
     non_finite = 0
     written = 0
-    tmp = pathlib.Path(str(out) + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f, tqdm(total=len(lines), desc="score", unit="ex",
-                                                      disable=not progress, file=sys.stderr) as bar:
-        for s in range(0, len(lines), examples_per_flush):
-            group = lines[s:s + examples_per_flush]
-            rows: list[ScoreRow] = []
-            for e, (lineno, obj) in enumerate(group):
-                rows += rows_for_line(obj, f"{data}:{lineno}", e, encoder, cfg.vocab_size, max_len)
-            results = scorer.score_rows(rows)
-            per_example: list[list[tuple[float, int]]] = [[] for _ in group]
-            for row, res in zip(rows, results):
-                per_example[row.example].append(res)
-            for e, (lineno, obj) in enumerate(group):
-                rec = {"index": s + e}
-                if "id" in obj:
-                    rec["id"] = obj["id"]
-                sums = [_finite(lp) for lp, _ in per_example[e]]
-                non_finite += sum(x is None for x in sums)
-                rec["candidates"] = [{"logprob_sum": lp, "num_tokens": n} for lp, (_, n) in zip(sums, per_example[e])]
-                rec["logprob_sum"] = sums
-                rec["num_tokens"] = [n for _, n in per_example[e]]
-                f.write(dumps(rec) + "\n")
-                written += 1
-            bar.update(len(group))
-    tmp.replace(out)
+    # One run per OUT (OUT.lock): two would write one OUT.partial at once.
+    with OutputLock(out) if jax.process_index() == 0 else contextlib.nullcontext():
+        tmp = pathlib.Path(str(out) + ".partial")
+        with open(tmp, "w", encoding="utf-8") as f, tqdm(total=len(lines), desc="score", unit="ex",
+                                                          disable=not progress, file=sys.stderr) as bar:
+            for s in range(0, len(lines), examples_per_flush):
+                group = lines[s:s + examples_per_flush]
+                rows: list[ScoreRow] = []
+                for e, (lineno, obj) in enumerate(group):
+                    rows += rows_for_line(obj, f"{data}:{lineno}", e, encoder, cfg.vocab_size, max_len)
+                results = scorer.score_rows(rows)
+                per_example: list[list[tuple[float, int]]] = [[] for _ in group]
+                for row, res in zip(rows, results):
+                    per_example[row.example].append(res)
+                for e, (lineno, obj) in enumerate(group):
+                    rec = {"index": s + e}
+                    if "id" in obj:
+                        rec["id"] = obj["id"]
+                    sums = [_finite(lp) for lp, _ in per_example[e]]
+                    non_finite += sum(x is None for x in sums)
+                    rec["candidates"] = [{"logprob_sum": lp, "num_tokens": n}
+                                         for lp, (_, n) in zip(sums, per_example[e])]
+                    rec["logprob_sum"] = sums
+                    rec["num_tokens"] = [n for _, n in per_example[e]]
+                    f.write(dumps(rec) + "\n")
+                    written += 1
+                bar.update(len(group))
+        tmp.replace(out)
     if non_finite:
         print(f"score: WARNING: {non_finite} log-likelihood(s) were not finite (numerical overflow; try --dtype "
               f"float32) and are written as null", file=sys.stderr)

@@ -51,7 +51,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 from tuna_jax.data.templates import format_prompt, parse_prompt
 from tuna_jax.io.errors import InputError
-from tuna_jax.io.jsonl import read_text
+from tuna_jax.io.jsonl import dumps, read_text
 
 
 # Bad input data: ``where`` is ``file:line`` (or ``file[row]``), ``field`` the offending key. The
@@ -604,7 +604,7 @@ def write_jsonl(path: str, records: Iterable[Record], *, append: bool = True) ->
         if needs_nl:
             f.write("\n")
         for rec in records:
-            f.write(json.dumps(record_to_dict(rec), ensure_ascii=False) + "\n")
+            f.write(dumps(record_to_dict(rec)) + "\n")
             f.flush()
             n += 1
     return n

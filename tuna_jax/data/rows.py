@@ -3,10 +3,12 @@
 * instruction rows ``{id?, instruction, input?, output?}`` -- the input of ``tuna-jax teacher`` and
   ``tuna-jax sample-diverse``;
 * candidate rows ``{id?, instruction, input?, output?, candidates: [str], logprobs?, num_tokens?,
-  finish_reasons?}`` -- the input of ``tuna-jax judge`` and ``tuna-jax prm rerank``.
+  finish_reasons?}`` -- the input of ``tuna-jax judge`` and ``tuna-jax prm rerank``. An empty candidate
+  is allowed here (``sample-diverse`` keeps and counts the empty responses a model gives): the judge
+  and the PRM drop it from their record with a count, as training would refuse it.
 
 Sources: JSON lists, JSON Lines, ``hf:NAME`` (``records.iter_rows``). Text fields are strings,
-candidates a non-empty list of non-empty strings, candidate-aligned fields have one finite value per
+candidates a non-empty list of strings, candidate-aligned fields have one finite value per
 candidate, ``id`` is a string or an integer (the row number when absent). The first bad row is an
 InputError naming ``FILE:LINE`` and the field: these commands pay per row, so a bad file stops before
 the first request rather than after a skipped row nobody reads about.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator
 
-from tuna_jax.data.records import _get, _num_list, _str_list, iter_rows
+from tuna_jax.data.records import _get, _num_list, iter_rows
 from tuna_jax.io.errors import InputError
 
 
@@ -96,7 +98,13 @@ def read_candidates(path: str, reference_field: str = "output", limit: int | Non
     items = []
     for n, where, row in iter_objects(path, limit):
         ins, inp, out = _text_fields(row, where)
-        cands = _str_list(row, "candidates", where)
+        cands = _get(row, "candidates", where, list)
+        if not cands:
+            raise InputError(where, "candidates", "empty list", reason="empty_candidates")
+        for k, c in enumerate(cands):
+            if not isinstance(c, str):
+                raise InputError(where, f"candidates[{k}]", f"expected str, got {type(c).__name__}",
+                                 reason="wrong_type")
         aligned = {}
         for field, typ in ALIGNED_FIELDS.items():
             if row.get(field) is None:

@@ -118,7 +118,7 @@ from tuna_jax.eval import superni as superni_mod
 from tuna_jax.eval import vicuna as vicuna_mod
 from tuna_jax.eval.common import read_predictions_jsonl, warn
 from tuna_jax.io.errors import InputError
-from tuna_jax.io.jsonl import check_settings, read_text, write_json
+from tuna_jax.io.jsonl import check_settings, dumps, read_text, write_json
 
 logger = logging.getLogger("tuna_jax.eval")
 
@@ -632,7 +632,7 @@ class _Cache:
             tmp = self.path + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 for rec in kept.values():
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    f.write(dumps(rec) + "\n")
             os.replace(tmp, self.path)
         return kept
 
@@ -717,7 +717,7 @@ def _predict(cfg: EvalConfig, spec: ModelSpec, prompter: _Prompter, jobs: dict[s
                         rec = {"id": j.id, "prediction": (smp.text or "").strip(), "finish_reason": smp.finish_reason,
                                "num_tokens": smp.num_tokens, "prompt_tokens": len(j.ids),
                                "prompt_truncated": j.truncated, "prompt_sha1": j.sha1}
-                        files[j.benchmark].write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        files[j.benchmark].write(dumps(rec) + "\n")
                     for f in files.values():
                         f.flush()
                     bar.update(len(part))

@@ -72,7 +72,7 @@ from tuna_jax.feedback.store import BudgetExceeded, FatalRunError
 from tuna_jax.io.cli import report_stop
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.items import ItemOutcome, RunSummary, run_items
-from tuna_jax.io.jsonl import iter_jsonl, read_json, read_records, read_text
+from tuna_jax.io.jsonl import dumps, iter_jsonl, read_json, read_records, read_text
 
 logger = logging.getLogger("tuna_jax.eval")
 
@@ -257,7 +257,7 @@ def write_answers(path: str | os.PathLike, records: Sequence[Mapping[str, Any]])
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(dumps(r) + "\n")
     os.replace(tmp, path)
     return path
 

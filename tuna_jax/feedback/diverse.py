@@ -40,6 +40,7 @@ and runs with the real sampler through :func:`sampler_fn`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -50,6 +51,7 @@ from typing import Any, Callable, Sequence
 
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import check_settings, dumps, read_out_lines, write_json
+from tuna_jax.io.lock import OutputLock
 
 logger = logging.getLogger("tuna_jax.feedback")
 
@@ -263,7 +265,7 @@ def _read_done(out_path: str, items: Sequence[DiverseItem]) -> dict[str, dict]:
 def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg: DiverseConfig = DiverseConfig(),
                         *, settings: dict | None = None, items_per_call: int = 16, limit: int | None = None,
                         progress: bool = True, check_prompt: Callable[[str, str], None] | None = None,
-                        items: list[DiverseItem] | None = None) -> DiverseReport:
+                        items: list[DiverseItem] | None = None, lock: bool = True) -> DiverseReport:
     """Run the procedure for every instruction of ``input_path`` not yet in ``out_path`` and append the
     records (flushed and fsynced per group of ``items_per_call`` items). ``settings``: what else defines the
     samples (model, seed, max_new_tokens ...), recorded in OUT.params.json with ``cfg``. ``check_prompt(prompt,
@@ -281,28 +283,31 @@ def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg
                 check_prompt(format_prompt(it.instruction, it.input), it.where)
             except ValueError as e:
                 raise InputError(str(e)) from None
-    check_settings(out_path, {**dataclasses.asdict(cfg), **(settings or {})})
-    done = _read_done(out_path, items)
-    todo = [it for it in items if json.dumps(it.id) not in done]
-    if done:
-        print(f"resuming: {len(done)} of {len(items)} instructions already in {out_path}", file=sys.stderr)
-    sim = PairwiseRougeL()
-    group = max(1, items_per_call)
-    new: dict[str, dict] = {}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(items), initial=len(done), desc="sample-diverse",
-                                                        unit="ex", file=sys.stderr, disable=not progress) as bar:
-        for s in range(0, len(todo), group):
-            part = todo[s:s + group]
-            for rec in diversify(part, sample_fn, cfg, sim):
-                f.write(dumps(rec) + "\n")
-                new[json.dumps(rec["id"])] = rec
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(part))
-            recs = [*done.values(), *new.values()]
-            bar.set_postfix(retries=sum(r["diversity"]["trials"] - 1 for r in recs),
-                            fallbacks=sum(r["diversity"]["fallback"] for r in recs))
+    # One run per OUT: a second one would sample and append the same instructions again. ``lock=False``
+    # on the processes of a multi-host run other than the first (they share OUT on a shared filesystem).
+    with OutputLock(out_path) if lock else contextlib.nullcontext():
+        check_settings(out_path, {**dataclasses.asdict(cfg), **(settings or {})})
+        done = _read_done(out_path, items)
+        todo = [it for it in items if json.dumps(it.id) not in done]
+        if done:
+            print(f"resuming: {len(done)} of {len(items)} instructions already in {out_path}", file=sys.stderr)
+        sim = PairwiseRougeL()
+        group = max(1, items_per_call)
+        new: dict[str, dict] = {}
+        with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(items), initial=len(done),
+                                                            desc="sample-diverse", unit="ex", file=sys.stderr,
+                                                            disable=not progress) as bar:
+            for s in range(0, len(todo), group):
+                part = todo[s:s + group]
+                for rec in diversify(part, sample_fn, cfg, sim):
+                    f.write(dumps(rec) + "\n")
+                    new[json.dumps(rec["id"])] = rec
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(part))
+                recs = [*done.values(), *new.values()]
+                bar.set_postfix(retries=sum(r["diversity"]["trials"] - 1 for r in recs),
+                                fallbacks=sum(r["diversity"]["fallback"] for r in recs))
     all_records = [done.get(json.dumps(it.id)) or new[json.dumps(it.id)] for it in items]
     return DiverseReport.from_records(all_records, cfg.max_trials)
 
@@ -391,7 +396,8 @@ def run_diverse(model_path: str, input_path: str, out_path: str, cfg: DiverseCon
     main = jax_main_process()
     report = sample_diverse_file(input_path, out_path, fn, cfg, settings=settings,
                                  items_per_call=items_per_call or max(1, (4 * sampler.batch_size) // cfg.n),
-                                 limit=limit, progress=progress and main, check_prompt=check_prompt, items=items)
+                                 limit=limit, progress=progress and main, check_prompt=check_prompt, items=items,
+                                 lock=main)
     if main:
         write_json(out_path + ".report.json", report.to_json(), indent=1)
     return report

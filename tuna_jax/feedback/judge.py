@@ -348,15 +348,23 @@ class LLMJudge:
 
     def judge(self, item: CandidateRow) -> ItemOutcome:
         c = self.config
-        n = len(item.candidates)
+        # Empty responses (sample-diverse keeps and counts them) are not shown to the judge: they cannot win
+        # and would cost tokens. They are dropped from the record, counted and listed.
+        shown = [k for k, text in enumerate(item.candidates) if text.strip()]
+        n = len(shown)
         counters: dict[str, int] = {}
+        if n < len(item.candidates):
+            counters["empty_candidates"] = len(item.candidates) - n
+        if not shown:
+            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "every candidate is empty"},
+                               counters={**counters, "no_ranked_candidate": 1})
         orders = presentation_orders(n, c.orders, c.seed, item.id)
         per_order = []
-        rankings = []
+        rankings = []  # over positions in ``shown``
         msgs0 = [{"role": "system", "content": c.system_prompt}] if c.system_prompt else []
         params = {"temperature": c.temperature, "top_p": c.top_p, "max_tokens": c.max_tokens}
         for perm in orders:
-            prompt = build_ranking_prompt(item.instruction, item.input, [item.candidates[p] for p in perm])
+            prompt = build_ranking_prompt(item.instruction, item.input, [item.candidates[shown[p]] for p in perm])
             # A reply whose rank does not parse is stored as unusable and asked again as a new request.
             try:
                 got = ask_parsed(self.client, msgs0 + [{"role": "user", "content": prompt}],
@@ -378,23 +386,25 @@ class LLMJudge:
                                             "error": f"no parseable ranking in {len(got.tries)} replies",
                                             "replies": got.tries}, counters=counters)
             labels = got.value
-            ranking = [perm[l] for l in labels if l != n]
-            rankings.append(ranking)
+            rankings.append([perm[l] for l in labels if l != n])
             reply = got.tries[-1]["reply"]
             own_scores = parse_scores(reply, list(range(n + 1)))
-            per_order.append({
-                "order": perm, "rank": labels, "ranking": ranking,
+            per_order.append({  # candidate indices of the input row
+                "order": [shown[p] for p in perm], "rank": labels,
+                "ranking": [shown[perm[l]] for l in labels if l != n],
                 "own_rank": labels.index(n) if n in labels else None,
                 "response_own": extract_own_response(reply, n),
-                "response_scores": {str(perm[l]): s for l, s in own_scores.items() if l != n},
+                "response_scores": {str(shown[perm[l]]): s for l, s in own_scores.items() if l != n},
                 "own_score": own_scores.get(n), "reply": reply, "attempts": len(got.tries),
                 "failed_replies": [t for t in got.tries if "error" in t]})
-        scores = borda(rankings, n)
+        scores: list[float | None] = [None] * len(item.candidates)
+        for pos, score in enumerate(borda(rankings, n)):  # Borda points among the candidates shown
+            scores[shown[pos]] = score
         meta = {"kind": "llm", "model": self.client.config.model, "prompt": "tuna-reference", "orders": len(orders),
                 "temperature": c.temperature, "per_order": per_order}
         rec, dropped = _record(item, scores, meta)
-        if dropped:
-            counters["unranked_candidates"] = len(dropped)
+        if len(dropped) > len(item.candidates) - n:
+            counters["unranked_candidates"] = len(dropped) - (len(item.candidates) - n)
         if not rec["candidates"]:
             counters["no_ranked_candidate"] = 1
             return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "no candidate was ranked"},
@@ -429,10 +439,13 @@ class MetricJudge:
             return ItemOutcome(failure={"id": item.id, "where": item.where,
                                         "error": f"no reference answer in field {self.config.reference_field!r}"},
                                counters={"no_reference": 1})
-        scores = [self.score(item.reference, c) for c in item.candidates]
+        scores = [self.score(item.reference, c) if c.strip() else None for c in item.candidates]
         meta = {"kind": "metric", "metric": self.config.metric, "reference_field": self.config.reference_field}
-        rec, _ = _record(item, scores, meta)
-        return ItemOutcome(record=rec)
+        rec, dropped = _record(item, scores, meta)  # empty responses are dropped, counted and listed
+        if not rec["candidates"]:
+            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "every candidate is empty"},
+                               counters={"empty_candidates": len(dropped), "no_ranked_candidate": 1})
+        return ItemOutcome(record=rec, counters={"empty_candidates": len(dropped)} if dropped else {})
 
 
 def run_judge(input_path: str, out_path: str, judge: LLMJudge | MetricJudge, *, reference_field: str = "output",

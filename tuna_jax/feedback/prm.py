@@ -44,6 +44,8 @@ import sys
 import time
 from typing import Sequence
 
+from tuna_jax.io.jsonl import dumps
+from tuna_jax.io.lock import OutputLock
 
 PRM_FORMAT, PRM_VERSION = "tuna-jax-prm", 1
 
@@ -445,58 +447,60 @@ def rerank_file(prm: ProxyRankingModel, input_path: str, out_path: str, *, token
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     model_name = prm.path or "prm"
     failures = []
-    with open(partial, "w", encoding="utf-8") as out, tqdm(total=len(items), desc="prm rerank", unit="ex",
-                                                           disable=not progress, file=sys.stderr) as bar:
-        for s in range(0, len(items), items_per_flush):
-            group = items[s:s + items_per_flush]
-            rows, owners, prepared = [], [], []
-            for item in group:
-                keep = [k for k, c in enumerate(item.candidates) if c.strip()]
-                dropped = [{"index": k, "reason": "empty_response"} for k in range(len(item.candidates))
-                           if k not in keep]
-                summary.dropped_candidates += len(dropped)
-                report = SkipReport()
-                rec = RankingRecord(item.instruction, item.input, item.output, [item.candidates[k] for k in keep],
-                                    [0.0] * len(keep), str(item.id), source=item.where)
-                try:
-                    if not keep:
-                        raise DataError(item.where, "candidates", "no non-empty candidate to score",
-                                        reason="empty_candidates")
-                    (ex,), report = tokenize_ranking([rec], tokenizer, policy, max_len, len(keep),
-                                                     mle_target="all", report=report)
-                except DataError as e:
-                    failures.append({"id": item.id, "where": item.where, "error": str(e)})
-                    prepared.append(None)
-                    continue
-                summary.truncated_prompts += report.changed.get("prompt_truncated_left", 0)
-                prompt = [int(t) for t in ex.prompt_ids]
-                for k, resp in zip(keep, ex.responses):
-                    rows.append(prompt + [int(t) for t in resp])
-                    owners.append((len(prepared), k))
-                prepared.append((item, keep, dropped))
-            rewards = prm.rewards(rows, batch_rows=batch_rows, max_len=max_len) if rows else []
-            per_item: dict[int, dict[int, float]] = {}
-            for (p, k), r in zip(owners, rewards):
-                per_item.setdefault(p, {})[k] = r
-            for p, entry in enumerate(prepared):
-                if entry is None:
-                    continue
-                item, keep, dropped = entry
-                order = sorted(keep, key=lambda k: (-per_item[p][k], k))  # best first, ties in input order
-                rec = {"id": item.id, "instruction": item.instruction, "input": item.input, "output": item.output,
-                       "candidates": [item.candidates[k] for k in order], "scores": [per_item[p][k] for k in order],
-                       "prm": {"model": model_name, "candidate_index": order, "dropped": dropped}}
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                summary.written += 1
-            out.flush()
-            bar.update(len(group))
-    summary.failed = len(failures)
-    os.replace(partial, out_path)
-    if failures:
-        with open(failed_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in failures)
-    elif os.path.exists(failed_path):
-        os.remove(failed_path)  # a stale failure list from an earlier run would mislead
+    # One run per OUT (OUT.lock): two would write one OUT.partial at once.
+    with OutputLock(out_path):
+        with open(partial, "w", encoding="utf-8") as out, tqdm(total=len(items), desc="prm rerank", unit="ex",
+                                                               disable=not progress, file=sys.stderr) as bar:
+            for s in range(0, len(items), items_per_flush):
+                group = items[s:s + items_per_flush]
+                rows, owners, prepared = [], [], []
+                for item in group:
+                    keep = [k for k, c in enumerate(item.candidates) if c.strip()]
+                    dropped = [{"index": k, "reason": "empty_response"} for k in range(len(item.candidates))
+                               if k not in keep]
+                    summary.dropped_candidates += len(dropped)
+                    report = SkipReport()
+                    rec = RankingRecord(item.instruction, item.input, item.output, [item.candidates[k] for k in keep],
+                                        [0.0] * len(keep), str(item.id), source=item.where)
+                    try:
+                        if not keep:
+                            raise DataError(item.where, "candidates", "no non-empty candidate to score",
+                                            reason="empty_candidates")
+                        (ex,), report = tokenize_ranking([rec], tokenizer, policy, max_len, len(keep),
+                                                         mle_target="all", report=report)
+                    except DataError as e:
+                        failures.append({"id": item.id, "where": item.where, "error": str(e)})
+                        prepared.append(None)
+                        continue
+                    summary.truncated_prompts += report.changed.get("prompt_truncated_left", 0)
+                    prompt = [int(t) for t in ex.prompt_ids]
+                    for k, resp in zip(keep, ex.responses):
+                        rows.append(prompt + [int(t) for t in resp])
+                        owners.append((len(prepared), k))
+                    prepared.append((item, keep, dropped))
+                rewards = prm.rewards(rows, batch_rows=batch_rows, max_len=max_len) if rows else []
+                per_item: dict[int, dict[int, float]] = {}
+                for (p, k), r in zip(owners, rewards):
+                    per_item.setdefault(p, {})[k] = r
+                for p, entry in enumerate(prepared):
+                    if entry is None:
+                        continue
+                    item, keep, dropped = entry
+                    order = sorted(keep, key=lambda k: (-per_item[p][k], k))  # best first, ties in input order
+                    rec = {"id": item.id, "instruction": item.instruction, "input": item.input, "output": item.output,
+                           "candidates": [item.candidates[k] for k in order], "scores": [per_item[p][k] for k in order],
+                           "prm": {"model": model_name, "candidate_index": order, "dropped": dropped}}
+                    out.write(dumps(rec) + "\n")
+                    summary.written += 1
+                out.flush()
+                bar.update(len(group))
+        summary.failed = len(failures)
+        os.replace(partial, out_path)
+        if failures:
+            with open(failed_path, "w", encoding="utf-8") as f:
+                f.writelines(dumps(x) + "\n" for x in failures)
+        elif os.path.exists(failed_path):
+            os.remove(failed_path)  # a stale failure list from an earlier run would mislead
     return summary
 
 
