@@ -100,6 +100,20 @@ def test_output_lock_is_exclusive_and_leaves_nothing(tmp_path):
         pass
 
 
+def test_a_rewritten_output_is_set_aside_until_the_new_one_is_complete(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    with OutputLock(str(out), rewrites=True):  # a run that stops before its output is complete
+        assert not out.exists()
+    assert (tmp_path / "out.jsonl.previous").read_text() == "old\n"
+    with OutputLock(str(out), rewrites=True) as lock:  # a run that finishes
+        out.write_text("new\n")
+        lock.commit()
+    assert out.read_text() == "new\n" and not (tmp_path / "out.jsonl.previous").exists()
+    with OutputLock(str(out)):  # an appending command (generate, sample-diverse) leaves OUT where it is
+        assert out.exists()
+
+
 # ------------------------------------------------------------------------------------------ the item loop
 def _work(i):
     if i == 7:

@@ -207,8 +207,8 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
     scorer = Scorer(model, mesh, batch_rows)
     non_finite = 0
     written = 0
-    # One run per OUT (OUT.lock): two would write one OUT.partial at once.
-    with OutputLock(out) if jax.process_index() == 0 else contextlib.nullcontext():
+    # One run per OUT (OUT.lock): two would write one OUT.partial at once; an earlier OUT is set aside.
+    with OutputLock(out, rewrites=True) if jax.process_index() == 0 else contextlib.nullcontext() as lock:
         tmp = pathlib.Path(str(out) + ".partial")
         with open(tmp, "w", encoding="utf-8") as f, tqdm(total=len(lines), desc="score", unit="ex",
                                                           disable=not progress, file=sys.stderr) as bar:
@@ -235,6 +235,8 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
                     written += 1
                 bar.update(len(group))
         tmp.replace(out)
+        if lock is not None:
+            lock.commit()
     if non_finite:
         print(f"score: WARNING: {non_finite} log-likelihood(s) were not finite (numerical overflow; try --dtype "
               f"float32) and are written as null", file=sys.stderr)

@@ -447,8 +447,8 @@ def rerank_file(prm: ProxyRankingModel, input_path: str, out_path: str, *, token
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     model_name = prm.path or "prm"
     failures = []
-    # One run per OUT (OUT.lock): two would write one OUT.partial at once.
-    with OutputLock(out_path):
+    # One run per OUT (OUT.lock): two would write one OUT.partial at once; an earlier OUT is set aside.
+    with OutputLock(out_path, rewrites=True) as lock:
         with open(partial, "w", encoding="utf-8") as out, tqdm(total=len(items), desc="prm rerank", unit="ex",
                                                                disable=not progress, file=sys.stderr) as bar:
             for s in range(0, len(items), items_per_flush):
@@ -501,6 +501,7 @@ def rerank_file(prm: ProxyRankingModel, input_path: str, out_path: str, *, token
                 f.writelines(dumps(x) + "\n" for x in failures)
         elif os.path.exists(failed_path):
             os.remove(failed_path)  # a stale failure list from an earlier run would mislead
+        lock.commit()
     return summary
 
 

@@ -106,13 +106,9 @@ def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path
     stop_exc: BaseException | None = None
     window = max(1, concurrency) * 2  # bounded look-ahead keeps the reorder buffer small
 
-    with OutputLock(out_path):
-        if os.path.exists(out_path):
-            os.replace(out_path, previous)
-            logger.info("%s: the earlier run's output moved to %s until this run finishes", out_path, previous)
-        for stale in (failed_path,):
-            if os.path.exists(stale):
-                os.remove(stale)  # it is rewritten by this run; an old list would mislead
+    with OutputLock(out_path, rewrites=True) as lock:
+        if os.path.exists(failed_path):
+            os.remove(failed_path)  # it is rewritten by this run; an old list would mislead
         with open(partial, "w", encoding="utf-8") as out, open(failed_partial, "w", encoding="utf-8") as bad, \
                 tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True, file=sys.stderr) as bar, \
                 cf.ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
@@ -179,6 +175,5 @@ def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path
             os.replace(failed_partial, failed_path)
         else:
             os.remove(failed_partial)
-        if os.path.exists(previous):
-            os.remove(previous)
+        lock.commit()
     return summary

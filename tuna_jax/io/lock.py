@@ -1,13 +1,20 @@
-"""One run per output file.
+"""One run per output file, and no stale output that looks current.
 
 Two runs writing the same OUT (say, the same command started twice, or once with another ``--store``)
 would pay for every request twice and interleave or overwrite each other's lines. :class:`OutputLock`
 holds an exclusive advisory lock (``flock``) on ``OUT.lock`` for the whole run; a second run fails at once
 with one line naming OUT and the first run's process id. The lock file is removed on release; the lock
 is released by the kernel if the process dies (kill -9 included), so a stale ``OUT.lock`` never blocks.
+
+Commands that rewrite OUT (through ``OUT.partial``, renamed at the end) pass ``rewrites=True``: a
+finished OUT of an earlier run is then moved to ``OUT.previous`` when the lock is taken, so a rerun that
+stops early does not leave the old file looking like its own result, and :meth:`OutputLock.commit`
+removes ``OUT.previous`` once the new OUT is in place. Commands that append to OUT and resume from it
+(``generate``, ``sample-diverse``) leave it where it is.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 try:
@@ -23,9 +30,11 @@ class OutputBusyError(RuntimeError):
 class OutputLock:
     """Context manager: ``with OutputLock(out_path): ...`` (see the module docstring)."""
 
-    def __init__(self, out_path: str | os.PathLike):
+    def __init__(self, out_path: str | os.PathLike, rewrites: bool = False):
         self.out_path = os.fspath(out_path)
         self.path = self.out_path + ".lock"
+        self.previous = self.out_path + ".previous"
+        self.rewrites = rewrites
         self._fd: int | None = None
 
     def acquire(self) -> "OutputLock":
@@ -57,7 +66,16 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+        if self.rewrites and os.path.exists(self.out_path):
+            os.replace(self.out_path, self.previous)
+            logging.getLogger("tuna_jax").info("%s: the earlier run's output moved to %s until this run finishes",
+                                               self.out_path, self.previous)
         return self
+
+    def commit(self) -> None:
+        """The new OUT is in place: the earlier run's ``OUT.previous`` is no longer needed."""
+        if os.path.exists(self.previous):
+            os.remove(self.previous)
 
     def release(self) -> None:
         if self._fd is None:
