@@ -130,7 +130,7 @@ class Ours:
 
         self.lcfg = LlamaConfig.from_hf(hf, dtype=args.dtype, remat_policy=args.remat, attention=args.attention)
         n_data = mesh.shape["data"] * mesh.shape["fsdp"]
-        it = BatchIterator(examples, make_collator(self.cfg, 0, unit_multiple=n_data), args.batch, shuffle=False,
+        it = BatchIterator(examples, make_collator(self.cfg, 0, n_data), args.batch, shuffle=False,
                            num_epochs=1)  # batch i = examples[i*B:(i+1)*B] for every variant
         self.host_batches = [next(it) for _ in range(args.batches)]
         self.mesh = mesh
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
     ap.add_argument("--remat", default="none")
     ap.add_argument("--pad-to-multiple", type=int, default=64)
     ap.add_argument("--logits-budget-mb", type=int, default=None, help="loss.logits_budget_mb (default: the config's)")
-    ap.add_argument("--row-len", type=int, default=0, help="data.row_len for packed (0: auto)")
+    ap.add_argument("--row-len", type=int, default=0, help="data.row_len for packed (0: max_len)")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     args = ap.parse_args(argv)
     if not args.gpu:

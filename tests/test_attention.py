@@ -13,9 +13,9 @@ from test_layouts import make_examples
 
 def _rows(layout, block=8):
     ex = make_examples(6, 3, seed=7)
-    coll = LayoutCollator(layout, "ranking", 24, 0, 3, "original", pad_to_multiple=8, attention_block=block)
-    row_len = coll.auto_row_len(ex) if layout == "packed" else 0
-    b = coll(ex, coll.plan([ex], row_len), row_len)
+    coll = LayoutCollator(layout, "ranking", 24, 0, 3, "original", pad_to_multiple=8, attention_block=block,
+                          row_len=48)
+    b = coll(ex, coll.plan([ex]))
     u, q, length = b["segment_ids"].shape
     seg = b["segment_ids"].reshape(u * q, length)
     br = b["branch_ids"].reshape(u * q, length) if "branch_ids" in b else None

@@ -67,9 +67,10 @@ def test_padded_ranking_batch(mle_target):
     assert b["input_ids"].shape == (2, q, longest) and b["input_ids"].dtype == np.int32
     assert b["segment_ids"].dtype == np.int32 and b["positions"].dtype == np.int32
     assert b["candidate_mask"].dtype == bool and b["target"].dtype == np.float32
-    assert b["target"].shape == (2, 1, 4) and b["candidate_mask"].shape == (2, 1, 4)
-    assert b["candidate_mask"][:, 0].tolist() == [[True, True, True, False], [True, True, False, False]]
-    assert b["target"][:, 0].tolist() == [[0.5, 2.0, 2.0, 0.0], [-1.0, -3.0, 0.0, 0.0]]
+    assert b["target"].shape == (2, 4) and b["candidate_mask"].shape == (2, 4)
+    assert b["candidate_mask"].tolist() == [[True, True, True, False], [True, True, False, False]]
+    assert b["target"].tolist() == [[0.5, 2.0, 2.0, 0.0], [-1.0, -3.0, 0.0, 0.0]]
+    assert b["unit_example"].tolist() == [[0], [1]]
     for i, r in enumerate(recs):
         prompt = [1] + TOK.encode(r.prompt)
         for k in range(4):
@@ -86,12 +87,12 @@ def test_padded_ranking_batch(mle_target):
         if mle_target == "original":
             check_row(b["input_ids"][i, 4], b["segment_ids"][i, 4], b["positions"][i, 4],
                       [1] + TOK.encode(r.prompt), TOK.encode(mle[i]) + [2], TOK.pad_id)
-            assert b["mle_slot"][i, 0] == 4
+            assert b["mle_slot"][i] == 4
         elif mle_target == "best":  # the best candidate's own slot: no extra row
-            assert r.candidates[b["mle_slot"][i, 0]] == mle[i]
+            assert r.candidates[b["mle_slot"][i]] == mle[i]
         else:
-            assert b["mle_slot"][i, 0] == -1
-    assert b["example_mask"][:, 0].tolist() == [True, True]
+            assert b["mle_slot"][i] == -1
+    assert b["example_mask"].tolist() == [True, True]
     assert b["real_tokens"].tolist() == [sum(len(e.prompt_ids) + len(x) for x in e.responses)
                                          + (len(e.prompt_ids) + len(e.mle) if mle_target == "original" else 0)
                                          for e in ex]
@@ -102,12 +103,12 @@ def test_padded_sft_batch():
     ex, _ = tokenize_sft(recs, TOK, POL, max_len=12)
     b = collate(padded(12, 0, mode="sft"), ex + [None])
     assert set(b) == {"input_ids", "segment_ids", "positions", "score_src", "score_tgt", "score_slot",
-                      "example_mask", "real_tokens"}
+                      "unit_example", "example_mask", "real_tokens"}
     for i, r in enumerate(recs):
         check_row(b["input_ids"][i, 0], b["segment_ids"][i, 0], b["positions"][i, 0],
                   [1] + TOK.encode(r.prompt), TOK.encode(r.output) + [2], TOK.pad_id)
         assert scored(b, i, 0) == TOK.encode(r.output) + [2]
-    assert b["example_mask"][:, 0].tolist() == [True, True, False]
+    assert b["example_mask"].tolist() == [True, True, False]
     assert (b["score_slot"][2] < 0).all() and b["segment_ids"][2].sum() == 0
 
 
@@ -189,11 +190,11 @@ def test_shuffle_is_seeded_and_covers_each_epoch():
     assert it.steps_per_epoch == 3 and len(it) == 6
     seen = [[], []]
     for step, b in enumerate(it):
-        for r in np.flatnonzero(b["example_mask"][:, 0]):
+        for r in np.flatnonzero(b["example_mask"]):
             start = int(b["score_src"][r][0]) + 1  # the first scored token follows the prompt
             seen[step // 3].append(index_of[tuple(b["input_ids"][r, 0, :start].tolist())])
         if step % 3 == 2:  # the last batch of an epoch is padded: 10 = 4 + 4 + 2
-            assert b["example_mask"][:, 0].tolist() == [True, True, False, False]
+            assert b["example_mask"].tolist() == [True, True, False, False]
             assert not b["candidate_mask"][2:].any() and (b["score_slot"][2:] < 0).all()
     assert sorted(seen[0]) == sorted(seen[1]) == list(range(10))  # each epoch: every example once
     assert seen[0] == it.order(0).tolist() and seen[1] == it.order(1).tolist() and seen[0] != seen[1]

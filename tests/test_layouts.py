@@ -38,7 +38,7 @@ def make_examples(n, n_cand=3, seed=0, vocab=60, max_len=24, variable=True):
 def visible_contexts(batch, n):
     """Layout-independent view of a batch: for every scored token, the (position, token) pairs the
     attention mask lets its predicting query see, in order, and the target; keyed by
-    (example index in batch order, slot). Example order: units in order, examples within a unit."""
+    (example index, slot)."""
     ids, seg, pos = (np.asarray(batch[k]) for k in ("input_ids", "segment_ids", "positions"))
     br = np.asarray(batch["branch_ids"]) if "branch_ids" in batch else np.zeros_like(seg)
     u, q, length = ids.shape
@@ -47,10 +47,10 @@ def visible_contexts(batch, n):
     idx = np.arange(length)
     out = {}
     for ui in range(u):
-        for e in range(batch["example_mask"].shape[1]):
-            if not batch["example_mask"][ui, e]:
+        for e in range(batch["unit_example"].shape[1]):
+            key = int(batch["unit_example"][ui, e])
+            if key < 0 or not batch["example_mask"][key]:
                 continue
-            key = (ui, e)
             for s in range(batch["score_slot"].shape[1]):
                 slot = int(batch["score_slot"][ui, s])
                 if slot < 0 or slot // (n + 1) != e:
@@ -62,9 +62,7 @@ def visible_contexts(batch, n):
                                               br_f[ui:ui + 1, r], br_f[ui:ui + 1, r]))[0, 0, col]
                 ctx = [(int(p), int(t)) for p, t in zip(pos_f[ui, r][m], ids_f[ui, r][m])]
                 out.setdefault((key, slot % (n + 1)), []).append((ctx, int(batch["score_tgt"][ui, s])))
-    # re-key examples by order of appearance
-    order = sorted({k for k, _ in out})
-    return {(order.index(k), slot): v for (k, slot), v in out.items()}
+    return out
 
 
 def expected_contexts(examples, n, mode, mle_target):
@@ -86,37 +84,33 @@ def expected_contexts(examples, n, mode, mle_target):
 def test_every_layout_shows_each_scored_token_its_prompt_and_prefix(layout, mode, mle_target):
     n = 3
     ex = make_examples(9, n, seed=1)
-    coll = LayoutCollator(layout, mode, 24, PAD, n, mle_target, pad_to_multiple=8, row_len=48 if layout == "packed" else 0,
-                          attention_block=8)
-    shape = coll.plan([ex + [None]], coll.auto_row_len(ex) if layout == "packed" else 0)
-    b = coll(ex + [None], shape, shape.length)
+    coll = LayoutCollator(layout, mode, 24, PAD, n, mle_target, pad_to_multiple=8, attention_block=8, row_len=32)
+    b = coll(ex + [None], coll.plan([ex + [None]]))
     got = visible_contexts(b, coll.n)
-    if layout == "packed":  # packing reorders examples: match them by their contexts
-        exp_by_prompt = {}
-        for (i, slot), v in expected_contexts(ex, coll.n, mode, mle_target).items():
-            exp_by_prompt.setdefault(i, {})[slot] = v
-        got_by = {}
-        for (i, slot), v in got.items():
-            got_by.setdefault(i, {})[slot] = v
-        assert sorted(map(repr, got_by.values())) == sorted(map(repr, exp_by_prompt.values()))
-    else:
-        assert got == expected_contexts(ex, coll.n, mode, mle_target)
+    # sorted, because a packed example split into pieces contributes its tokens piece by piece
+    assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in expected_contexts(
+        ex, coll.n, mode, mle_target).items()}
     assert b["real_tokens"].sum() == sum(LayoutCollator.real_tokens(e, mode, mle_target) for e in ex)
     if mode == "ranking":
         assert b["candidate_mask"].sum() == sum(len(e.responses) for e in ex)
         if mle_target == "best":  # the MLE target is the best candidate's own slot: no extra tokens
             assert all(0 <= s < n for s in b["mle_slot"][b["example_mask"]])
-    assert b["example_mask"].sum() == len(ex)
+    assert b["example_mask"].tolist() == [True] * len(ex) + [False]
+    if layout == "packed":
+        assert b["input_ids"].shape[-1] == 32  # rows of row_len
+        assert (b["unit_example"] >= 0).sum(1).max() > 1  # several examples share a row
+        if mode == "ranking" and mle_target == "original":
+            pieces = (np.diff(b["segment_ids"][:, 0], axis=-1, prepend=0) > 0).sum()
+            assert pieces > len(ex)  # and groups longer than a row are split
 
 
 @pytest.mark.parametrize("layout", ["prefix_shared", "packed"])
 def test_block_table_lists_every_visible_key(layout):
     ex = make_examples(12, 4, seed=2)
     for block in (4, 8, 16):
-        coll = LayoutCollator(layout, "ranking", 24, PAD, 4, "original", pad_to_multiple=8, attention_block=block)
-        row_len = coll.auto_row_len(ex) if layout == "packed" else 0
-        shape = coll.plan([ex], row_len)
-        b = coll(ex, shape, row_len)
+        coll = LayoutCollator(layout, "ranking", 24, PAD, 4, "original", pad_to_multiple=8, attention_block=block,
+                              row_len=64)
+        b = coll(ex, coll.plan([ex]))
         seg, br, table = b["segment_ids"][:, 0], b["branch_ids"][:, 0], b["kv_blocks"][:, 0]
         length = seg.shape[1]
         idx = np.arange(length)
@@ -126,20 +120,42 @@ def test_block_table_lists_every_visible_key(layout):
         for u, j, m in zip(*np.nonzero(table >= 0)):
             listed[u, j, table[u, j, m]] = True
         assert (need <= listed).all()  # nothing visible is left out
-        assert table.shape[-1] < length // block or block >= 16  # and it does skip blocks
+        if block < 16:
+            assert table.shape[-1] < length // block  # and it does skip blocks
 
 
 def test_packed_shape_is_fixed_for_the_run_and_units_divide():
     ex = make_examples(40, 3, seed=3)
-    coll = LayoutCollator("packed", "ranking", 24, PAD, 3, "original", unit_multiple=4, attention_block=8)
+    coll = LayoutCollator("packed", "ranking", 24, PAD, 3, "original", unit_multiple=4, attention_block=8, row_len=32)
     it = BatchIterator(ex, coll, 8, seed=0, num_epochs=2)
     shapes = {tuple(np.shape(b[k]) for k in ("input_ids", "score_src", "target", "kv_blocks")) for b in it}
     assert len(shapes) == 1
     (ids_shape, *_), = shapes
-    assert ids_shape[0] % 4 == 0 and ids_shape[2] == it.row_len
+    assert ids_shape[0] % 4 == 0 and ids_shape[2] == 32
     hosts = [BatchIterator(ex, coll, 8, seed=0, num_epochs=2, process_index=p, process_count=2) for p in range(2)]
     for a, b in zip(*hosts):  # every host builds the same shapes from its own rows
         assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+@pytest.mark.parametrize("micro,hosts", [(2, 1), (4, 2), (1, 2), (2, 2)])
+def test_packed_micro_batches_hold_their_own_examples(micro, hosts):
+    """The step splits every array into ``micro`` parts along its first axis: each part's rows must
+    hold only that part's examples, indexed within the part."""
+    ex = make_examples(32, 3, seed=8)
+    coll = LayoutCollator("packed", "ranking", 24, PAD, 3, "original", micro_batches=micro, attention_block=8)
+    its = [BatchIterator(ex, coll, 8, seed=0, num_epochs=1, process_index=p, process_count=hosts) for p in range(hosts)]
+    for parts in zip(*its):
+        b = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # the global batch
+        per_micro, units = 8 // micro, b["unit_example"].shape[0] // micro
+        for m in range(micro):
+            ue = b["unit_example"][m * units:(m + 1) * units]
+            assert ue.max() < per_micro
+            got = visible_contexts({**{k: v[m * units:(m + 1) * units] for k, v in b.items()
+                                       if k in ("input_ids", "segment_ids", "positions", "branch_ids", "score_src",
+                                                "score_tgt", "score_slot", "unit_example")},
+                                    "example_mask": b["example_mask"][m * per_micro:(m + 1) * per_micro]}, 3)
+            ids = {k for k, _ in got}
+            assert ids == set(range(per_micro))
 
 
 # ---- model-level exactness -------------------------------------------------------------------
@@ -161,8 +177,7 @@ def _cfg(layout, mode="ranking", mle_target="original", n=3, form="paper"):
 def _sums_and_grads(model, cfg, examples):
     coll = LayoutCollator(cfg.data.layout, cfg.train.mode, cfg.data.max_len, PAD, cfg.data.num_candidates,
                           cfg.loss.mle_target, pad_to_multiple=8, attention_block=cfg.data.attention_block)
-    row_len = coll.auto_row_len(examples) if cfg.data.layout == "packed" else 0
-    batch = coll(examples, coll.plan([examples], row_len), row_len)
+    batch = coll(examples, coll.plan([examples]))
     binder = ParamBinder(model.cfg)
     params = binder.to_pure(model)
 
@@ -205,7 +220,7 @@ def test_sft_layouts_agree():
 def test_per_candidate_logprobs_equal_across_layouts_and_a_numpy_forward():
     """The slot sums of every layout equal log p summed over each response (+EOS) computed from
     the full logits of the plain, unpadded sequence."""
-    from tuna_jax.logprobs import slot_logprobs
+    from tuna_jax.logprobs import example_logprobs
 
     model = Llama(LlamaConfig(**CONFIGS["gqa2_untied"], attention="xla"), nnx.Rngs(2))
     ex = make_examples(5, 3, seed=6)
@@ -217,10 +232,10 @@ def test_per_candidate_logprobs_equal_across_layouts_and_a_numpy_forward():
             logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
             p = len(e.prompt_ids)
             want[(i, k if k < len(e.responses) else 3)] = sum(logp[p + j - 1, r[j]] for j in range(len(r)))
-    for layout in ("padded", "prefix_shared"):  # one example per unit, in order (packed: the sums test)
+    for layout in LAYOUTS:
         coll = LayoutCollator(layout, "ranking", 24, PAD, 3, "original", pad_to_multiple=8, attention_block=8)
-        b = coll(ex, coll.plan([ex]), 0)
-        total, count = slot_logprobs(model, jax.tree.map(jnp.asarray, b), 4)
+        b = coll(ex, coll.plan([ex]))
+        total, count = example_logprobs(model, jax.tree.map(jnp.asarray, b), 4)
         total = np.asarray(total)
         for (i, k), v in want.items():
             assert abs(total[i, k] - v) <= 1e-4 * max(1.0, abs(v)), (layout, i, k)

@@ -48,7 +48,7 @@ class DataConfig:
     beta: float = 1.3  # length exponent when importing probabilistic-ranking files
     pad_to_multiple: int = 64  # batch length = longest in the global batch, rounded up; 0: one shape per run
     layout: str = "packed"  # padded | prefix_shared | packed (data/layouts.py); all give the same losses
-    row_len: int = 0  # packed row length in tokens; 0: the longest prompt+candidates group, rounded up to 128
+    row_len: int = 0  # packed row length in tokens (>= max_len); 0: max_len. Longer groups are split, prompt repeated
     attention_block: int = 64  # block table for the xla attention to skip masked blocks (prefix_shared/packed); 0: dense
     add_bos: bool = True
     add_eos: bool = True

@@ -118,6 +118,22 @@ def slot_logprobs(model: Llama, tokens: dict, num_slots: int, chunk: int = 0,
     return total, jnp.sum(onehot, axis=1)
 
 
+def example_logprobs(model: Llama, batch: dict, slots: int, chunk: int = 0,
+                     budget_mb: float = DEFAULT_BUDGET_MB) -> tuple[jax.Array, jax.Array]:
+    """Per-example, per-slot log-likelihood sums and token counts of a layout batch.
+
+    ``unit_example`` [U, E] names the example of each of a unit's E example places (-1: none);
+    an example's sequences may lie in several units (packed pieces). Returns logprob_sum and
+    num_tokens [B, slots] float32, B = ``example_mask``'s length.
+    """
+    u, e = batch["unit_example"].shape
+    b = batch["example_mask"].shape[0]
+    total, count = slot_logprobs(model, batch, e * slots, chunk, budget_mb)  # [U, E * slots]
+    to_example = (batch["unit_example"][..., None] == jnp.arange(b)).astype(jnp.float32)  # [U, E, B]
+    gather = lambda x: jnp.einsum("uek,ueb->bk", x.reshape(u, e, slots), to_example)  # noqa: E731
+    return gather(total), gather(count)
+
+
 def sequence_logprobs(model: Llama, input_ids: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array | None = None,
                       positions: jax.Array | None = None, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """Sum of log p over the masked tokens and their count, per right-padded sequence.

@@ -37,7 +37,7 @@ from flax import nnx
 
 from tuna_jax import parallel
 from tuna_jax.config import Config
-from tuna_jax.logprobs import slot_logprobs
+from tuna_jax.logprobs import example_logprobs
 from tuna_jax.losses import mle_loss, pair_accuracy, ranking_loss, sequence_scores
 from tuna_jax.model.checkpoint import TrainCheckpointer, save_params
 from tuna_jax.model.llama import Llama, LlamaConfig, abstract_model
@@ -112,29 +112,26 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
 def batch_sums(model: Llama, batch: dict, cfg: Config) -> dict[str, jax.Array]:
     """Summed losses and counters of one (micro-)batch in any layout; dividing by ``count`` gives means.
 
-    ``batch`` is a :mod:`tuna_jax.data.layouts` batch (U units, E examples per unit, N candidates;
-    every example has N + 1 sequence slots, slot N the separate MLE target). The candidates and the
-    MLE target go through the model in one forward pass whatever the layout.
+    ``batch`` is a :mod:`tuna_jax.data.layouts` batch (B examples, N candidates; every example has
+    N + 1 sequence slots, slot N the separate MLE target). The candidates and the MLE target go
+    through the model in one forward pass whatever the layout.
     SFT: count = scored tokens. Ranking: count = real prompts (``example_mask``).
     """
     lc = cfg.loss
     n = cfg.data.num_candidates if cfg.train.mode == "ranking" else 0
-    u, e = batch["example_mask"].shape
-    ex = batch["example_mask"].astype(jnp.float32).reshape(u * e)  # [U*E]
-    lp, cnt = slot_logprobs(model, batch, e * (n + 1), chunk=lc.chunk, budget_mb=lc.logits_budget_mb)
-    lp, cnt = lp.reshape(u * e, n + 1), cnt.reshape(u * e, n + 1)  # [U*E, N+1]
+    ex = batch["example_mask"].astype(jnp.float32)  # [B]
+    lp, cnt = example_logprobs(model, batch, n + 1, chunk=lc.chunk, budget_mb=lc.logits_budget_mb)  # [B, N+1]
     tokens = jnp.sum(batch["real_tokens"])
     if cfg.train.mode == "sft":
         return {"loss": -jnp.sum(lp[:, 0] * ex), "count": jnp.sum(cnt[:, 0] * ex), "tokens": tokens}
 
-    flat = lambda x: x.reshape((u * e,) + x.shape[2:])  # noqa: E731: [U, E, ...] -> [U*E, ...]
-    target = flat(batch["target"])  # [U*E, N]
-    v, valid = sequence_scores(lp[:, :n], cnt[:, :n], flat(batch["candidate_mask"]))
-    rank = ranking_loss(v, target, valid, margin=lc.margin, form=lc.form)  # [U*E]
+    target = batch["target"]  # [B, N]
+    v, valid = sequence_scores(lp[:, :n], cnt[:, :n], batch["candidate_mask"])
+    rank = ranking_loss(v, target, valid, margin=lc.margin, form=lc.form)  # [B]
     if lc.mle_target == "all":
         mle = mle_loss(lp[:, :n], cnt[:, :n], valid)
     else:  # the separate MLE sequence (original) or the best candidate's slot (best)
-        at = jnp.maximum(flat(batch["mle_slot"]), 0)[:, None]
+        at = jnp.maximum(batch["mle_slot"], 0)[:, None]
         mle = mle_loss(jnp.take_along_axis(lp, at, -1)[:, 0], jnp.take_along_axis(cnt, at, -1)[:, 0])
     correct, counted = pair_accuracy(v, target, valid)
     total = rank + lc.mle_weight * mle
@@ -234,15 +231,16 @@ def tokenize_source(path, cfg: Config, tok, policy, report=None, max_examples: i
                             truncate=d.truncate, on_error=d.on_error, report=report)
 
 
-def make_collator(cfg: Config, pad_id: int, unit_multiple: int = 1):
-    """The layout collator of ``data.layout``. ``unit_multiple``: packed rows per host are a
-    multiple of it (this host's data-parallel devices x gradient-accumulation steps)."""
+def make_collator(cfg: Config, pad_id: int, local_devices: int = 1, micro_batches: int = 1):
+    """The layout collator of ``data.layout``: packed rows per host are a multiple of this host's
+    data-parallel devices x ``micro_batches`` (the gradient-accumulation steps a batch is split into)."""
     from tuna_jax.data.layouts import LayoutCollator
 
     d = cfg.data
     return LayoutCollator(d.layout, cfg.train.mode, d.max_len, pad_id, d.num_candidates, cfg.loss.mle_target,
-                          pad_to_multiple=d.pad_to_multiple, row_len=d.row_len, unit_multiple=unit_multiple,
-                          attention_block=d.attention_block)
+                          pad_to_multiple=d.pad_to_multiple, row_len=d.row_len,
+                          unit_multiple=local_devices * micro_batches, attention_block=d.attention_block,
+                          micro_batches=micro_batches)
 
 
 # ---- metrics ---------------------------------------------------------------------------
@@ -325,8 +323,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
     from tqdm import tqdm
 
     tc = cfg.train
-    out_dir = pathlib.Path(tc.output_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = pathlib.Path(tc.output_dir).absolute()  # made only once data and model are good
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(tc.mesh)
     n_data = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -354,7 +351,8 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
     from tuna_jax.data.batching import BatchIterator
 
     local_data = max(1, n_data // jax.process_count())
-    collator = make_collator(cfg, tok.pad_id, unit_multiple=local_data * tc.grad_accum)
+    collator = make_collator(cfg, tok.pad_id, local_data, tc.grad_accum)
+    eval_collator = make_collator(cfg, tok.pad_id, local_data)  # evaluation batches are not split
     it = BatchIterator(train_examples, collator, tc.global_batch, seed=tc.seed, num_epochs=tc.epochs,
                        process_index=jax.process_index(), process_count=jax.process_count())
     total_steps = tc.epochs * it.steps_per_epoch
@@ -370,6 +368,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         state = {"params": params, "opt_state": jax.jit(tx.init)(params),
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(tc.seed))}
 
+        out_dir.mkdir(parents=True, exist_ok=True)
         ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
         start_step = 0
         if resume and ckpt.latest_step() is not None:
@@ -379,8 +378,6 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
             it.restore(meta["data"])
             start_step = int(_host(state["step"]))
             print(f"resumed from {ckpt.directory} at step {start_step}", file=sys.stderr)
-        elif resume:
-            print(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0", file=sys.stderr)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
         step_fn = jax.jit(make_train_step(binder, cfg, tx, schedule), donate_argnums=(0,))
@@ -394,7 +391,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         def run_eval(step: int) -> dict | None:
             if not eval_examples:
                 return None
-            ev = BatchIterator(eval_examples, collator, tc.global_batch // tc.grad_accum, shuffle=False, num_epochs=1,
+            ev = BatchIterator(eval_examples, eval_collator, tc.global_batch // tc.grad_accum, shuffle=False, num_epochs=1,
                                drop_remainder=False, process_index=jax.process_index(),
                                process_count=jax.process_count())
             totals: dict = {}

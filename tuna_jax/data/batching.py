@@ -212,7 +212,6 @@ class BatchIterator:
         self.seed, self.epoch, self.index = int(seed), 0, 0
         self._order_epoch, self._order = None, None
         self.process_count = process_count
-        self.row_len = collator.auto_row_len(self.examples) if collator.layout == "packed" else 0
         self._fixed_shape = None
 
     def _global_rows(self, epoch: int, index: int) -> list:
@@ -226,12 +225,12 @@ class BatchIterator:
     def shape_for(self, epoch: int, index: int):
         """The (planned or run-wide fixed) shape of batch ``index`` of ``epoch``."""
         if not self.collator.fixed_shapes:
-            return self.collator.plan(self._host_rows(self._global_rows(epoch, index)), self.row_len)
+            return self.collator.plan(self._host_rows(self._global_rows(epoch, index)))
         if self._fixed_shape is None:
             shape = None
             for e in range(self.num_epochs or 1):
                 for i in range(self.steps_per_epoch):
-                    s = self.collator.plan(self._host_rows(self._global_rows(e, i)), self.row_len)
+                    s = self.collator.plan(self._host_rows(self._global_rows(e, i)))
                     shape = s if shape is None else shape.union(s)
             self._fixed_shape = shape
             self._order_epoch = None
@@ -278,6 +277,6 @@ class BatchIterator:
             raise StopIteration
         shape = self.shape_for(self.epoch, self.index)
         rows = self._host_rows(self._global_rows(self.epoch, self.index))[self.process_index]
-        batch = self.collator(rows, shape, self.row_len)
+        batch = self.collator(rows, shape, self.process_index, self.process_count)
         self.index += 1
         return batch

@@ -92,14 +92,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, imp
     if implementation == "einsum":
         return _einsum_attention(q, k, v, mask)
     if implementation == "xla" and kv_blocks is not None:
-        return blocked_attention(q, k, v, segment_ids, branch_ids, kv_blocks)
+        return _recomputed_blocked(q, k, v, segment_ids, branch_ids, kv_blocks)
     if implementation == "cudnn":
         # Every mask here is inside the causal one (keys never follow their query), so cuDNN's causal
         # mask type can skip the upper triangle while the dense mask, as a bias, does the rest.
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=q.shape[1] == k.shape[1],
                                             implementation="cudnn")
     if implementation == "xla":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        return _recomputed_dense(q, k, v, mask)
     if implementation == "splash":
         return splash_attention(q, k, v, segment_ids, branch_ids, mask)
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS[1:]}")
@@ -136,6 +136,21 @@ def _einsum_attention(q, k, v, mask):
     scores = jnp.where(mask[:, :, None, :, :], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     return jnp.einsum("bkgls,bskd->blkgd", probs, v.astype(dt)).reshape(b, l, h, dh)
+
+
+# ---- the xla paths keep no scores for the backward pass ---------------------------------------
+# Like a flash kernel, they recompute scores and probabilities in the backward pass from q, k, v:
+# storing [.., L, S] float32 probabilities per layer costs more memory traffic than recomputing
+# them (measured on CPU by bench/rank_step.py: less time and about 40% less step memory).
+
+@jax.checkpoint
+def _recomputed_dense(q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+@jax.checkpoint
+def _recomputed_blocked(q, k, v, segment_ids, branch_ids, kv_blocks):
+    return blocked_attention(q, k, v, segment_ids, branch_ids, kv_blocks)
 
 
 # ---- block-sparse XLA attention ------------------------------------------------------------
