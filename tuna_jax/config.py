@@ -76,9 +76,10 @@ class LossConfig:
     score: str = "mean"  # mean: v = log-prob / tokens (Tuna) | sum: summed log-probs (the DPO convention)
     reference: str | None = None  # "data": s = v - v_ref from the records' ref_logprob_sum/ref_num_tokens; None: s = v
     mle_weight: float = 1.0  # lambda
+    rank_weight: float = 1.0  # the ranking term's weight; 0 trains the MLE-only control of an experiment
     mle_target: str = "original"  # original | best | all
     chunk: int = 0  # tokens per vocabulary-projection chunk; 0: all at once if they fit logits_budget_mb
-    logits_budget_mb: int = 1024  # float32 logits one projection pass may hold (memory stays flat in V)
+    logits_budget_mb: int = 256  # float32 logits one projection pass may hold (memory stays flat in V); raise on big GPUs
 
 
 @dataclasses.dataclass

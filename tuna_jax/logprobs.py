@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from tuna_jax.model.llama import DTYPES, Llama
 
-DEFAULT_BUDGET_MB = 1024
+DEFAULT_BUDGET_MB = 256
 
 
 def auto_chunk(num_tokens: int, vocab: int, budget_mb: float = DEFAULT_BUDGET_MB) -> int:

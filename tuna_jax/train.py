@@ -126,15 +126,19 @@ def batch_sums(model: Llama, batch: dict, cfg: Config) -> dict[str, jax.Array]:
         return {"loss": -jnp.sum(lp[:, 0] * ex), "count": jnp.sum(cnt[:, 0] * ex), "tokens": tokens}
 
     target = batch["target"]  # [B, N]
-    v, valid = sequence_scores(lp[:, :n], cnt[:, :n], batch["candidate_mask"])
-    rank = ranking_loss(v, target, valid, margin=lc.margin, form=lc.form)  # [B]
+    power = 1.0 if lc.score == "mean" else 0.0  # per-token mean (Tuna) or summed log-probs (DPO)
+    v, valid = sequence_scores(lp[:, :n], cnt[:, :n], batch["candidate_mask"], length_power=power)
+    v_ref = None
+    if lc.reference == "data":  # a frozen model's scores, stored with the data (no second model in memory)
+        v_ref, _ = sequence_scores(batch["ref_logprob_sum"], batch["ref_num_tokens"], valid, length_power=power)
+    rank = ranking_loss(v, target, valid, margin=lc.margin, form=lc.form, beta=lc.beta, v_ref=v_ref)  # [B]
     if lc.mle_target == "all":
         mle = mle_loss(lp[:, :n], cnt[:, :n], valid)
     else:  # the separate MLE sequence (original) or the best candidate's slot (best)
         at = jnp.maximum(batch["mle_slot"], 0)[:, None]
         mle = mle_loss(jnp.take_along_axis(lp, at, -1)[:, 0], jnp.take_along_axis(cnt, at, -1)[:, 0])
     correct, counted = pair_accuracy(v, target, valid)
-    total = rank + lc.mle_weight * mle
+    total = lc.rank_weight * rank + lc.mle_weight * mle  # rank_loss is logged unweighted
     return {"loss": jnp.sum(total * ex), "rank_loss": jnp.sum(rank * ex), "mle_loss": jnp.sum(mle * ex),
             "pairs_correct": jnp.sum(correct * ex), "pairs": jnp.sum(counted * ex), "count": jnp.sum(ex),
             "tokens": tokens}
@@ -228,7 +232,8 @@ def tokenize_source(path, cfg: Config, tok, policy, report=None, max_examples: i
     if kind == "sft":
         return tokenize_sft(records, tok, policy, d.max_len, truncate=d.truncate, on_error=d.on_error, report=report)
     return tokenize_ranking(records, tok, policy, d.max_len, d.num_candidates, mle_target=cfg.loss.mle_target,
-                            truncate=d.truncate, on_error=d.on_error, report=report)
+                            truncate=d.truncate, on_error=d.on_error, report=report,
+                            reference=cfg.loss.reference == "data")
 
 
 def make_collator(cfg: Config, pad_id: int, local_devices: int = 1, micro_batches: int = 1):

@@ -34,7 +34,8 @@ class TokenizedExample:
 
     prompt_ids: int32 [P], BOS included (after any truncation). responses: N arrays int32 [R_k],
     EOS included. scores: float32 [N] (ranking) or None (SFT). mle: int32 [R] for the MLE target
-    ("original"/"best") or None. source: file:line, for messages.
+    ("original"/"best") or None. source: file:line, for messages. ref_logprob_sum / ref_num_tokens:
+    float32 [N], a frozen reference model's candidate log-likelihoods stored with the data, or None.
     """
 
     prompt_ids: np.ndarray
@@ -43,6 +44,8 @@ class TokenizedExample:
     mle: Optional[np.ndarray]
     id: str
     source: str = ""
+    ref_logprob_sum: Optional[np.ndarray] = None
+    ref_num_tokens: Optional[np.ndarray] = None
 
     def seq_len(self) -> int:
         """Length of the longest sequence this example puts in a batch."""
@@ -110,12 +113,17 @@ def tokenize_sft(records: Iterable[SFTRecord], tok: Tokenizer, policy: SpecialTo
 def tokenize_ranking(records: Iterable[RankingRecord], tok: Tokenizer, policy: SpecialTokenPolicy,
                      max_len: int, num_candidates: int, *, mle_target: str = "original",
                      truncate: str = "left_prompt", on_error: str = "raise",
-                     report: Optional[SkipReport] = None) -> tuple[list, SkipReport]:
+                     report: Optional[SkipReport] = None, reference: bool = False) -> tuple[list, SkipReport]:
     """Ranking records -> TokenizedExamples with up to ``num_candidates`` responses.
 
     One prompt per example, shared by all its candidates, truncated so the longest candidate (and
     the MLE target) fits. A record with more than ``num_candidates`` candidates, or with no
     original response when ``mle_target="original"``, is an error or a counted skip.
+
+    ``reference``: every record must carry reference scores (``ref_logprob_sum``/``ref_num_tokens``),
+    and they must be over the same tokens this run scores: each candidate's token count equal to
+    ``ref_num_tokens`` (same tokenizer and EOS policy) and the prompt not cut (the reference model saw
+    all of it). Otherwise an error or a counted skip.
     """
     _check_args(max_len, truncate, on_error)
     if mle_target not in MLE_TARGETS:
@@ -144,15 +152,35 @@ def tokenize_ranking(records: Iterable[RankingRecord], tok: Tokenizer, policy: S
             elif mle_target == "best":
                 mle = resps[int(np.argmax(scores))]  # the first of tied best, as a stable sort gives
             need = max([len(r) for r in resps] + ([len(mle)] if mle is not None else []))
+            full = len(prompt)
             prompt = _fit_prompt(prompt, need, max_len, policy.add_bos, truncate, where, report)
+            if reference:
+                _check_reference(rec, resps, full != len(prompt), where)
         except DataError as e:
             if on_error == "raise":
                 raise
             report.skip(e.reason, str(e))
             continue
+        ref = (None, None) if rec.ref_logprob_sum is None else (
+            np.asarray(rec.ref_logprob_sum, np.float32), np.asarray(rec.ref_num_tokens, np.float32))
         out.append(TokenizedExample(_ids(prompt), [_ids(r) for r in resps], scores,
-                                    None if mle is None else _ids(mle), rec.id, rec.source))
+                                    None if mle is None else _ids(mle), rec.id, rec.source, *ref))
     return out, report
+
+
+def _check_reference(rec: RankingRecord, resps: list, prompt_cut: bool, where: str) -> None:
+    """Reference scores must exist and cover exactly the tokens this run scores."""
+    if rec.ref_logprob_sum is None:
+        raise DataError(where, "ref_logprob_sum", "loss.reference=data needs the reference model's scores on "
+                        "every record: run `tuna-jax score` on the starting model, then `tuna-jax "
+                        "reference-scores`", reason="no_reference_scores")
+    for k, (r, n) in enumerate(zip(resps, rec.ref_num_tokens)):
+        if len(r) != int(n):
+            raise DataError(where, f"ref_num_tokens[{k}]", f"{int(n)} reference tokens but this run scores {len(r)} "
+                            "(a different tokenizer or BOS/EOS policy?)", reason="reference_mismatch")
+    if prompt_cut:
+        raise DataError(where, "ref_logprob_sum", "the prompt was cut to fit data.max_len, but the reference "
+                        "scores saw all of it; raise data.max_len or drop the record", reason="reference_mismatch")
 
 
 def _encode_resp(tok, text, policy, where, field) -> list:

@@ -38,6 +38,8 @@ A batch has B examples (per host) laid out in U units of Q sub-rows of L tokens:
   mle_slot       int32   [B]     the slot holding the MLE target: N (a separate sequence,
                                  ``mle_target=original``), the best candidate (``best``, no extra
                                  tokens), or -1 (``all``: every candidate)
+  ref_logprob_sum, ref_num_tokens  float32 [B, N]  a reference model's candidate scores, when the
+                                 examples carry them (0 where masked)
 
 ``padded``: U = B, Q = N (+1 with a separate MLE target), E = 1. ``prefix_shared``: U = B, Q = 1,
 E = 1. ``packed``: U = rows, Q = 1, E = the most examples with a piece in one row. SFT batches are
@@ -375,6 +377,13 @@ class LayoutCollator:
                     target[i, :k], cmask[i, :k] = e.scores, True
                     mle_slot[i] = {"original": self.n, "all": -1}.get(self.mle_target, _best(e))
             out.update(target=target, candidate_mask=cmask, mle_slot=mle_slot)
+            if any(e is not None and e.ref_logprob_sum is not None for e in rows):
+                ref_sum, ref_n = np.zeros((b, self.n), np.float32), np.zeros((b, self.n), np.float32)
+                for i, e in enumerate(rows):
+                    if e is not None and e.ref_logprob_sum is not None:
+                        k = len(e.responses)
+                        ref_sum[i, :k], ref_n[i, :k] = e.ref_logprob_sum, e.ref_num_tokens
+                out.update(ref_logprob_sum=ref_sum, ref_num_tokens=ref_n)
         return out
 
     @staticmethod
