@@ -36,6 +36,9 @@ setup(
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
         "datasets": ["datasets"],
         "tensorboard": ["tensorboardX"],
+        # gs:// paths: gcsfs for etils.epath (tuna-jax's own files, Orbax's metadata) and the Cloud Storage
+        # client Orbax asks about the bucket's layout; Orbax writes the arrays through TensorStore itself.
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
     entry_points={"console_scripts": ["tuna-jax=tuna_jax.cli:main"]},
 )
