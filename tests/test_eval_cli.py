@@ -198,14 +198,14 @@ lmentry:
 
 @pytest.mark.parametrize("extra,pattern", [
     ("generation:\n  temprature: 0.5\n", r"tiny\.yaml:9: key 'generation' given twice \(first at line 5\)"),
-    ("superni:\n  tasks: x\n  shot: [0]\n", r"tiny\.yaml:11: unknown key 'shot' in superni \(did you mean 'shots'\?\)"),
+    ("superni:\n  tasks: x\n  shot: [0]\n", r"tiny\.yaml:11: unknown config key superni\.shot \(did you mean superni\.shots\?\)"),
     ("superni:\n  tasks: x\n  shots: [1]\n", r"tiny\.yaml:11: superni\.shots must be a non-empty subset of \[0, 2\]"),
     ("vicuna:\n  data: x\n  baseline: y\n", r"a review is configured but there is no judge section"),
     ("vicuna:\n  data: x\n", r"tiny\.yaml:9: vicuna needs exactly one of baseline"),
     ("judge:\n  base_url: http://127.0.0.1:1/v1\n", r"tiny\.yaml:10: judge needs model"),
-    ("alpaca_eval:\n  reference: r\n  limit: ten\n", r"tiny\.yaml:11: alpaca_eval\.limit must be an integer"),
+    ("alpaca_eval:\n  reference: r\n  limit: ten\n", r"tiny\.yaml:11: alpaca_eval\.limit='ten': expected an integer"),
     ("name: a b\n", r"name 'a b'"),
-    ("vicuna:\n  data: x\n  review: false\n  limit: 0\n", r"tiny\.yaml:12: vicuna\.limit=0: must be positive"),
+    ("vicuna:\n  data: x\n  review: false\n  limit: 0\n", r"tiny\.yaml:12: vicuna\.limit=0: must be >= 1"),
     ("superni:\n  tasks: x\n  shots: [0, 0]\n", r"tiny\.yaml:11: superni\.shots must be a non-empty subset"),
 ])
 def test_config_errors_name_file_and_line(tmp_path, extra, pattern):

@@ -33,8 +33,9 @@ Tk-Instruct collator's rule, counting the templated prompt); a prompt still too 
 LAST tokens (a decoder-only model must see the end, "Output: " / "### Response:"), and is counted
 (``prompts_truncated`` in the table's details).
 
-Config (YAML; unknown keys are errors naming file:line; relative paths are relative to the current
-directory, like the training configs)::
+Config (YAML, read and checked by ``tuna_jax.config`` like every config of the project: an unknown key, a
+value of the wrong type or out of range (:data:`EVAL_LIMITS`, :data:`EVAL_CHOICES`) is one error naming
+file:line and key; relative paths are relative to the current directory, like the training configs)::
 
     name: tuna-stages                 # table title and file stem (default: the config file's name)
     output_dir: runs/eval             # required
@@ -97,7 +98,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import functools
 import hashlib
 import json
@@ -106,12 +106,10 @@ import os
 import pathlib
 import re
 import sys
-import types
-import typing
 from typing import Any, Sequence
 
-import yaml
-
+from tuna_jax.config import above, at_least, between
+from tuna_jax.config import load as load_dataclass
 from tuna_jax.eval import lmentry as lmentry_mod
 from tuna_jax.eval import report as report_mod
 from tuna_jax.eval import superni as superni_mod
@@ -235,175 +233,46 @@ class EvalConfig:
     source: str = ""  # the config file (set by the loader)
 
 
-_CHOICES = {"template": ("alpaca", "raw"), "dtype": ("float32", "bfloat16")}
-_POSITIVE = {"num_instances", "num_tasks", "limit", "max_new_tokens", "max_prompt_tokens", "batch_size",
-             "concurrency", "max_tokens", "max_requests", "timeout_s"}
-_NON_NEGATIVE = {"max_parse_retries", "max_retries", "top_k", "seed", "temperature", "max_usd", "price_input",
-                 "price_output", "backoff_initial_s", "backoff_max_s", "max_retry_after_s"}
+# The ranges and choices of the eval config's values (tuna_jax.config checks them; keys: (section, key)).
+_TEMPLATE_SECTIONS = ("models", "generation", "superni", "lmentry", "vicuna", "alpaca_eval")
+EVAL_CHOICES = {**{(s, "template"): ("alpaca", "raw") for s in _TEMPLATE_SECTIONS},
+                ("generation", "dtype"): ("float32", "bfloat16")}
+EVAL_LIMITS = {
+    ("generation", "temperature"): at_least(0),
+    ("generation", "top_p"): between(0, 1, lo_open=True),
+    ("generation", "top_k"): at_least(0),
+    ("generation", "seed"): at_least(0),
+    ("generation", "max_new_tokens"): at_least(1),
+    ("generation", "max_prompt_tokens"): at_least(1),
+    ("generation", "batch_size"): at_least(1),
+    ("superni", "num_instances"): at_least(1),
+    ("superni", "num_tasks"): at_least(1),
+    **{(s, "max_new_tokens"): at_least(1) for s in ("superni", "lmentry", "vicuna", "alpaca_eval")},
+    **{(s, "limit"): at_least(1) for s in ("vicuna", "alpaca_eval")},
+    **{(s, "max_parse_retries"): at_least(0) for s in ("vicuna", "alpaca_eval")},
+    ("vicuna", "temperature"): at_least(0),
+    ("vicuna", "max_tokens"): at_least(1),
+    ("judge", "timeout_s"): above(0),
+    ("judge", "max_retries"): at_least(0),
+    ("judge", "backoff_initial_s"): at_least(0),
+    ("judge", "backoff_max_s"): at_least(0),
+    ("judge", "max_retry_after_s"): at_least(0),
+    ("judge", "concurrency"): at_least(1),
+    ("judge", "max_usd"): at_least(0),
+    ("judge", "max_requests"): at_least(1),
+    ("judge", "price_input"): at_least(0),
+    ("judge", "price_output"): at_least(0),
+}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-# ================================================================================================ YAML with lines
-class _Map(dict):
-    """A YAML mapping that remembers the line of itself and of each key (for error messages)."""
-
-    line: int = 0
-    lines: dict
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key, line, first):
-        self.key, self.line, self.first = key, line, first
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-def _construct_mapping(loader, node):
-    loader.flatten_mapping(node)
-    m = _Map()
-    m.line, m.lines = node.start_mark.line + 1, {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        line = key_node.start_mark.line + 1
-        if key in m:  # PyYAML would silently keep the last one
-            raise _DuplicateKey(key, line, m.lines[key])
-        m[key] = loader.construct_object(value_node, deep=True)
-        m.lines[key] = line
-    return m
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _read_yaml(path: str) -> _Map:
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such config file")
-    text = read_text(path, what="config file")
-    try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
-    except _DuplicateKey as e:
-        raise InputError(f"{path}:{e.line}: key {e.key!r} given twice (first at line {e.first})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise InputError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if raw is None:
-        raise InputError(f"{path}: the config is empty")
-    if not isinstance(raw, _Map):
-        raise InputError(f"{path}:1: an eval config must be a mapping (output_dir, models, ...)")
-    return raw
-
-
-def _apply_overrides(raw: _Map, overrides: Sequence[str], path: str) -> None:
-    from tuna_jax.config import ConfigError, parse_override
-
-    for text in overrides:
-        try:
-            keys, value = parse_override(text)
-        except ConfigError as e:
-            raise InputError(str(e)) from None
-        node = raw
-        for k in keys[:-1]:
-            if node.get(k) is None:
-                child = _Map()
-                child.line, child.lines = 0, {}
-                node[k] = child
-            node = node[k]
-            if not isinstance(node, dict):
-                raise InputError(f"override {text!r}: {k} is not a section of {path}")
-        node[keys[-1]] = value
-
-
-# ================================================================================================ validation
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_value(value, tp, where: str, key: str):
-    """Checks ``value`` against the annotation ``tp``; returns it (ints are accepted for floats)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_value(value, inner[0], where, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise InputError(f"{where}: {key} must be a list, got {value!r}")
-        return [_check_value(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise InputError(f"{where}: {key} must be a mapping, got {value!r}")
-        return _build(tp, value, where.rsplit(":", 1)[0] if ":" in where else where, key)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where}: {key} must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where}: {key} must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise InputError(f"{where}: {key} must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise InputError(f"{where}: {key} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp}")  # a programming error, not a user error
-
-
-def _build(cls, values: dict, path: str, section: str):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    line = getattr(values, "line", 0)
-    lines = getattr(values, "lines", {})
-    kwargs = {}
-    for key, value in values.items():
-        where = f"{path}:{lines.get(key, line)}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise InputError(f"{where}: unknown key {key!r} in {section or 'the config'}{hint}; "
-                             f"valid keys: {', '.join(fields)}")
-        full = f"{section}.{key}" if section else key
-        v = _check_value(value, hints[key], where, full)
-        if key in _CHOICES and v is not None and v not in _CHOICES[key]:
-            raise InputError(f"{where}: {full}={v!r}: choose one of {', '.join(_CHOICES[key])}")
-        if key in _POSITIVE and v is not None and v <= 0:
-            raise InputError(f"{where}: {full}={v!r}: must be positive")
-        if key in _NON_NEGATIVE and v is not None and v < 0:
-            raise InputError(f"{where}: {full}={v!r}: must be >= 0")
-        kwargs[key] = v
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise InputError(f"{path}:{line}: {section or 'the config'} needs {', '.join(missing)}")
-    return cls(**kwargs)
-
-
-def _line(m, key: str) -> int:
-    """The line of ``key`` in a YAML mapping (the mapping's own line, or 0, for keys set by overrides)."""
-    return getattr(m, "lines", {}).get(key, getattr(m, "line", 0))
 
 
 def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> EvalConfig:
     """Reads and checks an eval config (see the module docstring); ``overrides``: ``section.key=value``."""
     path = os.fspath(path)
-    raw = _read_yaml(path)
-    _apply_overrides(raw, overrides, path)
-    cfg = _build(EvalConfig, raw, path, "")
+    cfg, raw = load_dataclass(EvalConfig, path, overrides, limits=EVAL_LIMITS, choices=EVAL_CHOICES,
+                              hidden=("source",))
     cfg.source = path
-    where = f"{path}:{_line(raw, 'models')}"
+    where = raw.where_of("models")
     if not cfg.models:
         raise InputError(f"{where}: models is empty")
     seen = set()
@@ -419,11 +288,11 @@ def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
     if cfg.superni is not None:
         shots = cfg.superni.shots
         if not shots or any(k not in (0, 2) for k in shots) or len(set(shots)) != len(shots):
-            raise InputError(f"{path}:{_line(raw['superni'], 'shots')}: superni.shots must be a non-empty "
+            raise InputError(f"{raw['superni'].where_of('shots')}: superni.shots must be a non-empty "
                              f"subset of [0, 2], got {shots}")
     v = cfg.vicuna
     if v is not None:
-        vl = f"{path}:{_line(raw, 'vicuna')}"
+        vl = raw.where_of("vicuna")
         if v.data is None and not (v.questions and v.prompts and v.reviewers):
             raise InputError(f"{vl}: vicuna needs data (a folder) or questions, prompts and reviewers")
         if v.review and (v.baseline is None) == (v.baseline_model is None):
@@ -434,7 +303,7 @@ def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
                              f"{sorted(seen)}")
     a = cfg.alpaca_eval
     if a is not None and a.review and not a.prompt_template:
-        raise InputError(f"{path}:{_line(raw, 'alpaca_eval')}: alpaca_eval needs prompt_template (the annotator "
+        raise InputError(f"{raw.where_of('alpaca_eval')}: alpaca_eval needs prompt_template (the annotator "
                          f"prompt, judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt) or review: false")
     if ((v is not None and v.review) or (a is not None and a.review)) and cfg.judge is None:
         raise InputError(f"{path}: a review is configured but there is no judge section (base_url, model)")
