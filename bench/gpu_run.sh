@@ -11,6 +11,7 @@ out=${1:-bench-out}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 py=${PYTHON:-python3}
+[ -z "${TUNA_SHARED:-}" ] && [ -d shared/data ] && export TUNA_SHARED=$PWD/shared  # a copy of ../shared, if carried
 run() {  # run NAME SECONDS CMD...: log to $out/NAME.log, print the tail
   local name=$1 secs=$2; shift 2
   echo "=== $name ($(date +%T))"
@@ -21,8 +22,8 @@ run() {  # run NAME SECONDS CMD...: log to $out/NAME.log, print the tail
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 $py -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 run attention 60 env JAX_PLATFORMS=cuda $py -m pytest -q -p no:cacheprovider tests/test_attention.py -k "cudnn or padding_rows"
-run rank_b8 210 $py bench/rank_step.py --gpu --batch 8 --layouts padded,packed --torch yes --batches 3 --rounds 2 \
+run rank_b8 230 $py bench/rank_step.py --gpu --batch 8 --layouts padded,packed --torch yes --batches 2 --rounds 2 \
     --pad-to-multiple 0 --logits-budget-mb 4096 --json "$out/rank_b8.json"
-run rank_b32 170 $py bench/rank_step.py --gpu --batch 32 --layouts packed --torch no --batches 3 \
+run rank_b32 150 $py bench/rank_step.py --gpu --batch 32 --layouts packed --torch no --batches 3 \
     --rounds 2 --logits-budget-mb 4096 --json "$out/rank_b32.json"
-run generate 120 $py bench/generate.py --gpu
+run generate 100 $py bench/generate.py --gpu
