@@ -98,8 +98,8 @@ def test_eval_run_writes_table_and_chart_and_resumes(world, tmp_path, monkeypatc
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = tmp_path / "out"
     with OpenAIServer(api_key=KEY) as server:
-        # Vicuna: "8 7" with the model shown first, "3 9" with the baseline first: both prefer the model, a
-        # win. AlpacaEval: model_1 always ranked first -> the orders disagree, a tie (win rate 50).
+        # Vicuna (one order, the paper's protocol): "8 7" with the model shown first, a win; the baseline is
+        # never shown first. AlpacaEval: model_1 always ranked first -> the orders disagree, a tie (win rate 50).
         server.add_fault("reply", match=first("BASE ONE"), times=10**6, content="3 9")
         server.add_fault("reply", match="[System]", times=10**6, content="8 7")
         server.add_fault("reply", match="Rank.", times=10**6,
@@ -107,9 +107,9 @@ def test_eval_run_writes_table_and_chart_and_resumes(world, tmp_path, monkeypatc
         cfg = write_config(world, out, server.base_url, tmp_path / "tiny.yaml")
         assert cli_main(["eval", str(cfg), "--no-progress"]) == 0
         n_requests = server.count()
-        # 1 question x 2 orders + 1 instruction x 2 orders; the second model has the same weights, hence the
+        # 1 question x 1 order + 1 instruction x 2 orders; the second model has the same weights, hence the
         # same answers and the same review requests: they come from the store, not paid for twice.
-        assert n_requests == 2 + 2
+        assert n_requests == 1 + 2 and server.count(first("BASE ONE")) == 0
 
         table = json.loads((out / "tiny-stages.json").read_text())
         md = (out / "tiny-stages.md").read_text()
@@ -118,12 +118,14 @@ def test_eval_run_writes_table_and_chart_and_resumes(world, tmp_path, monkeypatc
         assert table["columns"] == ["superni_0shot", "superni_2shot", "lmentry", "vicuna", "alpaca_eval"]
         assert [r["model"] for r in table["rows"]] == ["alpaca", "tuna"]
         assert md.startswith("# tiny-stages\n\n| Model | Super-NI 0-shot | Super-NI 2-shot | LMentry | "
-                             "Vicuna QA W / L / T | AlpacaEval win % |")
+                             "Vicuna QA win / lose / tie % | AlpacaEval win % |")
         row = table["rows"][0]
         assert (row["vicuna"]["win"], row["vicuna"]["lose"], row["vicuna"]["tie"]) == (1, 0, 0)
         assert row["vicuna"]["baseline"] == "alpaca-13b" and row["vicuna"]["judge"] == "judge-4"
         assert row["alpaca_eval"]["win_rate"] == 50.0
-        assert "| alpaca | " in md and " 1 / 0 / 0 | 50.00 |" in md
+        assert row["vicuna"]["win_pct"] == 100.0 and row["vicuna"]["orders"] == "one"
+        assert "| alpaca | " in md and " 100.0 / 0.0 / 0.0 (1 / 0 / 0) | 50.00 |" in md
+        assert "in one order, the model as Assistant 1 (the Tuna paper's protocol)" in md
 
         # The table's numbers are what the scoring-only subcommands print for the files the run wrote.
         pred = out / "predictions" / "alpaca"
@@ -165,12 +167,16 @@ def test_eval_run_writes_table_and_chart_and_resumes(world, tmp_path, monkeypatc
         store2 = str(tmp_path / "store2.jsonl")
         stop = R.load_eval_config(cfg, [f"judge.store={store2}", "judge.max_requests=1"])
         stopped, _, status = R.run_eval(stop, progress=False)
-        assert status == 2 and stopped["rows"][0]["vicuna"] is None and stopped["rows"][0]["lmentry"] == row["lmentry"]
+        # (one request: the Vicuna reviews finish -- the second model's answers are the first's, cached -- and
+        # the AlpacaEval reviews stop)
+        assert status == 2 and [r["alpaca_eval"] for r in stopped["rows"]] == [None, None]
+        assert [r["vicuna"] for r in stopped["rows"]] == [r["vicuna"] for r in table["rows"]]
+        assert stopped["rows"][0]["lmentry"] == row["lmentry"]
         assert any("STOPPED" in n and "budget" in n for n in stopped["notes"])
         assert "| alpaca | " in (out / "tiny-stages.md").read_text()
         n = server.count()
         done, _, status = R.run_eval(R.load_eval_config(cfg, [f"judge.store={store2}"]), progress=False)
-        assert status == 0 and done["rows"] == table["rows"] and server.count() == n + 4 - 1
+        assert status == 0 and done["rows"] == table["rows"] and server.count() == n + n_requests - 1
 
         # A changed prompt (another template for one benchmark) regenerates only that benchmark ...
         monkeypatch.undo()

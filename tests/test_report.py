@@ -12,8 +12,8 @@ ROWS = [
      "vicuna": None, "alpaca_eval": {"win_rate": 40.0, "win_rate_stderr": 1.5, "win": 1, "lose": 2, "tie": 1,
                                      "failed": 0, "missing": 0, "baseline": "text_davinci_003", "judge": "gpt-4"}},
     {"model": "tuna-7b", "superni_0shot": 33.5, "superni_2shot": None, "lmentry": 23.456,
-     "vicuna": {"win": 40, "lose": 20, "tie": 18, "failed": 2, "missing": 0, "baseline": "gpt-3.5",
-                "judge": "gpt-4"},
+     "vicuna": {"win": 40, "lose": 20, "tie": 18, "failed": 2, "missing": 0, "baseline": "alpaca-7b",
+                "judge": "gpt-4", "orders": "one"},
      "alpaca_eval": None, "details": {"lmentry": {"missing": 0}}},
 ]
 COLS = ["superni_0shot", "superni_2shot", "lmentry", "vicuna", "alpaca_eval"]
@@ -26,12 +26,16 @@ def test_table_and_markdown():
     md = Rp.to_markdown(t)
     lines = md.splitlines()
     assert lines[0] == "# stages"
-    assert lines[2] == ("| Model | Super-NI 0-shot | Super-NI 2-shot | LMentry | Vicuna QA W / L / T | "
+    assert lines[2] == ("| Model | Super-NI 0-shot | Super-NI 2-shot | LMentry | Vicuna QA win / lose / tie % | "
                         "AlpacaEval win % |")
     assert lines[4] == "| alpaca-7b | 31.25 | 36.00 | 22.50 | - | 40.00 ± 1.50 |"
-    assert lines[5] == "| tuna-7b | 33.50 | - | 23.46 | 40 / 20 / 18 (2 failed) | - |"
+    # percent of the 78 judged questions (the paper's way), the counts beside them, failures apart
+    assert lines[5] == "| tuna-7b | 33.50 | - | 23.46 | 51.3 / 25.6 / 23.1 (40 / 20 / 18) (2 failed) | - |"
     assert "- Greedy decoding." in md
-    assert "- Vicuna QA W / L / T: against gpt-3.5, judged by gpt-4 in both orders (disagreement = tie)." in md
+    assert ("- Vicuna QA win / lose / tie %: against alpaca-7b, judged by gpt-4 in one order, the model as "
+            "Assistant 1 (the Tuna paper's protocol).") in md
+    assert ("- AlpacaEval win %: against text_davinci_003, judged by gpt-4 in both orders, a win or loss only when "
+            "the orders agree, else a tie (not the paper's protocol).") in md
     json.dumps(t)  # JSON-serialisable as it is
 
 

@@ -1,5 +1,5 @@
 """Pairwise review (tuna_jax/eval/vicuna.py): the strict verdict parsers, the FastChat request layout, and
-Vicuna QA / AlpacaEval reviews through the loopback OpenAI-compatible server (both orders requested, a tie
+Vicuna QA / AlpacaEval reviews through the loopback OpenAI-compatible server (one order or both, a tie
 when they disagree, bounded retries, failures counted, a rerun makes no request)."""
 from __future__ import annotations
 
@@ -194,12 +194,12 @@ def client_for(server, store):
                                      backoff_initial_s=0.01, backoff_max_s=0.02, concurrency=2), store)
 
 
-def review(server, tmp_path, store_name="s.jsonl", out="reviews.jsonl", budget=Budget()):
+def review(server, tmp_path, store_name="s.jsonl", out="reviews.jsonl", budget=Budget(), orders="both"):
     data = V.load_vicuna_data(write_vicuna_data(tmp_path / "vicuna", QUESTIONS))
     answers = write_answers(tmp_path / "answers.jsonl", "tuna", MODEL)
     base = write_answers(tmp_path / "base.jsonl", "alpaca", BASE)
     with Store(tmp_path / store_name, budget=budget) as store:
-        cfg = V.ReviewConfig(max_parse_retries=2, concurrency=2, progress=False)
+        cfg = V.ReviewConfig(orders=orders, max_parse_retries=2, concurrency=2, progress=False)
         return V.review_vicuna(answers, base, str(tmp_path / out), client_for(server, store), data, cfg,
                                model_name="tuna", baseline_name="alpaca")
 
@@ -208,6 +208,7 @@ def test_vicuna_review_both_orders_ties_and_failures(server, tmp_path, capsys):
     script_vicuna(server)
     res = review(server, tmp_path)
     assert (res["win"], res["lose"], res["tie"], res["failed"], res["missing"]) == (2, 1, 2, 1, 1)
+    assert (res["win_pct"], res["tie_pct"], res["lose_pct"]) == (40.0, 40.0, 20.0) and res["orders"] == "both"
     assert res["judged"] == 5 and res["num_questions"] == 7 and res["missing_ids"] == [7]
     assert "1 question(s) lack an answer" in capsys.readouterr().err
     # both orders were asked for every reviewed question, the unparseable ones again (bounded)
@@ -249,6 +250,29 @@ def test_vicuna_review_both_orders_ties_and_failures(server, tmp_path, capsys):
     assert open(tmp_path / "reviews.jsonl", "rb").read() == open(tmp_path / "reviews2.jsonl", "rb").read()
     assert {k: again[k] for k in ("win", "lose", "tie", "failed")} == {k: res[k] for k in ("win", "lose", "tie",
                                                                                              "failed")}
+
+
+def test_vicuna_review_in_the_papers_single_order(server, tmp_path):
+    """orders="one": the model as Assistant 1 only; win / tie / lose by its two scores; percentages."""
+    script_vicuna(server)
+    res = review(server, tmp_path, orders="one")
+    # Q1 9-6 win, Q2 4-8 lose, Q3 8-7 win (the other order would have disagreed), Q4 7-7 tie, Q5 never parses,
+    # Q6 8.5-7 win on the retry
+    assert (res["win"], res["lose"], res["tie"], res["failed"], res["missing"]) == (3, 1, 1, 1, 1)
+    assert (res["win_pct"], res["tie_pct"], res["lose_pct"]) == (60.0, 20.0, 20.0) and res["orders"] == "one"
+    assert all(server.count(first(BASE[q])) == 0 for q in BASE)  # the baseline is never shown first
+    assert server.count() == 4 + 3 + 2
+    recs = [json.loads(x) for x in open(tmp_path / "reviews.jsonl")]
+    assert [r["outcome"] for r in recs] == ["win", "lose", "win", "tie", "win"]
+    assert all(list(r["orders"]) == ["model_first"] for r in recs)
+    with pytest.raises(ValueError, match="orders='three'"):
+        review(server, tmp_path, orders="three")
+
+
+def test_outcome_of_one_or_both_orders():
+    assert [V.outcome({"model_first": p}) for p in (1, 0, -1)] == ["win", "tie", "lose"]
+    assert V.outcome({"model_first": 1, "baseline_first": -1}) == "tie"
+    assert V.outcome({"model_first": -1, "baseline_first": -1}) == "lose"
 
 
 def test_vicuna_budget_stop_then_resume(server, tmp_path):
@@ -348,6 +372,10 @@ def test_cli_vicuna_review(server, tmp_path, capsys):
     assert "1 item(s) failed" in err
     res = json.loads(out.read_text())
     assert (res["model"], res["baseline"], res["judge"]) == ("tuna-7b", "alpaca-7b", "gpt-4")
-    assert (res["win"], res["lose"], res["tie"], res["failed"]) == (2, 1, 2, 1)
+    assert (res["win"], res["lose"], res["tie"], res["failed"], res["orders"]) == (3, 1, 1, 1, "one")  # the default
+    script_vicuna(server)  # the scripted replies again, for a new store
+    assert cli_main([*argv, "--orders", "both", "--out", str(tmp_path / "r" / "both.json")]) == 1
+    res = json.loads((tmp_path / "r" / "both.json").read_text())
+    assert (res["win"], res["lose"], res["tie"], res["failed"], res["orders"]) == (2, 1, 2, 1, "both")
     assert (tmp_path / "r" / "vicuna.reviews.jsonl.failed.jsonl").exists()
     assert (tmp_path / "r" / "vicuna.store.jsonl").exists()

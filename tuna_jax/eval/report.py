@@ -1,10 +1,12 @@
 """The evaluation report: one table per run, a row per model, in Markdown and JSON, and a PNG chart.
 
 Columns follow the Tuna paper's Table 1 -- Super-NI 0-shot and 2-shot ROUGE-L, the LMentry score, Vicuna QA
-win / lose / tie against a baseline -- plus the AlpacaEval win rate when it was run. Only the benchmarks a
-run configured get a column. A cell without a number (not run, stopped, everything failed) is "-" in
-Markdown and null in JSON; failures and missing items are never folded into the numbers, they are reported
-beside them (Vicuna "W / L / T" shows "(k failed)").
+win / lose / tie against a baseline, in percent of the judged questions as the paper reports them (the
+counts beside them) -- plus the AlpacaEval win rate when it was run. Only the benchmarks a run configured
+get a column. A cell without a number (not run, stopped, everything failed) is "-" in Markdown and null in
+JSON; failures and missing items are never folded into the numbers, they are reported beside them (the
+Vicuna cell shows "(k failed)"). The notes say which review protocol each column used: one order with the
+model as Assistant 1 (the paper's) or both orders (a win or loss only when they agree; not the paper's).
 
 The JSON table is the source of truth (``write_report`` renders the Markdown and the chart from it, and
 ``render_report`` re-renders them from a saved JSON):
@@ -12,7 +14,8 @@ The JSON table is the source of truth (``write_report`` renders the Markdown and
     {"name": str, "created": ISO time, "columns": [column keys], "rows": [
         {"model": str, "path": str | null,
          "superni_0shot": float | null, "superni_2shot": float | null, "lmentry": float | null,
-         "vicuna": {"win", "lose", "tie", "failed", "missing", "baseline", "judge"} | null,
+         "vicuna": {"win", "lose", "tie", "win_pct", "tie_pct", "lose_pct", "failed", "missing", "baseline",
+                    "judge", "orders": "one" | "both"} | null,
          "alpaca_eval": {"win_rate", "win_rate_stderr", "win", "lose", "tie", "failed", "missing",
                          "baseline", "judge"} | null,
          "details": {column: {...the scorer's bookkeeping: files, counts...}}}, ...],
@@ -38,10 +41,13 @@ COLUMNS: dict[str, str] = {
     "superni_0shot": "Super-NI 0-shot",
     "superni_2shot": "Super-NI 2-shot",
     "lmentry": "LMentry",
-    "vicuna": "Vicuna QA W / L / T",
+    "vicuna": "Vicuna QA win / lose / tie %",
     "alpaca_eval": "AlpacaEval win %",
 }
 SCALAR_COLUMNS = ("superni_0shot", "superni_2shot", "lmentry")
+_PROTOCOLS = {"one": "in one order, the model as Assistant 1 (the Tuna paper's protocol)",
+              "both": "in both orders, a win or loss only when the orders agree, else a tie (not the paper's "
+                      "protocol)"}
 _DASH = "-"
 
 
@@ -68,7 +74,12 @@ def _cell(column: str, value: Any) -> str:
     if value is None:
         return _DASH
     if column == "vicuna":
-        s = f"{value['win']} / {value['lose']} / {value['tie']}"
+        counts = [value["win"], value["lose"], value["tie"]]
+        judged = sum(counts)
+        if not judged:
+            s = _DASH
+        else:
+            s = " / ".join(f"{100.0 * c / judged:.1f}" for c in counts) + f" ({' / '.join(map(str, counts))})"
         if value.get("failed"):
             s += f" ({value['failed']} failed)"
         return s
@@ -97,9 +108,10 @@ def to_markdown(table: Mapping[str, Any]) -> str:
         if c in cols:
             bases = sorted({str(r[c]["baseline"]) for r in table["rows"] if r.get(c) and r[c].get("baseline")})
             judges = sorted({str(r[c]["judge"]) for r in table["rows"] if r.get(c) and r[c].get("judge")})
+            orders = sorted({str(r[c].get("orders", "both")) for r in table["rows"] if r.get(c)})
             if bases:
                 notes.append(f"{COLUMNS[c]}: against {', '.join(bases)}, judged by {', '.join(judges) or '?'} "
-                             f"in both orders (disagreement = tie).")
+                             f"{' and '.join(_PROTOCOLS.get(o, o) for o in orders)}.")
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     lines.append("")

@@ -62,8 +62,10 @@ file:line and key; relative paths are relative to the current directory, like th
     lmentry: {data: PATH, tasks: null, truncate_predictions: false, allow_partial: false}
     vicuna:
       data: ../shared/data/vicuna     # question.jsonl, prompt.jsonl, reviewer.jsonl (or give each file)
-      baseline: ../shared/data/vicuna/answer_gpt35.jsonl   # FastChat answers, or
-      baseline_model: null            # the name of a model of this config (its generated answers)
+      baseline: null                  # a FastChat answer file (e.g. answer_alpaca-13b.jsonl), or
+      baseline_model: alpaca-7b       # the name of a model of this config (its generated answers)
+      orders: one                     # one: the paper's protocol (model as Assistant 1); both: not the paper's,
+                                      # both orders, win/lose only when they agree, else tie (eval/vicuna.py)
       review: true                    # false: only write the answer files
       limit: null                     # first N questions
       max_parse_retries: 2
@@ -178,6 +180,7 @@ class VicunaSettings:
     reviewers: str | None = None
     baseline: str | None = None
     baseline_model: str | None = None
+    orders: str = "one"
     review: bool = True
     limit: int | None = None
     max_new_tokens: int | None = None
@@ -236,7 +239,7 @@ class EvalConfig:
 # The ranges and choices of the eval config's values (tuna_jax.config checks them; keys: (section, key)).
 _TEMPLATE_SECTIONS = ("models", "generation", "superni", "lmentry", "vicuna", "alpaca_eval")
 EVAL_CHOICES = {**{(s, "template"): ("alpaca", "raw") for s in _TEMPLATE_SECTIONS},
-                ("generation", "dtype"): ("float32", "bfloat16")}
+                ("generation", "dtype"): ("float32", "bfloat16"), ("vicuna", "orders"): vicuna_mod.ORDERS}
 EVAL_LIMITS = {
     ("generation", "temperature"): at_least(0),
     ("generation", "top_p"): between(0, 1, lo_open=True),
@@ -763,8 +766,9 @@ def _reviews(cfg: EvalConfig, data: _Data, rows: dict, notes: list, progress: bo
     if cfg.vicuna and cfg.vicuna.review:
         v = cfg.vicuna
         baseline, base_name = _vicuna_baseline(cfg, rows)
-        rc = vicuna_mod.ReviewConfig(max_parse_retries=v.max_parse_retries, temperature=v.temperature,
-                                     max_tokens=v.max_tokens, concurrency=cfg.judge.concurrency, progress=progress)
+        rc = vicuna_mod.ReviewConfig(orders=v.orders, max_parse_retries=v.max_parse_retries,
+                                     temperature=v.temperature, max_tokens=v.max_tokens,
+                                     concurrency=cfg.judge.concurrency, progress=progress)
         for spec in cfg.models:
             if spec.name != v.baseline_model:
                 stem = os.path.join(cfg.output_dir, "vicuna", f"{spec.name}_vs_{_safe(base_name)}")
@@ -794,7 +798,8 @@ def _reviews(cfg: EvalConfig, data: _Data, rows: dict, notes: list, progress: bo
                 status = 2
                 break
             write_json(stem + ".json", result)
-            keep = ("win", "lose", "tie", "failed", "missing", "judged", "baseline", "judge")
+            keep = ("win", "lose", "tie", "win_pct", "tie_pct", "lose_pct", "failed", "missing", "judged",
+                    "baseline", "judge", "orders")
             if bench == "alpaca_eval":
                 keep += ("win_rate", "win_rate_stderr")
             rows[name][bench] = {k: result[k] for k in keep}

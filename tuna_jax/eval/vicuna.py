@@ -1,10 +1,19 @@
 """Pairwise LLM review: Vicuna QA (80 questions, the published GPT-4 review prompts) and an AlpacaEval-style
 win rate (805 instructions, the ``alpaca_eval_gpt4`` annotator prompt), through the OpenAI-compatible client.
 
-One idea: show a judge two answers to the same question, in BOTH orders, parse its verdict strictly, and
-count per question a win (both orders prefer the model), a loss (both prefer the baseline) or a tie (the
-orders disagree, or both call it even). Reviewing both orders and calling disagreement a tie is what the
-Tuna paper does against the judge's position bias.
+One idea: show a judge two answers to the same question, parse its verdict strictly, and count per question
+a win, a loss or a tie for the model under test. Two protocols (``ReviewConfig.orders`` / ``--orders`` /
+``vicuna.orders``), for Vicuna QA:
+
+* ``one`` (the default): the Tuna paper's protocol, FastChat's: one request per question, the model under
+  test as Assistant 1 and the baseline as Assistant 2; win / tie / lose by the judge's two scores (higher,
+  equal, lower). Cheap, but a judge that favours the first position favours the model.
+* ``both``: NOT the paper's protocol -- an option of this project against that position bias: both orders
+  are asked, and a question is a win only when both orders prefer the model, a loss only when both prefer
+  the baseline, else a tie (the orders disagree, or one or both call it even). Twice the requests.
+
+Results are counts and, as the paper reports them, percentages of the judged questions (``win_pct``,
+``tie_pct``, ``lose_pct``); failed and missing questions are in neither.
 
 Vicuna QA (lm-sys/FastChat ``fastchat/eval``, the version the Vicuna blog post and the Tuna paper used)
 -------------------------------------------------------------------------------------------------------
@@ -43,7 +52,8 @@ AlpacaEval (tatsu-lab/alpaca_eval, annotator ``alpaca_eval_gpt4``)
   1 and 2. Stricter than alpaca_eval (which only reads model_1's rank): a reply that names a model twice
   or gives both rank 1 fails. Code fences or prose around the list are failures (the prompt forbids them).
 * Model outputs are matched to the reference outputs (``model_outputs_text_davinci_003.json``) by the
-  instruction text. Per instruction both orders are judged; win rate = 100 x (wins + ties / 2) / judged,
+  instruction text. Per instruction both orders are judged (whatever ``orders`` says; it is Vicuna QA's
+  setting) and combined by the both-orders rule above; win rate = 100 x (wins + ties / 2) / judged,
   with its standard error (of the per-instruction 1 / 0.5 / 0 scores). alpaca_eval itself judges one
   random order per instruction; both orders cost twice as much and remove the position bias.
 
@@ -79,13 +89,15 @@ logger = logging.getLogger("tuna_jax.eval")
 __all__ = [
     "Question", "Answer", "ReviewPrompt", "Reviewer", "VicunaData", "read_questions", "read_answers",
     "read_review_prompts", "read_reviewers", "load_vicuna_data", "make_answer_id", "answer_record",
-    "write_answers", "ScoreParseError", "parse_score_pair", "build_review_messages", "combine_orders",
+    "write_answers", "ScoreParseError", "parse_score_pair", "build_review_messages", "combine_orders", "outcome",
+    "ORDERS",
     "ReviewConfig", "review_vicuna", "AlpacaEvalTemplate", "load_alpaca_eval_template",
     "parse_alpaca_eval_ranking", "read_alpaca_eval_outputs", "review_alpaca_eval", "add_arguments", "run",
     "add_alpaca_eval_arguments", "run_alpaca_eval",
 ]
 
 MODEL_FIRST, BASELINE_FIRST = "model_first", "baseline_first"
+ORDERS = ("one", "both")  # the paper's protocol (model as Assistant 1) | both orders, agreement or tie
 MAX_SCORE = 10.0
 
 
@@ -307,13 +319,22 @@ def build_review_messages(prompt: ReviewPrompt, question: str, answer_1: str, an
 
 
 def combine_orders(model_first: int, baseline_first: int) -> str:
-    """Per-question outcome from the two orders' preferences FOR THE MODEL (+1 better, -1 worse, 0 even):
-    "win" when both say better, "lose" when both say worse, else "tie" (disagreement or both even)."""
+    """The both-orders rule (not the paper's): per-question outcome from the two orders' preferences FOR THE
+    MODEL (+1 better, -1 worse, 0 even): "win" when both say better, "lose" when both say worse, else "tie"
+    (disagreement or both even)."""
     if model_first > 0 and baseline_first > 0:
         return "win"
     if model_first < 0 and baseline_first < 0:
         return "lose"
     return "tie"
+
+
+def outcome(prefs: Mapping[str, int]) -> str:
+    """The outcome of the orders asked: one order (the paper's protocol) is decided by its own preference
+    (+1 win, -1 lose, 0 tie), two by :func:`combine_orders`."""
+    if set(prefs) == {MODEL_FIRST}:
+        return {1: "win", -1: "lose", 0: "tie"}[prefs[MODEL_FIRST]]
+    return combine_orders(prefs[MODEL_FIRST], prefs[BASELINE_FIRST])
 
 
 def _sign(x: float) -> int:
@@ -324,8 +345,10 @@ def _sign(x: float) -> int:
 @dataclasses.dataclass
 class ReviewConfig:
     """temperature / max_tokens: None = the reviewer's metadata (Vicuna: 0.2, 1024) or the annotator's
-    config (AlpacaEval: 0, 100). max_parse_retries: new requests for a reply without a verdict."""
+    config (AlpacaEval: 0, 100). max_parse_retries: new requests for a reply without a verdict. orders: the
+    Vicuna QA protocol, "one" (the paper's) or "both" (module docstring)."""
 
+    orders: str = "one"
     max_parse_retries: int = 2
     temperature: float | None = None
     max_tokens: int | None = None
@@ -385,10 +408,10 @@ class _PairwiseJudge:
                                         "reviewer_id": item.reviewer_id,
                                         "error": f"no parseable verdict for order(s) {failed_orders}",
                                         "orders": per_order}, counters=counters)
-        outcome = combine_orders(prefs[MODEL_FIRST], prefs[BASELINE_FIRST])
-        counters[outcome] = 1
+        result = outcome(prefs)
+        counters[result] = 1
         rec = {"id": item.id, **item.extra, "category": item.category, "reviewer_id": item.reviewer_id,
-               "outcome": outcome, "orders": per_order}
+               "outcome": result, "orders": per_order}
         return ItemOutcome(record=rec, counters=counters)
 
 
@@ -410,7 +433,8 @@ def _summarise(summary: RunSummary, out_path: str, n_items: int, missing: list, 
     if judged > 1:
         mean = sum(scores) / judged
         stderr = 100.0 * math.sqrt(sum((s - mean) ** 2 for s in scores) / (judged - 1) / judged)
-    return {**extra, **counts, "failed": len(failures), "missing": len(missing), "missing_ids": missing[:20],
+    pct = {f"{k}_pct": 100.0 * counts[k] / judged if judged else None for k in ("win", "tie", "lose")}
+    return {**extra, **counts, **pct, "failed": len(failures), "missing": len(missing), "missing_ids": missing[:20],
             "judged": judged, "num_items": n_items,
             "win_rate": win_rate, "win_rate_stderr": stderr,
             "per_category": per_category,
@@ -433,7 +457,8 @@ def _answers_map(answers: str | os.PathLike | Mapping[int, Answer | str]) -> dic
 def review_vicuna(answers: str | os.PathLike | Mapping[int, Any], baseline: str | os.PathLike | Mapping[int, Any],
                   out_path: str, client: OpenAIClient, data: VicunaData, config: ReviewConfig = ReviewConfig(), *,
                   model_name: str = "model", baseline_name: str = "baseline") -> dict:
-    """Reviews the model's answers against the baseline's, both orders per question.
+    """Reviews the model's answers against the baseline's, in one order (``config.orders="one"``, the paper's
+    protocol: the model as Assistant 1) or both (``"both"``, agreement or tie; see the module docstring).
 
     Writes one record per reviewed question to ``out_path`` (JSONL: outcome, both orders' scores and
     replies) and failures to ``out_path + ".failed.jsonl"``; returns the summary dict (win, lose, tie,
@@ -442,6 +467,8 @@ def review_vicuna(answers: str | os.PathLike | Mapping[int, Any], baseline: str 
     """
     model_answers = _answers_map(answers)
     base_answers = _answers_map(baseline)
+    if config.orders not in ORDERS:
+        raise ValueError(f"orders={config.orders!r}: choose one of {', '.join(ORDERS)}")
     questions = data.questions[:config.limit] if config.limit else data.questions
     items, missing = [], []
     for q in questions:
@@ -451,11 +478,11 @@ def review_vicuna(answers: str | os.PathLike | Mapping[int, Any], baseline: str 
         reviewer = data.reviewer_for(q.category)
         prompt = data.prompts[reviewer.prompt_id]
         a, b = model_answers[q.question_id], base_answers[q.question_id]
-        items.append(_PairItem(
-            id=q.question_id, category=q.category, reviewer_id=reviewer.reviewer_id,
-            orders={MODEL_FIRST: build_review_messages(prompt, q.text, a, b),
-                    BASELINE_FIRST: build_review_messages(prompt, q.text, b, a)},
-            extra={"question_id": q.question_id}))
+        orders = {MODEL_FIRST: build_review_messages(prompt, q.text, a, b)}
+        if config.orders == "both":
+            orders[BASELINE_FIRST] = build_review_messages(prompt, q.text, b, a)
+        items.append(_PairItem(id=q.question_id, category=q.category, reviewer_id=reviewer.reviewer_id,
+                               orders=orders, extra={"question_id": q.question_id}))
     if missing:
         warn(f"Vicuna review {model_name} vs {baseline_name}: {len(missing)} question(s) lack an answer on one "
              f"side and are not reviewed (counted as missing): {missing[:10]}")
@@ -476,7 +503,7 @@ def review_vicuna(answers: str | os.PathLike | Mapping[int, Any], baseline: str 
     summary = _run(items, judge, out_path, config, "vicuna review")
     return _summarise(summary, out_path, len(questions), missing,
                       {"benchmark": "vicuna", "model": model_name, "baseline": baseline_name,
-                       "judge": client.config.model, "num_questions": len(questions)})
+                       "judge": client.config.model, "orders": config.orders, "num_questions": len(questions)})
 
 
 # ================================================================================================ AlpacaEval
@@ -607,7 +634,7 @@ def review_alpaca_eval(outputs: str | os.PathLike | Sequence[Mapping[str, Any]],
     summary = _run(items, judge, out_path, config, "alpaca_eval review")
     return _summarise(summary, out_path, len(refs), missing,
                       {"benchmark": "alpaca_eval", "model": model_name, "baseline": reference_name,
-                       "judge": client.config.model, "annotator": "alpaca_eval_gpt4 (both orders)",
+                       "judge": client.config.model, "orders": "both", "annotator": "alpaca_eval_gpt4 (both orders)",
                        "num_instructions": len(refs)})
 
 
@@ -623,6 +650,10 @@ def _review_cli_arguments(parser: argparse.ArgumentParser) -> None:
                    help="summary JSON; per-item reviews go to OUT.reviews.jsonl (failures to "
                         "OUT.reviews.jsonl.failed.jsonl), the request cache to OUT.store.jsonl unless --store "
                         "(OUT = the path without .json)")
+    r.add_argument("--orders", choices=ORDERS, default="one",
+                   help="Vicuna QA: 'one' = the paper's protocol (the model as Assistant 1, win/tie/lose by the two "
+                        "scores); 'both' = not the paper's: both orders, a win or loss only when they agree, else "
+                        "a tie (twice the requests). AlpacaEval always judges both orders (default: one)")
     r.add_argument("--max-parse-retries", type=int, default=2,
                    help="new requests for a reply without a verdict before the item counts as failed")
     r.add_argument("--temperature", type=float, default=None, help="judge temperature (default: the prompt's)")
@@ -633,7 +664,7 @@ def _review_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _review_config(args) -> ReviewConfig:
-    return ReviewConfig(max_parse_retries=args.max_parse_retries, temperature=args.temperature,
+    return ReviewConfig(orders=args.orders, max_parse_retries=args.max_parse_retries, temperature=args.temperature,
                         max_tokens=args.max_tokens, concurrency=args.concurrency, limit=args.limit,
                         progress=not args.no_progress)
 
@@ -649,9 +680,10 @@ def _finish(result: dict, args, what: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``tuna-jax eval vicuna``: review two FastChat answer files."""
     parser.description = ("Vicuna QA pairwise review: a judge LLM (the published GPT-4 review prompts) compares "
-                          "the model's answers with a baseline's, in both orders; a question is a win when both "
-                          "orders prefer the model, a loss when both prefer the baseline, else a tie. Requests are "
-                          "cached: rerunning the same command makes no new request.")
+                          "the model's answers with a baseline's. --orders one (default; the paper's protocol): the "
+                          "model as Assistant 1, win/tie/lose by the two scores; --orders both (not the paper's): "
+                          "both orders, a win or loss only when they agree, else a tie. Reports counts and "
+                          "percentages. Requests are cached: rerunning the same command makes no new request.")
     parser.add_argument("--answers", required=True, metavar="ANSWERS.jsonl",
                         help="the model's answers {question_id, text, ...} (FastChat format)")
     parser.add_argument("--baseline", required=True, metavar="BASELINE.jsonl", help="the baseline's answers")
