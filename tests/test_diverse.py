@@ -23,8 +23,8 @@ def rouge(a, b):
 
 
 class RepeatingModel:
-    """A scripted SampleFn: ``script[instruction][temperature]`` is the N texts it returns; every call is
-    recorded as (instructions, n, temperature, rng_ids)."""
+    """A scripted SampleFn: asked for n texts, it returns the first n of ``script[instruction][temperature]``;
+    every call is recorded as (instructions, n, temperature, rng_ids)."""
 
     def __init__(self, script):
         self.script, self.calls = script, []
@@ -32,7 +32,7 @@ class RepeatingModel:
     def __call__(self, prompts, n, temperature, rng_ids):
         names = [next(k for k in self.script if f"### Instruction:\n{k}\n" in p) for p in prompts]
         self.calls.append((names, n, temperature, list(rng_ids)))
-        return [list(self.script[k][temperature]) for k in names]
+        return [list(self.script[k][temperature][:n]) for k in names]
 
 
 # A repeats itself at every temperature: no trial passes; the least similar set is trial 2 (T=1.1, mean
@@ -40,7 +40,7 @@ class RepeatingModel:
 # B repeats itself at 1.0 only; C is diverse at once.
 SCRIPT = {
     "A": {1.0: [SAME] * 4, 1.1: [SAME, SAME, OTHERS[0], OTHERS[1]], 1.2: [SAME, SAME, SAME, OTHERS[2]]},
-    "B": {1.0: [SAME, SAME, OTHERS[0], OTHERS[1]], 1.1: OTHERS},
+    "B": {1.0: [SAME, SAME, OTHERS[0], OTHERS[1]], 1.1: OTHERS, 1.2: [OTHERS[2]]},  # 1.2: similar mode only
     "C": {1.0: OTHERS},
 }
 ROWS = [{"id": "a", "instruction": "A", "output": "ref A"}, {"id": "b", "instruction": "B"},
@@ -56,11 +56,12 @@ def read(path):
     return [json.loads(x) for x in open(path)]
 
 
-def test_retries_temperature_steps_and_least_similar_fallback(tmp_path):
+def test_set_mode_retries_temperature_steps_and_least_similar_fallback(tmp_path):
+    """mode="set" (the reference code's): every retry samples the whole set again."""
     model = RepeatingModel(SCRIPT)
     out = tmp_path / "div.jsonl"
-    report = D.sample_diverse_file(write_rows(tmp_path / "in.jsonl", ROWS), str(out), model, D.DiverseConfig(),
-                                   progress=False)
+    report = D.sample_diverse_file(write_rows(tmp_path / "in.jsonl", ROWS), str(out), model,
+                                   D.DiverseConfig(mode="set"), progress=False)
     # One call per trial with exactly the items still pending, 1.0 -> 1.1 -> 1.2, fresh noise each trial.
     assert [(names, n, t) for names, n, t, _ in model.calls] == [
         (["A", "B", "C"], 4, 1.0), (["A", "B"], 4, 1.1), (["A"], 4, 1.2)]
@@ -69,8 +70,9 @@ def test_retries_temperature_steps_and_least_similar_fallback(tmp_path):
 
     a, b, c = read(out)
     assert a["candidates"] == SCRIPT["A"][1.1]
-    assert a["diversity"] == {"trials": 3, "temperature": 1.1, "kept_trial": 2, "max_pairwise_rougeL": 1.0,
-                              "mean_pairwise_rougeL": pytest.approx(1 / 6), "fallback": True}
+    assert a["diversity"] == {"mode": "set", "trials": 3, "resampled": 8, "temperature": 1.1, "kept_trial": 2,
+                              "max_pairwise_rougeL": 1.0, "mean_pairwise_rougeL": pytest.approx(1 / 6),
+                              "fallback": True}
     assert b["candidates"] == OTHERS and b["diversity"]["trials"] == 2 and b["diversity"]["temperature"] == 1.1
     assert b["diversity"]["fallback"] is False and b["diversity"]["kept_trial"] == 2
     assert c["candidates"] == OTHERS and c["diversity"]["trials"] == 1 and c["diversity"]["temperature"] == 1.0
@@ -83,8 +85,63 @@ def test_retries_temperature_steps_and_least_similar_fallback(tmp_path):
 
     assert (report.items, report.retries, report.fallbacks) == (3, 3, 1)
     assert report.accepted_at == [1, 1, 0] and report.attempted == [3, 2, 1]
-    assert "retries: 3, fallbacks (least similar set kept): 1" in report.line()
+    assert report.resampled == 12  # 2 more sets of 4 for A, 1 for B
+    assert "retries: 3 (12 responses resampled), fallbacks (least similar set kept): 1" in report.line()
     assert "trial 1: 1/3 accepted, trial 2: 1/2 accepted, trial 3: 0/1 accepted" in report.line()
+
+
+# mode="similar": only the too-similar responses are sampled again (the earlier of two near-copies stays).
+SIMILAR = {
+    "A": {1.0: [SAME, SAME, OTHERS[0], OTHERS[1]], 1.1: [OTHERS[2]]},          # slot 1 refilled: accepted
+    "B": {1.0: [SAME] * 4, 1.1: [SAME, OTHERS[0], SAME], 1.2: [OTHERS[1], OTHERS[2]]},  # 3 refilled, then 2
+    "C": {1.0: OTHERS},
+    "D": {1.0: [SAME] * 4, 1.1: [SAME] * 3, 1.2: [SAME] * 3},                  # never diverse: falls back
+}
+
+
+class ExactModel(RepeatingModel):
+    """Like RepeatingModel, but the script says exactly how many texts each call must ask for."""
+
+    def __call__(self, prompts, n, temperature, rng_ids):
+        out = super().__call__(prompts, n, temperature, rng_ids)
+        names = self.calls[-1][0]
+        assert all(len(self.script[k][temperature]) == n for k in names), (names, n, temperature)
+        return out
+
+
+def test_similar_mode_resamples_only_the_too_similar_responses(tmp_path):
+    rows = [{"id": k.lower(), "instruction": k} for k in SIMILAR]
+    model = ExactModel(SIMILAR)
+    out = tmp_path / "div.jsonl"
+    report = D.sample_diverse_file(write_rows(tmp_path / "in.jsonl", rows), str(out), model, D.DiverseConfig(),
+                                   progress=False)
+    # trial 1: the whole set for everyone; then one call per number of slots to refill, hotter each trial,
+    # with each trial's own random streams
+    assert [(names, n, t) for names, n, t, _ in model.calls] == [
+        (["A", "B", "C", "D"], 4, 1.0), (["A"], 1, 1.1), (["B", "D"], 3, 1.1), (["B"], 2, 1.2), (["D"], 3, 1.2)]
+    assert model.calls[2][3] == [D.rng_id("b", 1), D.rng_id("d", 1)]
+    a, b, c, d = read(out)
+    assert a["candidates"] == [SAME, OTHERS[2], OTHERS[0], OTHERS[1]]
+    assert a["diversity"]["mode"] == "similar" and (a["diversity"]["trials"], a["diversity"]["resampled"]) == (2, 1)
+    assert a["diversity"]["fallback"] is False and a["diversity"]["temperature"] == 1.1
+    assert b["candidates"] == [SAME, OTHERS[1], OTHERS[0], OTHERS[2]]
+    assert (b["diversity"]["trials"], b["diversity"]["resampled"], b["diversity"]["kept_trial"]) == (3, 5, 3)
+    assert c["candidates"] == OTHERS and c["diversity"]["resampled"] == 0
+    assert d["candidates"] == [SAME] * 4 and d["diversity"]["fallback"] is True and d["diversity"]["kept_trial"] == 1
+    assert (report.retries, report.resampled, report.fallbacks) == (5, 12, 1)
+    assert D.DiverseConfig().mode == "similar"  # the paper's description is the default
+    with pytest.raises(ValueError, match="mode='both'"):
+        D.DiverseConfig(mode="both")
+    # Resuming in the other mode would mix two procedures in one file.
+    with pytest.raises(InputError, match=r"other settings \(mode: 'similar' -> 'set'\)"):
+        D.sample_diverse_file(str(tmp_path / "in.jsonl"), str(out), model, D.DiverseConfig(mode="set"),
+                              progress=False)
+
+
+def test_too_similar_keeps_the_earlier_of_near_copies():
+    sim = D.PairwiseRougeL()
+    assert D.too_similar([SAME, OTHERS[0], SAME, SAME + " today", OTHERS[1]], 0.8, sim) == [2, 3]
+    assert D.too_similar(OTHERS, 0.8, sim) == []
 
 
 def test_similarity_rules_and_choice():
@@ -144,7 +201,7 @@ def test_end_to_end_real_sampler_then_metric_judge(tmp_path_factory, tmp_path):
     rows = [dict(r, id=f"i{k}") for k, r in enumerate(INSTRUCTIONS[:3])]
     src = write_rows(tmp_path / "in.jsonl", rows)
     # tau=0.05: these random texts share a word now and then, so some sets are retried (hotter) as well.
-    cfg = D.DiverseConfig(tau=0.05)
+    cfg = D.DiverseConfig(tau=0.05, mode="set")  # whole sets: the local-teacher tests' 4-row shape only
 
     def run(out):  # one instruction per call: 4 sampler rows, the local-teacher tests' shape
         return D.run_diverse(str(model_dir), src, str(out), cfg, tokenizer=str(model_dir / "tokenizer.model"),
@@ -184,6 +241,8 @@ def test_cli_arguments():
     D.add_arguments(p)
     args = p.parse_args(["m", "in.jsonl", "out.jsonl", "--tau", "0.7", "--max-trials", "2"])
     assert (args.n, args.tau, args.temperature, args.temperature_step, args.max_trials) == (4, 0.7, 1.0, 0.1, 2)
+    assert args.mode == "similar" and p.parse_args(["m", "i", "o", "--mode", "set"]).mode == "set"
+    assert "the paper" in p.format_help() and "the reference code" in p.format_help()
 
 
 def test_one_run_per_output(tmp_path):

@@ -1,14 +1,23 @@
 """Contextual-ranking candidates: N diverse samples per instruction from the model being tuned
 (``tuna-jax sample-diverse MODEL INPUT OUT``), ready for ``tuna-jax judge``.
 
-The paper's procedure (Sec. 3.1; microsoft/LMOps tuna), exactly:
+Two resampling modes (``DiverseConfig.mode`` / ``--mode``); both start and end the same way:
 
 * trial 1 samples N responses at ``temperature`` (1.0);
-* the set is accepted when every pair has ROUGE-L F < ``tau`` (0.8; rouge_score ``rougeL``, stemmer on);
-* otherwise the WHOLE set is sampled again at temperature + ``temperature_step`` (0.1), for at most
-  ``max_trials`` trials in all (3: temperatures 1.0, 1.1, 1.2);
-* if no trial is accepted, the trial with the lowest MEAN pairwise ROUGE-L is kept (the first such trial
-  on a tie) and the record is marked ``fallback``.
+* a set is accepted when every pair has ROUGE-L F < ``tau`` (0.8; rouge_score ``rougeL``, stemmer on);
+* each further trial samples at temperature + ``temperature_step`` (0.1) more, for at most ``max_trials``
+  trials in all (3: temperatures 1.0, 1.1, 1.2);
+* if no trial's set is accepted, the set with the lowest MEAN pairwise ROUGE-L is kept (the first such
+  trial on a tie) and the record is marked ``fallback``.
+
+What a further trial resamples:
+
+* ``similar`` (the default) -- the paper's description (Sec. 3.1): only the responses that are too similar
+  are removed and sampled again. Responses are taken in order and one whose ROUGE-L F with an earlier kept
+  response is >= tau is removed (so of two near-copies the first stays); the removed slots are filled by
+  new samples and the whole set is judged again. Which of a similar pair to remove is not stated in the
+  paper; keeping the earlier one is this module's choice.
+* ``set`` -- what the reference code (microsoft/LMOps tuna) does: the WHOLE set is sampled again.
 
 Similarity of a pair is ROUGE-L F, except that two responses equal after stripping whitespace count as 1.0:
 rouge_score's tokenizer keeps only ``[a-z0-9]`` words, so two identical empty, punctuation-only or non-Latin
@@ -17,16 +26,17 @@ responses would otherwise score 0 and pass as "diverse".
 Output, one JSON line per instruction, in input order (what ``tuna-jax judge`` reads):
 
     {"id", "instruction", "input", "output" (only when the input row had one), "candidates": [N str],
-     "diversity": {"trials": int (1..max_trials), "temperature": float (of the kept set), "kept_trial": int,
-                   "max_pairwise_rougeL": float, "mean_pairwise_rougeL": float (of the kept set),
-                   "fallback": bool}}
+     "diversity": {"mode": "similar" | "set", "trials": int (1..max_trials), "resampled": int (responses
+                   sampled after trial 1), "temperature": float (of the kept set's newest samples),
+                   "kept_trial": int, "max_pairwise_rougeL": float, "mean_pairwise_rougeL": float (of the kept
+                   set), "fallback": bool}}
 
 Candidates are the texts as sampled (``Tokenizer.decode_continuation``: a leading space the model chose is
 kept, so the student later scores exactly the tokens it generated). Empty responses are kept and counted
 (``empty_candidates``): a ranking record cannot train on them, so the judge output's reader will report them.
 
-Randomness: trial t of the item with id I samples with the sampler's ``rng_id = sha256(I, t)``, so every
-trial draws fresh noise (the same noise at a slightly higher temperature would mostly give the same
+Randomness: trial t of the item with id I samples (the whole set, or its removed slots) with the sampler's
+``rng_id = sha256(I, t)``, so every trial draws fresh noise (the same noise at a slightly higher temperature would mostly give the same
 samples) and a sample depends on (seed, id, trial, prompt) only. A resumed run therefore writes what an
 uninterrupted one would.
 
@@ -60,18 +70,25 @@ logger = logging.getLogger("tuna_jax.feedback")
 SampleFn = Callable[[Sequence[str], int, float, Sequence[int]], list]
 
 
+MODES = ("similar", "set")  # resample the too-similar responses (the paper) | the whole set (the reference code)
+
+
 @dataclasses.dataclass(frozen=True)
 class DiverseConfig:
     """n: samples per instruction (paper: 4); tau: a pair with ROUGE-L F >= tau is too similar (0.8);
-    temperature: of trial 1 (1.0); temperature_step: added per retry (0.1); max_trials: trials in all (3)."""
+    temperature: of trial 1 (1.0); temperature_step: added per retry (0.1); max_trials: trials in all (3);
+    mode: what a retry resamples, "similar" (the paper) or "set" (the reference code; module docstring)."""
 
     n: int = 4
     tau: float = 0.8
     temperature: float = 1.0
     temperature_step: float = 0.1
     max_trials: int = 3
+    mode: str = "similar"
 
     def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: choose one of {', '.join(MODES)}")
         if self.n < 2:
             raise ValueError(f"n={self.n}: diverse sampling compares pairs, so n must be >= 2")
         if not 0 < self.tau <= 1:
@@ -109,21 +126,38 @@ class PairwiseRougeL:
 
 @dataclasses.dataclass
 class Trial:
-    """One sampled set: its 0-based index, temperature, texts and pairwise ROUGE-L summary."""
+    """One sampled set: its 0-based index, temperature, texts and pairwise ROUGE-L summary; ``new``: how
+    many of its texts this trial sampled (all of them, or the slots it refilled)."""
 
     index: int
     temperature: float
     texts: list
     max_rouge: float
     mean_rouge: float
+    new: int = 0
 
     def accepted(self, tau: float) -> bool:
         return self.max_rouge < tau
 
 
-def evaluate_trial(index: int, temperature: float, texts: Sequence[str], sim: PairwiseRougeL) -> Trial:
+def evaluate_trial(index: int, temperature: float, texts: Sequence[str], sim: PairwiseRougeL,
+                   new: int | None = None) -> Trial:
     pairs = sim.matrix(texts)
-    return Trial(index, temperature, list(texts), max(pairs), sum(pairs) / len(pairs))
+    return Trial(index, temperature, list(texts), max(pairs), sum(pairs) / len(pairs),
+                 len(texts) if new is None else new)
+
+
+def too_similar(texts: Sequence[str], tau: float, sim: PairwiseRougeL) -> list[int]:
+    """The slots ``similar`` mode resamples: in order, each text whose ROUGE-L F with an earlier kept text
+    is >= tau (of two near-copies the earlier stays)."""
+    kept: list[int] = []
+    drop = []
+    for j, t in enumerate(texts):
+        if any(sim.pair(texts[i], t) >= tau for i in kept):
+            drop.append(j)
+        else:
+            kept.append(j)
+    return drop
 
 
 def choose(trials: Sequence[Trial], tau: float) -> tuple[Trial, bool]:
@@ -160,12 +194,13 @@ def read_items(path: str, limit: int | None = None) -> list[DiverseItem]:
     return items
 
 
-def make_record(item: DiverseItem, kept: Trial, trials: int, fallback: bool) -> dict:
+def make_record(item: DiverseItem, kept: Trial, trials: Sequence[Trial], fallback: bool, mode: str) -> dict:
     rec: dict[str, Any] = {"id": item.id, "instruction": item.instruction, "input": item.input}
     if item.output is not None:
         rec["output"] = item.output
     rec["candidates"] = list(kept.texts)
-    rec["diversity"] = {"trials": trials, "temperature": kept.temperature, "kept_trial": kept.index + 1,
+    rec["diversity"] = {"mode": mode, "trials": len(trials), "resampled": sum(t.new for t in trials[1:]),
+                        "temperature": kept.temperature, "kept_trial": kept.index + 1,
                         "max_pairwise_rougeL": kept.max_rouge, "mean_pairwise_rougeL": kept.mean_rouge,
                         "fallback": fallback}
     return rec
@@ -177,11 +212,24 @@ def rng_id(item_id: Any, trial: int) -> int:
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
-def diversify(items: Sequence[DiverseItem], sample_fn: SampleFn, cfg: DiverseConfig,
-              sim: PairwiseRougeL | None = None) -> list[dict]:
-    """The procedure for a group of items (sampled together, one call per trial): records in item order."""
+def _sample(sample_fn: SampleFn, items: Sequence[DiverseItem], n: int, temp: float, trial: int) -> list[list[str]]:
+    """``n`` texts for each of ``items`` at ``temp`` (trial ``trial``'s random streams), checked."""
     from tuna_jax.data.templates import format_prompt
 
+    prompts = [format_prompt(it.instruction, it.input) for it in items]
+    texts = sample_fn(prompts, n, temp, [rng_id(it.id, trial) for it in items])
+    if len(texts) != len(items) or any(len(x) != n for x in texts):
+        raise RuntimeError(f"sample_fn returned {[len(x) for x in texts]} samples for {len(items)} prompts x n={n}")
+    for it, got in zip(items, texts):
+        if any(not isinstance(s, str) for s in got):
+            raise RuntimeError(f"sample_fn returned a non-text sample for item {it.id!r}")
+    return texts
+
+
+def diversify(items: Sequence[DiverseItem], sample_fn: SampleFn, cfg: DiverseConfig,
+              sim: PairwiseRougeL | None = None) -> list[dict]:
+    """The procedure for a group of items (sampled together: one call per trial, and in ``similar`` mode one
+    per number of slots to refill): records in item order."""
     sim = sim or PairwiseRougeL()
     trials: list[list[Trial]] = [[] for _ in items]
     pending = list(range(len(items)))
@@ -189,33 +237,38 @@ def diversify(items: Sequence[DiverseItem], sample_fn: SampleFn, cfg: DiverseCon
         if not pending:
             break
         temp = cfg.temperature_of(t)
-        prompts = [format_prompt(items[i].instruction, items[i].input) for i in pending]
-        texts = sample_fn(prompts, cfg.n, temp, [rng_id(items[i].id, t) for i in pending])
-        if len(texts) != len(pending) or any(len(x) != cfg.n for x in texts):
-            raise RuntimeError(f"sample_fn returned {[len(x) for x in texts]} samples for {len(pending)} prompts "
-                               f"x n={cfg.n}")
-        for i, got in zip(pending, texts):
-            if any(not isinstance(s, str) for s in got):
-                raise RuntimeError(f"sample_fn returned a non-text sample for item {items[i].id!r}")
-            trials[i].append(evaluate_trial(t, temp, got, sim))
+        if t == 0 or cfg.mode == "set":
+            for i, got in zip(pending, _sample(sample_fn, [items[i] for i in pending], cfg.n, temp, t)):
+                trials[i].append(evaluate_trial(t, temp, got, sim))
+        else:  # similar: refill only the slots of the too-similar responses, grouped by how many
+            drop = {i: too_similar(trials[i][-1].texts, cfg.tau, sim) for i in pending}
+            for k in sorted({len(d) for d in drop.values()}):
+                group = [i for i in pending if len(drop[i]) == k]
+                for i, got in zip(group, _sample(sample_fn, [items[i] for i in group], k, temp, t)):
+                    texts = list(trials[i][-1].texts)
+                    for slot, text in zip(drop[i], got):
+                        texts[slot] = text
+                    trials[i].append(evaluate_trial(t, temp, texts, sim, new=k))
         pending = [i for i in pending if not trials[i][-1].accepted(cfg.tau)]
     out = []
     for item, tr in zip(items, trials):
         kept, fallback = choose(tr, cfg.tau)
-        out.append(make_record(item, kept, len(tr), fallback))
+        out.append(make_record(item, kept, tr, fallback, cfg.mode))
     return out
 
 
 @dataclasses.dataclass
 class DiverseReport:
     """Counts over the records of OUT (all runs): items; accepted_at[k] items accepted at trial k+1;
-    attempted[k] items that reached trial k+1; retries (resampled sets = sum of trials - 1); fallbacks;
-    empty_candidates."""
+    attempted[k] items that reached trial k+1; retries (further trials = sum of trials - 1); resampled
+    (responses sampled in those trials: whole sets in ``set`` mode, the too-similar ones in ``similar``);
+    fallbacks; empty_candidates."""
 
     items: int = 0
     accepted_at: list = dataclasses.field(default_factory=list)
     attempted: list = dataclasses.field(default_factory=list)
     retries: int = 0
+    resampled: int = 0
     fallbacks: int = 0
     empty_candidates: int = 0
 
@@ -226,6 +279,7 @@ class DiverseReport:
             d = rec["diversity"]
             r.items += 1
             r.retries += d["trials"] - 1
+            r.resampled += d["resampled"]
             for k in range(d["trials"]):
                 r.attempted[k] += 1
             if d["fallback"]:
@@ -238,8 +292,8 @@ class DiverseReport:
     def line(self) -> str:
         per = ", ".join(f"trial {k + 1}: {a}/{n} accepted"
                         for k, (a, n) in enumerate(zip(self.accepted_at, self.attempted)))
-        return (f"items: {self.items}, retries: {self.retries}, fallbacks (least similar set kept): "
-                f"{self.fallbacks}, empty candidates: {self.empty_candidates} | {per}")
+        return (f"items: {self.items}, retries: {self.retries} ({self.resampled} responses resampled), fallbacks "
+                f"(least similar set kept): {self.fallbacks}, empty candidates: {self.empty_candidates} | {per}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -333,15 +387,16 @@ def sampler_fn(sampler, max_new_tokens: int = 256, top_p: float = 1.0, top_k: in
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``tuna-jax sample-diverse MODEL INPUT OUT``."""
     parser.description = (
-        "Contextual ranking candidates (Tuna_c): N samples per instruction from MODEL; if any pair has ROUGE-L F "
-        ">= tau the whole set is sampled again 0.1 hotter, up to 3 trials, else the least similar trial is kept. "
-        "Output lines {id, instruction, input, output?, candidates, diversity} are the input of `tuna-jax judge`. "
-        "A rerun skips instructions already in OUT.")
+        "Contextual ranking candidates (Tuna_c): N samples per instruction from MODEL; while some pair has ROUGE-L "
+        "F >= tau, sample again 0.1 hotter -- only the too-similar responses (--mode similar, the paper's "
+        "description) or the whole set (--mode set, the reference code) -- up to 3 trials, else keep the least "
+        "similar set. Output lines {id, instruction, input, output?, candidates, diversity} are the input of "
+        "`tuna-jax judge`. A rerun skips instructions already in OUT.")
     parser.add_argument("model", help="HF folder or tuna-jax params checkpoint (the model being tuned)")
     parser.add_argument("input", help="Alpaca-format instructions: JSON list or JSONL of {id?, instruction, input?, "
                         "output?}")
     parser.add_argument("out", help="output JSONL (appended to; a rerun resumes)")
-    d = parser.add_argument_group("diversity (paper defaults)")
+    d = parser.add_argument_group("diversity (the paper's settings by default)")
     d.add_argument("--n", type=int, default=4, help="samples per instruction (default: %(default)s)")
     d.add_argument("--tau", type=float, default=0.8,
                    help="a pair with ROUGE-L F >= tau is too similar (default: %(default)s)")
@@ -349,6 +404,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--temperature-step", type=float, default=0.1,
                    help="added to the temperature on each retry (default: %(default)s)")
     d.add_argument("--max-trials", type=int, default=3, help="trials in all, the first included (default: %(default)s)")
+    d.add_argument("--mode", choices=MODES, default="similar",
+                   help="what a retry resamples: 'similar' = only the responses too similar to an earlier one (the "
+                        "paper's description), 'set' = the whole set (what the reference code does) "
+                        "(default: %(default)s)")
     g = parser.add_argument_group("sampling")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -408,7 +467,7 @@ def run(args) -> int:
     from tuna_jax import parallel
 
     cfg = DiverseConfig(n=args.n, tau=args.tau, temperature=args.temperature,
-                        temperature_step=args.temperature_step, max_trials=args.max_trials)
+                        temperature_step=args.temperature_step, max_trials=args.max_trials, mode=args.mode)
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(args.mesh)
     report = run_diverse(args.model, args.input, args.out, cfg, tokenizer=args.tokenizer,
