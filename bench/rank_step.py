@@ -128,7 +128,8 @@ class Ours:
             f"loss.logits_budget_mb={args.logits_budget_mb}", f"data.row_len={args.row_len}"])
         from tuna_jax.model.llama import LlamaConfig
 
-        self.lcfg = LlamaConfig.from_hf(hf, dtype=args.dtype, remat_policy=args.remat, attention=args.attention)
+        self.lcfg = LlamaConfig.from_hf(hf, dtype=args.dtype, remat_policy=args.remat, attention=args.attention,
+                                        scan_layers=not args.unroll)
         n_data = mesh.shape["data"] * mesh.shape["fsdp"]
         it = BatchIterator(examples, make_collator(self.cfg, 0, n_data), args.batch, shuffle=False,
                            num_epochs=1)  # batch i = examples[i*B:(i+1)*B] for every variant
@@ -394,10 +395,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--unroll", action="store_true", help="model.scan_layers=false: unroll the layer loop")
     ap.add_argument("--pad-to-multiple", type=int, default=64)
     ap.add_argument("--logits-budget-mb", type=int, default=None, help="loss.logits_budget_mb (default: the config's)")
     ap.add_argument("--row-len", type=int, default=0, help="data.row_len for packed (0: max_len)")
     ap.add_argument("--json", default=None, help="write every figure to this file")
+    ap.add_argument("--profile", default=None, help="also trace one pass of the first variant (jax.profiler) "
+                    "into this folder, with its optimised HLO")
     args = ap.parse_args(argv)
     if not args.gpu:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -468,6 +472,8 @@ def main(argv=None) -> int:
 
     times = {v.name: [] for v in variants}
     rss = {v.name: [] for v in variants}
+    for var in variants:  # one untimed pass each: the first executions after compiling run slow on GPUs
+        var.run()
     for r in range(args.rounds):
         for var in variants:
             base = vm_hwm() if peak_rss_reset() else None
@@ -476,6 +482,13 @@ def main(argv=None) -> int:
                 rss[var.name].append(vm_hwm())
         print(f"  round {r + 1}: " + ", ".join(f"{k} {tokens / t[-1]:,.0f} tok/s" for k, t in times.items()), flush=True)
 
+    if args.profile:
+        var = variants[0]
+        jax.profiler.start_trace(args.profile)
+        var.run()
+        jax.profiler.stop_trace()
+        if isinstance(var, Ours):
+            pathlib.Path(args.profile, "step_hlo.txt").write_text(var.calls[0].as_text())
     peak = next((p for k, p in PEAK_BF16.items() if k.lower() in kind.lower()), None)
     rows = []
     for var in variants:

@@ -49,3 +49,24 @@ def test_sequence_logprobs_match_numpy_brute_force():
     assert not bool(valid[0, 1]) and float(v[0, 1]) == 0.0  # empty response: masked, not 0/0
     assert np.isfinite(np.asarray(v)).all()
     assert abs(float(v[0, 0]) - expect[0, 0] / 4) <= 1e-5
+
+
+def test_16bit_logits_keep_float32_logprobs_and_give_16bit_gradients():
+    """bfloat16 compute: the log-probs equal a float32 computation on the same bf16 inputs, and the
+    gradients (rounded to bf16 at the logits, as every other matmul's) stay within bf16 error."""
+    from tuna_jax.logprobs import token_logprobs
+
+    rng = np.random.RandomState(0)
+    h = jnp.asarray(rng.randn(64, 32), jnp.bfloat16)
+    w = jnp.asarray(rng.randn(32, 300) * 0.3, jnp.bfloat16)
+    t = jnp.asarray(rng.randint(0, 300, 64))
+    got = token_logprobs(h, w, t)
+    want = token_logprobs(h.astype(jnp.float32), w.astype(jnp.float32), t)
+    assert got.dtype == jnp.float32 and np.abs(np.asarray(got) - np.asarray(want)).max() < 1e-4
+    f = lambda h, w: jnp.sum(token_logprobs(h, w, t) * jnp.linspace(-1, 1, 64))  # noqa: E731
+    gh, gw = jax.grad(f, argnums=(0, 1))(h, w)
+    rh, rw = jax.grad(f, argnums=(0, 1))(h.astype(jnp.float32), w.astype(jnp.float32))
+    assert gh.dtype == gw.dtype == jnp.bfloat16
+    for g, r in ((gh, rh), (gw, rw)):
+        g, r = np.asarray(g, np.float32), np.asarray(r)
+        assert np.abs(g - r).max() <= 2e-2 * np.abs(r).max()

@@ -39,9 +39,37 @@ def auto_chunk(num_tokens: int, vocab: int, budget_mb: float = DEFAULT_BUDGET_MB
     return max(128, fit // 128 * 128)
 
 
+@jax.custom_vjp
+def _logits_16bit(h: jax.Array, w: jax.Array) -> jax.Array:
+    """h [T, D] @ w [D, V] in a 16-bit dtype with float32 accumulation -> float32 [T, V] logits.
+
+    The backward pass rounds the float32 logit gradient to the compute dtype before its two
+    matmuls, as every other matmul of the model gets its gradient (the default would run them as
+    float32 GEMMs). The forward logits, and so every log-prob, stay exactly float32."""
+    return jnp.einsum("td,dv->tv", h, w, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(h, w):
+    return _logits_16bit(h, w), (h, w)
+
+
+def _logits_bwd(res, g):
+    h, w = res
+    g = g.astype(h.dtype)
+    dh = jnp.einsum("tv,dv->td", g, w, preferred_element_type=jnp.float32).astype(h.dtype)
+    dw = jnp.einsum("td,tv->dv", h, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dh, dw
+
+
+_logits_16bit.defvjp(_logits_fwd, _logits_bwd)
+
+
 def _logprob_of(h: jax.Array, head: jax.Array, t: jax.Array) -> jax.Array:
     """h [T, D], head [D, V], t [T] -> log p(t | h) [T] float32, logits in float32."""
-    logits = jnp.einsum("td,dv->tv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    if h.dtype == jnp.float32:
+        logits = jnp.einsum("td,dv->tv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    else:
+        logits = _logits_16bit(h, head.astype(h.dtype))
     # The picked logit as h . head[:, t]: a gather of T columns of the head, so nothing of size
     # [T, V] is written for it (a compare-and-select over V materialises one on XLA:CPU).
     picked = jnp.einsum("td,td->t", h, jnp.take(head, t, axis=1).T.astype(h.dtype),
