@@ -15,6 +15,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("TUNA_SHARED", REPO_ROOT.parent / "shared"))
 
 
+def pytest_configure(config):
+    # Registered so that `-m "not slow"` gives a quick run; the default run still includes them.
+    config.addinivalue_line("markers", "slow: takes over ~30 s (e.g. starts several JAX processes)")
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
     """../shared (real data and the stories260K model); skipped where a clone has none."""

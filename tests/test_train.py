@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train_utils import REPO, read_metrics, tiny_overrides
+from train_utils import REPO, final_params, max_param_diff, read_metrics, tiny_overrides
 from tuna_jax.config import load_config
 from tuna_jax.train import train
 
@@ -30,15 +30,6 @@ def test_ranking_training_raises_heldout_pair_accuracy(tmp_path):
     train_steps = [m["step"] for m in read_metrics(result.output_dir) if m["split"] == "train"]
     assert train_steps == list(range(1, 25))
     assert (tmp_path / "run" / "final" / "params").is_dir()
-
-
-def _final_params(run_dir):
-    from flax import nnx
-
-    from tuna_jax.model import load_model
-
-    with jax.default_device(jax.devices()[0]):
-        return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_model(run_dir / "final"), nnx.Param)))
 
 
 def _launch(tmp_path, name, extra=(), resume=False):
@@ -88,9 +79,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert "resumed from" in out
     steps = [m["step"] for m in read_metrics(tmp_path / "killed") if m["split"] == "train"]
     assert steps == list(range(1, 25)), "every step exactly once, none repeated or skipped"
-    a, b = _final_params(tmp_path / "full"), _final_params(tmp_path / "killed")
-    diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b))
-    assert max(diffs) <= 1e-6
+    assert max_param_diff(final_params(tmp_path / "full"), final_params(tmp_path / "killed")) <= 1e-6
     # and training really moved the parameters (the comparison is not vacuous)
     full_losses = [m["loss"] for m in read_metrics(tmp_path / "full") if m["split"] == "train"]
     assert full_losses[-1] < full_losses[0]

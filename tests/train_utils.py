@@ -32,3 +32,26 @@ def tiny_overrides(tmp_path, mode="ranking", n_train=64, n_eval=0, **extra):
 def read_metrics(run_dir):
     path = pathlib.Path(run_dir) / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def final_params(run_dir):
+    """The parameters a run exported to RUN_DIR/final, as a tree of NumPy arrays."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from tuna_jax.model import load_model
+    from tuna_jax.parallel import make_mesh
+
+    # On an explicit one-device mesh: without a mesh, Orbax would restore onto the devices recorded at
+    # save time, which do not exist here when a multi-process run saved it.
+    model = load_model(pathlib.Path(run_dir) / "final", make_mesh((1, 1, 1), jax.devices()[:1]))
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def max_param_diff(a, b) -> float:
+    """The largest absolute difference between two parameter trees of the same structure."""
+    import jax
+    import numpy as np
+
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
