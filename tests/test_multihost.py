@@ -2,11 +2,13 @@
 JAX_NUM_PROCESSES, JAX_PROCESS_ID), one CPU device each, against one process with two CPU devices: the
 same global batch on the same (1, 2, 1) mesh, so the two must agree.
 
-* training gives the same per-step metrics and final parameters (packed and padded layouts).
+* training gives the same per-step metrics and final parameters (packed and padded layouts);
+* ``tuna-jax score`` writes the same file (every host scores on the global mesh, process 0 writes).
 
 Every process runs in its own process group with a deadline; on a failure, a timeout or the end of
 the test, whatever still runs is killed, so a hung collective fails the test instead of hanging it.
 """
+import json
 import os
 import signal
 import socket
@@ -17,6 +19,8 @@ import time
 import pytest
 
 from train_utils import REPO, final_params, max_param_diff, read_metrics, tiny_overrides
+from tuna_jax.assets import stories260k_hf_dir
+from tuna_jax.synthetic import ranking_records
 
 pytestmark = pytest.mark.slow  # each test starts three to six JAX processes
 
@@ -154,3 +158,22 @@ def test_two_processes_train_like_one_process_with_two_devices(hosts, data, layo
             assert abs(b[k] - a[k]) <= tol * abs(a[k]), (k, a, b)
     assert max_param_diff(final_params(one), final_params(two)) <= tol
     assert m1[-1]["loss"] < m1[0]["loss"] - 0.5  # it trained: the comparison is not of two untouched inits
+
+
+def test_two_processes_score_like_one_process(hosts, tmp_path):
+    model = stories260k_hf_dir(tmp_path.parent / "tuna-cache")
+    data = tmp_path / "in.jsonl"
+    # 13 lines x 4 candidates at 8 rows a batch: several batches, the last one partly padding
+    data.write_text("".join(json.dumps(r) + "\n" for r in ranking_records(13, seed=3)))
+
+    def cmd(out):
+        return [sys.executable, "-m", "tuna_jax.cli", "score", str(model), str(data), str(out), "--batch-size", "8"]
+
+    one = hosts([cmd(tmp_path / "one.jsonl")], tmp_path, "score-one", devices=2)
+    two = hosts([cmd(tmp_path / "two.jsonl")] * 2, tmp_path, "score-two")
+    outs = wait_all(one + two)
+    assert all("scored 13 lines" in o for o in outs), outs
+    expected = (tmp_path / "one.jsonl").read_text()
+    assert len(expected.splitlines()) == 13
+    assert (tmp_path / "two.jsonl").read_text() == expected  # the same rows on the same mesh: bit for bit
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two.")) == ["two.jsonl"]  # no leftovers

@@ -397,6 +397,7 @@ class Sampler:
         import jax
         import numpy as np
 
+        from tuna_jax import parallel
         from tuna_jax.data.shapes import bucket_length
 
         b = self._rows_for(len(rows))
@@ -435,7 +436,7 @@ class Sampler:
                 seed, dev["rng_ids"], dev["sample_ids"], knobs, np.asarray(self.stop_ids, np.int32),
                 np.int32(self.pad_id), max_new_tokens=t)
             del cache
-            tokens, lps, slps, lengths, stopped = (_to_host(x) for x in (tokens, lps, slps, lengths, stopped))
+            tokens, lps, slps, lengths, stopped = (parallel.to_host(x) for x in (tokens, lps, slps, lengths, stopped))
 
         samples = []
         for r in range(len(rows)):
@@ -453,29 +454,13 @@ class Sampler:
 def _put_batch(batch: dict, mesh) -> dict:
     """Host arrays [B, ...] -> device arrays split over data x fsdp (every host passes the whole
     batch; each places only its own shards). Without a mesh: the default device."""
-    import jax
     import jax.numpy as jnp
 
     from tuna_jax import parallel
 
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
-    out = {}
-    for key, value in batch.items():
-        parallel.check_batch_divisible(value.shape[0], mesh)
-        sharding = parallel.batch_sharding(mesh, value.ndim)
-        out[key] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
-    return out
-
-
-def _to_host(x):
-    import jax
-    import numpy as np
-
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+    return parallel.put_global_batch(batch, mesh)
 
 
 # ---- `tuna-jax generate` -----------------------------------------------------------------

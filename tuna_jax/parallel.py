@@ -166,6 +166,38 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return out
 
 
+def put_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host batch -> device arrays split on the batch axis, when every host holds the WHOLE batch
+    (inference: ``score``, ``generate``): each host places only the shards its devices own, so the
+    rows are computed data-parallel across hosts on the global mesh. Training instead loads only
+    each host's rows (:func:`shard_batch`)."""
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        check_batch_divisible(value.shape[0], mesh)
+        sharding = batch_sharding(mesh, value.ndim)
+        out[key] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+    return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of ``x`` as a NumPy array on every host (all hosts must call it together
+    when ``x`` spans other hosts' devices: it is then an all-gather)."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def sync_hosts(name: str) -> None:
+    """A barrier across hosts (every host must reach it with the same ``name``); nothing on one host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names under the mesh set with ``jax.set_mesh``;
     a no-op when no mesh is set (single device, tests)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import pathlib
 import sys
 from typing import Sequence
@@ -60,7 +61,11 @@ def rows_to_batch(rows: Sequence[ScoreRow], batch_rows: int, length: int, pad_id
 
 
 class Scorer:
-    """Scores (prompt, candidate) rows with a model on a mesh, bucketed by length."""
+    """Scores (prompt, candidate) rows with a model on a mesh, bucketed by length.
+
+    Multi-host: every host calls :meth:`score_rows` with the same rows; each batch runs on the global
+    mesh (the model may be sharded over all hosts), each host placing its own shards of the batch,
+    and every host gets every row's result."""
 
     def __init__(self, model, mesh=None, batch_rows: int = 8, chunk: int = 128):
         self.model, self.mesh, self.chunk = model, mesh, chunk
@@ -86,8 +91,8 @@ class Scorer:
             idx = order[s:s + self.batch_rows]
             chunk_rows = [rows[i] for i in idx]
             batch = rows_to_batch(chunk_rows, self.batch_rows, bucket_length(max(len(r.ids) for r in chunk_rows)))
-            arrays = parallel.shard_batch(batch, self.mesh) if self.mesh is not None else batch
-            total, count = jax.device_get(self._step(self._state, arrays))
+            arrays = parallel.put_global_batch(batch, self.mesh) if self.mesh is not None else batch
+            total, count = (parallel.to_host(x) for x in self._step(self._state, arrays))
             for j, i in enumerate(idx):
                 out[i] = (float(total[j]), int(count[j]))
         return out  # type: ignore[return-value]
@@ -198,7 +203,10 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
 
     ``lines``: ``read_lines(data)`` when the caller already read them (the CLI does, before loading the
     model). A log-likelihood that is not finite (a numerical overflow, e.g. in bfloat16) is written as
-    null and counted in a warning."""
+    null and counted in a warning.
+
+    Multi-host: every host runs this with the same arguments and scores every line on the global mesh
+    (:class:`Scorer`); process 0 alone writes ``out``, and no host returns before it is in place."""
     from tqdm import tqdm
 
     cfg = model.cfg
@@ -208,10 +216,12 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
     non_finite = 0
     written = 0
     # One run per OUT (OUT.lock): two would write one OUT.partial at once; an earlier OUT is set aside.
-    with OutputLock(out, rewrites=True) if jax.process_index() == 0 else contextlib.nullcontext() as lock:
+    writer = jax.process_index() == 0
+    with OutputLock(out, rewrites=True) if writer else contextlib.nullcontext() as lock:
         tmp = pathlib.Path(str(out) + ".partial")
-        with open(tmp, "w", encoding="utf-8") as f, tqdm(total=len(lines), desc="score", unit="ex",
-                                                          disable=not progress, file=sys.stderr) as bar:
+        with open(tmp if writer else os.devnull, "w", encoding="utf-8") as f, \
+                tqdm(total=len(lines), desc="score", unit="ex", disable=not progress or not writer,
+                     file=sys.stderr) as bar:
             for s in range(0, len(lines), examples_per_flush):
                 group = lines[s:s + examples_per_flush]
                 rows: list[ScoreRow] = []
@@ -234,10 +244,11 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
                     f.write(dumps(rec) + "\n")
                     written += 1
                 bar.update(len(group))
-        tmp.replace(out)
-        if lock is not None:
+        if writer:
+            tmp.replace(out)
             lock.commit()
-    if non_finite:
+    parallel.sync_hosts("tuna_jax_score_written")
+    if non_finite and writer:
         print(f"score: WARNING: {non_finite} log-likelihood(s) were not finite (numerical overflow; try --dtype "
               f"float32) and are written as null", file=sys.stderr)
     return written

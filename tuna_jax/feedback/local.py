@@ -101,8 +101,6 @@ class TokenScorer:
 
     def token_logprobs(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[list[float]]:
         """rows: (ids [T], start) -> for each, the log-probs of ids[start:] ([T - start] floats, nats)."""
-        import jax
-
         from tuna_jax import parallel
         from tuna_jax.data.shapes import bucket_length
         from tuna_jax.score import ScoreRow, rows_to_batch
@@ -120,8 +118,8 @@ class TokenScorer:
             chunk = [ScoreRow(0, 0, list(rows[i][0]), rows[i][1]) for i in idx]
             length = min(bucket_length(max(len(r.ids) for r in chunk)), limit)
             batch = rows_to_batch(chunk, self.batch_rows, length)
-            arrays = parallel.shard_batch(batch, self.mesh) if self.mesh is not None else batch
-            lp = jax.device_get(_token_logprobs_kernel()(self._graphdef, self._state, arrays, chunk=self.chunk))
+            arrays = parallel.put_global_batch(batch, self.mesh) if self.mesh is not None else batch
+            lp = parallel.to_host(_token_logprobs_kernel()(self._graphdef, self._state, arrays, chunk=self.chunk))
             for j, i in enumerate(idx):
                 ids, start = rows[i]
                 out[i] = [float(x) for x in lp[j, start - 1:len(ids) - 1]]
