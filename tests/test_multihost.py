@@ -3,13 +3,16 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID), one CPU device each, against one process wit
 same global batch on the same (1, 2, 1) mesh, so the two must agree.
 
 * training gives the same per-step metrics and final parameters (packed and padded layouts);
-* ``tuna-jax score`` writes the same file (every host scores on the global mesh, process 0 writes).
+* ``tuna-jax score`` writes the same file (every host scores on the global mesh, process 0 writes);
+* SIGTERM sent to ONE host stops both at the same step with a checkpoint (exit 143 and the single-host
+  message on both), and ``--resume`` on two hosts ends where an uninterrupted two-host run ends.
 
 Every process runs in its own process group with a deadline; on a failure, a timeout or the end of
 the test, whatever still runs is killed, so a hung collective fails the test instead of hanging it.
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -177,3 +180,32 @@ def test_two_processes_score_like_one_process(hosts, tmp_path):
     assert len(expected.splitlines()) == 13
     assert (tmp_path / "two.jsonl").read_text() == expected  # the same rows on the same mesh: bit for bit
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two.")) == ["two.jsonl"]  # no leftovers
+
+
+def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_matches(hosts, data):
+    d, base = data
+    _, full = uninterrupted(hosts, data, "packed")
+    run = d / "term"
+    ov = base + [f"train.output_dir={run}"]
+    procs = hosts([_train_cmd(ov)] * 2, d, "term")
+    t0 = time.time()
+    while not ((run / "metrics.jsonl").exists()
+               and any(m["split"] == "train" and m["step"] >= 2 for m in read_metrics(run))):
+        if any(p.poll() is not None for p in procs) or time.time() - t0 > DEADLINE:
+            pytest.fail(f"the run did not reach step 2:\n{_logs(procs)}")
+        time.sleep(0.005)
+    procs[1].send_signal(signal.SIGTERM)  # process 1 only: process 0 never sees a signal
+    outs = wait_all(procs, ok=(128 + signal.SIGTERM,))
+    said = [re.findall(r"tuna-jax train: stopped by SIGTERM after step (\d+); checkpoint saved; "
+                       r"rerun with --resume to continue", o) for o in outs]
+    assert all(len(s) == 1 for s in said), outs
+    step = int(said[0][0])
+    assert int(said[1][0]) == step and 2 <= step < STEPS, said
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [step]
+    assert [m["step"] for m in read_metrics(run) if m["split"] == "train"] == list(range(1, step + 1))
+
+    resumed = hosts([_train_cmd(ov, "--resume")] * 2, d, "term-resume")
+    outs = wait_all(resumed)
+    assert all(f"at step {step}" in o and "resumed from" in o for o in outs), outs
+    assert [m["step"] for m in read_metrics(run) if m["split"] == "train"] == list(range(1, STEPS + 1))
+    assert max_param_diff(final_params(full), final_params(run)) <= 1e-6

@@ -198,6 +198,16 @@ def sync_hosts(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def host_value(value: int, mesh: Mesh) -> jax.Array:
+    """An int32 array with one entry per mesh device, each host filling its own devices' entries with its
+    ``value``; a reduction over it inside a jitted step (``jnp.max``) tells every host what any host had,
+    riding on the step's own collectives: no extra host round trip. See ``train.py``'s stop agreement."""
+    flat = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    n = mesh.devices.size
+    return jax.make_array_from_callback(
+        (n,), flat, lambda idx: np.full(len(range(*idx[0].indices(n))), value, np.int32))
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names under the mesh set with ``jax.set_mesh``;
     a no-op when no mesh is set (single device, tests)."""

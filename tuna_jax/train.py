@@ -50,7 +50,8 @@ class TrainingDiverged(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written."""
+    """SIGTERM/SIGINT arrived (at any host of a multi-host run); a checkpoint of the last finished step
+    was written, by every host at the same step."""
 
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
@@ -166,7 +167,7 @@ def make_train_step(binder: ParamBinder, cfg: Config, tx: optax.GradientTransfor
         sums = batch_sums(binder.bind(params), micro, cfg)
         return sums["loss"], sums
 
-    def step(state: dict, batch: dict):
+    def step(state: dict, batch: dict, stop: jax.Array | None = None):
         params = state["params"]
         micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
@@ -190,6 +191,8 @@ def make_train_step(binder: ParamBinder, cfg: Config, tx: optax.GradientTransfor
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": state["step"] + 1, "rng": state["rng"]}
         metrics = dict(sums, grad_norm=grad_norm, lr=schedule(state["step"]), finite=ok)
+        if stop is not None:  # multi-host stop agreement (see ``train``): the largest signal any host caught
+            metrics["stop"] = jnp.max(stop)
         return new_state, metrics
 
     return step
@@ -392,6 +395,13 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         stop_signal: list[int] = []
         previous = {s: signal.signal(s, lambda signum, _f: stop_signal.append(signum))
                     for s in (signal.SIGTERM, signal.SIGINT)}
+        # Every host must stop at the same step: the save is collective, so a host saving while another
+        # steps on hangs both (gloo on CPU aborts). One host acts on its own signal at once. With several,
+        # each host feeds the signal it caught (0: none) into its next step, which takes the largest over
+        # all hosts (a scalar all-reduce beside the gradients', no extra host round trip), and every host
+        # stops when it reads that step's metrics: at the same step, one step later than one host would.
+        agree = jax.process_count() > 1
+        stop = [] if agree else stop_signal  # the signal this host acts on
 
         def run_eval(step: int) -> dict | None:
             if not eval_examples:
@@ -422,6 +432,9 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
             nonlocal last
             done, dev_metrics = pending.pop(0)
             metrics = _host(dev_metrics)
+            agreed = int(metrics.pop("stop", 0))
+            if agreed and not stop:
+                stop.append(agreed)
             now = time.perf_counter()
             dt, clock[0] = now - clock[0], now
             if not bool(metrics.pop("finite")):
@@ -447,23 +460,25 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
             clock[0] = time.perf_counter()
             while step < total_steps:
                 batch = parallel.shard_batch(next(it), mesh)
-                state, metrics = step_fn(state, batch)
+                flag = (parallel.host_value(stop_signal[0] if stop_signal else 0, mesh),) if agree else ()
+                state, metrics = step_fn(state, batch, *flag)
                 step += 1
                 pending.append((step, metrics))
                 if len(pending) > 1:
                     finish()
                 do_eval = bool(tc.eval_every and step % tc.eval_every == 0)
                 do_save = step % tc.save_every == 0 or step == total_steps
-                if do_eval or do_save or stop_signal:
+                halt = bool(stop)  # read once: a signal landing later in this iteration stops the next one
+                if do_eval or do_save or halt:
                     while pending:
                         finish()
                 if do_eval:
                     eval_metrics = run_eval(step)
                     clock[0] = time.perf_counter()
-                if stop_signal:
+                if halt:
                     ckpt.save(step, state, {"data": it.state(), "step": step}, force=True)
                     ckpt.wait()
-                    raise Interrupted(stop_signal[0], step)
+                    raise Interrupted(stop[0], step)
                 if do_save:
                     ckpt.save(step, state, {"data": it.state(), "step": step})
             while pending:
