@@ -4,7 +4,6 @@ happen inside the handlers so that `tuna-jax --help` is instant."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 EPILOG = """The staged pipeline (see README.md):
@@ -32,7 +31,9 @@ def cmd_convert_hf_to_orbax(args) -> int:
     from tuna_jax.model.checkpoint import save_params
     from tuna_jax.model.convert import ConversionError, load_hf_model
 
-    if os.path.exists(args.ckpt_dir) and os.path.samefile(args.ckpt_dir, args.hf_dir):
+    from tuna_jax.io import paths
+
+    if paths.same_place(args.ckpt_dir, args.hf_dir):
         raise ConversionError(f"{args.ckpt_dir}: the checkpoint folder is the HF folder being read; choose another")
     mesh = _mesh(args)
     model = load_hf_model(args.hf_dir, mesh, param_dtype=args.param_dtype)

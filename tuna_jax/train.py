@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import pathlib
 import signal
 import sys
 import time
@@ -37,6 +36,8 @@ from flax import nnx
 
 from tuna_jax import parallel
 from tuna_jax.config import Config
+from tuna_jax.io import paths
+from tuna_jax.io.linelog import LineLog
 from tuna_jax.logprobs import example_logprobs
 from tuna_jax.losses import mle_loss, pair_accuracy, ranking_loss, sequence_scores
 from tuna_jax.model.checkpoint import TrainCheckpointer, save_params
@@ -254,18 +255,20 @@ def make_collator(cfg: Config, pad_id: int, local_devices: int = 1, micro_batche
 # ---- metrics ---------------------------------------------------------------------------
 
 class MetricsWriter:
-    """metrics.jsonl (one object per logged step) and TensorBoard when tensorboardX is there."""
+    """metrics.jsonl (one object per logged step; a LineLog, so it may be in cloud storage) and TensorBoard
+    when tensorboardX is there."""
 
-    def __init__(self, out_dir: pathlib.Path, resume_step: int | None, tensorboard: bool):
+    def __init__(self, out_dir, resume_step: int | None, tensorboard: bool):
         self.path = out_dir / "metrics.jsonl"
+        self.log = LineLog(self.path)
         self.active = jax.process_index() == 0
-        if self.active and resume_step is not None and self.path.exists():
+        if self.active and resume_step is not None:
             # Steps after the checkpoint ran before the kill and will run again: drop them.
-            kept = [ln for ln in self.path.read_text().splitlines()
+            kept = [ln for ln in self.log.read_lines()
                     if ln.strip() and _step_of(ln) is not None and _step_of(ln) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            self.log.rewrite(kept)
         elif self.active and resume_step is None:
-            self.path.write_text("")
+            self.log.rewrite([])
         self.tb = None
         if self.active and tensorboard:
             try:
@@ -278,14 +281,15 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.active:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.log.append(json.dumps(record))
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, record["step"])
 
     def close(self):
+        if self.active:
+            self.log.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -331,7 +335,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
     from tqdm import tqdm
 
     tc = cfg.train
-    out_dir = pathlib.Path(tc.output_dir).absolute()  # made only once data and model are good
+    out_dir = paths.resolve(tc.output_dir)  # local or gs://...; made only once data and model are good
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(tc.mesh)
     n_data = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -386,7 +390,8 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
             it.restore(meta["data"])
             start_step = int(_host(state["step"]))
             print(f"resumed from {ckpt.directory} at step {start_step}", file=sys.stderr)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if jax.process_index() == 0:  # one writer: a bucket object takes about one write a second
+            paths.write_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
         step_fn = jax.jit(make_train_step(binder, cfg, tx, schedule), donate_argnums=(0,))
         eval_fn = jax.jit(make_eval_step(binder, cfg))
@@ -504,5 +509,4 @@ def _tokenizer_dir(cfg: Config) -> str | None:
     path = cfg.model.tokenizer or cfg.model.path
     if path is None:
         return None
-    p = pathlib.Path(path)
-    return str(p if p.is_dir() else p.parent)
+    return os.fspath(path) if paths.is_dir(path) else paths.parent(path)

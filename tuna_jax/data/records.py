@@ -50,6 +50,7 @@ import re
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from tuna_jax.data.templates import format_prompt, parse_prompt
+from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import dumps, read_text
 
@@ -166,7 +167,7 @@ def iter_rows(path: str) -> Iterator[tuple[str, Any]]:
     if spath.startswith("tfds:"):
         yield from _iter_tfds(spath)
         return
-    if not os.path.isfile(spath):
+    if not paths.is_file(spath):  # a local file or gs://...
         raise FileNotFoundError(f"{spath}: no such file")
     ext = os.path.splitext(spath)[1].lower()
     if ext in (".parquet", ".csv", ".arrow"):

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 from tuna_jax.data.records import (DataError, SkipReport, candidate_logprobs, detect_ranking_format, iter_rows,
                                    parse_native)
+from tuna_jax.io import paths
 
 
 @dataclasses.dataclass
@@ -91,9 +91,5 @@ def attach_reference_scores(ranked: str, scores: str, out: str) -> AttachReport:
         sums, tokens = _check_scores(swhere, line, i, where, row, len(rec.candidates))
         replaced += rec.ref_logprob_sum is not None
         rows.append({**row, "ref_logprob_sum": sums, "ref_num_tokens": tokens})
-    tmp = f"{out}.partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    paths.write_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))  # local or gs://
     return AttachReport(len(rows), replaced)

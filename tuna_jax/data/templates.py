@@ -183,9 +183,12 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
     A directory holding only ``tokenizer.model`` (no ``tokenizer.json`` / ``tokenizer_config.json``)
     is read with sentencepiece. HF directories load with ``AutoTokenizer`` (fast by default,
-    ``trust_remote_code=False``, local files only).
+    ``trust_remote_code=False``, local files only). A path in cloud storage (``gs://...``) is read from a
+    local copy of its small files (``io.paths.local_copy``: the weights are left behind).
     """
-    path = os.fspath(path)
+    from tuna_jax.io import paths
+
+    path = paths.local_copy(path, skip=paths.MODEL_WEIGHTS) if paths.is_remote(path) else os.fspath(path)
     if os.path.isdir(path):
         names = set(os.listdir(path))
         if "tokenizer.model" in names and not names & {"tokenizer.json", "tokenizer_config.json"}:

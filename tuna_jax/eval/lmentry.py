@@ -91,6 +91,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from tuna_jax.eval.common import emit_json, read_predictions_jsonl, warn
+from tuna_jax.io import paths
 from tuna_jax.io.cli import cli_main
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import read_json
@@ -825,9 +826,10 @@ def load_data(path: str | os.PathLike, tasks: Sequence[str] | None = None) -> di
     """Reads the LMentry task files from a checkout or its ``data`` folder.
 
     Without ``tasks``, every known task whose file is there (the 25 + 16); files of other names
-    (later additions to the repository) are ignored. With ``tasks``, each must be there.
+    (later additions to the repository) are ignored. With ``tasks``, each must be there. ``path`` may be in
+    cloud storage (``gs://...``): it is read from a local copy (``io.paths.local_copy``).
     """
-    d = _resolve_data_dir(path)
+    d = _resolve_data_dir(paths.local_copy(path))
     names = list(tasks) if tasks is not None else [t for t in ALL_TASKS if (d / f"{t}.json").is_file()]
     out = {}
     for name in names:

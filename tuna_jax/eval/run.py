@@ -117,8 +117,9 @@ from tuna_jax.eval import report as report_mod
 from tuna_jax.eval import superni as superni_mod
 from tuna_jax.eval import vicuna as vicuna_mod
 from tuna_jax.eval.common import read_predictions_jsonl, warn
+from tuna_jax.io import paths as io_paths
 from tuna_jax.io.errors import InputError
-from tuna_jax.io.jsonl import check_settings, dumps, read_text, write_json
+from tuna_jax.io.jsonl import check_settings, dumps, read_json, read_text, write_json
 
 logger = logging.getLogger("tuna_jax.eval")
 
@@ -310,6 +311,10 @@ def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
                          f"prompt, judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt) or review: false")
     if ((v is not None and v.review) or (a is not None and a.review)) and cfg.judge is None:
         raise InputError(f"{path}: a review is configured but there is no judge section (base_url, model)")
+    if cfg.judge is not None and cfg.judge.store:  # checked now, not after hours of generation
+        io_paths.require_local(cfg.judge.store, f"{raw['judge'].where_of('store')}: judge.store",
+                               "the request store is appended to as replies arrive",
+                               "give a local path, or leave it out (OUTPUT_DIR/judge.store.jsonl)")
     if cfg.name is None:
         cfg.name = pathlib.Path(path).stem
     if not _NAME_RE.fullmatch(cfg.name):
@@ -342,10 +347,9 @@ def _wrap(template: str, text: str) -> str:
 
 
 def _context_length(model_path: str) -> int:
-    cfg_path = os.path.join(model_path, "config.json")
+    cfg_path = io_paths.join(model_path, "config.json")
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            return int(json.load(f)["max_position_embeddings"])
+        return int(read_json(cfg_path)["max_position_embeddings"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{cfg_path}: cannot read max_position_embeddings ({e}); is {model_path} a HF "
                          f"folder or a tuna-jax params checkpoint?") from None
@@ -549,8 +553,8 @@ class _Generator:
 
 def _settings(cfg: EvalConfig, spec: ModelSpec, max_new_tokens: int) -> dict:
     g = cfg.generation
-    return {"model": os.path.abspath(spec.path),
-            "tokenizer": os.path.abspath(spec.tokenizer) if spec.tokenizer else None,
+    return {"model": str(io_paths.resolve(spec.path)),
+            "tokenizer": str(io_paths.resolve(spec.tokenizer)) if spec.tokenizer else None,
             "dtype": g.dtype, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "seed": g.seed,
             "max_new_tokens": max_new_tokens}
 
@@ -704,9 +708,30 @@ def _notes(cfg: EvalConfig, data: _Data) -> list[str]:
 
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> tuple[dict, dict[str, str], int]:
-    """Runs the whole evaluation; returns (the JSON table, the report's paths, the exit status)."""
+    """Runs the whole evaluation; returns (the JSON table, the report's paths, the exit status).
+
+    ``output_dir`` may be in cloud storage (``gs://...``): the run works in a local mirror of it (its caches
+    are appended to as they grow) that is fetched first and uploaded when the run ends, stopped or not."""
     data = _Data(cfg)  # every benchmark file is read and checked before a folder is made or a model loads
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    with io_paths.mirrored_dir(cfg.output_dir) as local:
+        table, written, status = _run_eval(dataclasses.replace(cfg, output_dir=local), data, cfg.output_dir,
+                                           progress)
+    return table, _relocate(written, local, cfg.output_dir), status
+
+
+def _relocate(obj, local: str, public: str):
+    """``obj`` with every path under the working folder ``local`` named under ``public`` (the output folder
+    as configured: the same folder, or the bucket it is uploaded to)."""
+    if isinstance(obj, str):
+        return public.rstrip("/") + obj[len(local):] if local != public and obj.startswith(local) else obj
+    if isinstance(obj, dict):
+        return {k: _relocate(v, local, public) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relocate(v, local, public) for v in obj]
+    return obj
+
+
+def _run_eval(cfg: EvalConfig, data: _Data, public_output_dir: str, progress: bool):
     status = 0
     rows: dict[str, dict] = {m.name: {"model": m.name, "path": m.path, "details": {}} for m in cfg.models}
     preds_paths: dict[str, dict[str, str]] = {}
@@ -738,9 +763,10 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> tuple[dict, dict[str,
     if reviews:
         status = _reviews(cfg, data, rows, notes, progress)
 
-    table = report_mod.make_table(cfg.name, [rows[m.name] for m in cfg.models], _columns(cfg), notes=notes,
-                                  settings={"config": os.path.abspath(cfg.source) if cfg.source else None,
-                                            "output_dir": os.path.abspath(cfg.output_dir),
+    table = report_mod.make_table(cfg.name, _relocate([rows[m.name] for m in cfg.models], cfg.output_dir,
+                                                      public_output_dir), _columns(cfg), notes=notes,
+                                  settings={"config": str(io_paths.resolve(cfg.source)) if cfg.source else None,
+                                            "output_dir": str(io_paths.resolve(public_output_dir)),
                                             "generation": dataclasses.asdict(cfg.generation),
                                             "judge": cfg.judge.model if cfg.judge else None})
     paths = report_mod.write_report(table, cfg.output_dir, cfg.name)

@@ -69,6 +69,7 @@ from collections import Counter, defaultdict
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from tuna_jax.eval.common import check_unique, emit_json, read_predictions_jsonl, warn
+from tuna_jax.io import paths
 from tuna_jax.io.cli import cli_main
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import iter_jsonl, read_json, read_text
@@ -327,8 +328,9 @@ def load_source(path: str | os.PathLike, *, num_instances: int = DEFAULT_NUM_INS
 
     References are kept for ``track`` only (others are counted in ``notes``); with a task list, only
     the listed tasks. Where references are not given as records, they come from the tasks.
+    ``path`` may be in cloud storage (``gs://...``): it is read from a local copy (``io.paths.local_copy``).
     """
-    p = pathlib.Path(path)
+    p = pathlib.Path(paths.local_copy(path))
     if not p.exists():
         raise InputError(f"{p}: not found (expected a natural-instructions checkout, a folder "
                          f"like shared/data/superni, or a .jsonl/.json file)")

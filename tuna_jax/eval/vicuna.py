@@ -79,6 +79,7 @@ from tuna_jax.feedback.client import (APIError, OpenAIClient, add_client_argumen
                                       store_from_args)
 from tuna_jax.feedback.replies import ReplyError, ask_parsed
 from tuna_jax.feedback.store import BudgetExceeded, FatalRunError
+from tuna_jax.io import paths
 from tuna_jax.io.cli import report_stop
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.items import ItemOutcome, RunSummary, run_items
@@ -242,7 +243,7 @@ def load_vicuna_data(data_dir: str | os.PathLike | None = None, *, questions: st
             return os.fspath(explicit)
         if data_dir is None:
             raise InputError(f"no {name} given: pass the Vicuna data folder or the file itself")
-        return os.path.join(os.fspath(data_dir), name)
+        return paths.join(data_dir, name)
 
     q, p, r = pick(questions, "question.jsonl"), pick(prompts, "prompt.jsonl"), pick(reviewers, "reviewer.jsonl")
     return VicunaData(read_questions(q), read_review_prompts(p), read_reviewers(r), source=f"{p}, {r}")
@@ -528,7 +529,7 @@ class AlpacaEvalTemplate:
 def load_alpaca_eval_template(path: str | os.PathLike) -> AlpacaEvalTemplate:
     """A ChatML prompt file (``<|im_start|>role\\ncontent<|im_end|>`` blocks) -> messages."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise InputError(f"{path}: prompt template not found")
     text = read_text(path).strip()
     if not text.startswith(_IM_START) or not text.endswith(_IM_END):

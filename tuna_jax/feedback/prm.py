@@ -45,6 +45,7 @@ import time
 from typing import Sequence
 
 from tuna_jax.io.jsonl import dumps
+from tuna_jax.io import paths
 from tuna_jax.io.lock import OutputLock
 
 PRM_FORMAT, PRM_VERSION = "tuna-jax-prm", 1
@@ -185,41 +186,41 @@ class ProxyRankingModel:
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ folder format
-    def save(self, path: str | os.PathLike, tokenizer_src: str | os.PathLike | None = None) -> pathlib.Path:
-        """Write ``path/`` (module docstring): backbone export, head.safetensors, prm.json."""
+    def save(self, path: str | os.PathLike, tokenizer_src: str | os.PathLike | None = None):
+        """Write ``path/`` (module docstring; local or gs://): backbone export, head.safetensors, prm.json."""
         import jax
         import numpy as np
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         from tuna_jax.model.checkpoint import save_params
 
-        out = pathlib.Path(path).absolute()
-        out.mkdir(parents=True, exist_ok=True)
+        out = paths.resolve(path)
+        paths.makedirs(out)
         save_params(out / "backbone", self.binder.bind(self.params["backbone"]), tokenizer_src=tokenizer_src)
         if jax.process_index() == 0:
             head = {k: np.asarray(jax.device_get(v), np.float32) for k, v in self.params["head"].items()}
-            save_file(head, str(out / "head.safetensors"))
+            paths.write_atomic(out / "head.safetensors", save(head))
             meta = {"format": PRM_FORMAT, "version": PRM_VERSION, "hidden_size": self.cfg.hidden_size, **self.meta}
-            (out / "prm.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            paths.write_atomic(out / "prm.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
         return out
 
     @classmethod
     def load(cls, path: str | os.PathLike, mesh=None, dtype: str = "float32") -> "ProxyRankingModel":
         """Restore a saved PRM folder onto ``mesh`` (any shape; the head is replicated)."""
         import numpy as np
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
         from tuna_jax.model.checkpoint import load_params
 
-        p = pathlib.Path(path)
+        p = paths.resolve(path)
         meta_path = p / "prm.json"
-        if not meta_path.is_file():
+        if not paths.is_file(meta_path):
             raise FileNotFoundError(f"{path}: not a tuna-jax PRM folder (no prm.json; `tuna-jax prm train` writes one)")
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(paths.read_text(meta_path))
         if meta.get("format") != PRM_FORMAT or meta.get("version") != PRM_VERSION:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; expected "
                              f"{PRM_FORMAT!r} version {PRM_VERSION}")
-        head = load_file(str(p / "head.safetensors"))
+        head = load(paths.read_bytes(p / "head.safetensors"))
         backbone = load_params(p / "backbone", mesh, dtype=dtype, param_dtype="float32")
         d = backbone.cfg.hidden_size
         if set(head) != {"w", "b"} or head["w"].shape != (d,) or head["b"].shape != (1,):
@@ -444,7 +445,7 @@ def rerank_file(prm: ProxyRankingModel, input_path: str, out_path: str, *, token
     items = read_candidates(input_path, limit=limit) if items is None else items
     summary = RerankSummary(items=len(items))
     partial, failed_path = out_path + ".partial", out_path + ".failed.jsonl"
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    paths.makedirs(paths.parent(out_path))
     model_name = prm.path or "prm"
     failures = []
     # One run per OUT (OUT.lock): two would write one OUT.partial at once; an earlier OUT is set aside.

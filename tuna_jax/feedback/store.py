@@ -53,6 +53,7 @@ import os
 import threading
 from typing import Any, Mapping, Sequence
 
+from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.items import StopRun
 
@@ -162,6 +163,9 @@ class Store:
     def __init__(self, path: str | os.PathLike, *, prices: Prices = Prices(), budget: Budget = Budget(),
                  retry_failed: bool = True, fsync: bool = False):
         self.path = os.fspath(path)
+        paths.require_local(self.path, "store", "the request store is appended to as replies arrive and locked "
+                            "against a second run", "give a local path (copy the file to the bucket afterwards to "
+                            "keep or share it)")
         self.prices = prices
         self.budget = budget
         self.retry_failed = retry_failed

@@ -1,5 +1,6 @@
 """Reading and writing the project's text files: JSON Lines inputs and outputs, JSON files written
-atomically, and the settings sidecar ``OUT.params.json`` of resumable outputs.
+atomically, and the settings sidecar ``OUT.params.json`` of resumable outputs. Inputs and JSON files may be
+local or in cloud storage (``gs://``...; :mod:`tuna_jax.io.paths`); resumed outputs are local.
 
 Reading is strict and every problem is an :class:`~tuna_jax.io.errors.InputError` naming ``FILE:LINE``:
 bytes that are not UTF-8 (with the column), a line that is not JSON, ``NaN`` / ``Infinity`` (Python's
@@ -17,6 +18,7 @@ import logging
 import os
 from typing import Any, Iterator
 
+from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
 
 _BOM = b"\xef\xbb\xbf"
@@ -43,10 +45,9 @@ def decode_text(data: bytes, path: str) -> str:
 def read_text(path: str | os.PathLike, *, what: str = "file") -> str:
     """The whole file as text (see :func:`decode_text`); a missing file is an InputError saying ``what`` it is."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise InputError(path, None, f"{what} not found", reason="missing_file")
-    with open(path, "rb") as f:
-        return decode_text(f.read(), path)
+    return decode_text(paths.read_bytes(path), path)
 
 
 def _reject_constant(name: str):
@@ -84,10 +85,9 @@ def iter_jsonl(path: str | os.PathLike, *, what: str = "file",
     A missing file (``what`` names it in the message) or a line that is not a JSON object (``expected``
     says what it should be) is an InputError naming file and line."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise InputError(path, None, f"{what} not found", reason="missing_file")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = paths.read_bytes(path)
     if data.startswith(_BOM):
         data = data[len(_BOM):]
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
@@ -134,7 +134,7 @@ def read_out_lines(out_path: str, *, fix: bool = True,
 
 def read_records(path: str) -> list[dict]:
     """Every record of a JSON Lines file this project wrote (absent file: none); for summaries."""
-    return [obj for _, _, obj in iter_jsonl(path)] if os.path.exists(path) else []
+    return [obj for _, _, obj in iter_jsonl(path)] if paths.exists(path) else []
 
 
 def dumps(obj: Any) -> str:
@@ -144,16 +144,10 @@ def dumps(obj: Any) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, sort_keys: bool = False) -> str:
-    """Write ``obj`` as a JSON file through ``PATH.tmp`` + rename, so a reader never sees half a file."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write ``obj`` as a JSON file so a reader never sees half of it (``paths.write_atomic``: ``PATH.tmp`` +
+    rename locally, one upload in object storage)."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False) + "\n"
+    return paths.write_atomic(path, text)
 
 
 def check_settings(out_path: str, settings: dict, *, hint: str = "use the same settings to resume, or a new OUT",
@@ -166,8 +160,8 @@ def check_settings(out_path: str, settings: dict, *, hint: str = "use the same s
     ``write`` (False on the processes of a multi-host run that do not write).
     """
     path = out_path + ".params.json"
-    resuming = os.path.exists(out_path) and os.path.getsize(out_path) > 0
-    if resuming and os.path.exists(path):
+    resuming = paths.exists(out_path) and paths.size(out_path) > 0
+    if resuming and paths.exists(path):
         old = parse_json(read_text(path), path)
         if not isinstance(old, dict):
             raise InputError(path, None, f"expected a JSON object of settings; delete it and {out_path} to start over")

@@ -6,6 +6,10 @@ holds an exclusive advisory lock (``flock``) on ``OUT.lock`` for the whole run; 
 with one line naming OUT and the first run's process id. The lock file is removed on release; the lock
 is released by the kernel if the process dies (kill -9 included), so a stale ``OUT.lock`` never blocks.
 
+OUT must be a local path: an output written line by line as the run goes and locked against a second run
+cannot live in object storage (no append, no flock); a ``gs://`` OUT is one line saying to write locally
+and copy the file to the bucket when the run ends.
+
 Commands that rewrite OUT (through ``OUT.partial``, renamed at the end) pass ``rewrites=True``: a
 finished OUT of an earlier run is then moved to ``OUT.previous`` when the lock is taken, so a rerun that
 stops early does not leave the old file looking like its own result, and :meth:`OutputLock.commit`
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+from tuna_jax.io import paths
 
 try:
     import fcntl
@@ -38,6 +44,9 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> "OutputLock":
+        paths.require_local(self.out_path, "output", "it is written line by line as the run goes and locked "
+                            "against a second run", "write it to a local path and copy it to the bucket when the "
+                            "run ends (gcloud storage cp)")
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         if fcntl is None:

@@ -5,7 +5,7 @@ local path or a URI of a scheme ``etils.epath`` knows (``gs://``, ``s3://``, ``a
 already uses). A local path is handled with ``os`` exactly as before (relative paths stay relative in
 messages); a URI goes through ``etils.epath``, which speaks fsspec (``gcsfs`` for ``gs://``, or TensorFlow's
 ``gfile`` when TensorFlow is installed). ``pathlib.Path("gs://b/run")`` would silently become the local
-folder ``gs:/b/run``: nothing outside this module builds a path object from a user's string.
+folder ``gs:/b/run``: no user path becomes a ``pathlib`` path before it is known to be local.
 
 What object storage cannot do, and what happens instead:
 
@@ -16,7 +16,9 @@ What object storage cannot do, and what happens instead:
 * locks: ``flock`` has no meaning there (see :mod:`tuna_jax.io.lock`);
 * libraries that open files by name (safetensors, sentencepiece, tokenizers): :func:`local_copy` downloads
   a file or folder into ``$TUNA_JAX_CACHE/remote`` (``~/.cache/tuna-jax/remote``) and returns its local path;
-  :func:`staged_dir` gives a local folder whose files are uploaded when the block ends.
+  :func:`staged_dir` gives a local folder whose files are uploaded when the block ends;
+* a run that appends to files in its output folder as it goes (``eval run``): :func:`mirrored_dir` works in
+  a local copy of the folder and uploads it when the run ends, stopped or not.
 """
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # epath's schemes and the fsspec protocol / package behind each.
 _BACKENDS = {"gs": ("gcs", "gcsfs"), "s3": ("s3", "s3fs"), "az": ("az", "adlfs"), "hf": ("hf", "huggingface_hub")}
 _checked: set[str] = set()
+# What a model folder holds besides its small files (config, tokenizer): weight files and Orbax folders.
+# local_copy(..., skip=MODEL_WEIGHTS) fetches a folder in a bucket for its tokenizer or config alone.
+MODEL_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "params",
+                 "checkpoints")
 
 
 def scheme(p: str | os.PathLike) -> str | None:
@@ -117,6 +123,15 @@ def is_file(p: str | os.PathLike) -> bool:
 
 def size(p: str | os.PathLike) -> int:
     return int(_epath(p).stat().length) if is_remote(p) else os.path.getsize(p)
+
+
+def same_place(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` both exist and are the same file or folder (links followed, locally)."""
+    if not (exists(a) and exists(b)):
+        return False
+    if is_remote(a) or is_remote(b):
+        return str(resolve(a)).rstrip("/") == str(resolve(b)).rstrip("/")
+    return os.path.samefile(a, b)
 
 
 def makedirs(p: str | os.PathLike) -> None:
@@ -242,14 +257,19 @@ def _download(src: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
-def local_copy(p: str | os.PathLike) -> str:
+def _cache_path(p: str, skip: tuple[str, ...] = ()) -> str:
+    key = hashlib.sha1(f"{p.rstrip('/')}|{','.join(skip)}".encode("utf-8")).hexdigest()[:16]
+    return os.path.join(_cache_root(), key, basename(p) or "root")
+
+
+def local_copy(p: str | os.PathLike, skip: tuple[str, ...] = ()) -> str:
     """A local path with the content of ``p``: ``p`` itself when local; for a URI, a copy of the file or of
-    the folder's files (sub-folders included) under ``$TUNA_JAX_CACHE/remote``, fetched once."""
+    the folder's files (sub-folders included; names matching a ``skip`` pattern left out) under
+    ``$TUNA_JAX_CACHE/remote``, fetched once."""
     p = os.fspath(p)
     if not is_remote(p):
         return p
-    key = hashlib.sha1(p.rstrip("/").encode("utf-8")).hexdigest()[:16]
-    local = os.path.join(_cache_root(), key, basename(p) or "root")
+    local = _cache_path(p, skip)
     if not is_dir(p):
         if not exists(p):
             raise FileNotFoundError(2, "No such file or directory", p)
@@ -258,6 +278,8 @@ def local_copy(p: str | os.PathLike) -> str:
 
     def fetch(src: str, dst: str) -> None:
         for name in listdir(src):
+            if any(fnmatch.fnmatch(name, pat) for pat in skip):
+                continue
             s = join(src, name)
             if is_dir(s):
                 fetch(s, os.path.join(dst, name))
@@ -296,3 +318,22 @@ def staged_dir(p: str | os.PathLike) -> Iterator[str]:
         upload_dir(tmp, p)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mirrored_dir(p: str | os.PathLike) -> Iterator[str]:
+    """A local folder standing for folder ``p`` through a whole run that reads and appends to its files as it
+    goes (``eval run``'s caches): ``p`` itself when local; for a URI, a folder in the cache holding what ``p``
+    held (fetched first, so a run resumes from the bucket on a new machine) whose files are all uploaded to
+    ``p`` when the block ends, however it ends (a stopped run keeps what it finished)."""
+    p = os.fspath(p)
+    if not is_remote(p):
+        os.makedirs(p, exist_ok=True)
+        yield p
+        return
+    local = local_copy(p) if is_dir(p) else _cache_path(p)
+    os.makedirs(local, exist_ok=True)
+    try:
+        yield local
+    finally:
+        upload_dir(local, p)

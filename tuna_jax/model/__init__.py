@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import os
-import pathlib
 
 from tuna_jax.model.llama import KVCache, Llama, LlamaConfig  # noqa: F401
 
 
 def load_model(path: str | os.PathLike, mesh=None, **runtime) -> Llama:
     """A HF LlamaForCausalLM folder (safetensors) or a tuna-jax params checkpoint -> ``Llama``,
-    placed on ``mesh`` by the rules table. ``runtime``: dtype, param_dtype, scan_layers, remat_policy."""
+    placed on ``mesh`` by the rules table. ``runtime``: dtype, param_dtype, scan_layers, remat_policy.
+    ``path`` may be in cloud storage (``gs://...``)."""
+    from tuna_jax.io import paths
     from tuna_jax.model.checkpoint import is_params_dir, load_params
     from tuna_jax.model.convert import ConversionError, load_hf_model
 
-    p = pathlib.Path(path)
-    if not p.exists():
+    p = os.fspath(path)
+    if not paths.exists(p):
         raise ConversionError(f"{path}: no such file or directory")
     if is_params_dir(p):
         return load_params(p, mesh, **runtime)

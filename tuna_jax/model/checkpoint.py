@@ -11,39 +11,43 @@ A params-only export is a folder::
 It is what ``convert hf-to-orbax`` writes, what a finished stage hands to the next, and what
 ``convert orbax-to-hf`` reads. It restores onto any mesh: the target shardings come from the
 rules table, not from the mesh it was saved on.
+
+Every folder here may be local or in cloud storage (``gs://...``): paths go through
+:mod:`tuna_jax.io.paths` and reach Orbax as ``etils.epath`` paths, never through ``pathlib``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import pathlib
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import read_json
 from tuna_jax.model.convert import ConversionError, copy_tokenizer_files
 from tuna_jax.model.llama import Llama, LlamaConfig, abstract_model
 from tuna_jax.parallel import RULES, state_shardings
 
 
 def is_params_dir(path: str | os.PathLike) -> bool:
-    p = pathlib.Path(path)
-    return (p / "params").is_dir() and (p / "config.json").is_file()
+    return paths.is_dir(paths.join(path, "params")) and paths.is_file(paths.join(path, "config.json"))
 
 
-def save_params(path: str | os.PathLike, model: Llama, tokenizer_src: str | os.PathLike | None = None) -> pathlib.Path:
-    """Write a params-only export of ``model`` (sharded arrays are written shard by shard)."""
-    out = pathlib.Path(path).absolute()
-    out.mkdir(parents=True, exist_ok=True)
+def save_params(path: str | os.PathLike, model: Llama, tokenizer_src: str | os.PathLike | None = None):
+    """Write a params-only export of ``model`` (sharded arrays are written shard by shard); returns its
+    absolute ``etils.epath.Path``."""
+    out = paths.resolve(path)
+    paths.makedirs(out)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(out / "params", params, force=True)
     ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        (out / "config.json").write_text(json.dumps(model.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
+        paths.write_atomic(out / "config.json", json.dumps(model.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
         if tokenizer_src is not None:
             copy_tokenizer_files(tokenizer_src, out)
     return out
@@ -51,10 +55,10 @@ def save_params(path: str | os.PathLike, model: Llama, tokenizer_src: str | os.P
 
 def load_params(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules=RULES, **runtime) -> Llama:
     """Restore a params-only export as a ``Llama`` module, directly onto ``mesh`` (any shape)."""
-    p = pathlib.Path(path).absolute()
+    p = paths.resolve(path)
     if not is_params_dir(p):
         raise ConversionError(f"{path}: not a tuna-jax params checkpoint (expected config.json and params/)")
-    cfg = LlamaConfig.from_hf(json.loads((p / "config.json").read_text()), **runtime)
+    cfg = LlamaConfig.from_hf(read_json(p / "config.json"), **runtime)
     graphdef, abs_state = nnx.split(abstract_model(cfg))
     if mesh is not None:
         abs_state = state_shardings_as_structs(abs_state, mesh, rules)
@@ -102,7 +106,7 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = paths.resolve(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
@@ -166,7 +170,7 @@ class TrainCheckpointer:
                 while dst.exists():
                     k += 1
                     dst = self.directory / f"{s}.unrestorable{k}"
-                os.rename(src, dst)
+                src.rename(dst)  # in object storage: a copy of each object, then a delete
                 moved.append(f"{src} -> {dst.name}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

@@ -24,13 +24,17 @@ stacked parameter. A 7B model never needs twice its size in host memory.
 
 Only ``*.safetensors`` files are read. A folder with only ``pytorch_model.bin`` (pickle) is
 refused with instructions: pickle can execute code on load.
+
+Cloud storage (``gs://...``, :mod:`tuna_jax.io.paths`): safetensors are opened by file name, so a HF folder
+read from a bucket is first copied into the local cache (``paths.local_copy``); a ``--like`` folder in a
+bucket gives only its small files (config, tokenizer), never its weights, and the export dtype then comes
+from its config.json; an export to a bucket is written to a local staging folder and uploaded.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-import shutil
 from typing import Callable, Iterator
 
 import jax
@@ -40,6 +44,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import read_json
 from tuna_jax.model.llama import DTYPES, Llama, LlamaConfig, abstract_model
@@ -106,8 +111,8 @@ def hf_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 # ---- reading a HF folder ---------------------------------------------------------------
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict:
-    path = pathlib.Path(hf_dir) / "config.json"
-    if not path.is_file():
+    path = paths.join(hf_dir, "config.json")
+    if not paths.is_file(path):
         raise ConversionError(f"{hf_dir}: no config.json; is this a Hugging Face model folder?")
     cfg = read_json(path)
     if not isinstance(cfg, dict):
@@ -225,8 +230,8 @@ def load_hf_model(hf_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     try:
         cfg = LlamaConfig.from_hf(hf_cfg, **runtime)
     except ValueError as e:
-        raise ConversionError(f"{pathlib.Path(hf_dir) / 'config.json'}: {e}") from None
-    index = SafetensorsIndex(hf_dir)
+        raise ConversionError(f"{paths.join(hf_dir, 'config.json')}: {e}") from None
+    index = SafetensorsIndex(paths.local_copy(hf_dir))  # safetensors opens files by name
     validate_hf_checkpoint(index, cfg)
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = state_shardings(state, mesh, rules) if mesh is not None else None
@@ -264,15 +269,16 @@ def iter_hf_tensors(state: nnx.State, cfg: LlamaConfig, dtype: str) -> Iterator[
 
 
 def save_hf_model(state: nnx.State, cfg: LlamaConfig, out_dir: str | os.PathLike, *, like: str | None = None,
-                  dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+                  dtype: str | None = None, max_shard_bytes: int = 5 * 2**30):
     """Write a HF folder transformers loads: sharded safetensors + index (one file when it
     fits), a complete config.json (``like``'s config updated with our architecture fields and
-    the dtype), and the tokenizer files copied from ``like``.
+    the dtype), and the tokenizer files copied from ``like``. ``out_dir`` and ``like`` may be in cloud
+    storage (module docstring). Returns the folder's ``etils.epath.Path``.
 
     dtype: storage dtype; default the ``like`` checkpoint's (bf16 stays bf16), else param_dtype.
     """
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if like and paths.is_remote(like):
+        like = paths.local_copy(like, skip=paths.MODEL_WEIGHTS)
     base_cfg = read_hf_config(like) if like else {}
     if dtype is None:
         dtype = (SafetensorsIndex(like).dtype_name() if like and list(pathlib.Path(like).glob("*.safetensors"))
@@ -283,8 +289,20 @@ def save_hf_model(state: nnx.State, cfg: LlamaConfig, out_dir: str | os.PathLike
     if jax.process_index() != 0:  # every host joins the gathers; host 0 writes
         for _ in iter_hf_tensors(state, cfg, dtype):
             pass
-        return out
+        return paths.resolve(out_dir)
+    with paths.staged_dir(out_dir) as local:
+        written = _write_hf_folder(state, cfg, pathlib.Path(local), like, base_cfg, dtype, max_shard_bytes)
+    for old in paths.glob(out_dir, "model*.safetensors"):  # shards of an earlier export into this folder
+        if paths.basename(old) not in written:
+            paths.remove(old)
+    if written == ["model.safetensors"]:  # one file needs no index (an earlier sharded export's would mislead)
+        paths.remove(paths.join(out_dir, "model.safetensors.index.json"))
+    return paths.resolve(out_dir)
 
+
+def _write_hf_folder(state: nnx.State, cfg: LlamaConfig, out: pathlib.Path, like: str | None, base_cfg: dict,
+                     dtype: str, max_shard_bytes: int) -> list[str]:
+    """The files of :func:`save_hf_model` in local folder ``out``; returns the weight files' names."""
     shards: list[dict[str, np.ndarray]] = [{}]
     shard_names: list[str] = []
     weight_map: dict[str, str] = {}
@@ -310,7 +328,6 @@ def save_hf_model(state: nnx.State, cfg: LlamaConfig, out_dir: str | os.PathLike
     n = len(shard_names)
     if n == 1:
         os.replace(out / (shard_names[0] + ".tmp"), out / "model.safetensors")
-        (out / "model.safetensors.index.json").unlink(missing_ok=True)
     else:
         final = {}
         for i, old in enumerate(shard_names):
@@ -320,9 +337,6 @@ def save_hf_model(state: nnx.State, cfg: LlamaConfig, out_dir: str | os.PathLike
         index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     written = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for old in out.glob("model*.safetensors"):  # shards of an earlier export into this folder
-        if old.name not in written:
-            old.unlink()
 
     config = dict(base_cfg)
     for stale in ("rope_parameters", "torch_dtype", "dtype", "rope_scaling", "rope_theta"):
@@ -339,7 +353,7 @@ def save_hf_model(state: nnx.State, cfg: LlamaConfig, out_dir: str | os.PathLike
     for f in out.iterdir():
         if f.is_file():
             os.chmod(f, 0o666 & ~umask)
-    return out
+    return written
 
 
 def write_chat_template(out_dir: str | os.PathLike) -> bool:
@@ -361,31 +375,31 @@ def write_chat_template(out_dir: str | os.PathLike) -> bool:
     return True
 
 
-def prepare_export_dir(out_dir: str | os.PathLike, sources: list, overwrite: bool = False) -> pathlib.Path:
+def prepare_export_dir(out_dir: str | os.PathLike, sources: list, overwrite: bool = False):
     """Check an export target before anything is loaded: never one of the ``sources`` (the checkpoint being
     exported, the ``--like`` folder: an export there would overwrite the weights it reads), and, unless
     ``overwrite``, empty or absent (an export into a folder with other files would mix two models).
     ``save_hf_model`` removes the old shards of an overwritten export."""
-    out = pathlib.Path(out_dir)
+    out = os.fspath(out_dir)
     for src in sources:
-        if src is not None and out.exists() and os.path.exists(src) and os.path.samefile(out, src):
+        if src is not None and paths.same_place(out, src):
             raise ConversionError(f"{out}: the export folder is the folder being read ({src}); choose another "
                                   f"folder")
-    if out.exists() and not out.is_dir():
+    if paths.exists(out) and not paths.is_dir(out):
         raise ConversionError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        n = sum(1 for _ in out.iterdir())
+    if paths.is_dir(out) and paths.listdir(out) and not overwrite:
+        n = len(paths.listdir(out))
         raise ConversionError(f"{out}: not empty ({n} entries); pass --overwrite to replace the export there "
                               f"(its old shards are removed), or choose an empty folder")
-    return out
+    return paths.resolve(out)
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy the tokenizer (and generation config) files that exist in ``src``."""
+    """Copy the tokenizer (and generation config) files that exist in ``src`` (either may be in cloud storage)."""
     copied = []
     for name in TOKENIZER_FILES:
-        p = pathlib.Path(src) / name
-        if p.is_file():
-            shutil.copy2(p, pathlib.Path(dst) / name)
+        p = paths.join(src, name)
+        if paths.is_file(p):
+            paths.copy_file(p, paths.join(dst, name))
             copied.append(name)
     return copied
