@@ -77,7 +77,7 @@ def mem_worker(kind: str, m: int, l: int, d: int, v: int, chunk: int, grad: bool
     if kind == "naive":
         fn = naive_token_logprobs
     else:
-        fn = lambda h, w, t: chunked_token_logprobs(h, w, t, chunk)  # noqa: E731
+        fn = lambda h, w, t: chunked_token_logprobs(h, w, t, chunk or 2048)  # noqa: E731
     if grad:  # the training case: gradients w.r.t. hidden states and head
         f = jax.grad(lambda h, w, t: fn(h, w, t).sum(), argnums=(0, 1))
     else:
@@ -138,7 +138,7 @@ def bench_memory(args) -> dict:
     naive = run_mem_subprocess("naive", args)
     chunked = run_mem_subprocess("chunked", args)
     logits_bytes = args.mem_m * args.mem_len * args.mem_vocab * 4
-    chunk_logits_bytes = args.mem_m * min(args.chunk, args.mem_len) * args.mem_vocab * 4
+    chunk_logits_bytes = min(args.chunk or 2048, args.mem_m * args.mem_len) * args.mem_vocab * 4
 
     def ratio(key):
         a, b = naive.get(key), chunked.get(key)
@@ -337,7 +337,8 @@ def main(argv=None):
                    help="weights and compute dtype of both sides (log p is float32 either way)")
     g.add_argument("--warmup", type=int, default=1, help="untimed calls of each side first")
     g.add_argument("--repeats", type=int, default=5, help="timed calls of each side, alternated; median")
-    g.add_argument("--chunk", type=int, default=128, help="sequence positions per log-likelihood chunk")
+    g.add_argument("--chunk", type=int, default=0, help="tokens per vocabulary-projection chunk (speed: 0 = "
+                   "sized by the memory budget, as training; memory: 0 = 2048)")
     g = p.add_argument_group("memory (chunked vs naive log-likelihood)")
     g.add_argument("--mem-m", type=int, default=16, help="M, sequences")
     g.add_argument("--mem-len", type=int, default=512, help="L")

@@ -239,3 +239,13 @@ def test_per_candidate_logprobs_equal_across_layouts_and_a_numpy_forward():
         total = np.asarray(total)
         for (i, k), v in want.items():
             assert abs(total[i, k] - v) <= 1e-4 * max(1.0, abs(v)), (layout, i, k)
+
+
+def test_auto_layout_is_the_measured_fastest_per_platform():
+    from tuna_jax.data.layouts import resolve_layout
+
+    assert resolve_layout("auto", "cpu") == "prefix_shared"
+    assert resolve_layout("auto", "gpu") == resolve_layout("auto", "tpu") == "packed"
+    assert resolve_layout("padded", "gpu") == "padded"
+    with pytest.raises(ValueError, match="data.layout='rows'"):
+        LayoutCollator("rows", "ranking", 24, PAD, 3)

@@ -100,7 +100,7 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip (counted and reported)
     beta: float = 1.3  # length exponent when importing probabilistic-ranking files
     pad_to_multiple: int = 64  # batch length = longest in the global batch, rounded up; 0: one shape per run
-    layout: str = "packed"  # padded | prefix_shared | packed (data/layouts.py); all give the same losses
+    layout: str = "auto"  # auto | padded | prefix_shared | packed (data/layouts.py); all give the same losses
     row_len: int = 0  # packed row length in tokens (>= max_len); 0: max_len. Longer groups are split, prompt repeated
     attention_block: int = 64  # block table for the xla attention to skip masked blocks (prefix_shared/packed); 0: dense
     add_bos: bool = True
@@ -174,7 +174,7 @@ CHOICES = {
     ("model", "param_dtype"): ("float32", "bfloat16"),
     ("model", "remat_policy"): ("none", "full", "dots", "dots_no_batch", "nothing_saveable"),
     ("model", "attention"): ("auto", "einsum", "xla", "cudnn", "splash"),
-    ("data", "layout"): ("padded", "prefix_shared", "packed"),
+    ("data", "layout"): ("auto", "padded", "prefix_shared", "packed"),
     ("data", "truncate"): ("left_prompt", "drop"),
     ("data", "on_error"): ("raise", "skip"),
     ("data", "format"): ("auto", "native", "reference", "probabilistic", "contextual"),

@@ -64,6 +64,20 @@ from tuna_jax.data.batching import MLE_TARGETS, TokenizedExample
 LAYOUTS = ("padded", "prefix_shared", "packed")
 
 
+def resolve_layout(layout: str, platform: str | None = None) -> str:
+    """``auto``: the fastest exact layout measured on the platform (README "Performance"):
+    ``prefix_shared`` on CPU (its block-sparse attention makes one long row per example cheap),
+    ``packed`` on GPU and TPU (one compiled shape for the run, and max_len rows keep attention
+    kernels that cannot skip masked blocks from paying for long rows)."""
+    if layout != "auto":
+        return layout
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return "prefix_shared" if platform == "cpu" else "packed"
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchShape:
     """Static shape of one host's batch: U units of Q sub-rows of L tokens, S scored entries and E
@@ -152,8 +166,9 @@ class LayoutCollator:
     def __init__(self, layout: str, mode: str, max_len: int, pad_id: int, num_candidates: int = 0,
                  mle_target: str = "original", pad_to_multiple: int = 64, row_len: int = 0, unit_multiple: int = 1,
                  attention_block: int = 64, micro_batches: int = 1):
+        layout = resolve_layout(layout)
         if layout not in LAYOUTS:
-            raise ValueError(f"data.layout={layout!r}: choose one of {', '.join(LAYOUTS)}")
+            raise ValueError(f"data.layout={layout!r}: choose auto or one of {', '.join(LAYOUTS)}")
         if mode not in ("sft", "ranking"):
             raise ValueError(f"mode must be 'sft' or 'ranking', got {mode!r}")
         if mle_target not in MLE_TARGETS:
