@@ -110,6 +110,10 @@ def hf_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 # ---- reading a HF folder ---------------------------------------------------------------
 
+# What a HF folder may hold that is never read here (pickled weights, Meta's original/ checkpoint).
+_NOT_READ = tuple(p for p in paths.MODEL_WEIGHTS if p != "*.safetensors") + ("original",)
+
+
 def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     path = paths.join(hf_dir, "config.json")
     if not paths.is_file(path):
@@ -231,7 +235,8 @@ def load_hf_model(hf_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
         cfg = LlamaConfig.from_hf(hf_cfg, **runtime)
     except ValueError as e:
         raise ConversionError(f"{paths.join(hf_dir, 'config.json')}: {e}") from None
-    index = SafetensorsIndex(paths.local_copy(hf_dir))  # safetensors opens files by name
+    # safetensors opens files by name: a folder in a bucket is read from a local copy of what is read here
+    index = SafetensorsIndex(paths.local_copy(hf_dir, skip=_NOT_READ))
     validate_hf_checkpoint(index, cfg)
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = state_shardings(state, mesh, rules) if mesh is not None else None
