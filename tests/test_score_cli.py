@@ -17,8 +17,9 @@ def hf_candidate_logprob(model, prompt, cand):
     return sum(float(logp[len(prompt) + i - 1, t]) for i, t in enumerate(cand))
 
 
-@pytest.mark.parametrize("mesh", [None, "2,2,2"])
-def test_pretokenised_lines_match_hf(tmp_path, mesh):
+@pytest.mark.parametrize("mesh,layout", [(None, "padded"), (None, "prefix_shared"), (None, "packed"),
+                                         ("2,2,2", "auto")])
+def test_pretokenised_lines_match_hf(tmp_path, mesh, layout):
     hf = tiny_hf_model(num_kv_heads=2)
     src = save_hf(hf, tmp_path / "hf")
     rng = np.random.RandomState(0)
@@ -29,7 +30,7 @@ def test_pretokenised_lines_match_hf(tmp_path, mesh):
         lines.append({"id": f"ex{i}", "prompt_ids": prompt, "candidate_ids": cands})
     data = tmp_path / "in.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    args = ["score", str(src), str(data), str(tmp_path / "out.jsonl"), "--batch-size", "3"]
+    args = ["score", str(src), str(data), str(tmp_path / "out.jsonl"), "--batch-size", "3", "--layout", layout]
     assert cli(args + (["--mesh", mesh] if mesh else [])) == 0
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["index"] for o in out] == list(range(5))

@@ -83,7 +83,7 @@ def cmd_score(args) -> int:
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"note: no tokenizer ({e}); only pre-tokenised lines can be scored", file=sys.stderr)
     n = score_file(model, args.data, args.out, encoder=encoder, mesh=mesh, batch_rows=args.batch_size,
-                   max_len=args.max_len, lines=lines)
+                   max_len=args.max_len, lines=lines, layout=args.layout)
     print(f"scored {n} lines -> {args.out}")
     return 0
 
@@ -200,8 +200,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("out", help="output JSONL")
     s.add_argument("--tokenizer", help="tokenizer folder or tokenizer.model (default: the model's)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    s.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    s.add_argument("--batch-size", type=int, default=8, help="input lines (prompts) per forward pass")
     s.add_argument("--max-len", type=int, default=None, help="longest prompt+candidate (default: model maximum)")
+    s.add_argument("--layout", default="auto", choices=["auto", "padded", "prefix_shared", "packed"],
+                   help="how candidates are laid out (the training layouts; same numbers, different speed; "
+                   "auto: the platform's fastest)")
     mesh_arg(s)
     s.set_defaults(func=cmd_score)
     r = sub.add_parser("reference-scores", help="store a frozen reference model's `tuna-jax score` output with "

@@ -70,7 +70,8 @@ def evaluate_model(model_path: str, tokenizer_path: str, eval_rows: list[dict], 
     from tuna_jax.eval.superni import exact_match, rouge_l
     from tuna_jax.generate import Sampler, SamplingParams
     from tuna_jax.model import load_model
-    from tuna_jax.score import Scorer, make_candidate_encoder, rows_for_line
+    from tuna_jax.score import group_for_line, make_candidate_encoder
+    from tuna_jax.scoring import Scorer
 
     model = load_model(model_path)
     tok = load_tokenizer(tokenizer_path)
@@ -82,13 +83,9 @@ def evaluate_model(model_path: str, tokenizer_path: str, eval_rows: list[dict], 
     em = float(np.mean([exact_match(p, r["output"]) for p, r in zip(preds, eval_rows)]))
 
     encoder = make_candidate_encoder(tokenizer_path)
-    rows = []
-    for e, r in enumerate(ranking_rows):
-        rows += rows_for_line(r, f"heldout:{e}", e, encoder, model.cfg.vocab_size, model.cfg.max_position_embeddings)
-    scored = Scorer(model, batch_rows=16).score_rows(rows)
-    v = {}
-    for row, (lp, n) in zip(rows, scored):
-        v.setdefault(row.example, []).append(lp / n)
+    groups = [group_for_line(r, f"heldout:{e}", encoder, model.cfg.vocab_size, model.cfg.max_position_embeddings)
+              for e, r in enumerate(ranking_rows)]
+    v = [[lp / n for lp, n in g] for g in Scorer(model, batch_groups=16).score(groups)]
     correct = counted = 0
     for e, r in enumerate(ranking_rows):
         s = r["scores"]

@@ -13,89 +13,24 @@ Output lines: ``{"index", "id"?, "candidates": [{"logprob_sum", "num_tokens"}, .
 "logprob_sum": [...], "num_tokens": [...]}`` in input order; logprob_sum in nats (float32
 accumulation), num_tokens the number of scored tokens.
 
-This is also the local teacher's scorer (``feedback/teacher.py``).
+The scoring itself is :class:`tuna_jax.scoring.Scorer`, shared with the local teacher: each line's
+candidates form one prefix-shared group (the prompt computed once) in the training layouts.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import pathlib
 import sys
-from typing import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from tuna_jax import parallel
-from tuna_jax.data.shapes import bucket_length
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import dumps, iter_jsonl
 from tuna_jax.io.lock import OutputLock
-from tuna_jax.logprobs import sequence_logprobs
-
-
-@dataclasses.dataclass
-class ScoreRow:
-    """One (prompt, candidate) sequence: ids [T] and the index where scored tokens start."""
-
-    example: int
-    candidate: int
-    ids: list[int]
-    start: int
-
-
-def rows_to_batch(rows: Sequence[ScoreRow], batch_rows: int, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Right-padded [batch_rows, length] arrays; missing rows are all padding (masked)."""
-    ids = np.full((batch_rows, length), pad_id, np.int32)
-    seg = np.zeros((batch_rows, length), np.int32)
-    pos = np.zeros((batch_rows, length), np.int32)
-    mask = np.zeros((batch_rows, length), np.float32)
-    for r, row in enumerate(rows):
-        n = len(row.ids)
-        ids[r, :n], seg[r, :n], pos[r, :n] = row.ids, 1, np.arange(n)
-        mask[r, row.start:n] = 1.0
-    return {"input_ids": ids, "segment_ids": seg, "positions": pos, "loss_mask": mask}
-
-
-class Scorer:
-    """Scores (prompt, candidate) rows with a model on a mesh, bucketed by length.
-
-    Multi-host: every host calls :meth:`score_rows` with the same rows; each batch runs on the global
-    mesh (the model may be sharded over all hosts), each host placing its own shards of the batch,
-    and every host gets every row's result."""
-
-    def __init__(self, model, mesh=None, batch_rows: int = 8, chunk: int = 128):
-        self.model, self.mesh, self.chunk = model, mesh, chunk
-        n_data = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        self.batch_rows = -(-batch_rows // n_data) * n_data  # a multiple of the data axes
-        from flax import nnx
-
-        graphdef, state = nnx.split(model)
-
-        @jax.jit
-        def step(state, batch):
-            m = nnx.merge(graphdef, state)
-            return sequence_logprobs(m, batch["input_ids"], batch["loss_mask"], batch["segment_ids"],
-                                     batch["positions"], chunk=chunk)
-
-        self._state, self._step = state, step
-
-    def score_rows(self, rows: Sequence[ScoreRow]) -> list[tuple[float, int]]:
-        """(logprob_sum, num_tokens) for each row, in order."""
-        out: list[tuple[float, int] | None] = [None] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
-        for s in range(0, len(order), self.batch_rows):
-            idx = order[s:s + self.batch_rows]
-            chunk_rows = [rows[i] for i in idx]
-            batch = rows_to_batch(chunk_rows, self.batch_rows, bucket_length(max(len(r.ids) for r in chunk_rows)))
-            arrays = parallel.put_global_batch(batch, self.mesh) if self.mesh is not None else batch
-            total, count = (parallel.to_host(x) for x in self._step(self._state, arrays))
-            for j, i in enumerate(idx):
-                out[i] = (float(total[j]), int(count[j]))
-        return out  # type: ignore[return-value]
+from tuna_jax.scoring import Group, Scorer
 
 
 def _int_list(value, where: str, field: str) -> list[int]:
@@ -153,19 +88,21 @@ def read_lines(path: str) -> list[tuple[int, dict]]:
     return lines
 
 
-def rows_for_line(obj: dict, where: str, example: int, encoder, vocab_size: int, max_len: int) -> list[ScoreRow]:
-    """Turn one input line into scoring rows (pre-tokenised or text)."""
+def group_for_line(obj: dict, where: str, encoder, vocab_size: int, max_len: int) -> Group:
+    """One input line as a scoring group: the prompt's ids and each candidate's ids (pre-tokenised or
+    text under the Alpaca template and the shared BOS/EOS policy)."""
     check_line(obj, where)
     if "prompt_ids" in obj:
-        prompt = obj["prompt_ids"]
-        seqs = [(prompt + cand, len(prompt)) for cand in obj["candidate_ids"]]
+        prompt, conts = obj["prompt_ids"], obj["candidate_ids"]
     else:
         if encoder is None:
             raise InputError(f"{where}: text candidates need a tokenizer (none found with the model; "
                              f"pass --tokenizer)")
         seqs = [encoder(obj["instruction"], obj.get("input") or "", c) for c in obj["candidates"]]
-    rows = []
-    for k, (ids, start) in enumerate(seqs):
+        prompt = seqs[0][0][:seqs[0][1]]  # every candidate follows the same prompt ids
+        conts = [ids[start:] for ids, start in seqs]
+    for k, cand in enumerate(conts):
+        ids = list(prompt) + list(cand)
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise InputError(f"{where}: candidate {k}: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
@@ -173,8 +110,7 @@ def rows_for_line(obj: dict, where: str, example: int, encoder, vocab_size: int,
             raise InputError(f"{where}: candidate {k} is {len(ids)} tokens with its prompt, over --max-len "
                              f"{max_len}; shorten it or raise --max-len (the model allows "
                              f"{max_len} positions here)")
-        rows.append(ScoreRow(example, k, ids, start))
-    return rows
+    return Group(list(prompt), [list(c) for c in conts])
 
 
 def make_candidate_encoder(tokenizer_path, policy=None):
@@ -198,7 +134,7 @@ def _finite(x: float) -> float | None:
 
 def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: int = 8, max_len: int | None = None,
                examples_per_flush: int = 64, progress: bool = True,
-               lines: list[tuple[int, dict]] | None = None) -> int:
+               lines: list[tuple[int, dict]] | None = None, layout: str = "auto") -> int:
     """Score every line of ``data`` and write ``out``; returns the number of lines written.
 
     ``lines``: ``read_lines(data)`` when the caller already read them (the CLI does, before loading the
@@ -206,13 +142,14 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
     null and counted in a warning.
 
     Multi-host: every host runs this with the same arguments and scores every line on the global mesh
-    (:class:`Scorer`); process 0 alone writes ``out``, and no host returns before it is in place."""
+    (:class:`tuna_jax.scoring.Scorer`, ``layout`` one of the training layouts); process 0 alone writes
+    ``out``, and no host returns before it is in place."""
     from tqdm import tqdm
 
     cfg = model.cfg
     max_len = max_len or cfg.max_position_embeddings
     lines = read_lines(data) if lines is None else lines
-    scorer = Scorer(model, mesh, batch_rows)
+    scorer = Scorer(model, mesh, layout=layout, batch_groups=batch_rows)
     non_finite = 0
     written = 0
     # One run per OUT (OUT.lock): two would write one OUT.partial at once; an earlier OUT is set aside.
@@ -224,13 +161,8 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
                      file=sys.stderr) as bar:
             for s in range(0, len(lines), examples_per_flush):
                 group = lines[s:s + examples_per_flush]
-                rows: list[ScoreRow] = []
-                for e, (lineno, obj) in enumerate(group):
-                    rows += rows_for_line(obj, f"{data}:{lineno}", e, encoder, cfg.vocab_size, max_len)
-                results = scorer.score_rows(rows)
-                per_example: list[list[tuple[float, int]]] = [[] for _ in group]
-                for row, res in zip(rows, results):
-                    per_example[row.example].append(res)
+                per_example = scorer.score([group_for_line(obj, f"{data}:{lineno}", encoder, cfg.vocab_size, max_len)
+                                            for lineno, obj in group])
                 for e, (lineno, obj) in enumerate(group):
                     rec = {"index": s + e}
                     if "id" in obj:

@@ -11,8 +11,8 @@ endpoint, no API key and exact log-probs:
   ``log p(r | i)`` over response tokens plus EOS, and ``len(token_logprobs)`` is |r| in the same units the
   student's scorer counts.
 * ``score(prompt, responses)``: teacher forcing of given responses, ``encode_response`` (response tokens +
-  EOS, the project's one BOS/EOS policy), in float32 with the same chunked log-softmax as
-  ``tuna_jax.score.Scorer`` (``tuna-jax score``); per-token values, so the teacher can count and sum them.
+  EOS, the project's one BOS/EOS policy), with ``tuna_jax.scoring.Scorer``, the scorer of ``tuna-jax
+  score``; per-token values, so the teacher can count and sum them.
 
 Why responses are re-scored when their tokens are not canonical (``rescore="noncanonical"``, the default):
 a sampler can emit a token sequence that is not the tokenizer's own segmentation of the text it decodes to
@@ -42,7 +42,6 @@ jax is imported inside functions: ``tuna-jax teacher --help`` builds this module
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from typing import Any, Sequence
 
@@ -58,72 +57,6 @@ def stable_rng_id(*parts: Any) -> int:
     """A sampler ``rng_id`` in [0, 2**31) from text parts: the same on every run and machine."""
     h = hashlib.sha256("\x00".join(str(p) for p in parts).encode("utf-8")).digest()
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
-
-
-@functools.cache
-def _token_logprobs_kernel():
-    """The jitted teacher-forcing step, built once per process: the graphdef is a static argument, so
-    every TokenScorer of one architecture shares its compilations (compiles dominate on CPU)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from tuna_jax.logprobs import chunked_token_logprobs
-    from tuna_jax.model.llama import DTYPES
-
-    def step(graphdef, state, batch, *, chunk):
-        m = nnx.merge(graphdef, state)
-        hidden, _ = m.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
-        # hidden at t predicts token t+1: [B, L-1] log-probs of tokens 1..L-1, 0 where not scored.
-        lp = chunked_token_logprobs(hidden[:, :-1], m.lm_head_weight().astype(DTYPES[m.cfg.dtype]),
-                                    batch["input_ids"][:, 1:], chunk)
-        return jnp.where(batch["loss_mask"][:, 1:] > 0, lp, 0.0)
-
-    return jax.jit(step, static_argnames=("graphdef", "chunk"))
-
-
-class TokenScorer:
-    """Per-token log-probs of (prompt, continuation) rows by teacher forcing.
-
-    The same computation as ``tuna_jax.score.Scorer`` (``losses.chunked_token_logprobs`` over the final
-    hidden states, float32, ``chunk`` positions at a time, right-padded rows bucketed by length), but it
-    returns every scored token's log-prob instead of only their sum, because a teacher record counts |r|
-    and the -9999 guards look at single tokens.
-    """
-
-    def __init__(self, model, mesh=None, batch_rows: int = 8, chunk: int = 128):
-        from flax import nnx
-
-        self.model, self.mesh, self.chunk = model, mesh, chunk
-        n_data = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        self.batch_rows = -(-batch_rows // n_data) * n_data  # a multiple of the data axes
-        self._graphdef, self._state = nnx.split(model)
-
-    def token_logprobs(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[list[float]]:
-        """rows: (ids [T], start) -> for each, the log-probs of ids[start:] ([T - start] floats, nats)."""
-        from tuna_jax import parallel
-        from tuna_jax.data.shapes import bucket_length
-        from tuna_jax.score import ScoreRow, rows_to_batch
-
-        limit = self.model.cfg.max_position_embeddings
-        for ids, start in rows:
-            if not 1 <= start <= len(ids):
-                raise ValueError(f"start={start} must be in [1, {len(ids)}]: the first scored token needs a context")
-            if len(ids) > limit:
-                raise ValueError(f"{len(ids)} tokens exceed the model's max_position_embeddings={limit}")
-        out: list[list[float] | None] = [None] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch
-        for s in range(0, len(order), self.batch_rows):
-            idx = order[s:s + self.batch_rows]
-            chunk = [ScoreRow(0, 0, list(rows[i][0]), rows[i][1]) for i in idx]
-            length = min(bucket_length(max(len(r.ids) for r in chunk)), limit)
-            batch = rows_to_batch(chunk, self.batch_rows, length)
-            arrays = parallel.put_global_batch(batch, self.mesh) if self.mesh is not None else batch
-            lp = parallel.to_host(_token_logprobs_kernel()(self._graphdef, self._state, arrays, chunk=self.chunk))
-            for j, i in enumerate(idx):
-                ids, start = rows[i]
-                out[i] = [float(x) for x in lp[j, start - 1:len(ids) - 1]]
-        return out  # type: ignore[return-value]
 
 
 @dataclasses.dataclass
@@ -161,7 +94,7 @@ class LocalTeacher:
     def __init__(self, model_path: str | None = None, *, model=None, tokenizer=None, policy=None, mesh=None,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
                  seed: int = 0, batch_size: int = 8, max_prompt_len: int | None = None, dtype: str = "float32",
-                 rescore: str = "noncanonical", store=None, chunk: int = 128):
+                 rescore: str = "noncanonical", store=None):
         from tuna_jax.data.templates import SpecialTokenPolicy, load_tokenizer
         from tuna_jax.generate import Sampler, SamplingParams
 
@@ -188,7 +121,9 @@ class LocalTeacher:
                                      max_new_tokens=max_new_tokens, seed=seed)
         self.sampler = Sampler(model, tokenizer, self.policy, mesh=mesh, batch_size=batch_size,
                                max_prompt_len=max_prompt_len)
-        self.scorer = TokenScorer(model, mesh, batch_rows=batch_size, chunk=chunk)
+        from tuna_jax.scoring import Scorer
+
+        self.scorer = Scorer(model, mesh, batch_groups=batch_size)
         self.rescore = rescore
         self.store = store
         self.stats = LocalStats()
@@ -238,9 +173,11 @@ class LocalTeacher:
             if (self.rescore == "always" or (self.rescore == "noncanonical" and not same)) and canonical:
                 redo.append((j, canonical))
         if redo:
-            lps = self.scorer.token_logprobs([(prompt_ids + c, len(prompt_ids)) for _, c in redo])
+            from tuna_jax.scoring import Group
+
+            lps = self.scorer.token_logprobs([Group(prompt_ids, [c for _, c in redo])])[0]
             for (j, _), lp in zip(redo, lps):
-                out[j].token_logprobs = lp
+                out[j].token_logprobs = [float(x) for x in lp]
             self.stats.rescored += len(redo)
         self.stats.samples += len(out)
         if key is not None:
@@ -256,17 +193,19 @@ class LocalTeacher:
         prompt_ids = self._prompt_ids(prompt)
         from tuna_jax.data.templates import encode_response
 
-        rows, where = [], []
+        from tuna_jax.scoring import Group
+
+        conts, where = [], []
         for k, r in enumerate(responses):
             if r != "":
-                rows.append((prompt_ids + encode_response(self.tokenizer, r, self.policy), len(prompt_ids)))
+                conts.append(encode_response(self.tokenizer, r, self.policy))
                 where.append(k)
         try:
-            lps = self.scorer.token_logprobs(rows)
+            lps = self.scorer.token_logprobs([Group(prompt_ids, conts)])[0] if conts else []
         except ValueError as e:
             raise ReplyError(f"local teacher: {e}") from None
         out = [Sample(r, [], "stop") for r in responses]
         for k, lp in zip(where, lps):
-            out[k].token_logprobs = lp
-        self.stats.scored += len(rows)
+            out[k].token_logprobs = [float(x) for x in lp]
+        self.stats.scored += len(conts)
         return out

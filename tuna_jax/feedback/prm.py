@@ -164,7 +164,6 @@ class ProxyRankingModel:
 
         from tuna_jax import parallel
         from tuna_jax.data.shapes import bucket_length
-        from tuna_jax.score import ScoreRow, rows_to_batch
 
         fn = _reward_jit(self.binder)
         limit = max_len or self.cfg.max_position_embeddings
@@ -177,8 +176,7 @@ class ProxyRankingModel:
             longest = max(len(rows[i]) for i in idx)
             if longest > limit:
                 raise ValueError(f"a sequence of {longest} tokens exceeds max_len={limit}")
-            batch = rows_to_batch([ScoreRow(0, 0, list(rows[i]), 0) for i in idx], batch_rows,
-                                  min(bucket_length(longest), limit))
+            batch = _right_padded([rows[i] for i in idx], batch_rows, min(bucket_length(longest), limit))
             arrays = parallel.shard_batch(batch, self.mesh) if self.mesh is not None else batch
             r = jax.device_get(fn(self.params, arrays["input_ids"], arrays["positions"], arrays["segment_ids"]))
             for j, i in enumerate(idx):
@@ -229,6 +227,18 @@ class ProxyRankingModel:
         meta = {k: v for k, v in meta.items() if k not in ("format", "version", "hidden_size")}
         return cls.from_backbone(backbone, {k: np.asarray(v, np.float32) for k, v in head.items()}, meta, mesh,
                                  str(path))
+
+
+def _right_padded(rows: Sequence[Sequence[int]], batch_rows: int, length: int) -> dict:
+    """Token rows -> right-padded ``input_ids, positions, segment_ids`` [batch_rows, length] (missing rows
+    are all padding)."""
+    import numpy as np
+
+    ids = np.zeros((batch_rows, length), np.int32)
+    seg, pos = np.zeros_like(ids), np.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)], seg[r, :len(row)], pos[r, :len(row)] = row, 1, np.arange(len(row))
+    return {"input_ids": ids, "positions": pos, "segment_ids": seg}
 
 
 # ---------------------------------------------------------------------------- training
