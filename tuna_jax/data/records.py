@@ -49,6 +49,7 @@ import os
 import re
 from typing import Any, Iterable, Iterator, Optional, Union
 
+from tuna_jax.data.select import split_source
 from tuna_jax.data.templates import format_prompt, parse_prompt
 from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
@@ -515,7 +516,7 @@ def detect_ranking_format(row: Any) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------------
 
-def read_records(path: str, kind: str = "sft", on_error: str = "raise", *, format: str = "auto",
+def read_records(path: str | dict, kind: str = "sft", on_error: str = "raise", *, format: str = "auto",
                  beta: float = 1.3, include_judge_response: bool = False, strip_responses: bool = True,
                  report: Optional[SkipReport] = None) -> tuple[list, SkipReport]:
     """Read SFT or ranking records from ``path``.
@@ -524,7 +525,9 @@ def read_records(path: str, kind: str = "sft", on_error: str = "raise", *, forma
     bad row) or "skip" (count it in the report and go on). format: "auto" or one of
     ``RANKING_FORMATS`` (ranking only). beta: length-normalisation exponent of the probabilistic
     importer. strip_responses: strip whitespace around imported teacher/model responses
-    (probabilistic and contextual formats only). Returns ``(records, report)``.
+    (probabilistic and contextual formats only). ``path`` may be a mapping ``{path, select}``: only the
+    selected rows are read (``data/select.py``: ``first:N``, ``last:N``, ``range:A:B``). Returns
+    ``(records, report)``.
     """
     if kind not in ("sft", "ranking"):
         raise ValueError(f"kind must be 'sft' or 'ranking', got {kind!r}")
@@ -536,7 +539,9 @@ def read_records(path: str, kind: str = "sft", on_error: str = "raise", *, forma
     records: list = []
     fmt = None if format == "auto" else format
     ref_n: Optional[int] = None  # candidate count of the reference format (fixed per file)
-    for where, row in iter_rows(path):
+    path, selection = split_source(path)
+    rows = iter_rows(path) if selection is None else selection.apply(list(iter_rows(path)), path)
+    for where, row in rows:
         try:
             if isinstance(row, DataError):
                 raise row
