@@ -10,7 +10,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["tuna_jax", "tuna_jax.*"]),
-    package_data={"tuna_jax": ["assets/stories260K/*"]},
+    package_data={"tuna_jax": ["assets/stories260K/*", "pipeline/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.6",

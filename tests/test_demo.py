@@ -17,22 +17,28 @@ def run_demo(out_dir):
 
 
 def test_demo_runs_end_to_end_and_exports_loadable_hf_weights(tmp_path):
-    proc = run_demo(tmp_path / "demo")
+    out = tmp_path / "demo"
+    proc = run_demo(out)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
-    assert "| tuna |" in out and "Hugging Face export" in out
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert list(report["models"]) == ["alpaca", "tuna-p", "tuna"]
-    for m in report["models"].values():
-        assert 0.0 <= m["pair_accuracy"] <= 1.0 and 0.0 <= m["rougeL"] <= 100.0
+    assert "| tuna | 1 |" in proc.stdout and "Hugging Face export" in proc.stdout
+    report = json.loads((out / "evaluate" / "report.json").read_text())
+    assert list(report["table"]) == ["base", "teacher", "alpaca", "control-p", "tuna-p", "control", "tuna"]
+    for row in report["table"].values():
+        assert 0.0 <= row["pair_accuracy"]["mean"] <= 1.0 and 0.0 <= row["rougeL"]["mean"] <= 100.0
+    # every method next to its control, trained alike; the evaluation checked against what training read
+    assert [(c["method"], c["control"], c["same_steps_and_data"]) for c in report["comparisons"]] == [
+        ("tuna-p", "control-p", True), ("tuna", "control", True)]
+    assert len(report["checked_disjoint_from"]) >= 4
+    md = (out / "evaluate" / "report.md").read_text()
+    assert "one seed" in md and "n=16 held-out prompts" in md and "in this run" in md
     # every stage left its data and its params export behind
-    data = tmp_path / "demo" / "data"
-    p_rows = [json.loads(x) for x in (data / "tuna_p_ranked.jsonl").read_text().splitlines()]
+    p_rows = [json.loads(x) for x in (out / "teacher" / "ranked.jsonl").read_text().splitlines()]
     assert p_rows and all(len(r["candidates"]) == len(r["scores"]) >= 2 for r in p_rows)
     assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in p_rows)
-    assert (data / "tuna_c_ranked.jsonl").stat().st_size > 0
-    for stage in ("teacher-sft", "alpaca", "tuna-p", "tuna"):
-        assert (tmp_path / "demo" / stage / "final" / "params").is_dir()
+    assert (out / "judge@seed=0" / "ranked.jsonl").stat().st_size > 0
+    for stage in ("teacher_sft", "alpaca", "tuna_p@seed=0", "control_p@seed=0", "tuna@seed=0", "control@seed=0"):
+        assert (out / stage / "final" / "params").is_dir()
+        assert json.loads((out / stage / "manifest.json").read_text())["status"] == "finished"
 
     # The export is a real HF folder: transformers loads it and agrees with our model.
     torch = pytest.importorskip("torch")
@@ -41,16 +47,18 @@ def test_demo_runs_end_to_end_and_exports_loadable_hf_weights(tmp_path):
 
     from tuna_jax.model import load_model
 
-    hf_dir = tmp_path / "demo" / "tuna-hf"
+    hf_dir = out / "export" / "hf"
     hf = LlamaForCausalLM.from_pretrained(str(hf_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     ids = tok("Once upon a time")["input_ids"]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits.numpy()
-    ours = np.asarray(load_model(tmp_path / "demo" / "tuna" / "final")(jnp.asarray([ids])))
+    ours = np.asarray(load_model(out / "tuna@seed=0" / "final")(jnp.asarray([ids])))
     assert np.abs(ours - ref).max() <= 1e-4
 
-    # Rerunning continues: every stage is found done, nothing is retrained.
-    again = run_demo(tmp_path / "demo")
+    # Rerunning continues: every stage is found done, nothing is retrained, the seconds spent stay.
+    total = json.loads((out / "pipeline.json").read_text())["total_s"]
+    again = run_demo(out)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "done already" in again.stderr
+    assert "done already" in again.stderr and "0 of 13 stages ran" in again.stdout
+    assert json.loads((out / "pipeline.json").read_text())["total_s"] == total

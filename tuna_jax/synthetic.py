@@ -3,9 +3,17 @@
 Small, deterministic, and free of licence questions (the Alpaca data is CC BY-NC and stays
 outside the package). Each task has a correct answer and graded wrong ones, so a ranking
 record's scores are known exactly: 3 correct, 2 near miss, 1 wrong, 0 off-topic.
+
+Held-out prompts. ``split="train"`` / ``"heldout"`` draws only prompts (instruction + input) on that side
+of a fixed hash split (:func:`split_of`: a quarter of all prompts are held out), so an evaluation set
+drawn from "heldout" shares no prompt with any training set drawn from "train", whatever the sizes and
+seeds. The tasks with few inputs are split too: "Write the word three times." holds out about 5 of its
+20 words and "What number comes after this one?" some of its 9 numbers, so evaluating on them tests
+unseen inputs, not memory. ``split=None`` keeps the original draws (tests rely on them).
 """
 from __future__ import annotations
 
+import hashlib
 import random
 
 WORDS = ["cat", "dog", "sun", "tree", "ball", "fish", "bird", "cake", "park", "boat", "star", "moon",
@@ -35,22 +43,45 @@ def _task(rng: random.Random) -> tuple[str, str, list[tuple[str, float]]]:
             [(f"{w[0]}.", 3.0), (f"{w[1]}.", 2.0), (f"{w[3]}.", 1.0), ("The sun is big.", 0.0)])
 
 
-def sft_records(n: int, seed: int = 0) -> list[dict]:
-    """Alpaca-format SFT rows: {instruction, input, output}."""
+def prompt_key(instruction: str, input_text: str) -> str:
+    """What makes two prompts the same prompt: instruction and input, whitespace-normalised."""
+    return " ".join(instruction.split()) + "\n" + " ".join(input_text.split())
+
+
+def split_of(instruction: str, input_text: str) -> str:
+    """"heldout" for a quarter of all prompts (by a hash of the prompt), "train" for the rest."""
+    h = hashlib.sha256(prompt_key(instruction, input_text).encode("utf-8")).digest()
+    return "heldout" if h[0] % 4 == 0 else "train"
+
+
+def _tasks(n: int, rng: random.Random, split: str | None, distinct: bool):
+    """n tasks, each drawn again until its prompt is on ``split`` (and new, when ``distinct``)."""
+    seen: set[str] = set()
+    for _ in range(n):
+        while True:
+            ins, inp, cands = _task(rng)
+            key = prompt_key(ins, inp)
+            if (split is None or split_of(ins, inp) == split) and not (distinct and key in seen):
+                seen.add(key)
+                yield ins, inp, cands
+                break
+
+
+def sft_records(n: int, seed: int = 0, split: str | None = None, distinct: bool = False) -> list[dict]:
+    """Alpaca-format SFT rows: {instruction, input, output}; ``split`` / ``distinct``: see the module."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
-        ins, inp, cands = _task(rng)
+    for i, (ins, inp, cands) in enumerate(_tasks(n, rng, split, distinct)):
         rows.append({"id": f"syn-sft-{seed}-{i}", "instruction": ins, "input": inp, "output": cands[0][0]})
     return rows
 
 
-def ranking_records(n: int, seed: int = 0, shuffle_candidates: bool = True) -> list[dict]:
+def ranking_records(n: int, seed: int = 0, shuffle_candidates: bool = True, split: str | None = None,
+                    distinct: bool = False) -> list[dict]:
     """Native ranking rows: {id, instruction, input, output, candidates [4], scores [4]}."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
-        ins, inp, cands = _task(rng)
+    for i, (ins, inp, cands) in enumerate(_tasks(n, rng, split, distinct)):
         if shuffle_candidates:
             cands = rng.sample(cands, len(cands))
         rows.append({"id": f"syn-rank-{seed}-{i}", "instruction": ins, "input": inp,

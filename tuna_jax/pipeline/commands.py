@@ -1,0 +1,51 @@
+"""``tuna-jax pipeline CONFIG`` and ``tuna-jax demo`` (the packaged pipeline ``demo.yaml``)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tuna_jax.io import paths
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO, DEMO_FAST, OBJECTIVES = (os.path.join(HERE, f) for f in ("demo.yaml", "demo_fast.yaml", "objectives.yaml"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="pipeline YAML (configs/pipelines/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="e.g. output_dir=runs/x inputs.alpaca=data/a.json vars.seeds=[0,1]")
+    parser.add_argument("--until", action="append", default=[], metavar="STAGE",
+                        help="run only STAGE and the stages it needs (repeatable)")
+    parser.add_argument("--from", dest="start", action="append", default=[], metavar="STAGE",
+                        help="run STAGE and every stage after it again, even if finished (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_and_report(config: str, overrides, until=(), start=(), progress: bool = True) -> int:
+    """Run a pipeline and print what each stage did and the seconds spent in all."""
+    from tuna_jax.pipeline.engine import run_pipeline
+
+    plan, steps, summary = run_pipeline(config, overrides, until=until, start=start, progress=progress)
+    width = max(len(s.id) for s in steps)
+    for s in steps:
+        print(f"{s.id:<{width}}  {s.action:<8} {s.reason}")
+    print(f"{len([s for s in steps if s.action != 'skipped'])} of {len(steps)} stages ran; "
+          f"{summary['total_s']:.0f} s in all over every run ({paths.join(plan.output_dir, 'pipeline.json')})")
+    return 0
+
+
+def run(args) -> int:
+    return run_and_report(args.config, args.overrides, args.until, args.start, not args.no_progress)
+
+
+def demo(out: str, fast: bool = False, objectives: bool = False) -> int:
+    """``tuna-jax demo``: the packaged demo pipeline into ``out`` (``objectives``: the ranking objectives
+    compared on its Tuna_p stage, reusing the demo's stages there, at full size); prints its report."""
+    config, stage = (OBJECTIVES, "objectives") if objectives else (DEMO_FAST if fast else DEMO, "evaluate")
+    status = run_and_report(config, [f"output_dir={out}"], progress=sys.stderr.isatty())
+    report = paths.join(out, stage, "report.md")
+    print(f"\n{paths.read_text(report)}\nreport: {report}")
+    if not objectives:
+        print(f"Hugging Face export of Tuna: {paths.join(out, 'export', 'hf')}")
+    return status
