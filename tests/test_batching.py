@@ -102,12 +102,14 @@ def test_padded_sft_batch():
     recs = [SFTRecord("i", "", "hello", "a", prompt="Q:"), SFTRecord("i", "", "yo", "b", prompt="Long Q:")]
     ex, _ = tokenize_sft(recs, TOK, POL, max_len=12)
     b = collate(padded(12, 0, mode="sft"), ex + [None])
-    assert set(b) == {"input_ids", "segment_ids", "positions", "score_src", "score_tgt", "score_slot",
+    assert set(b) == {"input_ids", "segment_ids", "positions", "score_src", "score_tgt", "score_pos", "score_slot",
                       "unit_example", "example_mask", "real_tokens"}
     for i, r in enumerate(recs):
         check_row(b["input_ids"][i, 0], b["segment_ids"][i, 0], b["positions"][i, 0],
                   [1] + TOK.encode(r.prompt), TOK.encode(r.output) + [2], TOK.pad_id)
         assert scored(b, i, 0) == TOK.encode(r.output) + [2]
+        at = b["score_pos"][i][b["score_slot"][i] == 0]  # where the scored tokens sit: right after the prompt
+        assert at.tolist() == list(range(len(TOK.encode(r.prompt)) + 1, b["segment_ids"][i, 0].sum()))
     assert b["example_mask"].tolist() == [True, True, False]
     assert (b["score_slot"][2] < 0).all() and b["segment_ids"][2].sum() == 0
 

@@ -56,7 +56,8 @@ def test_training_raises_heldout_pair_accuracy(trained):
                                                                          final["pair_accuracy"]]
     meta = json.loads((tmp / "prm" / "prm.json").read_text())
     assert meta["format"] == "tuna-jax-prm" and meta["max_len"] == MAX_LEN and meta["hidden_size"] == 32
-    assert meta["metrics"]["final_eval"] == final and meta["train"]["margin"] == 0.1
+    assert meta["metrics"]["final_eval"] == final and meta["train"]["loss"]["margin"] == 0.1
+    assert meta["train"]["train"]["mode"] == "prm"  # the trainer's resolved config: one trainer, one config
 
 
 def test_save_load_round_trip(trained):
@@ -134,3 +135,30 @@ def test_bad_settings_are_clear_errors():
         P.PRMConfig(form="pairwise")
     with pytest.raises(ValueError, match="margin=-1"):
         P.PRMConfig(margin=-1)
+
+
+def test_prm_training_resumes_exactly_through_the_one_trainer(tmp_path):
+    """train.mode=prm runs in the project's one trainer: a run stopped after 2 steps and resumed ends
+    with the parameters of an uninterrupted 4-step run (checkpoints hold the head too)."""
+    import jax
+    import numpy as np
+
+    from test_local_teacher import eos_happy_model
+    from tuna_jax.train import train
+
+    base = eos_happy_model(tmp_path / "base")
+    data = write_rows(tmp_path / "train.jsonl", short_prompts(ranking_records(32, seed=4)))
+    cfg = P.PRMConfig(max_len=MAX_LEN, batch_size=8, epochs=1, lr=3e-3, pad_to_multiple=0, schedule="constant")
+
+    def run(name, max_steps, resume=False):
+        c = P.PRMConfig(**{**cfg.__dict__, "max_steps": max_steps})
+        return train(P.train_config(str(base), data, tmp_path / name, c, tokenizer=str(base / "tokenizer.model"),
+                                    progress=False), resume=resume)
+
+    whole = run("whole", 4)
+    run("resumed", 2)
+    resumed = run("resumed", 4, resume=True)
+    assert resumed.step == whole.step == 4
+    a, b = (P.load_prm(tmp_path / n).params for n in ("whole", "resumed"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

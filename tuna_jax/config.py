@@ -137,7 +137,7 @@ class LossConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    mode: str = "ranking"  # sft | ranking
+    mode: str = "ranking"  # sft | ranking | prm (a reward head trained on rankings, model/reward.py)
     output_dir: str = "runs/default"
     epochs: int = 1
     max_steps: int | None = None  # stop earlier than `epochs`
@@ -183,7 +183,7 @@ CHOICES = {
     ("loss", "score"): ("mean", "sum"),
     ("loss", "reference"): (None, "data"),
     ("loss", "mle_target"): ("original", "best", "all"),
-    ("train", "mode"): ("sft", "ranking"),
+    ("train", "mode"): ("sft", "ranking", "prm"),
 }
 
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,8 @@ from tuna_jax.io.linelog import LineLog
 from tuna_jax.logprobs import example_logprobs
 from tuna_jax.losses import mle_loss, pair_accuracy, ranking_loss, sequence_scores
 from tuna_jax.model.checkpoint import TrainCheckpointer, save_params
-from tuna_jax.model.llama import Llama, LlamaConfig, abstract_model
+from tuna_jax.model.llama import Llama, LlamaConfig
+from tuna_jax.model.params import ParamBinder
 
 log = logging.getLogger(__name__)
 
@@ -57,28 +57,6 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
         self.signum, self.step = signum, step
-
-
-# ---- model binding ---------------------------------------------------------------------
-
-class ParamBinder:
-    """Pure parameter dicts <-> the ``Llama`` module.
-
-    The step works on a pure nested dict of arrays (what optax and Orbax like best); inside a
-    traced function ``bind(params)`` rebuilds the module around those arrays."""
-
-    def __init__(self, cfg: LlamaConfig):
-        self.cfg = cfg
-        self.graphdef, abs_state = nnx.split(abstract_model(cfg))
-        self.treedef = jax.tree.structure(abs_state)
-
-    def bind(self, params: dict) -> Llama:
-        leaves = jax.tree.leaves(params)
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
-
-    @staticmethod
-    def to_pure(model: Llama) -> dict:
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 # ---- optimizer -------------------------------------------------------------------------
@@ -111,17 +89,27 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
 
 # ---- losses over a batch ---------------------------------------------------------------
 
-def batch_sums(model: Llama, batch: dict, cfg: Config) -> dict[str, jax.Array]:
+def batch_sums(model: Llama, batch: dict, cfg: Config, head: dict | None = None) -> dict[str, jax.Array]:
     """Summed losses and counters of one (micro-)batch in any layout; dividing by ``count`` gives means.
 
     ``batch`` is a :mod:`tuna_jax.data.layouts` batch (B examples, N candidates; every example has
     N + 1 sequence slots, slot N the separate MLE target). The candidates and the MLE target go
     through the model in one forward pass whatever the layout.
-    SFT: count = scored tokens. Ranking: count = real prompts (``example_mask``).
+    SFT: count = scored tokens. Ranking: count = real prompts (``example_mask``). PRM
+    (``head`` given): the ranking loss on the reward head's scores of the candidates, no MLE term.
     """
     lc = cfg.loss
-    n = cfg.data.num_candidates if cfg.train.mode == "ranking" else 0
+    n = cfg.data.num_candidates if cfg.train.mode != "sft" else 0
     ex = batch["example_mask"].astype(jnp.float32)  # [B]
+    if cfg.train.mode == "prm":
+        from tuna_jax.model.reward import layout_rewards
+
+        r, valid = layout_rewards(model, head, batch, n + 1)[:, :n], batch["candidate_mask"]  # [B, N]
+        rank = ranking_loss(r, batch["target"], valid, margin=lc.margin, form=lc.form, beta=lc.beta)
+        correct, counted = pair_accuracy(r, batch["target"], valid)
+        return {"loss": jnp.sum(rank * ex), "rank_loss": jnp.sum(rank * ex), "mle_loss": jnp.zeros(()),
+                "pairs_correct": jnp.sum(correct * ex), "pairs": jnp.sum(counted * ex), "count": jnp.sum(ex),
+                "tokens": jnp.sum(batch["real_tokens"])}
     lp, cnt = example_logprobs(model, batch, n + 1, chunk=lc.chunk, budget_mb=lc.logits_budget_mb)  # [B, N+1]
     tokens = jnp.sum(batch["real_tokens"])
     if cfg.train.mode == "sft":
@@ -153,7 +141,7 @@ def summarize(sums: dict) -> dict[str, float]:
     out = {"loss": sums["loss"] / count}
     if "rank_loss" in sums:
         out.update(rank_loss=sums["rank_loss"] / count, mle_loss=sums["mle_loss"] / count,
-                   pair_accuracy=sums["pairs_correct"] / max(sums["pairs"], 1.0))
+                   pair_accuracy=sums["pairs_correct"] / max(sums["pairs"], 1.0), pairs=sums["pairs"])
     out["tokens"] = sums["tokens"]
     return out
 
@@ -165,7 +153,7 @@ def make_train_step(binder: ParamBinder, cfg: Config, tx: optax.GradientTransfor
     accum = cfg.train.grad_accum
 
     def loss_fn(params, micro):
-        sums = batch_sums(binder.bind(params), micro, cfg)
+        sums = _sums(binder, params, micro, cfg)
         return sums["loss"], sums
 
     def step(state: dict, batch: dict, stop: jax.Array | None = None):
@@ -200,7 +188,14 @@ def make_train_step(binder: ParamBinder, cfg: Config, tx: optax.GradientTransfor
 
 
 def make_eval_step(binder: ParamBinder, cfg: Config) -> Callable:
-    return lambda params, batch: batch_sums(binder.bind(params), batch, cfg)
+    return lambda params, batch: _sums(binder, params, batch, cfg)
+
+
+def _sums(binder: ParamBinder, params: dict, batch: dict, cfg: Config) -> dict:
+    """batch_sums of the model the params describe: a LLaMA, or (PRM) {"backbone", "head"}."""
+    if cfg.train.mode == "prm":
+        return batch_sums(binder.bind(params["backbone"]), batch, cfg, head=params["head"])
+    return batch_sums(binder.bind(params), batch, cfg)
 
 
 # ---- data ------------------------------------------------------------------------------
@@ -235,9 +230,14 @@ def tokenize_source(path, cfg: Config, tok, policy, report=None, max_examples: i
         records = [records[i] for i in keep]
     if kind == "sft":
         return tokenize_sft(records, tok, policy, d.max_len, truncate=d.truncate, on_error=d.on_error, report=report)
-    return tokenize_ranking(records, tok, policy, d.max_len, d.num_candidates, mle_target=cfg.loss.mle_target,
+    return tokenize_ranking(records, tok, policy, d.max_len, d.num_candidates, mle_target=_mle_target(cfg),
                             truncate=d.truncate, on_error=d.on_error, report=report,
                             reference=cfg.loss.reference == "data")
+
+
+def _mle_target(cfg: Config) -> str:
+    """The PRM has no MLE term: its batches carry the candidates only."""
+    return "all" if cfg.train.mode == "prm" else cfg.loss.mle_target
 
 
 def make_collator(cfg: Config, pad_id: int, local_devices: int = 1, micro_batches: int = 1):
@@ -246,7 +246,8 @@ def make_collator(cfg: Config, pad_id: int, local_devices: int = 1, micro_batche
     from tuna_jax.data.layouts import LayoutCollator
 
     d = cfg.data
-    return LayoutCollator(d.layout, cfg.train.mode, d.max_len, pad_id, d.num_candidates, cfg.loss.mle_target,
+    return LayoutCollator(d.layout, "sft" if cfg.train.mode == "sft" else "ranking", d.max_len, pad_id,
+                          d.num_candidates, _mle_target(cfg),
                           pad_to_multiple=d.pad_to_multiple, row_len=d.row_len,
                           unit_multiple=local_devices * micro_batches, attention_block=d.attention_block,
                           micro_batches=micro_batches)
@@ -310,6 +311,7 @@ class TrainResult:
     eval_metrics: dict | None
     output_dir: str
     export_dir: str | None
+    first_eval: dict | None = None  # the held-out metrics before the first step (when there is an eval set)
 
 
 def _host(x):
@@ -376,6 +378,12 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         binder = ParamBinder(model.cfg)
         tx, schedule = make_optimizer(cfg.optim, total_steps)
         params = binder.to_pure(model)
+        if tc.mode == "prm":  # the backbone and a fresh reward head, trained together
+            from tuna_jax.model.reward import init_head
+
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            head = {k: jax.device_put(v, replicated) for k, v in init_head(model.cfg.hidden_size, tc.seed).items()}
+            params = {"backbone": params, "head": head}
         del model
         state = {"params": params, "opt_state": jax.jit(tx.init)(params),
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(tc.seed))}
@@ -422,7 +430,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
             writer.write({"step": step, "split": "eval", **result})
             return result
 
-        last, eval_metrics, step = {}, None, start_step
+        last, eval_metrics, first_eval, step = {}, None, None, start_step
         bar = tqdm(total=total_steps, initial=start_step, desc=cfg.name or tc.mode, unit="step",
                    disable=not tc.progress or jax.process_index() != 0, file=sys.stderr)
         # Metrics are fetched one step late: step n+1 is dispatched before step n's metrics are
@@ -461,7 +469,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
 
         try:
             if eval_examples and step == 0:
-                run_eval(0)  # the starting point, so a run's gain is visible in its own log
+                first_eval = run_eval(0)  # the starting point, so a run's gain is visible in its own log
             clock[0] = time.perf_counter()
             while step < total_steps:
                 batch = parallel.shard_batch(next(it), mesh)
@@ -498,11 +506,33 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
                 signal.signal(s, h)
 
         export_dir = None
-        if tc.export:
+        if tc.export and tc.mode == "prm":  # the PRM folder format (model/reward.py), in output_dir itself
+            from tuna_jax.model.reward import ProxyRankingModel, eval_summary
+
+            first_eval = first_eval or _logged_eval(out_dir, 0)
+            meta = {"base_model": str(cfg.model.path), "max_len": cfg.data.max_len, "add_bos": cfg.data.add_bos,
+                    "add_eos": cfg.data.add_eos, "train": cfg.to_dict(),
+                    "metrics": {"start_eval": eval_summary(first_eval), "final_eval": eval_summary(eval_metrics),
+                                "last_train": last}}
+            prm = ProxyRankingModel(state["params"], binder.cfg, meta, mesh)
+            export_dir = str(prm.save(out_dir, tokenizer_src=_tokenizer_dir(cfg)))
+        elif tc.export:
             model = binder.bind(state["params"])
             export_dir = str(save_params(out_dir / "final", model, tokenizer_src=_tokenizer_dir(cfg)))
     return TrainResult(step=step, metrics=last, eval_metrics=eval_metrics, output_dir=str(out_dir),
-                       export_dir=export_dir)
+                       export_dir=export_dir, first_eval=first_eval)
+
+
+def _logged_eval(out_dir, step: int) -> dict | None:
+    """The eval record of ``step`` in ``out_dir/metrics.jsonl`` (a resumed run's starting point)."""
+    path = out_dir / "metrics.jsonl"
+    if not paths.is_file(path):
+        return None
+    for line in paths.read_text(path).splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("split") == "eval" and rec.get("step") == step:
+            return {k: v for k, v in rec.items() if k not in ("split", "step")}
+    return None
 
 
 def _tokenizer_dir(cfg: Config) -> str | None:

@@ -22,6 +22,8 @@ A batch has B examples (per host) laid out in U units of Q sub-rows of L tokens:
   score_src    int32 [U, S]     index into the unit's flattened [Q * L] positions of the hidden
                                 state that predicts the scored token
   score_tgt    int32 [U, S]     the scored token (a response token or the EOS)
+  score_pos    int32 [U, S]     where that token itself sits in the unit's [Q * L] positions (a reward
+                                head reads the hidden state at a sequence's last token, its EOS)
   score_slot   int32 [U, S]     e * (N + 1) + k: candidate k (k = N: the MLE target) of the unit's
                                 e-th example; -1 for unused entries
   unit_example int32 [U, E]     which example (index into this micro-batch's examples) is the
@@ -128,10 +130,11 @@ class _Piece:
         return runs
 
     def arrays(self):
-        """ids, positions, branch ids [length]; then src (relative), tgt, slot [scored]."""
+        """ids, positions, branch ids [length]; then src, tgt, slot, tgt_at [scored] (src and tgt_at
+        relative to the piece's start)."""
         p = len(self.prompt)
         ids, pos, branch = [self.prompt], [np.arange(p)], [np.zeros(p, np.int32)]
-        src, tgt, slot = [], [], []
+        src, tgt, slot, tgt_at = [], [], [], []
         at = p
         for b, (k, r) in enumerate(self.seqs, 1):
             m = len(r)
@@ -143,9 +146,10 @@ class _Piece:
             src.append(np.concatenate([[first], np.arange(at, at + m - 1)]))
             tgt.append(r)
             slot.append(np.full(m, k, np.int32))
+            tgt_at.append(np.arange(at, at + m))
             at += m
         cat = lambda xs: np.concatenate(xs).astype(np.int32)  # noqa: E731
-        return cat(ids), cat(pos), cat(branch), cat(src), cat(tgt), cat(slot)
+        return cat(ids), cat(pos), cat(branch), cat(src), cat(tgt), cat(slot), cat(tgt_at)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -348,7 +352,7 @@ class LayoutCollator:
         rel = lambda i: (process_index * b + i) % micro  # noqa: E731: example index within its micro-batch
         ids = np.full((u, q, length), self.pad_id, np.int32)
         pos, seg, branch = (np.zeros((u, q, length), np.int32) for _ in range(3))
-        src, tgt = np.zeros((u, s), np.int32), np.zeros((u, s), np.int32)
+        src, tgt, tgt_pos = (np.zeros((u, s), np.int32) for _ in range(3))
         slot = np.full((u, s), -1, np.int32)
         unit_example = np.full((u, e_max), -1, np.int32)
         kv = np.full((u, q, length // self.block if self.block else 0, m), -1, np.int32)
@@ -363,7 +367,7 @@ class LayoutCollator:
             at, at_s = np.zeros(q, np.int64), 0  # next free token per sub-row; next scored entry of the unit
             pieces_in_row = np.zeros(q, np.int64)
             for row, pc in unit:
-                p_ids, p_pos, p_branch, p_src, p_tgt, p_slot = pc.arrays()
+                p_ids, p_pos, p_branch, p_src, p_tgt, p_slot, p_at = pc.arrays()
                 a, z, sz = int(at[row]), int(at[row]) + len(p_ids), at_s + len(p_tgt)
                 if z > length or sz > s:
                     raise ValueError(f"{rows[pc.example].source or rows[pc.example].id}: {len(p_ids)} tokens do "
@@ -372,10 +376,11 @@ class LayoutCollator:
                 pieces_in_row[row] += 1
                 seg[ui, row, a:z] = pieces_in_row[row]  # each piece of a row its own segment: 1, 2, ...
                 src[ui, at_s:sz], tgt[ui, at_s:sz] = p_src + a + row * length, p_tgt
+                tgt_pos[ui, at_s:sz] = p_at + a + row * length
                 slot[ui, at_s:sz] = examples.index(pc.example) * self.slots + p_slot
                 at[row], at_s = z, sz
         out = {"input_ids": ids, "positions": pos, "segment_ids": seg, "score_src": src, "score_tgt": tgt,
-               "score_slot": slot, "unit_example": unit_example,
+               "score_pos": tgt_pos, "score_slot": slot, "unit_example": unit_example,
                "example_mask": np.array([e is not None for e in rows], bool),
                "real_tokens": np.array([0 if e is None else self.real_tokens(e, self.mode, self.mle_target)
                                         for e in rows], np.float32)}

@@ -1,28 +1,18 @@
 """Proxy ranking model (PRM): a LLaMA with a scalar head, trained on judge rankings, then used to rank
 more data without paying the judge (``tuna-jax prm train|rerank``; the paper's Tuna_c(PRM)).
 
-The model. r(i, c) = w . h_last + b, where h_last [D] is the backbone's final-norm hidden state at the
-LAST real token of ``[BOS] + prompt + response + [EOS]`` -- the EOS, i.e. after the model has read the
-whole response -- and (w [D], b []) is the head. The backbone is our ``Llama`` (its LM head is unused);
-every token goes through the project's one template and BOS/EOS policy, exactly as in training.
+The model (``model/reward.py``): r(i, c) = w . h_last + b, h_last the backbone's final-norm hidden
+state at the EOS of ``[BOS] + prompt + response + [EOS]``; every token goes through the project's one
+template and BOS/EOS policy, exactly as in training. The saved folder format is described there.
 
-Training. Each ranking record (instruction, N candidates, scores: higher is better, e.g. a judge's
-Borda scores) gives rewards r [N]; the loss is the Tuna pairwise hinge on them,
-``losses.ranking_loss(r, scores, mask, margin, form)`` (paper form: sum over non-tied pairs j better
-than k of max(0, r_k - r_j + margin * (k - j)) after sorting by score), averaged over prompts. The
-backbone and the head are trained together with AdamW (``train.make_optimizer``); batches are
-``data.layouts`` padded ranking batches ([B, N, L] token rows, no MLE target). The head starts
-random (std 1/sqrt(D), numpy-seeded), so the held-out pair accuracy at step 0 is a fair chance-level
-baseline, and it is logged next to the final one.
-
-Saved folder (``OUT_DIR/``)::
-
-    prm.json            {"format": "tuna-jax-prm", "version": 1, "base_model", "max_len", "add_bos",
-                         "add_eos", "hidden_size", "train": {settings}, "metrics": {...}}
-    head.safetensors    w float32 [D], b float32 [1]
-    backbone/           a params-only export (``model.checkpoint.save_params``) with the tokenizer files
-
-``backbone/`` is an ordinary tuna-jax checkpoint: ``convert orbax-to-hf`` and every other command read it.
+Training goes through the project's one trainer (``train.mode=prm``, ``tuna_jax/train.py``): each
+ranking record (instruction, N candidates, scores: higher is better, e.g. a judge's Borda scores)
+gives rewards r [N]; the loss is ``losses.ranking_loss(r, scores, mask, margin, form)`` averaged over
+prompts, backbone and head trained together with AdamW, in any candidate layout, with gradient
+accumulation, exact resume, SIGTERM checkpoints and metrics.jsonl like every other stage. The head
+starts random (std 1/sqrt(D), numpy-seeded), so the held-out pair accuracy at step 0 is a fair
+chance-level baseline, logged next to the final one. ``OUT_DIR`` holds the PRM folder (prm.json,
+head.safetensors, backbone/) beside the trainer's checkpoints/ and metrics.jsonl.
 
 Rerank. Input rows ``{id?, instruction, input?, output?, candidates: [str]}`` (e.g. ``sample-diverse``
 output); each candidate gets its reward and the row is written as a ranking record, candidates best first
@@ -36,19 +26,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
-import pathlib
 import sys
-import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from tuna_jax.io.jsonl import dumps
 from tuna_jax.io import paths
+from tuna_jax.io.jsonl import dumps
 from tuna_jax.io.lock import OutputLock
 
-PRM_FORMAT, PRM_VERSION = "tuna-jax-prm", 1
+if TYPE_CHECKING:
+    from tuna_jax.model.reward import ProxyRankingModel
 
 
 @dataclasses.dataclass
@@ -94,171 +81,7 @@ class PRMConfig:
                            weight_decay=self.weight_decay, grad_clip=self.grad_clip)
 
 
-# ---------------------------------------------------------------------------- the model
-def reward_fn(binder):
-    """``f(params, input_ids, positions, segment_ids) -> rewards [M] float32`` for right-padded rows [M, L];
-    params = {"backbone": Llama params (pure dict), "head": {"w": [D], "b": [1]}}."""
-    import jax.numpy as jnp
-
-    def f(params, input_ids, positions, segment_ids):
-        model = binder.bind(params["backbone"])
-        hidden, _ = model.hidden_states(input_ids, positions, segment_ids)  # [M, L, D]
-        # Right padding: the last real token (the EOS) is at (number of real tokens - 1). An all-padding
-        # row (a missing candidate) reads position 0; its reward is masked out by the caller.
-        last = jnp.maximum(jnp.sum(segment_ids > 0, axis=-1) - 1, 0)
-        h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # [M, D]
-        return h @ params["head"]["w"] + params["head"]["b"][0]
-
-    return f
-
-
-_REWARD_JITS: dict = {}
-
-
-def _reward_jit(binder):
-    """The jitted ``reward_fn`` per architecture, shared by every PRM object of it (a saved and a reloaded
-    PRM compile once: compiles dominate on CPU)."""
-    import jax
-
-    key = repr(binder.cfg)
-    if key not in _REWARD_JITS:
-        _REWARD_JITS[key] = jax.jit(reward_fn(binder))
-    return _REWARD_JITS[key]
-
-
-def init_head(hidden_size: int, seed: int = 0) -> dict:
-    """w ~ N(0, 1/D) (rewards start at unit scale, ranked at random), b = 0; numpy, so no PRNG compile."""
-    import numpy as np
-
-    rng = np.random.default_rng([seed, 7919])
-    return {"w": rng.normal(0.0, 1.0 / math.sqrt(hidden_size), (hidden_size,)).astype(np.float32),
-            "b": np.zeros((1,), np.float32)}
-
-
-class ProxyRankingModel:
-    """A PRM: ``params`` ({"backbone": pure dict, "head": {"w" [D], "b" [1]}}), the backbone's ``LlamaConfig``,
-    ``meta`` (prm.json without its format fields), the mesh it lives on and the folder it was loaded from
-    (``path``, None when built in memory). ``rewards(rows)`` scores token rows; ``save``/``load``."""
-
-    def __init__(self, params: dict, cfg, meta: dict, mesh=None, path: str | None = None):
-        from tuna_jax.train import ParamBinder
-
-        self.params, self.cfg, self.meta, self.mesh, self.path = params, cfg, meta, mesh, path
-        self.binder = ParamBinder(cfg)
-
-    @classmethod
-    def from_backbone(cls, model, head: dict, meta: dict, mesh=None, path: str | None = None) -> "ProxyRankingModel":
-        """From a loaded ``Llama`` and head arrays (replicated over ``mesh``: D floats)."""
-        import jax
-        from flax import nnx
-
-        where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
-        head = {k: jax.device_put(v, where) for k, v in head.items()}
-        return cls({"backbone": nnx.to_pure_dict(nnx.state(model, nnx.Param)), "head": head}, model.cfg, meta, mesh,
-                   path)
-
-    def rewards(self, rows: Sequence[Sequence[int]], batch_rows: int = 8, max_len: int | None = None) -> list[float]:
-        """rows: full token sequences ([BOS] + prompt + response + [EOS]) -> one reward each. Rows are
-        sorted by length and right-padded to a bucketed length (few compiled shapes)."""
-        import jax
-
-        from tuna_jax import parallel
-        from tuna_jax.data.shapes import bucket_length
-
-        fn = _reward_jit(self.binder)
-        limit = max_len or self.cfg.max_position_embeddings
-        n_data = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        batch_rows = -(-batch_rows // n_data) * n_data
-        out: list[float | None] = [None] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        for s in range(0, len(order), batch_rows):
-            idx = order[s:s + batch_rows]
-            longest = max(len(rows[i]) for i in idx)
-            if longest > limit:
-                raise ValueError(f"a sequence of {longest} tokens exceeds max_len={limit}")
-            batch = _right_padded([rows[i] for i in idx], batch_rows, min(bucket_length(longest), limit))
-            arrays = parallel.shard_batch(batch, self.mesh) if self.mesh is not None else batch
-            r = jax.device_get(fn(self.params, arrays["input_ids"], arrays["positions"], arrays["segment_ids"]))
-            for j, i in enumerate(idx):
-                out[i] = float(r[j])
-        return out  # type: ignore[return-value]
-
-    # ------------------------------------------------------------------ folder format
-    def save(self, path: str | os.PathLike, tokenizer_src: str | os.PathLike | None = None):
-        """Write ``path/`` (module docstring; local or gs://): backbone export, head.safetensors, prm.json."""
-        import jax
-        import numpy as np
-        from safetensors.numpy import save
-
-        from tuna_jax.model.checkpoint import save_params
-
-        out = paths.resolve(path)
-        paths.makedirs(out)
-        save_params(out / "backbone", self.binder.bind(self.params["backbone"]), tokenizer_src=tokenizer_src)
-        if jax.process_index() == 0:
-            head = {k: np.asarray(jax.device_get(v), np.float32) for k, v in self.params["head"].items()}
-            paths.write_atomic(out / "head.safetensors", save(head))
-            meta = {"format": PRM_FORMAT, "version": PRM_VERSION, "hidden_size": self.cfg.hidden_size, **self.meta}
-            paths.write_atomic(out / "prm.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        return out
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, mesh=None, dtype: str = "float32") -> "ProxyRankingModel":
-        """Restore a saved PRM folder onto ``mesh`` (any shape; the head is replicated)."""
-        import numpy as np
-        from safetensors.numpy import load
-
-        from tuna_jax.model.checkpoint import load_params
-
-        p = paths.resolve(path)
-        meta_path = p / "prm.json"
-        if not paths.is_file(meta_path):
-            raise FileNotFoundError(f"{path}: not a tuna-jax PRM folder (no prm.json; `tuna-jax prm train` writes one)")
-        meta = json.loads(paths.read_text(meta_path))
-        if meta.get("format") != PRM_FORMAT or meta.get("version") != PRM_VERSION:
-            raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; expected "
-                             f"{PRM_FORMAT!r} version {PRM_VERSION}")
-        head = load(paths.read_bytes(p / "head.safetensors"))
-        backbone = load_params(p / "backbone", mesh, dtype=dtype, param_dtype="float32")
-        d = backbone.cfg.hidden_size
-        if set(head) != {"w", "b"} or head["w"].shape != (d,) or head["b"].shape != (1,):
-            raise ValueError(f"{p / 'head.safetensors'}: expected w [{d}] and b [1], got "
-                             f"{ {k: v.shape for k, v in head.items()} }")
-        meta = {k: v for k, v in meta.items() if k not in ("format", "version", "hidden_size")}
-        return cls.from_backbone(backbone, {k: np.asarray(v, np.float32) for k, v in head.items()}, meta, mesh,
-                                 str(path))
-
-
-def _right_padded(rows: Sequence[Sequence[int]], batch_rows: int, length: int) -> dict:
-    """Token rows -> right-padded ``input_ids, positions, segment_ids`` [batch_rows, length] (missing rows
-    are all padding)."""
-    import numpy as np
-
-    ids = np.zeros((batch_rows, length), np.int32)
-    seg, pos = np.zeros_like(ids), np.zeros_like(ids)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)], seg[r, :len(row)], pos[r, :len(row)] = row, 1, np.arange(len(row))
-    return {"input_ids": ids, "positions": pos, "segment_ids": seg}
-
-
 # ---------------------------------------------------------------------------- training
-def batch_sums(f, params, batch: dict, margin: float, form: str) -> dict:
-    """Summed ranking loss and pair counts of a [B, N, L] ranking batch (divide by ``count`` for means)."""
-    import jax.numpy as jnp
-
-    from tuna_jax.losses import pair_accuracy, ranking_loss
-
-    b, n, l = batch["input_ids"].shape  # padded layout, no MLE row: sub-row k is candidate k
-    flat = lambda k: batch[k].reshape(b * n, l)  # noqa: E731: every candidate is one row
-    r = f(params, flat("input_ids"), flat("positions"), flat("segment_ids")).reshape(b, n)
-    mask, target = batch["candidate_mask"].reshape(b, n), batch["target"].reshape(b, n)
-    ex = batch["example_mask"].reshape(b).astype(jnp.float32)
-    rank = ranking_loss(r, target, mask, margin=margin, form=form)  # [B]
-    correct, counted = pair_accuracy(r, target, mask)
-    return {"loss": jnp.sum(rank * ex), "pairs_correct": jnp.sum(correct * ex), "pairs": jnp.sum(counted * ex),
-            "count": jnp.sum(ex)}
-
-
 @dataclasses.dataclass
 class PRMTrainResult:
     steps: int
@@ -269,152 +92,45 @@ class PRMTrainResult:
     prm: "ProxyRankingModel"  # the trained model, as saved in out_dir
 
 
-def _means(sums: dict) -> dict:
-    return {"loss": float(sums["loss"]) / max(float(sums["count"]), 1.0),
-            "pair_accuracy": float(sums["pairs_correct"]) / max(float(sums["pairs"]), 1.0),
-            "pairs": int(sums["pairs"])}
+def train_config(base_model: str | os.PathLike, train_path: str, out_dir: str | os.PathLike, cfg: PRMConfig,
+                 *, eval_path: str | None = None, tokenizer: str | None = None, mesh=None, dtype: str = "float32",
+                 progress: bool = True, overrides: Sequence[str] = ()):
+    """The trainer config (``train.mode=prm``) for these PRM settings; ``overrides`` go on top."""
+    from tuna_jax.config import load_config
+
+    mesh_spec = None if mesh is None else ",".join(str(mesh.shape[a]) for a in ("data", "fsdp", "tensor"))
+    o = cfg.optim()
+    return load_config(None, [
+        "train.mode=prm", f"model.path={base_model}", f"model.dtype={dtype}", f"data.train={train_path}",
+        f"data.max_len={cfg.max_len}", f"data.num_candidates={cfg.num_candidates}",
+        f"data.pad_to_multiple={cfg.pad_to_multiple}", f"data.eval_fraction={cfg.eval_fraction}",
+        f"data.on_error={cfg.on_error}", f"data.add_bos={cfg.add_bos}", f"data.add_eos={cfg.add_eos}",
+        f"train.output_dir={out_dir}", f"train.epochs={cfg.epochs}", f"train.global_batch={cfg.batch_size}",
+        f"train.seed={cfg.seed}", f"train.progress={progress}", "train.tensorboard=false",
+        f"optim.lr={o.lr}", f"optim.warmup_steps={o.warmup_steps}", f"optim.schedule={o.schedule}",
+        f"optim.weight_decay={o.weight_decay}", f"optim.grad_clip={o.grad_clip}",
+        f"loss.margin={cfg.margin}", f"loss.form={cfg.form}",
+        *([f"train.max_steps={cfg.max_steps}"] if cfg.max_steps else []),
+        *([f"data.eval={eval_path}"] if eval_path else []), *([f"model.tokenizer={tokenizer}"] if tokenizer else []),
+        *([f"train.mesh={mesh_spec}"] if mesh_spec else []), *overrides])
 
 
 def train_prm(base_model: str | os.PathLike, train_path: str, out_dir: str | os.PathLike, cfg: PRMConfig = PRMConfig(),
               *, eval_path: str | None = None, tokenizer: str | None = None, mesh=None, dtype: str = "float32",
-              progress: bool = True, model=None) -> PRMTrainResult:
-    """Train a PRM from ``base_model`` (HF folder or params checkpoint; or a loaded ``model``) on the ranking
-    records of ``train_path``; save it to ``out_dir``; return the held-out pair accuracy before and after.
+              progress: bool = True, resume: bool = False) -> PRMTrainResult:
+    """Train a PRM from ``base_model`` (HF folder or params checkpoint) on the ranking records of
+    ``train_path`` with the project's one trainer (``train.mode=prm``: gradient accumulation, exact
+    resume, SIGTERM checkpoints, metrics.jsonl), save it to ``out_dir`` and load it back; return the
+    held-out pair accuracy before and after. ``mesh``: its shape becomes ``train.mesh``."""
+    from tuna_jax.model.reward import ProxyRankingModel, eval_summary
+    from tuna_jax.train import train
 
-    ``mesh``: None runs on one device; otherwise the backbone is loaded onto it and batches are split over
-    data x fsdp (``batch_size`` must divide).
-    """
-    import contextlib
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from tqdm import tqdm
-
-    from tuna_jax import parallel
-    from tuna_jax.data.batching import BatchIterator, tokenize_ranking
-    from tuna_jax.data.layouts import LayoutCollator
-    from tuna_jax.data.records import read_records
-    from tuna_jax.data.templates import SpecialTokenPolicy, load_tokenizer
-    from tuna_jax.train import TrainingDiverged, make_optimizer
-
-    out = pathlib.Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    tok_src = tokenizer or base_model
-    tok = load_tokenizer(tok_src)
-    policy = SpecialTokenPolicy(add_bos=cfg.add_bos, add_eos=cfg.add_eos)
-
-    def examples(path, report=None):
-        records, report = read_records(path, kind="ranking", on_error=cfg.on_error, report=report)
-        return tokenize_ranking(records, tok, policy, cfg.max_len, cfg.num_candidates, mle_target="all",
-                                on_error=cfg.on_error, report=report)
-
-    train_ex, report = examples(train_path)
-    eval_ex = None
-    if eval_path:
-        eval_ex, report = examples(eval_path, report)
-    elif cfg.eval_fraction > 0:
-        k = max(1, int(len(train_ex) * cfg.eval_fraction))
-        order = np.random.default_rng([cfg.seed, 1]).permutation(len(train_ex))
-        eval_ex, train_ex = [train_ex[i] for i in order[:k]], [train_ex[i] for i in order[k:]]
-    if report.num_skipped or report.changed:
-        print(report.summary(), file=sys.stderr)
-
-    collator = LayoutCollator("padded", "ranking", cfg.max_len, tok.pad_id, cfg.num_candidates, mle_target="all",
-                              pad_to_multiple=cfg.pad_to_multiple)
-    pidx, pcount = jax.process_index(), jax.process_count()
-    it = BatchIterator(train_ex, collator, cfg.batch_size, seed=cfg.seed, num_epochs=cfg.epochs,
-                       process_index=pidx, process_count=pcount)
-    total = cfg.epochs * it.steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-
-    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-    put = (lambda b: parallel.shard_batch(b, mesh)) if mesh is not None else (lambda b: b)  # noqa: E731
-    with ctx:
-        if model is None:
-            from tuna_jax.model import load_model
-
-            model = load_model(base_model, mesh, dtype=dtype, param_dtype="float32")
-        if tok.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's vocabulary is "
-                             f"{model.cfg.vocab_size}: they do not belong together")
-        prm = ProxyRankingModel.from_backbone(model, init_head(model.cfg.hidden_size, cfg.seed), {}, mesh)
-        del model
-        f = reward_fn(prm.binder)
-        tx, schedule = make_optimizer(cfg.optim(), total)
-
-        def step(state, batch):
-            def loss_fn(params):
-                sums = batch_sums(f, params, batch, cfg.margin, cfg.form)
-                return sums["loss"] / jnp.maximum(sums["count"], 1.0), sums
-
-            (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                   "step": state["step"] + 1}
-            grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-            return new, dict(sums, grad_norm=grad_norm, lr=schedule(state["step"]))
-
-        step_fn = jax.jit(step, donate_argnums=(0,))
-        eval_fn = jax.jit(lambda params, batch: batch_sums(f, params, batch, cfg.margin, cfg.form))
-
-        def evaluate(params) -> dict | None:
-            if not eval_ex:
-                return None
-            ev = BatchIterator(eval_ex, collator, cfg.batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
-                               process_index=pidx, process_count=pcount)
-            totals: dict = {}
-            for batch in ev:
-                sums = jax.device_get(eval_fn(params, put(batch)))
-                totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
-            return _means(totals)
-
-        state = {"params": prm.params, "opt_state": jax.jit(tx.init)(prm.params), "step": jnp.zeros((), jnp.int32)}
-        main = jax.process_index() == 0
-        mlog = open(out / "metrics.jsonl", "w", encoding="utf-8") if main else None
-
-        def log_line(rec: dict) -> None:
-            if mlog:
-                mlog.write(json.dumps(rec) + "\n")
-                mlog.flush()
-
-        last: dict = {}
-        try:
-            start_eval = evaluate(state["params"])
-            if start_eval:
-                log_line({"step": 0, "split": "eval", **start_eval})
-            with tqdm(total=total, desc="prm train", unit="step", disable=not progress or not main,
-                      file=sys.stderr) as bar:
-                for n in range(1, total + 1):
-                    t0 = time.perf_counter()
-                    state, m = step_fn(state, put(next(it)))
-                    m = jax.device_get(m)
-                    if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
-                        raise TrainingDiverged(f"prm step {n}: loss={float(m['loss'])} grad_norm="
-                                               f"{float(m['grad_norm'])} is not finite; nothing was saved. Try a "
-                                               f"lower --lr.")
-                    last = {"step": n, **_means(m), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-                            "step_time": time.perf_counter() - t0}
-                    log_line({"split": "train", **last})
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['pair_accuracy']:.2f}")
-            final_eval = evaluate(state["params"])
-            if final_eval:
-                log_line({"step": total, "split": "eval", **final_eval})
-        finally:
-            if mlog:
-                mlog.close()
-        prm.params = state["params"]
-        prm.meta = {"base_model": str(base_model), "max_len": cfg.max_len, "add_bos": cfg.add_bos,
-                    "add_eos": cfg.add_eos, "train": {**dataclasses.asdict(cfg), "data": str(train_path),
-                                                      "eval": eval_path, "steps": total},
-                    "metrics": {"start_eval": start_eval, "final_eval": final_eval, "last_train": last}}
-        tok_dir = pathlib.Path(tok_src)
-        prm.save(out, tokenizer_src=tok_dir if tok_dir.is_dir() else tok_dir.parent)
-        prm.path = str(out)
-    return PRMTrainResult(total, start_eval, final_eval, last, str(out), prm)
+    res = train(train_config(base_model, train_path, out_dir, cfg, eval_path=eval_path, tokenizer=tokenizer,
+                             mesh=mesh, dtype=dtype, progress=progress), resume=resume)
+    prm = ProxyRankingModel.load(res.output_dir, mesh, dtype)
+    start = res.first_eval or prm.meta.get("metrics", {}).get("start_eval")
+    return PRMTrainResult(res.step, eval_summary(start), eval_summary(res.eval_metrics), res.metrics, res.output_dir,
+                          prm)
 
 
 # ---------------------------------------------------------------------------- rerank
@@ -431,7 +147,7 @@ class RerankSummary:
                 f"(empty): {self.dropped_candidates}, prompts cut to max_len: {self.truncated_prompts}")
 
 
-def rerank_file(prm: ProxyRankingModel, input_path: str, out_path: str, *, tokenizer=None, batch_rows: int = 8,
+def rerank_file(prm: "ProxyRankingModel", input_path: str, out_path: str, *, tokenizer=None, batch_rows: int = 8,
                 max_len: int | None = None, items_per_flush: int = 256, limit: int | None = None,
                 progress: bool = True, items: list | None = None) -> RerankSummary:
     """Score every candidate of ``input_path`` with ``prm`` and write ranking records (module docstring).
@@ -516,8 +232,10 @@ def rerank_file(prm: ProxyRankingModel, input_path: str, out_path: str, *, token
     return summary
 
 
-def load_prm(path: str | os.PathLike, mesh=None, dtype: str = "float32") -> ProxyRankingModel:
-    """A saved PRM folder (``ProxyRankingModel.load``)."""
+def load_prm(path: str | os.PathLike, mesh=None, dtype: str = "float32") -> "ProxyRankingModel":
+    """A saved PRM folder (``model.reward.ProxyRankingModel.load``)."""
+    from tuna_jax.model.reward import ProxyRankingModel
+
     return ProxyRankingModel.load(path, mesh, dtype)
 
 
