@@ -19,8 +19,7 @@ TINY_RANKING = str(REPO / "configs" / "tiny_ranking.yaml")
     ("train.max_steps=0", "train.max_steps=0: must be >= 1"),
     ("optim.lr=nan", "optim.lr=nan: must be a finite number"),
     ("optim.lr=inf", "optim.lr=inf: must be a finite number"),
-    ("optim.lr=-1e-5", "optim.lr=-1e-05: must be > 0"),
-    ("optim.lr=0", "optim.lr=0.0: must be > 0"),
+    ("optim.lr=-1e-5", "optim.lr=-1e-05: must be >= 0"),
     ("loss.margin=-0.1", "loss.margin=-0.1: must be >= 0"),
     ("data.max_len=1", "data.max_len=1: must be >= 2"),
     ("data.num_candidates=0", "data.num_candidates=0: must be >= 1"),
@@ -40,8 +39,8 @@ def test_bad_values_are_one_line_naming_the_key(override, message):
 
 def test_good_values_are_typed():
     cfg = load_config(TINY_RANKING, ["optim.lr=1e-5", "train.max_steps=1e3", "data.train=[a.jsonl, b.jsonl]",
-                                     "train.max_steps=null", "loss.margin=0"])
-    assert cfg.optim.lr == 1e-5 and cfg.train.max_steps is None and cfg.data.train == ["a.jsonl", "b.jsonl"]
+                                     "train.max_steps=null", "loss.margin=0", "optim.lr=0"])
+    assert cfg.optim.lr == 0.0 and cfg.train.max_steps is None and cfg.data.train == ["a.jsonl", "b.jsonl"]
     assert load_config(TINY_RANKING, ["train.max_steps=1e3"]).train.max_steps == 1000
     assert type(cfg.model.hf_config) is dict  # plain dicts: the config is dumped to YAML as it is
 
