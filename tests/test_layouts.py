@@ -249,3 +249,33 @@ def test_auto_layout_is_the_measured_fastest_per_platform():
     assert resolve_layout("padded", "gpu") == "padded"
     with pytest.raises(ValueError, match="data.layout='rows'"):
         LayoutCollator("rows", "ranking", 24, PAD, 3)
+
+
+def test_truncated_prompts_give_the_padded_losses_in_every_layout():
+    """Examples whose prompts tokenize_ranking cut from the left to fit max_len (the BOS kept)."""
+    from tuna_jax.data.batching import tokenize_ranking
+    from tuna_jax.data.records import RankingRecord
+    from tuna_jax.data.templates import SpecialTokenPolicy
+
+    class CharTok:  # one id per character, ids 3..59
+        bos_id, eos_id, pad_id, vocab_size, name = 1, 2, 0, 60, "chars"
+
+        def encode(self, text):
+            return [3 + ord(c) % 57 for c in text]
+
+        encode_continuation = encode
+
+    rng = np.random.default_rng(9)
+    recs = [RankingRecord("", "", "".join(rng.choice(list("abcdef"), 5)),
+                          ["".join(rng.choice(list("xyzuvw"), int(rng.integers(1, 9)))) for _ in range(3)],
+                          [2.0, 1.0, 0.0], f"r{i}", prompt="p" * int(rng.integers(5, 30))) for i in range(6)]
+    ex, report = tokenize_ranking(recs, CharTok(), SpecialTokenPolicy(), max_len=16, num_candidates=3)
+    assert report.changed.get("prompt_truncated_left", 0) >= 3
+    model = Llama(LlamaConfig(**CONFIGS["gqa2_untied"], attention="xla"), nnx.Rngs(3))
+    ref_sums, ref_grads = _sums_and_grads(model, _cfg("padded"), ex)
+    for layout in ("prefix_shared", "packed"):
+        sums, grads = _sums_and_grads(model, _cfg(layout), ex)
+        for k in ref_sums:
+            np.testing.assert_allclose(sums[k], ref_sums[k], rtol=1e-5, atol=1e-5, err_msg=f"{layout} {k}")
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=layout)
