@@ -269,3 +269,47 @@ def test_killed_mid_stage_resumes_and_matches_an_uninterrupted_run(tmp_path):
     third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and "0 of 4 stages ran" in third.stdout
     assert json.loads((tmp_path / "killed" / "pipeline.json").read_text())["total_s"] == total
+
+
+def test_evaluation_refuses_prompts_a_training_stage_read(tmp_path):
+    """The held-out check reads every file the stages upstream of the evaluation read (whole, whatever rows
+    they select): here one of them reads the evaluation file, and the evaluation stops before any model."""
+    from tuna_jax.pipeline.stage import StageFailed
+
+    text = """\
+output_dir: {out}
+stages:
+  data: {{kind: synthetic, sft: 16, teacher_sft: 8, eval: 6, ranking: 4}}
+  leak: {{kind: mix, parts: [{{path: "${{data.sft}}"}}, {{path: "${{data.eval}}", select: "first:1"}}]}}
+  evaluate: {{kind: heldout, eval: "${{data.eval}}", ranking: "${{data.ranking}}", models: {{m: "${{leak.data}}"}}}}
+""".format(out=tmp_path / "out")
+    with pytest.raises(StageFailed, match=r"6 evaluation prompt\(s\) appear in .*/data/eval.jsonl \(read by stage "
+                                          r"leak, parts\[1\]\)"):
+        run_pipeline(write_pipeline(tmp_path / "p.yaml", text), progress=False)
+    assert read_manifest(str(tmp_path / "out" / "evaluate"))["status"] == "running"
+
+
+def test_objectives_pipeline_trains_every_form_like_its_control(tmp_path):
+    """`tuna-jax demo --objectives`: each loss.form on the demo's Tuna_p data, from the same Alpaca, with
+    the same steps and learning rate as the MLE-only control, every row compared with that control."""
+    from tuna_jax.config import CHOICES
+    from tuna_jax.pipeline.commands import OBJECTIVES
+
+    plan = load_plan(OBJECTIVES, [f"output_dir={tmp_path}"])
+    control = plan.instances["control_p@seed=0"].params
+    assert control.loss.rank_weight == 0
+    forms = set()
+    for inst in plan.instances.values():
+        if inst.stage in ("objective", "tuna_p", "objective_ref") and inst.vars.get("seed") == 0:
+            cfg = inst.params
+            forms.add(cfg.loss.form)
+            assert cfg.loss.rank_weight == 1 and cfg.model.path == control.model.path
+            assert (cfg.optim, cfg.train.epochs, cfg.train.global_batch) == \
+                (control.optim, control.train.epochs, control.train.global_batch)
+            made = _producer(plan, cfg.data.train)
+            assert made.id == "teacher" or (made.kind.name == "reference-scores" and cfg.loss.reference == "data"
+                                            and made.params.data == control.data.train)
+    assert forms == set(CHOICES[("loss", "form")])
+    evaluation = plan.instances["objectives"].params
+    assert all(control_row == "control-p" for _, control_row in evaluation.compare)
+    assert {m for m, _ in evaluation.compare} == set(evaluation.models) - {"alpaca", "control-p"}

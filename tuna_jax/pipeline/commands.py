@@ -23,10 +23,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_and_report(config: str, overrides, until=(), start=(), progress: bool = True) -> int:
-    """Run a pipeline and print what each stage did and the seconds spent in all."""
+    """Run a pipeline and print what each stage did and the seconds spent in all. A stage that stops is one
+    line and an exit status: 1 it failed (failed items, a command's status), 3 training diverged, 128+N a
+    signal N stopped training (a checkpoint was saved); a rerun resumes it."""
     from tuna_jax.pipeline.engine import run_pipeline
+    from tuna_jax.pipeline.stage import StageFailed
 
-    plan, steps, summary = run_pipeline(config, overrides, until=until, start=start, progress=progress)
+    try:
+        plan, steps, summary = run_pipeline(config, overrides, until=until, start=start, progress=progress)
+    except StageFailed as e:
+        print(f"tuna-jax pipeline: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        from tuna_jax.train import Interrupted, TrainingDiverged
+
+        if not isinstance(e, (Interrupted, TrainingDiverged)):
+            raise
+        print(f"tuna-jax pipeline: {e}", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Interrupted) else 3
     width = max(len(s.id) for s in steps)
     for s in steps:
         print(f"{s.id:<{width}}  {s.action:<8} {s.reason}")

@@ -147,14 +147,18 @@ class Runner:
                                             2) if resume else 0.0}
         run = StageRun(stage_dir, inst, self.plan, self.progress, store=paths.join(self.plan.output_dir, "stores",
                                                                                    f"{iid}.jsonl"))
-        with Attempt(stage_dir, manifest) as attempt:
-            if inst.kind.selectable:
-                run.input = _selected_input(inst.params.input, inst.select, stage_dir)
-            metrics = inst.kind.run(inst.params, run) or {}
-            made = {name: {"path": inst.kind.outputs[name],
-                           "sha256": digest([key, name]) if paths.is_dir(p) else self.hasher.path(p)}
-                    for name, p in outputs.items()}
-            attempt.finish(made, metrics)
+        try:
+            with Attempt(stage_dir, manifest) as attempt:
+                if inst.kind.selectable:
+                    run.input = _selected_input(inst.params.input, inst.select, stage_dir)
+                metrics = inst.kind.run(inst.params, run) or {}
+                made = {name: {"path": inst.kind.outputs[name],
+                               "sha256": digest([key, name]) if paths.is_dir(p) else self.hasher.path(p)}
+                        for name, p in outputs.items()}
+                attempt.finish(made, metrics)
+        except BaseException as e:
+            self.say(f"{iid}: stopped ({type(e).__name__}); the same command resumes it")
+            raise
         self.say(f"{iid}: finished in {manifest['wall_s']:.1f}s ({manifest['total_s']:.1f}s over "
                  f"{manifest['attempts']} attempt(s))")
         return Step(iid, "resumed" if resume else "ran", reason, manifest["total_s"])

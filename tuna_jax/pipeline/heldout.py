@@ -221,8 +221,10 @@ def _compare(table: dict, made: dict, method: str, control: str) -> dict:
     out = {"method": method, "control": control, "same_steps_and_data": alike, "metrics": {}}
     for m, _ in METRICS:
         va, vb = table[method][m]["values"], table[control][m]["values"]
-        out["metrics"][m] = {"difference": sum(va) / len(va) - sum(vb) / len(vb),
-                             "method_won": sum(x > y for x, y in zip(va, vb)), "seeds": min(len(va), len(vb))}
+        # Rounded so that float noise (a mean of equal exact-match rates) is neither a win nor a loss.
+        out["metrics"][m] = {"difference": round(sum(va) / len(va) - sum(vb) / len(vb), 9) + 0.0,
+                             "method_won": sum(round(x - y, 9) > 0 for x, y in zip(va, vb)),
+                             "seeds": min(len(va), len(vb))}
     return out
 
 
@@ -244,8 +246,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {len(t['rougeL']['values'])} | {_cell(t['rougeL'], '.1f')} | "
                      f"{_cell(t['exact_match'], '.1f')} | {_cell(t['pair_accuracy'], '.3f')} | "
                      f"{info.get('steps', '')} | {'' if info.get('rank_weight') is None else info['rank_weight']} |")
-    spread = (f"mean ± sample standard deviation over {seeds} seeds (the seed changes the data order of every "
-              f"training stage after Alpaca and the samples of the contextual stage)" if seeds > 1 else "one seed")
+    spread = (f"mean ± sample standard deviation over {seeds} seeds (a row's seed is its training stages' "
+              f"train.seed, the order they see the data in, and the sampling seed of any stage that samples for "
+              f"them)" if seeds > 1 else "one seed")
     lines += ["", f"Numbers: {spread}.", "",
               "## What is measured", "",
               f"- **ROUGE-L** (x100, Super-NI's) and **exact match** of the greedy answer (up to "
@@ -269,7 +272,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## What this run found", ""]
     for c in report["comparisons"]:
         won = [label for m, label in METRICS if c["metrics"][m]["difference"] > 0]
-        lost = [label for m, label in METRICS if c["metrics"][m]["difference"] <= 0]
+        lost = [label for m, label in METRICS if c["metrics"][m]["difference"] <= 0]  # a tie is not a win
         parts = [f"{label} {c['metrics'][m]['difference']:+.3g} (better in {c['metrics'][m]['method_won']} of "
                  f"{c['metrics'][m]['seeds']} seeds)" for m, label in METRICS]
         verdict = ("ranking beat the control on every metric" if not lost else

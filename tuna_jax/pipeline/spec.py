@@ -46,6 +46,7 @@ COMMON = ("kind", "foreach", "select", "allow_failures")  # keys of every stage,
 _REF = re.compile(r"\$\{([^}]*)\}")
 _STAGE_REF = re.compile(r"([A-Za-z][\w-]*)(?:\[([^\]]*)\])?\.(\w+)")
 _NAME = re.compile(r"[A-Za-z][\w-]*")
+_VALUE = re.compile(r"[\w.+-]+")
 RESERVED = ("inputs", "vars", "assets")
 
 
@@ -232,9 +233,11 @@ def load_plan(path: str, overrides: Sequence[str] = (), kinds: dict | None = Non
         stage_kinds[name] = kinds[kind_name]
         foreach = _Resolver({}, {}, output_dir, top, {}, name).resolve(body.get("foreach") or {}, where, "foreach")
         if not isinstance(foreach, dict) or any(not isinstance(v, list) or not v or len(set(map(str, v))) != len(v)
+                                                or not all(_VALUE.fullmatch(str(x)) for x in v)
                                                 for v in foreach.values()):
             raise ConfigError(f"{body.where_of('foreach')}: stages.{name}.foreach: write a mapping of variable "
-                              f"names to lists of distinct values, e.g. {{seed: [0, 1, 2]}}")
+                              f"names to lists of distinct values made of letters, digits, '.', '_', '+' or '-' "
+                              f"(they name folders), e.g. {{seed: [0, 1, 2]}}")
         plan_ids[name] = _instances(name, dict(foreach))
 
     instances = {}
