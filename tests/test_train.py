@@ -100,6 +100,34 @@ def test_sigterm_writes_a_checkpoint_before_exit(tmp_path):
     assert mgr.latest_step() == last and last < 24
 
 
+def test_optimizer_state_starts_sharded_like_the_parameters():
+    """AdamW's moments start on the parameters' shardings (FSDP), not replicated on every device, so
+    the first step neither holds the whole optimizer state per device nor compiles twice."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 emulated devices")
+    from flax import nnx
+
+    from tuna_jax import parallel
+    from tuna_jax.config import OptimConfig
+    from tuna_jax.model.llama import Llama, LlamaConfig
+    from tuna_jax.train import ParamBinder, init_opt_state, make_optimizer
+    from train_utils import TINY_HF
+
+    mesh = parallel.make_mesh((1, 4, 2))
+    lcfg = LlamaConfig.from_hf(TINY_HF)
+    with jax.set_mesh(mesh):
+        params = ParamBinder(lcfg).to_pure(parallel.init_sharded(lambda: Llama(lcfg, nnx.Rngs(0)), mesh))
+        tx, _ = make_optimizer(OptimConfig(lr=1e-3, grad_clip=1.0), 10)
+        opt = init_opt_state(tx, params, mesh)
+    adam = opt[1][0]  # chain(clip_by_global_norm, adamw): adamw's ScaleByAdamState
+    for moments in (adam.mu, adam.nu):
+        same = jax.tree.map(lambda m, p: m.sharding == p.sharding, moments, params)
+        assert all(jax.tree.leaves(same))
+    q = adam.mu["layers"]["self_attn"]["q_proj"]
+    assert q.sharding.spec != jax.sharding.PartitionSpec()  # really split, not trivially replicated
+    assert adam.count.sharding.spec == jax.sharding.PartitionSpec() and adam.count.sharding.mesh.shape == mesh.shape
+
+
 def test_checkpoint_restores_across_meshes(tmp_path):
     """A train state saved on (1,8,1) restores onto (2,2,2) and onto one device, values equal."""
     if jax.device_count() < 8:

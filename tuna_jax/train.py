@@ -87,6 +87,18 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
     return optax.chain(*parts), schedule
 
 
+def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh) -> Any:
+    """``tx.init(params)`` with each per-parameter leaf (AdamW's mu and nu) sharded like its parameter
+    and the rest (step counts) replicated: the layout the train step returns. A plain
+    ``jax.jit(tx.init)`` replicates the zeros on every device (nothing ties them to the parameters),
+    so the first step would hold the whole optimizer state per device, compile a second time for the
+    sharded state it returns, and a resume would restore onto the replicated layout."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = optax.tree_map_params(tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params), params,
+                                      transform_non_params=lambda _: replicated)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
 # ---- losses over a batch ---------------------------------------------------------------
 
 def batch_sums(model: Llama, batch: dict, cfg: Config, head: dict | None = None) -> dict[str, jax.Array]:
@@ -385,8 +397,10 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
             head = {k: jax.device_put(v, replicated) for k, v in init_head(model.cfg.hidden_size, tc.seed).items()}
             params = {"backbone": params, "head": head}
         del model
-        state = {"params": params, "opt_state": jax.jit(tx.init)(params),
-                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(tc.seed))}
+        on_mesh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # as the step returns them
+        state = {"params": params, "opt_state": init_opt_state(tx, params, mesh),
+                 "step": jax.device_put(jnp.zeros((), jnp.int32), on_mesh),
+                 "rng": jax.device_put(jax.random.key_data(jax.random.key(tc.seed)), on_mesh)}
 
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
