@@ -62,6 +62,10 @@ def load_params(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, 
     graphdef, abs_state = nnx.split(abstract_model(cfg))
     if mesh is not None:
         abs_state = state_shardings_as_structs(abs_state, mesh, rules)
+    else:  # this process's first device: never the devices the export was saved from (another topology)
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abs_state = jax.tree.map(lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=one)), abs_state,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
     target = nnx.to_pure_dict(abs_state)
     restored = ocp.StandardCheckpointer().restore(p / "params", target)
     nnx.replace_by_pure_dict(abs_state, restored)

@@ -123,9 +123,8 @@ class ProxyRankingModel:
 
     def rewards(self, rows: Sequence[Sequence[int]], batch_rows: int = 8, max_len: int | None = None) -> list[float]:
         """rows: full token sequences ([BOS] + prompt + response + [EOS]) -> one reward each. Rows are
-        sorted by length and right-padded to a bucketed length (few compiled shapes)."""
-        import jax
-
+        sorted by length and right-padded to a bucketed length (few compiled shapes). Multi-host: every
+        host calls it with the same rows and gets every reward."""
         from tuna_jax import parallel
         from tuna_jax.data.shapes import bucket_length
 
@@ -141,8 +140,9 @@ class ProxyRankingModel:
             if longest > limit:
                 raise ValueError(f"a sequence of {longest} tokens exceeds max_len={limit}")
             batch = _right_padded([rows[i] for i in idx], batch_rows, min(bucket_length(longest), limit))
-            arrays = parallel.shard_batch(batch, self.mesh) if self.mesh is not None else batch
-            r = jax.device_get(fn(self.params, arrays["input_ids"], arrays["positions"], arrays["segment_ids"]))
+            # Every host holds the whole batch (as tuna_jax.scoring does): each places its own shards.
+            arrays = parallel.put_global_batch(batch, self.mesh) if self.mesh is not None else batch
+            r = parallel.to_host(fn(self.params, arrays["input_ids"], arrays["positions"], arrays["segment_ids"]))
             for j, i in enumerate(idx):
                 out[i] = float(r[j])
         return out  # type: ignore[return-value]
