@@ -45,7 +45,8 @@ def test_paper_pipeline_data_flow(tmp_path):
     # mix-Tuna-52K: 13K contextual + the last 39K probabilistic; mix-Tuna-104K adds the PRM's 39K, lr 5e-6.
     mix52 = p["mix_tuna_52k"].params
     assert mix52.data.train[0] == tuna_c.data.train
-    assert mix52.data.train[1]["select"] == "last:39000" and _producer(plan, mix52.data.train[1]["path"]).id == "teacher"
+    assert mix52.data.train[1]["select"] == "last:39000"
+    assert _producer(plan, mix52.data.train[1]["path"]).id == "teacher"
     mix104 = p["mix_tuna_104k"].params
     assert [_producer(plan, s if isinstance(s, str) else s["path"]).id for s in mix104.data.train] == \
         ["alpaca_ranked", "prm_ranked", "teacher"] and mix104.optim.lr == 5e-6
@@ -165,7 +166,8 @@ stages:
 """.format(out=tmp_path / "out")
     with pytest.raises(ConfigError, match=r"parts\[0\] must be a mapping"):  # a list of paths is not a list of parts
         load_plan(write_pipeline(tmp_path / "p.yaml", text))
-    text = text.replace('parts: "${pick.data}"', 'parts: [{path: "${pick[seed=0].data}"}, {path: "${pick[seed=1].data}"}]')
+    text = text.replace('parts: "${pick.data}"',
+                        'parts: [{path: "${pick[seed=0].data}"}, {path: "${pick[seed=1].data}"}]')
     plan = load_plan(write_pipeline(tmp_path / "p.yaml", text))
     assert list(plan.instances) == ["data@seed=0", "data@seed=1", "pick@seed=0", "pick@seed=1", "one", "every"]
     assert plan.instances["pick@seed=1"].deps == ["data@seed=1"] and plan.instances["one"].deps == ["data@seed=1"]
@@ -264,11 +266,7 @@ def test_killed_mid_stage_resumes_and_matches_an_uninterrupted_run(tmp_path):
         return jax.tree.leaves(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
     assert all(np.array_equal(a, b) for a, b in zip(params("killed"), params("whole")))
-    # A rerun finds everything finished; the seconds summed over every run stay.
-    total = json.loads((tmp_path / "killed" / "pipeline.json").read_text())["total_s"]
-    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert third.returncode == 0 and "0 of 4 stages ran" in third.stdout
-    assert json.loads((tmp_path / "killed" / "pipeline.json").read_text())["total_s"] == total
+    # (That a rerun of a finished pipeline skips every stage and keeps its seconds: tests/test_demo.py.)
 
 
 def test_evaluation_refuses_prompts_a_training_stage_read(tmp_path):

@@ -15,7 +15,7 @@ import importlib
 import sys
 from typing import Any, Callable
 
-from tuna_jax.config import ConfigError, build
+from tuna_jax.config import build
 from tuna_jax.io import paths
 
 
