@@ -273,6 +273,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="ranking loss form, see losses.ranking_loss (default: %(default)s)")
     t.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="a bad record stops the run, or is skipped and counted (default: %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR's last checkpoint (the trainer's "
+                   "exact resume; the default starts over)")
     _common(t)
     r = sub.add_parser("rerank", help="rank candidates with a trained PRM", description=(
         "Score each candidate of INPUT ({id?, instruction, input?, output?, candidates: [str]}, e.g. "
@@ -314,7 +316,7 @@ def run(args) -> int:
 
         try:
             res = train_prm(args.base, args.train, args.out_dir, cfg, eval_path=args.eval, tokenizer=args.tokenizer,
-                            mesh=mesh, dtype=args.dtype, progress=not args.no_progress)
+                            mesh=mesh, dtype=args.dtype, progress=not args.no_progress, resume=args.resume)
         except TrainingDiverged as e:
             print(f"tuna-jax prm train: {e}", file=sys.stderr)
             return 3

@@ -23,7 +23,7 @@ What an interrupted stage keeps (``Kind.resumes``): ``train`` continues from its
 (``train(cfg, resume=True)``: params, optimizer, step, RNG and data position); ``teacher`` and ``judge``
 take every finished request from their store (``stores/STAGE.jsonl`` in the pipeline folder, kept across
 reruns with other settings: a request is keyed by its content); ``sample-diverse`` keeps the records
-already in its output; a command stage whose command has ``--resume`` (``prm train`` once the PRM trains
+already in its output; a command stage whose command has ``--resume`` (``prm train``: the PRM trains
 through the trainer) is run with it; the others start again (each takes seconds to minutes).
 """
 from __future__ import annotations
@@ -280,7 +280,8 @@ def _kinds() -> dict[str, Kind]:
                      renamed={"judge": "kind"}, resumes=_FEEDBACK),
         command_kind("prm-train", "train a proxy ranking model on judge rankings", "tuna_jax.feedback.prm",
                      {"model": "prm"}, {"out_dir": "model"}, sub="train",
-                     input_fields=("base", "train", "eval", "tokenizer")),
+                     input_fields=("base", "train", "eval", "tokenizer"),
+                     resumes="continues from its last checkpoint (the trainer's, train.mode=prm)"),
         command_kind("prm-rerank", "rank candidates with a proxy ranking model", "tuna_jax.feedback.prm",
                      {"data": "ranked.jsonl"}, {"out": "data"}, sub="rerank",
                      input_fields=("prm", "input", "tokenizer")),
