@@ -43,11 +43,14 @@ def _run(impl, q, k, v, seg, br, kv):
 
 
 @pytest.mark.parametrize("layout", ["padded", "prefix_shared", "packed"])
-@pytest.mark.parametrize("impl", ["xla", "xla_dense", "splash"])
-def test_matches_einsum_reference(layout, impl):
+@pytest.mark.parametrize("impl", ["xla", "xla_dense", "xla_chunked", "splash"])
+def test_matches_einsum_reference(layout, impl, monkeypatch):
     seg, br, kv = _rows(layout)
     if impl == "xla_dense":
         impl, kv = "xla", None
+    if impl == "xla_chunked":  # one query block per iteration of the blocked path's loop
+        impl = "xla"
+        monkeypatch.setattr("tuna_jax.model.attention.BLOCKED_CHUNK_BYTES", 1)
     q, k, v = _qkv(seg.shape[0], seg.shape[1])
     ref_out, ref_g = _run("einsum", q, k, v, seg, br, None)
     out, g = _run(impl, q, k, v, seg, br, kv)

@@ -155,44 +155,71 @@ def _recomputed_blocked(q, k, v, segment_ids, branch_ids, kv_blocks):
 
 # ---- block-sparse XLA attention ------------------------------------------------------------
 
-def blocked_attention(q, k, v, segment_ids, branch_ids, kv_blocks):
+# Query blocks attended per iteration of the blocked path: the float32 scores of one iteration
+# ([B, g*c, H, M*c]) stay under this many bytes. One iteration's scores, probabilities and gathered
+# keys are what the backward pass holds at a time (each iteration is recomputed on its own), so the
+# step's peak no longer grows with all of L at once.
+BLOCKED_CHUNK_BYTES = 32 * 2**20
+
+
+def blocked_attention(q, k, v, segment_ids, branch_ids, kv_blocks, chunk_bytes: int | None = None):
     """Self-attention over the key blocks a block table names, with the exact mask inside them.
 
     q [B, L, H, Dh], k / v [B, L, K, Dh], segment_ids / branch_ids [B, L] (branch may be None),
     kv_blocks [B, nB, M] int32: for query block j (c = L / nB queries), M key-block indices,
     -1 for none. Every key a query may see must lie in a listed block (the layouts guarantee it);
     keys outside the listed blocks are not looked at. Returns [B, L, H, Dh].
+
+    Query blocks go g at a time (``lax.map``, each iteration rematerialised), g the largest
+    divisor of nB whose float32 scores fit ``chunk_bytes`` (default ``BLOCKED_CHUNK_BYTES``).
     """
     b, l, h, dh = q.shape
     kh = k.shape[2]
     nb, m = kv_blocks.shape[1:]
     c = l // nb
     dt = q.dtype
-    valid = kv_blocks >= 0  # [B, nB, M]
-    table = jnp.where(valid, kv_blocks, 0)
-    # Gather key / value blocks by a one-hot matmul: exact, and its gradient is a matmul, not a scatter.
-    select = jax.nn.one_hot(table, nb, dtype=dt) * valid[..., None].astype(dt)  # [B, nB, M, nB]
-    keys = jnp.einsum("bjmn,bnckd->bjmckd", select, k.reshape(b, nb, c, kh, dh).astype(dt))
-    values = jnp.einsum("bjmn,bnckd->bjmckd", select, v.reshape(b, nb, c, kh, dh).astype(dt))
-    take = jax.vmap(lambda x, t: x[t])  # [nB, c] ids per batch row, gathered by table -> [nB, M, c]
+    budget = BLOCKED_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    g = max([d for d in range(1, nb + 1) if nb % d == 0 and b * d * c * h * m * c * 4 <= budget] + [1])
+    k_blocks = k.reshape(b, nb, c, kh, dh).astype(dt)
+    v_blocks = v.reshape(b, nb, c, kh, dh).astype(dt)
     seg = segment_ids.reshape(b, nb, c)
-    k_seg = take(seg, table)
-    q_idx = jnp.arange(l).reshape(nb, c)
-    k_idx = table[..., None] * c + jnp.arange(c)  # [B, nB, M, c]
-    qs, ks = seg[:, :, :, None, None], k_seg[:, :, None, :, :]  # [B, nB, c, 1, 1], [B, nB, 1, M, c]
-    qi, ki = q_idx[None, :, :, None, None], k_idx[:, :, None, :, :]
-    mask = (qs == ks) & (ks != 0) & (ki <= qi) & valid[:, :, None, :, None]
-    if branch_ids is not None:
-        br = branch_ids.reshape(b, nb, c)
-        kb = take(br, table)[:, :, None, :, :]
-        mask &= (kb == 0) | (kb == br[:, :, :, None, None])
-    mask |= (qs == 0) & (ki == qi) & valid[:, :, None, :, None]  # a padding query sees itself
-    qg = q.reshape(b, nb, c, kh, h // kh, dh)
-    scores = jnp.einsum("bjqkgd,bjmckd->bjkgqmc", qg, keys).astype(jnp.float32) / math.sqrt(dh)
-    scores = jnp.where(mask[:, :, None, None], scores, -1e30)  # [B, nB, K, G, c, M, c]
-    probs = jax.nn.softmax(scores.reshape(scores.shape[:5] + (m * c,)), axis=-1).astype(dt)
-    out = jnp.einsum("bjkgqs,bjskd->bjqkgd", probs, values.reshape(b, nb, m * c, kh, dh))
-    return out.reshape(b, l, h, dh)
+    br = None if branch_ids is None else branch_ids.reshape(b, nb, c)
+    take = jax.vmap(lambda x, t: x[t])  # [nB, c] ids per batch row, gathered by table -> [g, M, c]
+
+    def chunk(xs):
+        """Query blocks J (g of them): q [B, g, c, H, Dh], table [B, g, M], q_seg / q_br [B, g, c],
+        q_idx [g, c] -> [B, g, c, H, Dh]."""
+        qj, tj, q_seg, q_br, q_idx = xs
+        valid = tj >= 0
+        table = jnp.where(valid, tj, 0)
+        # Gather key / value blocks by a one-hot matmul: exact, and its gradient is a matmul, not a scatter.
+        select = jax.nn.one_hot(table, nb, dtype=dt) * valid[..., None].astype(dt)  # [B, g, M, nB]
+        keys = jnp.einsum("bjmn,bnckd->bjmckd", select, k_blocks)
+        values = jnp.einsum("bjmn,bnckd->bjmckd", select, v_blocks)
+        k_seg = take(seg, table)
+        k_idx = table[..., None] * c + jnp.arange(c)  # [B, g, M, c]
+        qs, ks = q_seg[:, :, :, None, None], k_seg[:, :, None, :, :]  # [B, g, c, 1, 1], [B, g, 1, M, c]
+        qi, ki = q_idx[None, :, :, None, None], k_idx[:, :, None, :, :]
+        mask = (qs == ks) & (ks != 0) & (ki <= qi) & valid[:, :, None, :, None]
+        if q_br is not None:
+            kb = take(br, table)[:, :, None, :, :]
+            mask &= (kb == 0) | (kb == q_br[:, :, :, None, None])
+        mask |= (qs == 0) & (ki == qi) & valid[:, :, None, :, None]  # a padding query sees itself
+        qg = qj.reshape(b, g, c, kh, h // kh, dh)
+        scores = jnp.einsum("bjqkgd,bjmckd->bjkgqmc", qg, keys).astype(jnp.float32) / math.sqrt(dh)
+        scores = jnp.where(mask[:, :, None, None], scores, -1e30)  # [B, g, K, G, c, M, c]
+        probs = jax.nn.softmax(scores.reshape(scores.shape[:5] + (m * c,)), axis=-1).astype(dt)
+        return jnp.einsum("bjkgqs,bjskd->bjqkgd", probs, values.reshape(b, g, m * c, kh, dh))
+
+    n = nb // g
+    lead = lambda x: jnp.moveaxis(x.reshape((b, n, g) + x.shape[2:]), 1, 0)  # noqa: E731: [n, B, g, ...]
+    xs = (lead(q.reshape(b, nb, c, h, dh)), lead(kv_blocks), lead(seg), None if br is None else lead(br),
+          jnp.arange(l).reshape(n, g, c))
+    if n == 1:
+        out = chunk(jax.tree.map(lambda x: x[0], xs))[None]
+    else:
+        out = jax.lax.map(jax.checkpoint(chunk), xs)  # [n, B, g, c, K, G, Dh]
+    return jnp.moveaxis(out, 0, 1).reshape(b, l, h, dh)
 
 
 # ---- splash (TPU) --------------------------------------------------------------------------
