@@ -268,7 +268,7 @@ def test_per_candidate_logprobs_equal_across_layouts_and_a_numpy_forward():
             assert abs(total[i, k] - v) <= 1e-4 * max(1.0, abs(v)), (layout, i, k)
 
 
-def test_auto_layout_is_the_measured_fastest_per_platform():
+def test_auto_layout_per_platform():
     from tuna_jax.data.layouts import resolve_layout
 
     assert resolve_layout("auto", "cpu") == "prefix_shared"

@@ -67,10 +67,11 @@ LAYOUTS = ("padded", "prefix_shared", "packed")
 
 
 def resolve_layout(layout: str, platform: str | None = None) -> str:
-    """``auto``: the fastest exact layout measured on the platform (README "Performance"):
-    ``prefix_shared`` on CPU (its block-sparse attention makes one long row per example cheap),
-    ``packed`` on GPU and TPU (one compiled shape for the run, and max_len rows keep attention
-    kernels that cannot skip masked blocks from paying for long rows)."""
+    """``auto``: ``prefix_shared`` on CPU and ``packed`` on GPU, the fastest layouts measured there
+    by ``bench/rank_step.py`` (README "Performance"; on an H200 at 8 prompts packed 1.73x padded,
+    prefix_shared 1.70x): block-sparse attention makes one long row per example cheap on CPU,
+    while cuDNN with a mask pays for the whole of a long row. TPU takes ``packed`` too, for the same
+    reason and its one compiled shape per run; that choice is not measured on a TPU."""
     if layout != "auto":
         return layout
     if platform is None:
