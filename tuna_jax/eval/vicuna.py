@@ -66,7 +66,6 @@ import argparse
 import ast
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -77,7 +76,8 @@ from typing import Any, Callable, Mapping, Sequence
 from tuna_jax.eval.common import emit_json, warn
 from tuna_jax.feedback.client import (APIError, OpenAIClient, add_client_arguments, client_config_from_args,
                                       store_from_args)
-from tuna_jax.feedback.replies import ReplyError, ask_parsed
+from tuna_jax.feedback.ask import ask_parsed
+from tuna_jax.feedback.replies import ReplyError
 from tuna_jax.feedback.store import BudgetExceeded, FatalRunError
 from tuna_jax.io import paths
 from tuna_jax.io.cli import report_stop

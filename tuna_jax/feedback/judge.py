@@ -64,7 +64,8 @@ from tuna_jax.io.cli import cli_main, report_run
 from tuna_jax.io.items import ItemOutcome, RunSummary, run_items
 
 from .client import APIError, OpenAIClient, add_client_arguments, client_config_from_args, store_from_args
-from .replies import ReplyError, ask_parsed
+from .ask import ask_parsed
+from .replies import ReplyError
 from .store import BudgetExceeded, FatalRunError
 
 logger = logging.getLogger("tuna_jax.feedback")
