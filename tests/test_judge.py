@@ -2,6 +2,9 @@
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +16,7 @@ from tuna_jax.feedback.judge import RankParseError, parse_rank
 from tuna_jax.feedback.store import Budget, BudgetExceeded, Store
 
 KEY = "sk-test-SECRET-judge-777777"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = [0, 1, 2, 3, 4]  # 4 shown responses + the judge's own "Response 4"
 
 # ------------------------------------------------------------------------------------------ parse_rank table
@@ -268,6 +272,44 @@ def test_judge_budget_stop_and_resume(server, data, tmp_path):
     judge_run(server, data, out, tmp_path / "s.jsonl")
     assert server.count() - n == 4 - n  # only the unfinished records are asked
     assert len(read(out)) == 4
+
+
+def _cli(server_url, data, out, store):
+    return [sys.executable, "-m", "tuna_jax.feedback.judge", data, out, "--base-url", server_url, "--model",
+            "judge-model", "--concurrency", "1", "--timeout", "20", "--backoff", "0.01", "--backoff-max", "0.02",
+            "--no-progress", "--store", store]
+
+
+def test_killed_judge_resumes_without_repeating_and_matches(server, data, tmp_path):
+    """kill -9 while the third record's request is at the server: the rerun asks only the unfinished
+    records and writes what an uninterrupted run writes."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OPENAI_API_KEY": KEY}
+    out, store, ref = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl"), str(tmp_path / "ref.jsonl")
+    gate = server.add_fault("gate", match=ITEMS[2]["instruction"])
+    proc = subprocess.Popen(_cli(server.base_url, data, out, store), env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert gate.reached.wait(30), proc.communicate(timeout=5)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        gate.release()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL and not os.path.exists(out)
+    for item in ITEMS[:2]:
+        assert server.count(item["instruction"]) == 1
+    r = subprocess.run(_cli(server.base_url, data, out, store), env=env, cwd=str(tmp_path), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for i, item in enumerate(ITEMS):  # finished records come from the store; the killed one is asked again
+        assert server.count(item["instruction"]) == (2 if i == 2 else 1), item["id"]
+    r2 = subprocess.run(_cli(server.base_url, data, ref, str(tmp_path / "ref_store.jsonl")), env=env,
+                        cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert r2.returncode == 0, r2.stderr
+    assert open(out, "rb").read() == open(ref, "rb").read()
+    for text in (open(out).read(), open(store).read(), r.stderr, r2.stderr):
+        assert KEY not in text
 
 
 def test_cli_llm_judge_and_key_secrecy(server, data, tmp_path, capsys, caplog):
