@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from tuna_jax.data.batching import BatchIterator, tokenize_ranking, tokenize_sft
+import itertools
+
+from tuna_jax.data.batching import BatchIterator, tokenize_ranking, tokenize_sft, unit_buckets
 from tuna_jax.data.layouts import LayoutCollator
 from tuna_jax.data.records import DataError, RankingRecord, SFTRecord, record_prompt
 from tuna_jax.data.templates import SpecialTokenPolicy, encode_prompt, load_tokenizer
@@ -224,6 +226,20 @@ def test_pad_to_multiple_length():
         L = b["input_ids"].shape[-1]
         longest = int(b["segment_ids"].sum(-1).max())
         assert L % 8 == 0 and longest <= L < longest + 8 and L <= 40
+
+
+def test_unit_buckets_are_the_cheapest_k_sizes():
+    """Against a brute force over every choice of sizes among the needs."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        needs = rng.integers(1, 30, int(rng.integers(1, 20))).tolist()
+        k = int(rng.integers(1, 5))
+        got = unit_buckets(needs, k)
+        cost = lambda sizes: sum(min(b for b in sizes if b >= u) for u in needs)  # noqa: E731
+        values = sorted(set(needs))
+        best = min(cost(list(c) + [values[-1]]) for r in range(min(k, len(values)))
+                   for c in itertools.combinations(values[:-1], r))
+        assert len(got) <= k and got[-1] == max(needs) and cost(got) == best
 
 
 def test_drop_remainder_needs_a_full_batch():

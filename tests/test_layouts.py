@@ -164,6 +164,33 @@ def test_packing_splits_groups_to_fill_rows():
         assert len(np.unique(row[row > 0])) <= 8
 
 
+def test_packed_runs_take_at_most_shape_buckets_row_counts():
+    """Row counts per batch come from a few sizes (multiples of unit_multiple, the same on every
+    host), each batch the smallest that holds it: fewer rows computed than one run-wide shape, and
+    the batches hold the same sequences."""
+    ex = make_examples(120, 3, seed=5)
+    rows = {}
+    for k in (1, 3):
+        coll = LayoutCollator("packed", "ranking", 24, PAD, 3, "original", unit_multiple=2, attention_block=8,
+                              row_len=32, shape_buckets=k)
+        batches = list(BatchIterator(ex, coll, 8, seed=0, num_epochs=2))
+        counts = {b["input_ids"].shape[0] for b in batches}
+        assert len(counts) <= k and all(c % 2 == 0 for c in counts)
+        assert len({tuple(np.shape(b[key])[1:] for key in ("input_ids", "score_src", "kv_blocks")) for b in batches}) == 1
+        rows[k] = sum(b["input_ids"].shape[0] for b in batches)
+        if k > 1:
+            assert len(counts) > 1
+            for b, b1 in zip(batches, batches_one):
+                assert (b["segment_ids"] > 0).sum() == (b1["segment_ids"] > 0).sum()
+                assert b["real_tokens"].sum() == b1["real_tokens"].sum()
+            hosts = [BatchIterator(ex, coll, 8, seed=0, num_epochs=2, process_index=p, process_count=2)
+                     for p in range(2)]
+            for a, b in zip(*hosts):
+                assert {key: v.shape for key, v in a.items()} == {key: v.shape for key, v in b.items()}
+        batches_one = batches
+    assert rows[3] < rows[1]
+
+
 @pytest.mark.parametrize("micro,hosts", [(2, 1), (4, 2), (1, 2), (2, 2)])
 def test_packed_micro_batches_hold_their_own_examples(micro, hosts):
     """The step splits every array into ``micro`` parts along its first axis: each part's rows must

@@ -102,6 +102,7 @@ class DataConfig:
     pad_to_multiple: int = 64  # batch length = longest in the global batch, rounded up; 0: one shape per run
     layout: str = "auto"  # auto | padded | prefix_shared | packed (data/layouts.py); all give the same losses
     row_len: int = 0  # packed row length in tokens (>= max_len); 0: max_len. Longer groups are split, prompt repeated
+    shape_buckets: int = 4  # packed: at most this many row counts (compiled shapes) per run; 1: one shape
     attention_block: int = 64  # block table for the xla attention to skip masked blocks (prefix_shared/packed); 0: dense
     add_bos: bool = True
     add_eos: bool = True
@@ -198,6 +199,7 @@ LIMITS = {
     ("data", "beta"): at_least(0),
     ("data", "pad_to_multiple"): at_least(0),
     ("data", "row_len"): at_least(0),
+    ("data", "shape_buckets"): at_least(1),
     ("data", "attention_block"): at_least(0),
     ("optim", "lr"): at_least(0),  # 0: a run that measures losses without moving the params (tests do)
     ("optim", "warmup_steps"): at_least(0),

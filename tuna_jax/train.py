@@ -262,7 +262,7 @@ def make_collator(cfg: Config, pad_id: int, local_devices: int = 1, micro_batche
                           d.num_candidates, _mle_target(cfg),
                           pad_to_multiple=d.pad_to_multiple, row_len=d.row_len,
                           unit_multiple=local_devices * micro_batches, attention_block=d.attention_block,
-                          micro_batches=micro_batches)
+                          micro_batches=micro_batches, shape_buckets=d.shape_buckets)
 
 
 # ---- metrics ---------------------------------------------------------------------------

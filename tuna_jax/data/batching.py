@@ -196,13 +196,52 @@ def _need_prompt(prompt: list, where: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+def unit_buckets(needs: Sequence[int], k: int) -> list[int]:
+    """At most ``k`` sizes covering ``needs`` (each need rounded up to the smallest size >= it) with
+    the least total: the optimal partition of the sorted distinct needs into k runs, each run's size
+    its largest (dynamic programming; O(k n^2) over n distinct needs). The largest need is always a
+    size, so ``k=1`` gives ``[max(needs)]``."""
+    values = sorted(set(needs))
+    if len(values) <= k:
+        return values
+    count = [sum(1 for x in needs if x == v) for v in values]
+    n = len(values)
+    # cost[i][j]: the needs values[i..j] rounded up to values[j]
+    cost = [[0] * n for _ in range(n)]
+    for i in range(n):
+        total = 0
+        for j in range(i, n):
+            total += count[j]
+            cost[i][j] = total * values[j]
+    inf = float("inf")
+    best = [[inf] * n for _ in range(k + 1)]  # best[m][j]: values[0..j] in m runs, the last ending at j
+    back = [[-1] * n for _ in range(k + 1)]
+    for j in range(n):
+        best[1][j] = cost[0][j]
+    for m in range(2, k + 1):
+        for j in range(n):
+            for i in range(1, j + 1):
+                c = best[m - 1][i - 1] + cost[i][j]
+                if c < best[m][j]:
+                    best[m][j], back[m][j] = c, i
+    m = min(range(1, k + 1), key=lambda m: best[m][n - 1])
+    sizes, j = [], n - 1
+    while m >= 1 and j >= 0:
+        sizes.append(values[j])
+        i = back[m][j] if m > 1 else 0
+        j, m = i - 1, m - 1
+    return sorted(sizes)
+
+
 class BatchIterator:
     """Seeded, resumable iterator over this host's part of each global batch.
 
     ``collator`` is a :class:`tuna_jax.data.layouts.LayoutCollator`. Each global batch's shape is
     planned over every host's rows, so all hosts build the same shapes; when the collator asks for
     fixed shapes (packed rows, or ``pad_to_multiple=0``), one shape covers every batch of the run
-    (``num_epochs`` epochs, or one when endless), so the step compiles once.
+    (``num_epochs`` epochs, or one when endless), so the step compiles once. Packed batches may
+    take up to ``collator.shape_buckets`` row counts instead (the other sizes stay run-wide): each
+    batch the smallest that holds it, the counts chosen to compute the fewest rows over the run.
 
     Epoch e visits the examples in ``permutation(seed, e)`` order (``numpy`` PCG64 seeded with
     ``(seed, e)``, so any epoch's order is known without replaying earlier ones), in consecutive
@@ -255,14 +294,18 @@ class BatchIterator:
         if not self.collator.fixed_shapes:
             return self.collator.plan(self._host_rows(self._global_rows(epoch, index)))
         if self._fixed_shape is None:
-            shape = None
+            shape, units = None, {}
             for e in range(self.num_epochs or 1):
                 for i in range(self.steps_per_epoch):
                     s = self.collator.plan(self._host_rows(self._global_rows(e, i)))
                     shape = s if shape is None else shape.union(s)
+                    units[e, i] = s.units
             self._fixed_shape = shape
+            buckets = unit_buckets(list(units.values()), getattr(self.collator, "shape_buckets", 1))
+            self._units = {k: min(b for b in buckets if b >= u) for k, u in units.items()}
             self._order_epoch = None
-        return self._fixed_shape
+        units = self._units.get((epoch, index), self._fixed_shape.units)  # an endless run's later epochs: the most
+        return dataclasses.replace(self._fixed_shape, units=units)
 
     def __len__(self) -> int:
         """Batches left to yield (needs num_epochs)."""

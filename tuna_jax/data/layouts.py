@@ -11,9 +11,10 @@ Every layout gives the model the same per-sequence log-likelihoods (tested again
 * ``packed``: rows of ``row_len`` tokens (default ``max_len``) filled with prefix-shared
   *pieces*: a piece is a prompt and some of its example's sequences, so a group longer than the
   room left is split over several pieces (each repeating the prompt) and short ones share a row
-  (best fit, see ``LayoutCollator._pack``), each piece in its own segment, never attending across pieces. One batch shape for
-  the whole run (no recompiles) and little padding; short rows also keep attention kernels that
-  cannot skip masked blocks (cuDNN with a mask) from paying for long ones.
+  (best fit, see ``LayoutCollator._pack``), each piece in its own segment, never attending across
+  pieces. Rows are all ``row_len`` long, and a run's batches take at most ``shape_buckets`` row
+  counts, so few shapes compile and little is padding; short rows also keep attention kernels
+  that cannot skip masked blocks (cuDNN with a mask) from paying for long ones.
 
 A batch has B examples (per host) laid out in U units of Q sub-rows of L tokens::
 
@@ -165,12 +166,12 @@ class LayoutCollator:
     length (0: ``max_len``); ``unit_multiple``: packed rows per host are a multiple of it (this
     host's data-parallel devices x ``micro_batches``); ``micro_batches``: gradient-accumulation
     steps the train step splits a batch into; ``attention_block``: block size of the key-block
-    table (0: none).
+    table (0: none); ``shape_buckets``: packed batches of a run take at most this many row counts.
     """
 
     def __init__(self, layout: str, mode: str, max_len: int, pad_id: int, num_candidates: int = 0,
                  mle_target: str = "original", pad_to_multiple: int = 64, row_len: int = 0, unit_multiple: int = 1,
-                 attention_block: int = 64, micro_batches: int = 1):
+                 attention_block: int = 64, micro_batches: int = 1, shape_buckets: int = 1):
         layout = resolve_layout(layout)
         if layout not in LAYOUTS:
             raise ValueError(f"data.layout={layout!r}: choose auto or one of {', '.join(LAYOUTS)}")
@@ -191,6 +192,8 @@ class LayoutCollator:
             raise ValueError(f"data.row_len={row_len} < data.max_len={max_len}: every sequence must fit a row")
         # Run-wide shapes: packed always (U varies by batch otherwise); the others when pad_to_multiple=0.
         self.fixed_shapes = layout == "packed" or not self.pad_to_multiple
+        # Packed: a run's batches take at most this many row counts (see BatchIterator.shape_for).
+        self.shape_buckets = max(1, int(shape_buckets)) if layout == "packed" else 1
 
     # ---- examples -> pieces -> units ---------------------------------------------------------
 
