@@ -3,6 +3,7 @@
     python bench/rank_step.py                   # CPU, the 19M setting below (about 10 minutes)
     python bench/rank_step.py --gpu             # accelerator: TinyLlama-shaped 1.1B, bf16, max_len 1024
     python bench/rank_step.py --json OUT.json   # also write every figure as JSON
+    python bench/rank_step.py --gpu --batch 48 --packing   # rows a packed run computes, by shape_buckets
 
 Same data, model, loss and optimizer for every variant, in one process:
 
@@ -378,6 +379,27 @@ def vm_hwm() -> int | None:
     return None
 
 
+def packing_report(args, hf: dict) -> int:
+    """Rows a packed run computes over one epoch of every record, for 1-4 shape buckets."""
+    from tuna_jax.data.batching import BatchIterator
+    from tuna_jax.data.layouts import LayoutCollator
+
+    examples, source = build_examples(args.n, args.max_resp, args.max_len, 999, hf["vocab_size"])
+    print(f"data: {source}; {args.batch} prompts x N={args.n} (+ the MLE target) per step, rows of "
+          f"{args.row_len or args.max_len}; one epoch, {len(examples) // args.batch} batches")
+    print(f"{'shape_buckets':>13} {'row counts':>24} {'rows':>7} {'padding':>8} {'vs 1':>6}")
+    base = None
+    for k in (1, 2, 3, 4):
+        coll = LayoutCollator("packed", "ranking", args.max_len, 0, args.n, "original", row_len=args.row_len,
+                              shape_buckets=k)
+        batches = list(BatchIterator(examples, coll, args.batch, shuffle=False, num_epochs=1))
+        rows = sum(b["segment_ids"].shape[0] for b in batches)
+        base = base or rows
+        counts = sorted({b["segment_ids"].shape[0] for b in batches})
+        print(f"{k:>13} {str(counts):>24} {rows:>7} {_padding(batches):8.1%} {rows / base:6.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="the 1.1B config in bfloat16 on the accelerator")
@@ -399,6 +421,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pad-to-multiple", type=int, default=64)
     ap.add_argument("--logits-budget-mb", type=int, default=None, help="loss.logits_budget_mb (default: the config's)")
     ap.add_argument("--row-len", type=int, default=0, help="data.row_len for packed (0: max_len)")
+    ap.add_argument("--packing", action="store_true", help="only plan the packed batches of the whole data "
+                    "(every record, one epoch) for data.shape_buckets 1-4: rows computed and padding; no model")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     ap.add_argument("--profile", default=None, help="also trace one pass of the first variant (jax.profiler) "
                     "into this folder, with its optimised HLO")
@@ -418,6 +442,9 @@ def main(argv=None) -> int:
 
     from tuna_jax import parallel
 
+    if args.packing:  # planning only: no model, any machine
+        return packing_report(args, dict({"tiny": TINY_MODEL, "19m": CPU_MODEL, "1b": GPU_MODEL}[
+            args.model or ("1b" if args.gpu else "19m")]))
     if args.gpu and jax.default_backend() == "cpu":
         print("--gpu: jax sees no accelerator; nothing to do")
         return 0
