@@ -39,7 +39,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -135,6 +138,22 @@ class OpenAIServer:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
     # -------------------------------------------------------------- scripting and counting
+    def kill_at_request(self, match: str, cmd: list[str], env: dict, cwd: str) -> int:
+        """Run the command ``cmd`` and SIGKILL it while its request whose text contains ``match`` is held
+        at the server (a ``gate``), so everything before that request is finished and nothing after it
+        has started. Returns the command's exit status (``-SIGKILL`` when it was killed there)."""
+        gate = self.add_fault("gate", match=match)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert gate.reached.wait(30), proc.communicate(timeout=5)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            gate.release()
+            if proc.poll() is None:
+                proc.kill()
+        return proc.returncode
+
     def add_fault(self, kind: str, match: str | None = None, times: int = 1, **kw) -> Fault:
         if kind == "body":
             kw.setdefault("status", 200)

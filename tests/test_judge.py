@@ -285,18 +285,8 @@ def test_killed_judge_resumes_without_repeating_and_matches(server, data, tmp_pa
     records and writes what an uninterrupted run writes."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OPENAI_API_KEY": KEY}
     out, store, ref = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl"), str(tmp_path / "ref.jsonl")
-    gate = server.add_fault("gate", match=ITEMS[2]["instruction"])
-    proc = subprocess.Popen(_cli(server.base_url, data, out, store), env=env, cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert gate.reached.wait(30), proc.communicate(timeout=5)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        gate.release()
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL and not os.path.exists(out)
+    rc = server.kill_at_request(ITEMS[2]["instruction"], _cli(server.base_url, data, out, store), env, str(tmp_path))
+    assert rc == -signal.SIGKILL and not os.path.exists(out)
     for item in ITEMS[:2]:
         assert server.count(item["instruction"]) == 1
     r = subprocess.run(_cli(server.base_url, data, out, store), env=env, cwd=str(tmp_path), capture_output=True,

@@ -175,18 +175,9 @@ def test_killed_teacher_resumes_without_repeating_and_matches(server, data, tmp_
     out = str(tmp_path / "out.jsonl")
     store = str(tmp_path / "s.jsonl")
     # The 4th instruction's request blocks at the server; the process is SIGKILLed there.
-    gate = server.add_fault("gate", match=INSTRUCTIONS[3]["instruction"])
-    proc = subprocess.Popen(_cli(server.base_url, data, out, "--store", store), env=env, cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert gate.reached.wait(30), proc.communicate(timeout=5)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        gate.release()
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    rc = server.kill_at_request(INSTRUCTIONS[3]["instruction"], _cli(server.base_url, data, out, "--store", store),
+                                env, str(tmp_path))
+    assert rc == -signal.SIGKILL
     assert not os.path.exists(out)
     for ins in INSTRUCTIONS[:3]:
         assert server.count(ins["instruction"]) == 1
