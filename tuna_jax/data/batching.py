@@ -15,6 +15,7 @@ the shuffle and each global batch's shape, and then it collates only its own row
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Iterable, Optional, Sequence
@@ -201,10 +202,11 @@ def unit_buckets(needs: Sequence[int], k: int) -> list[int]:
     the least total: the optimal partition of the sorted distinct needs into k runs, each run's size
     its largest (dynamic programming; O(k n^2) over n distinct needs). The largest need is always a
     size, so ``k=1`` gives ``[max(needs)]``."""
-    values = sorted(set(needs))
+    tally = collections.Counter(needs)
+    values = sorted(tally)
     if len(values) <= k:
         return values
-    count = [sum(1 for x in needs if x == v) for v in values]
+    count = [tally[v] for v in values]
     n = len(values)
     # cost[i][j]: the needs values[i..j] rounded up to values[j]
     cost = [[0] * n for _ in range(n)]
@@ -301,7 +303,7 @@ class BatchIterator:
                     shape = s if shape is None else shape.union(s)
                     units[e, i] = s.units
             self._fixed_shape = shape
-            buckets = unit_buckets(list(units.values()), getattr(self.collator, "shape_buckets", 1))
+            buckets = unit_buckets(list(units.values()), self.collator.shape_buckets)
             self._units = {k: min(b for b in buckets if b >= u) for k, u in units.items()}
             self._order_epoch = None
         units = self._units.get((epoch, index), self._fixed_shape.units)  # an endless run's later epochs: the most

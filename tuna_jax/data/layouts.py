@@ -72,7 +72,7 @@ def resolve_layout(layout: str, platform: str | None = None) -> str:
     by ``bench/rank_step.py`` (README "Performance"; on an H200 at 8 prompts packed 1.73x padded,
     prefix_shared 1.70x): block-sparse attention makes one long row per example cheap on CPU,
     while cuDNN with a mask pays for the whole of a long row. TPU takes ``packed`` too, for the same
-    reason and its one compiled shape per run; that choice is not measured on a TPU."""
+    reason and its few compiled shapes per run; that choice is not measured on a TPU."""
     if layout != "auto":
         return layout
     if platform is None:
