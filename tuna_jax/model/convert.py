@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
 import ml_dtypes
@@ -47,8 +47,8 @@ from safetensors.numpy import save_file
 from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import read_json
-from tuna_jax.model.llama import DTYPES, Llama, LlamaConfig, abstract_model
-from tuna_jax.parallel import RULES, state_shardings
+from tuna_jax.model.llama import Llama, LlamaConfig, abstract_model
+from tuna_jax.parallel import RULES, state_shardings, to_host
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
@@ -250,27 +250,20 @@ def load_hf_model(hf_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
 
 # ---- writing a HF folder ---------------------------------------------------------------
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def iter_hf_tensors(state: nnx.State, cfg: LlamaConfig, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF name, HF array in ``dtype``) in HF's order, one stacked group on host at a time."""
     dt = NP_DTYPES[dtype]
     glob = {name: (path, to_hf) for name, path, _, to_hf in _global_specs(cfg)}
     yield "model.embed_tokens.weight", glob["model.embed_tokens.weight"][1](
-        _to_host(_lookup(state, ("embed_tokens",))[...])).astype(dt)
+        to_host(_lookup(state, ("embed_tokens",))[...])).astype(dt)
     for suffix, path, _, to_hf in _layer_specs(cfg):
-        stacked = _to_host(_lookup(state, path)[...])
+        stacked = to_host(_lookup(state, path)[...])
         for i in range(cfg.num_layers):
             yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(to_hf(stacked[i]).astype(dt))
         del stacked
-    yield "model.norm.weight", _to_host(_lookup(state, ("norm", "weight"))[...]).astype(dt)
+    yield "model.norm.weight", to_host(_lookup(state, ("norm", "weight"))[...]).astype(dt)
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", np.ascontiguousarray(_to_host(_lookup(state, ("lm_head",))[...]).T.astype(dt))
+        yield "lm_head.weight", np.ascontiguousarray(to_host(_lookup(state, ("lm_head",))[...]).T.astype(dt))
 
 
 def save_hf_model(state: nnx.State, cfg: LlamaConfig, out_dir: str | os.PathLike, *, like: str | None = None,
