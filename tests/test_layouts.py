@@ -169,26 +169,24 @@ def test_packed_runs_take_at_most_shape_buckets_row_counts():
     host), each batch the smallest that holds it: fewer rows computed than one run-wide shape, and
     the batches hold the same sequences."""
     ex = make_examples(120, 3, seed=5)
-    rows = {}
-    for k in (1, 3):
-        coll = LayoutCollator("packed", "ranking", 24, PAD, 3, "original", unit_multiple=2, attention_block=8,
+
+    def collator(k):
+        return LayoutCollator("packed", "ranking", 24, PAD, 3, "original", unit_multiple=2, attention_block=8,
                               row_len=32, shape_buckets=k)
-        batches = list(BatchIterator(ex, coll, 8, seed=0, num_epochs=2))
+
+    one, three = (list(BatchIterator(ex, collator(k), 8, seed=0, num_epochs=2)) for k in (1, 3))
+    for k, batches in ((1, one), (3, three)):
         counts = {b["input_ids"].shape[0] for b in batches}
         assert len(counts) <= k and all(c % 2 == 0 for c in counts)
         assert len({tuple(np.shape(b[key])[1:] for key in ("input_ids", "score_src", "kv_blocks")) for b in batches}) == 1
-        rows[k] = sum(b["input_ids"].shape[0] for b in batches)
-        if k > 1:
-            assert len(counts) > 1
-            for b, b1 in zip(batches, batches_one):
-                assert (b["segment_ids"] > 0).sum() == (b1["segment_ids"] > 0).sum()
-                assert b["real_tokens"].sum() == b1["real_tokens"].sum()
-            hosts = [BatchIterator(ex, coll, 8, seed=0, num_epochs=2, process_index=p, process_count=2)
-                     for p in range(2)]
-            for a, b in zip(*hosts):
-                assert {key: v.shape for key, v in a.items()} == {key: v.shape for key, v in b.items()}
-        batches_one = batches
-    assert rows[3] < rows[1]
+    assert len({b["input_ids"].shape[0] for b in three}) > 1
+    assert sum(b["input_ids"].shape[0] for b in three) < sum(b["input_ids"].shape[0] for b in one)
+    for b, b1 in zip(three, one):
+        assert (b["segment_ids"] > 0).sum() == (b1["segment_ids"] > 0).sum()
+        assert b["real_tokens"].sum() == b1["real_tokens"].sum()
+    hosts = [BatchIterator(ex, collator(3), 8, seed=0, num_epochs=2, process_index=p, process_count=2) for p in range(2)]
+    for a, b in zip(*hosts):
+        assert {key: v.shape for key, v in a.items()} == {key: v.shape for key, v in b.items()}
 
 
 @pytest.mark.parametrize("micro,hosts", [(2, 1), (4, 2), (1, 2), (2, 2)])
