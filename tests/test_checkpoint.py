@@ -1,7 +1,6 @@
 """A damaged checkpoint step never strands a run: real Orbax checkpoints, damaged the ways disks and
 people damage them, restored by TrainCheckpointer and resumed by `tuna-jax train --resume`."""
 import logging
-import pathlib
 import shutil
 
 import jax

@@ -1,6 +1,5 @@
 """Meshes (1,8,1), (1,4,2), (2,2,2) on 8 emulated CPU devices give one device's results."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

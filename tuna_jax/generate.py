@@ -64,7 +64,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os

@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

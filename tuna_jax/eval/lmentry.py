@@ -80,7 +80,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import pathlib
 import re

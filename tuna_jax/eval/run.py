@@ -119,7 +119,7 @@ from tuna_jax.eval import vicuna as vicuna_mod
 from tuna_jax.eval.common import read_predictions_jsonl, warn
 from tuna_jax.io import paths as io_paths
 from tuna_jax.io.errors import InputError
-from tuna_jax.io.jsonl import check_settings, dumps, read_json, read_text, write_json
+from tuna_jax.io.jsonl import check_settings, dumps, read_json, write_json
 
 logger = logging.getLogger("tuna_jax.eval")
 

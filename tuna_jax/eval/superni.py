@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import string
