@@ -77,3 +77,22 @@ def test_packed_and_prefix_shared_layouts(tmp_path):
     ref2 = hf_logits(hf, np.concatenate([prompt, c2])[None])[0]
     assert np.abs(out[:7] - ref1).max() <= 1e-4
     assert np.abs(out[7:] - ref2[4:]).max() <= 1e-4
+
+
+def test_llama3_config_hashes_by_value():
+    """jit takes the config (inside the graphdef) as a static argument: a Llama-3.1 config.json, whose
+    rope_scaling is a dict and eos_token_id a list, must hash, and equal configs must hash equal; to_hf gives the
+    dict and list back."""
+    from hf_utils import LLAMA3_SCALING
+
+    from tuna_jax.model.llama import LlamaConfig
+
+    hf = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 500000.0,
+          "rope_scaling": dict(LLAMA3_SCALING), "eos_token_id": [2, 3], "tie_word_embeddings": False}
+    a, b = LlamaConfig.from_hf(dict(hf)), LlamaConfig.from_hf(dict(hf))
+    assert a == b and hash(a) == hash(b)
+    assert a.eos_ids == (2, 3)
+    out = a.to_hf()
+    assert out["eos_token_id"] == [2, 3] and dict(out["rope_scaling"]) == {**LLAMA3_SCALING}
+    assert hash(LlamaConfig.from_hf({**hf, "rope_scaling": {**LLAMA3_SCALING, "factor": 32.0}})) != hash(a)

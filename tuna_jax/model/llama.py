@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core import FrozenDict
 
 from tuna_jax.model.attention import IMPLEMENTATIONS, attend, attend_with_cache, attention_mask, resolve
 from tuna_jax.parallel import constrain
@@ -70,10 +71,13 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    # {"rope_type": "llama3", "factor", "low_freq_factor", ...}; held as a FrozenDict (and a list of
+    # EOS ids as a tuple) so the config hashes by value: jit takes the graphdef, and with it this
+    # config, as a static argument (scoring, sampling).
+    rope_scaling: Any = None
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
+    eos_token_id: int | tuple[int, ...] | None = 2
     # How to run it; not part of the HF architecture.
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -82,6 +86,10 @@ class LlamaConfig:
     attention: str = "auto"  # auto | einsum | xla | cudnn | splash (model/attention.py)
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict) and not isinstance(self.rope_scaling, FrozenDict):
+            object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}")
@@ -160,7 +168,7 @@ class LlamaConfig:
             "mlp_bias": False,
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
         }
         return out
 
