@@ -10,20 +10,23 @@ jax.config.update("jax_enable_x64", False)
 
 
 def brute_force(v, target, mask, margin, form):
-    """Straight from DESIGN.md: stable sort by target (best first), ties and masked skipped."""
+    """Sort by target (best first); tied and masked pairs skipped; the margin's gap is the difference of
+    competition ranks (ties share one rank, so the result does not depend on their input order)."""
     out = []
     for vb, tb, mb in zip(v, target, mask):
         idx = [i for i in sorted(range(len(vb)), key=lambda i: -tb[i]) if mb[i]]  # Python's sort is stable
         idx += [i for i in range(len(vb)) if not mb[i]]
+        rank = {i: sum(tb[x] > tb[i] for x in idx if mb[x]) for i in idx}
         total, by_gap = 0.0, {}
         for j in range(len(idx)):
             for k in range(j + 1, len(idx)):
                 a, b = idx[j], idx[k]
                 if not (mb[a] and mb[b]) or tb[a] == tb[b]:
                     continue
-                h = max(0.0, float(vb[b]) - float(vb[a]) + margin * (k - j))
+                gap = rank[b] - rank[a]
+                h = max(0.0, float(vb[b]) - float(vb[a]) + margin * gap)
                 total += h
-                by_gap.setdefault(k - j, []).append(h)
+                by_gap.setdefault(gap, []).append(h)
         out.append(total if form == "paper" else sum(np.mean(hs) for hs in by_gap.values()))
     return np.array(out)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tuna_jax.config import CHOICES
-from tuna_jax.losses import RANKING_FORMS, ranking_loss
+from tuna_jax.losses import RANKING_FORMS, pair_accuracy, ranking_loss
 
 MARGIN = 0.1
 
@@ -33,11 +33,15 @@ def log_sum_exp(xs: list) -> float:
 
 def lipo_weight(j, k, c, s, t) -> float:
     """|Delta NDCG| of swapping j and k: gains 2^psi - 1 with psi the fraction of the others a
-    candidate beats on target; discounts 1/log2(1 + rank) of the ranking by s (ties: target order)."""
+    candidate beats on target; discounts 1/log2(1 + rank) of the ranking by s (ties in s: target order;
+    ties in both: the mean of the positions they share)."""
     n = len(c)
     gain = {a: 2.0 ** (sum(1 for b in c if t[b] < t[a]) / (n - 1)) - 1.0 for a in c}
-    by_model = sorted(c, key=lambda a: -s[a])  # stable over c, which is in target order
-    rank = {a: by_model.index(a) + 1 for a in c}
+    by_model = sorted(c, key=lambda a: (-s[a], -t[a]))
+    rank = {}
+    for a in c:
+        same = [i for i, b in enumerate(by_model) if s[b] == s[a] and t[b] == t[a]]
+        rank[a] = sum(same) / len(same) + 1
     ideal = sum(g / math.log2(1 + r) for r, g in enumerate(sorted(gain.values(), reverse=True), start=1))
     return (abs(gain[j] - gain[k]) * abs(1 / math.log2(1 + rank[j]) - 1 / math.log2(1 + rank[k]))) / ideal
 
@@ -51,7 +55,9 @@ def brute_force(form, v, t, m, beta, v_ref):
     grad = [0.0] * n_all
     if len(c) < 2:
         return 0.0, grad
-    pairs = [(c[a], c[b], b - a) for a in range(len(c)) for b in range(a + 1, len(c)) if t[c[a]] != t[c[b]]]
+    rank = {i: sum(t[x] > t[i] for x in c) for i in c}  # competition rank: ties share one
+    pairs = [(c[a], c[b], rank[c[b]] - rank[c[a]]) for a in range(len(c)) for b in range(a + 1, len(c))
+             if t[c[a]] != t[c[b]]]
     loss = 0.0
     if form in ("paper", "reference"):
         by_gap = {}
@@ -65,12 +71,14 @@ def brute_force(form, v, t, m, beta, v_ref):
                     loss += w * h
                     grad[k] += w
                     grad[j] -= w
-    elif form == "listmle":
-        for i in range(len(c) - 1):
-            rest = c[i:]
+    elif form == "listmle":  # Breslow ties: a tied group shares one denominator; the last group adds nothing
+        for i in c:
+            if not any(t[x] < t[i] for x in c):
+                continue
+            rest = [x for x in c if t[x] <= t[i]]
             lse = log_sum_exp([beta * s[r] for r in rest])
-            loss -= beta * s[c[i]] - lse
-            grad[c[i]] -= beta
+            loss -= beta * s[i] - lse
+            grad[i] -= beta
             for r in rest:
                 grad[r] += beta * math.exp(beta * s[r] - lse)
     elif form == "infonca":
@@ -82,7 +90,7 @@ def brute_force(form, v, t, m, beta, v_ref):
             grad[k] -= beta * (p - math.exp(log_q))  # the p-weights sum to 1
     else:
         if form == "dpo_best":
-            pairs = [(j, k, gap) for j, k, gap in pairs if j == c[0]]
+            pairs = [(j, k, gap) for j, k, gap in pairs if rank[j] == 0]
         for j, k, _ in pairs:
             w = lipo_weight(j, k, c, s, t) if form == "lipo_lambda" else 1.0 / len(pairs)
             z = beta * (s[j] - s[k])
@@ -196,3 +204,25 @@ def test_beta_may_be_traced_and_bad_arguments_are_refused():
 
 def test_config_offers_every_form():
     assert tuple(CHOICES[("loss", "form")]) == RANKING_FORMS
+
+
+@pytest.mark.parametrize("form", RANKING_FORMS)
+def test_any_order_of_tied_candidates_gives_the_same_loss(form):
+    """Candidates are a set: permuting them (tied ones included) changes no loss, gradient or pair count."""
+    rng = np.random.RandomState(11)
+    b, n = 12, 6
+    v, target, mask, v_ref = random_case(rng, b, n, with_ref=True)
+    target[5] = [3, 2, 2, 2, 1, 0]  # a tie in the middle: before, it widened the margin of every pair after it
+    mask[5] = True
+    base, base_gv, base_gr = loss_and_grads(form, v, target, mask, 0.7, v_ref)
+    correct, counted = pair_accuracy(jnp.asarray(v), jnp.asarray(target), jnp.asarray(mask))
+    for _ in range(4):
+        perm = np.stack([rng.permutation(n) for _ in range(b)])
+        take = lambda x: np.take_along_axis(x, perm, axis=1)  # noqa: E731
+        got, gv, gr = loss_and_grads(form, take(v), take(target), take(mask), 0.7, take(v_ref))
+        np.testing.assert_allclose(got, base, atol=1e-5)
+        np.testing.assert_allclose(gv, take(base_gv), atol=1e-5)
+        np.testing.assert_allclose(gr, take(base_gr), atol=1e-5)
+        c2, n2 = pair_accuracy(jnp.asarray(take(v)), jnp.asarray(take(target)), jnp.asarray(take(mask)))
+        np.testing.assert_array_equal(c2, correct)
+        np.testing.assert_array_equal(n2, counted)

@@ -218,3 +218,36 @@ def test_reads_the_shared_demo_set(shared_dir):
     recs, rep = read_records(str(shared_dir / "data/alpaca/alpaca_gpt4_demo_999.json"))
     assert len(recs) == 999 and rep.num_skipped == 0
     assert recs[0].instruction == "Describe a process of making crepes." and recs[0].output.startswith("Making crepes")
+
+
+def test_identical_candidates_are_ties_and_counted(tmp_path):
+    """The same text with different scores (an API's log-probs of one text vary; a judge may rank copies apart)
+    is one answer: tied at the mean of its scores, no pair between copies, in every loss form; counted."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tuna_jax.losses import RANKING_FORMS, pair_accuracy, ranking_loss
+
+    rows = [{"instruction": "q1", "candidates": ["A cat.", "a  CAT.", "A dog."], "scores": [3.0, 1.0, 2.0]},
+            {"instruction": "q2", "candidates": ["Same.", "same.", " SAME. "], "scores": [0.5, -1.0, 2.0]},
+            {"instruction": "q3", "candidates": ["x", "y"], "scores": [1.0, 0.0]}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs, report = read_records(str(path), kind="ranking")
+    assert recs[0].scores == [2.0, 2.0, 2.0]  # the copies' mean ties them (and, here, the third candidate)
+    assert recs[1].scores == [0.5, 0.5, 0.5] and recs[2].scores == [1.0, 0.0]
+    assert report.changed["identical_candidates"] == 1 + 3 and report.changed["all_candidates_identical"] == 1
+    assert "r.jsonl:2: every candidate is the same text" in report.summary()
+    # Row q2 (all identical, distinct scores in the file): the same tokens give the same v; no counted pair and
+    # no ranking gradient in any form; zero loss in all but InfoNCA, whose uniform target over n tied candidates
+    # leaves the constant log n.
+    import jax
+
+    target = jnp.asarray([recs[1].scores])
+    v = jnp.full((1, 3), -0.7)
+    mask = jnp.ones((1, 3), bool)
+    for form in RANKING_FORMS:
+        value, grad = jax.value_and_grad(lambda v: ranking_loss(v, target, mask, 0.1, form)[0])(v)
+        assert float(value) == pytest.approx(np.log(3.0) if form == "infonca" else 0.0, abs=1e-6), form
+        assert np.abs(np.asarray(grad)).max() <= 1e-7, form
+    assert np.asarray(pair_accuracy(v, target, mask)[1]).tolist() == [0.0]

@@ -45,9 +45,8 @@ def pair_hinge(v_better: jax.Array, v_worse: jax.Array, gap: jax.Array, margin: 
     return jnp.maximum(0.0, v_worse - v_better + margin * gap)
 
 
-# All (j, k) pairs of one example, then every example: [N], [N], [N, N] -> [N, N] -> [B, N, N].
+# All (j, k) pairs of one example: [N], [N], [N, N] gaps -> [N, N]; vmapped over the batch where used.
 _pairs = jax.vmap(jax.vmap(pair_hinge, in_axes=(None, 0, 0, None)), in_axes=(0, None, 0, None))
-_batched_pairs = jax.vmap(_pairs, in_axes=(0, 0, None, None))
 
 
 def sort_by_target(v: jax.Array, target: jax.Array, mask: jax.Array):
@@ -62,6 +61,17 @@ def sort_by_target(v: jax.Array, target: jax.Array, mask: jax.Array):
 
 
 RANKING_FORMS = ("paper", "reference", "listmle", "infonca", "dpo_pairs", "dpo_best", "lipo_lambda")
+
+
+def tie_ranks(ts: jax.Array, ms: jax.Array) -> jax.Array:
+    """Competition rank of each candidate: the number of unmasked candidates with a strictly higher
+    target ("1224" ranking, 0-based). Equal to the sorted position when no targets tie, and the same
+    for tied candidates whatever their order in the input.
+
+    ts [B, N], ms [B, N] bool -> [B, N] float32.
+    """
+    better = ms[:, None, :] & (ts[:, None, :] > ts[:, :, None])  # [b, k, m]: m beats k
+    return jnp.sum(better, axis=-1).astype(jnp.float32)
 
 
 def counted_pairs(ts: jax.Array, ms: jax.Array) -> jax.Array:
@@ -86,23 +96,32 @@ def ranking_loss(v: jax.Array, target: jax.Array, mask: jax.Array, margin: float
     Returns [B] float32.
 
     The score of candidate k is s_k = v_k - v_ref_k when ``v_ref`` is given, else s_k = v_k.
-    Candidates are sorted by target, best first (stable: tied candidates keep their input order;
-    masked ones go last), so c_0 .. c_{n-1} below are the n unmasked candidates in that order.
-    A pair (j, k), j < k in sorted order, counts when both are unmasked and target_j != target_k.
+    Candidates are sorted by target, best first (masked ones last), so c_0 .. c_{n-1} below are
+    the n unmasked candidates in that order. A pair (j, k), j < k in sorted order, counts when both
+    are unmasked and target_j != target_k. rank_k is k's competition rank, the number of unmasked
+    candidates with a strictly higher target (equal to k when no targets tie). Ties: every form
+    gives the same value whatever the input order of tied candidates (the paper ranks strictly and
+    says nothing of ties; how each form treats them is ours and stated below). Identical texts are
+    made ties when records are read (``data/records.py``).
     ``margin`` is used by ``paper`` and ``reference`` only, ``beta`` (> 0) by the other forms.
     An example with fewer than two unmasked candidates (or, for the pairwise forms, no counted
     pair) gives 0; values and gradients are finite for every mask, all-masked rows included,
     and masked candidates get zero gradient.
 
-    * ``paper`` (Tuna, Li et al. 2023): sum over counted pairs of max(0, s_k - s_j + margin*(k - j)).
-    * ``reference``: sum over gaps g of the mean over counted pairs with k - j = g of the same hinge
-      (what microsoft/LMOps tuna runs; a gap with no counted pair contributes 0).
+    * ``paper`` (Tuna, Li et al. 2023): sum over counted pairs of
+      max(0, s_k - s_j + margin*(rank_k - rank_j)). With strict rankings rank_k - rank_j = k - j,
+      the paper's gap; a tie shares one rank, so it does not widen the gap of the pairs after it.
+    * ``reference``: sum over gaps g of the mean over counted pairs with rank_k - rank_j = g of the
+      same hinge (what microsoft/LMOps tuna runs, where ties get a margin; a gap with no counted pair
+      contributes 0).
     * ``listmle``: the Plackett-Luce negative log-likelihood of the sorted order,
       -sum_{i=0}^{n-2} [beta*s_{c_i} - logsumexp_{j>=i} beta*s_{c_j}] (the ranking loss of PRO,
       Song et al. 2023, "Preference Ranking Optimization for Human Alignment", without its
       reward-dependent temperature; with v_ref, the Plackett-Luce form of DPO, Rafailov et al. 2023,
-      Appendix A.3). Tied candidates keep the stable order: the one that came first in the input is
-      treated as better (Plackett-Luce has no ties; we do not average over tie orders).
+      Appendix A.3). Ties (ours): Breslow's approximation, as in Cox regression with tied times:
+      -sum_k [beta*s_k - logsumexp_{j: target_j <= target_k} beta*s_j] over the unmasked k that
+      beat at least one candidate. With strict rankings this is the sum above; a tied group shares
+      one denominator, and candidates tied for last contribute nothing.
     * ``infonca`` (InfoNCA, Chen et al. 2024, "Noise Contrastive Alignment of Language Models with
       Explicit Rewards"): -sum_k softmax(target)_k * log softmax(beta*s)_k, both softmaxes over the
       unmasked candidates. The paper's target is softmax(r/alpha); here alpha = 1, so the scale of
@@ -110,8 +129,9 @@ def ranking_loss(v: jax.Array, target: jax.Array, mask: jax.Array, margin: float
     * ``dpo_pairs`` (DPO's Bradley-Terry loss, Rafailov et al. 2023, "Direct Preference
       Optimization: Your Language Model is Secretly a Reward Model", on every counted pair):
       mean over counted pairs of -log sigmoid(beta*(s_j - s_k)).
-    * ``dpo_best``: the same, only for pairs (c_0, k): mean over unmasked k with target_k below
-      target_{c_0} of -log sigmoid(beta*(s_{c_0} - s_k)). Candidates tied with c_0 are left out.
+    * ``dpo_best``: the same, only for pairs (b, k) with b a best candidate (rank_b = 0) and k below
+      it: mean over those pairs of -log sigmoid(beta*(s_b - s_k)). Several candidates tied for best
+      are each the "chosen" side; a pair between them does not count.
     * ``lipo_lambda`` (LiPO-lambda, Liu et al. 2024, "LiPO: Listwise Preference Optimization
       through Learning-to-Rank"): sum over counted pairs of
       Delta_jk * -log sigmoid(beta*(s_j - s_k)), with the Lambda weight held constant
@@ -132,13 +152,13 @@ def ranking_loss(v: jax.Array, target: jax.Array, mask: jax.Array, margin: float
     ss, ts, ms = sort_by_target(s, target, mask)
     x = beta * ss
     if form == "listmle":
-        return _listmle(x, ms)
+        return _listmle(x, ts, ms)
     if form == "infonca":
         return _infonca(x, ts.astype(jnp.float32), ms)
     counted = counted_pairs(ts, ms)  # [B, N, N]
     nll = jax.nn.softplus(x[:, None, :] - x[:, :, None])  # -log sigmoid(x_j - x_k), [b, j, k]
     if form == "dpo_best":
-        counted = counted & (jnp.arange(x.shape[-1]) == 0)[None, :, None]
+        counted = counted & (tie_ranks(ts, ms) == 0)[:, :, None]
     if form == "lipo_lambda":
         weights = jax.lax.stop_gradient(lambda_weights(x, ts, ms))
         return jnp.sum(jnp.where(counted, weights * nll, 0.0), axis=(-2, -1))
@@ -150,16 +170,16 @@ def _hinge_loss(v: jax.Array, target: jax.Array, mask: jax.Array, margin: float,
     """Tuna's ``paper`` and ``reference`` forms (see ``ranking_loss``). [B, N] each -> [B]."""
     vs, ts, ms = sort_by_target(v, target, mask)
     n = v.shape[-1]
-    idx = jnp.arange(n)
-    gap = (idx[None, :] - idx[:, None]).astype(jnp.float32)  # [N, N]: k - j
-    hinge = _batched_pairs(vs, vs, gap, jnp.float32(margin))  # [B, N, N], [b, j, k]
+    rank = tie_ranks(ts, ms)  # [B, N]
+    gap = rank[:, None, :] - rank[:, :, None]  # [B, N, N]: rank_k - rank_j
+    hinge = jax.vmap(_pairs, in_axes=(0, 0, 0, None))(vs, vs, gap, jnp.float32(margin))  # [B, N, N], [b, j, k]
     counted = counted_pairs(ts, ms)
     hinge = jnp.where(counted, hinge, 0.0)
     if form == "paper":
         return jnp.sum(hinge, axis=(-2, -1))
-    by_gap = jax.nn.one_hot(gap.astype(jnp.int32), n, dtype=jnp.float32)  # [N, N, G]
-    sums = jnp.einsum("bjk,jkg->bg", hinge, by_gap)
-    counts = jnp.einsum("bjk,jkg->bg", counted.astype(jnp.float32), by_gap)
+    by_gap = jax.nn.one_hot(gap.astype(jnp.int32), n, dtype=jnp.float32)  # [B, N, N, G]
+    sums = jnp.einsum("bjk,bjkg->bg", hinge, by_gap)
+    counts = jnp.einsum("bjk,bjkg->bg", counted.astype(jnp.float32), by_gap)
     return jnp.sum(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0)[:, 1:], axis=-1)
 
 
@@ -178,15 +198,15 @@ def masked_logsumexp(x: jax.Array, where: jax.Array) -> jax.Array:
     return jnp.where(some, jnp.log(jnp.where(some, total, 1.0)) + top[..., 0], 0.0)
 
 
-def _listmle(x: jax.Array, ms: jax.Array) -> jax.Array:
-    """Plackett-Luce NLL of the sorted order. x = beta*s sorted best first [B, N], ms [B, N] -> [B]."""
-    n = x.shape[-1]
-    idx = jnp.arange(n)
-    rest = (idx[None, :] >= idx[:, None])[None] & ms[:, None, :]  # [B, i, j]: j >= i, unmasked
+def _listmle(x: jax.Array, ts: jax.Array, ms: jax.Array) -> jax.Array:
+    """Plackett-Luce NLL of the target order, ties by Breslow (see ``ranking_loss``).
+
+    x = beta*s, ts, ms [B, N] (any order) -> [B].
+    """
+    rest = (ts[:, None, :] <= ts[:, :, None]) & ms[:, None, :] & ms[:, :, None]  # [B, k, j]: j not above k
     lse = masked_logsumexp(jnp.broadcast_to(x[:, None, :], rest.shape), rest)  # [B, N]
-    n_valid = jnp.sum(ms, axis=-1, keepdims=True)
-    term = idx[None, :] < n_valid - 1  # positions 0 .. n-2 (unmasked candidates come first)
-    return -jnp.sum(jnp.where(term, x - lse, 0.0), axis=-1)
+    beats_one = ms & jnp.any(ms[:, None, :] & (ts[:, None, :] < ts[:, :, None]), axis=-1)  # [B, k]
+    return -jnp.sum(jnp.where(beats_one, x - lse, 0.0), axis=-1)
 
 
 def _infonca(x: jax.Array, t: jax.Array, ms: jax.Array) -> jax.Array:
@@ -212,9 +232,11 @@ def lambda_weights(x: jax.Array, ts: jax.Array, ms: jax.Array) -> jax.Array:
       candidates it beats. Our choice: gains come from the target's ranks, not its values, so any
       monotone rescaling of the target (ranks, teacher log-probs) gives the same weights; tied
       candidates get the same gain.
-    * tau(j) = 1 + #{unmasked k: s_k > s_j, or s_k = s_j and k is before j in target order}: the
-      1-based position in the model's ranking, ties in s broken in favour of the target order
-      (so the equal scores of a policy still equal to its reference give nonzero weights).
+    * tau(j) = 1 + #{unmasked k: s_k > s_j, or s_k = s_j and target_k > target_j}
+      + #{unmasked k != j: s_k = s_j and target_k = target_j} / 2: the 1-based position in the
+      model's ranking, ties in s broken in favour of the target order (so the equal scores of a
+      policy still equal to its reference give nonzero weights), and candidates tied in both sharing
+      the mean of their positions (so their input order does not matter).
     * D(tau) = log2(1 + tau) (the base only scales every weight by the same constant).
     * Delta_jk = |G_j - G_k| * |1/D(tau(j)) - 1/D(tau(k))| / IDCG, IDCG = sum_r G_(r) / log2(1 + r)
       over the gains sorted descending: the |Delta NDCG| of swapping j and k, the LambdaRank
@@ -226,9 +248,10 @@ def lambda_weights(x: jax.Array, ts: jax.Array, ms: jax.Array) -> jax.Array:
     beats = jnp.sum(ms[:, None, :] & (ts[:, None, :] < ts[:, :, None]), axis=-1)  # [B, j]
     psi = jnp.where(ms, beats / jnp.maximum(n_valid - 1.0, 1.0), 0.0)
     gain = jnp.exp2(psi) - 1.0
-    ahead = ms[:, None, :] & ((x[:, None, :] > x[:, :, None])
-                              | ((x[:, None, :] == x[:, :, None]) & (idx[None, :] < idx[:, None])[None]))
-    tau = 1.0 + jnp.sum(ahead, axis=-1)  # [B, j]
+    same_x = x[:, None, :] == x[:, :, None]  # [b, j, k]
+    ahead = ms[:, None, :] & ((x[:, None, :] > x[:, :, None]) | (same_x & (ts[:, None, :] > ts[:, :, None])))
+    shared = ms[:, None, :] & same_x & (ts[:, None, :] == ts[:, :, None]) & (idx[None, :] != idx[:, None])[None]
+    tau = 1.0 + jnp.sum(ahead, axis=-1) + 0.5 * jnp.sum(shared, axis=-1)  # [B, j]
     inv_disc = 1.0 / jnp.log2(1.0 + tau)
     ideal = jnp.sum(jnp.where(ms, gain / jnp.log2(2.0 + idx), 0.0), axis=-1)  # sorted = ideal order
     delta = (jnp.abs(gain[:, :, None] - gain[:, None, :])

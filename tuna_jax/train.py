@@ -418,6 +418,10 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         step_fn = jax.jit(make_train_step(binder, cfg, tx, schedule), donate_argnums=(0,))
         eval_fn = jax.jit(make_eval_step(binder, cfg))
         writer = MetricsWriter(out_dir, start_step if resume else None, tc.tensorboard)
+        if not resume:  # what reading the data changed, as step 0 of the log (a resume keeps that line)
+            ties = {k: report.changed.get(k, 0) for k in ("identical_candidates", "all_candidates_identical")}
+            writer.write({"step": 0, "split": "data", "identical_pairs": ties["identical_candidates"],
+                          "rows_all_identical": ties["all_candidates_identical"]})
 
         stop_signal: list[int] = []
         previous = {s: signal.signal(s, lambda signum, _f: stop_signal.append(signum))

@@ -47,7 +47,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 from tuna_jax.data.select import split_source
 from tuna_jax.data.templates import format_prompt, parse_prompt
@@ -143,6 +143,47 @@ class RankingRecord:
 
 
 Record = Union[SFTRecord, RankingRecord]
+
+
+def normalise_response(text: str) -> str:
+    """The text two responses are compared by for duplicates: lower case, whitespace collapsed."""
+    return " ".join(text.lower().split())
+
+
+def identical_pairs(candidates: Sequence[str]) -> int:
+    """How many pairs of candidates are the same response (``normalise_response``)."""
+    counts = collections.Counter(normalise_response(c) for c in candidates)
+    return sum(n * (n - 1) // 2 for n in counts.values())
+
+
+def tie_identical(rec: RankingRecord, report: SkipReport) -> RankingRecord:
+    """Identical responses are one answer: tied, whatever scores they came with.
+
+    A teacher's log-probs of the same text differ from call to call and a judge may rank copies apart;
+    asking the model to separate two identical sequences by a margin can never succeed. Each group of
+    copies gets the mean of its scores (so no pair forms between them, and a copy is never both above
+    and below a third candidate); counted in ``report`` as ``identical_candidates`` (pairs), and
+    ``all_candidates_identical`` for a row that is left with only its MLE term.
+    """
+    groups: dict[str, list[int]] = {}
+    for k, c in enumerate(rec.candidates):
+        groups.setdefault(normalise_response(c), []).append(k)
+    dups = [g for g in groups.values() if len(g) > 1]
+    if not dups:
+        return rec
+    scores = list(rec.scores)
+    for g in dups:
+        mean = math.fsum(float(rec.scores[k]) for k in g) / len(g)
+        for k in g:
+            scores[k] = mean
+    pairs = sum(len(g) * (len(g) - 1) // 2 for g in dups)
+    shown = ", ".join("/".join(str(k) for k in g) for g in dups)
+    report.note("identical_candidates", f"{rec.source}: candidates {shown} are the same text; ranked as ties",
+                count=pairs)
+    if len(groups) == 1 and len(rec.candidates) > 1:
+        report.note("all_candidates_identical", f"{rec.source}: every candidate is the same text; only the MLE "
+                    "term trains on this row")
+    return dataclasses.replace(rec, scores=scores)
 
 
 def record_prompt(rec: Record) -> str:
@@ -574,7 +615,7 @@ def read_records(path: str | dict, kind: str = "sft", on_error: str = "raise", *
                 raise
             report.skip(e.reason, str(e))
             continue
-        records.append(rec)
+        records.append(rec if kind == "sft" else tie_identical(rec, report))
     return records, report
 
 

@@ -57,6 +57,7 @@ import re
 import sys
 from typing import Any, Sequence
 
+from tuna_jax.data.records import identical_pairs, normalise_response
 from tuna_jax.data.rows import CandidateRow, read_candidates
 from tuna_jax.data.templates import format_prompt
 
@@ -340,6 +341,12 @@ def _record(item: CandidateRow, scores: Sequence[float | None], judge_meta: dict
     return rec, dropped
 
 
+def _with_identical(rec: dict, counters: dict) -> dict:
+    """Count the pairs of identical candidates a record holds (training ranks them as ties)."""
+    n = identical_pairs(rec["candidates"])
+    return {**counters, "identical_pairs": n} if n else counters
+
+
 class LLMJudge:
     """The contextual-ranking judge over an OpenAI-compatible chat endpoint (cached and budgeted)."""
 
@@ -410,11 +417,7 @@ class LLMJudge:
             counters["no_ranked_candidate"] = 1
             return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "no candidate was ranked"},
                                counters=counters)
-        return ItemOutcome(record=rec, counters=counters)
-
-
-def _normalise(s: str) -> str:
-    return " ".join(s.lower().split())
+        return ItemOutcome(record=rec, counters=_with_identical(rec, counters))
 
 
 class MetricJudge:
@@ -432,7 +435,7 @@ class MetricJudge:
 
     def score(self, reference: str, candidate: str) -> float:
         if self._scorer is None:
-            return 1.0 if _normalise(candidate) == _normalise(reference) else 0.0
+            return 1.0 if normalise_response(candidate) == normalise_response(reference) else 0.0
         return float(self._scorer.score(reference, candidate)["rougeL"].fmeasure)
 
     def judge(self, item: CandidateRow) -> ItemOutcome:
@@ -446,7 +449,8 @@ class MetricJudge:
         if not rec["candidates"]:
             return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "every candidate is empty"},
                                counters={"empty_candidates": len(dropped), "no_ranked_candidate": 1})
-        return ItemOutcome(record=rec, counters={"empty_candidates": len(dropped)} if dropped else {})
+        counters = {"empty_candidates": len(dropped)} if dropped else {}
+        return ItemOutcome(record=rec, counters=_with_identical(rec, counters))
 
 
 def run_judge(input_path: str, out_path: str, judge: LLMJudge | MetricJudge, *, reference_field: str = "output",

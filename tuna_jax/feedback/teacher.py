@@ -44,6 +44,7 @@ import math
 import sys
 from typing import Any, Protocol, Sequence
 
+from tuna_jax.data.records import identical_pairs
 from tuna_jax.data.rows import InstructionRow, read_instructions
 from tuna_jax.data.templates import format_prompt
 
@@ -252,6 +253,9 @@ def rank_samples(samples: Sequence[Sample], cfg: TeacherConfig) -> tuple[dict, d
     rows.sort(key=lambda r: (-r[0], r[1]))  # best first; ties keep sampling order
     cols = {"candidates": [r[2] for r in rows], "scores": [r[0] for r in rows], "logprobs": [r[3] for r in rows],
             "num_tokens": [r[4] for r in rows], "finish_reasons": [r[5] for r in rows]}
+    same = identical_pairs(cols["candidates"])  # kept (the record is what the teacher said); training ties them
+    if same:
+        counters["identical_pairs"] = same
     return cols, counters, dropped
 
 
