@@ -18,6 +18,7 @@ def one_error_line(capsys, rc):
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
+    assert len(lines[0]) <= 300, lines[0]  # a line a person reads; -v gives the whole text
     return lines[0]
 
 
@@ -204,3 +205,31 @@ def test_judge_drops_empty_candidates_with_a_count(tmp_path, capsys):
     assert "empty_candidates=1" in capsys.readouterr().err
     rec = json.loads(out.read_text())
     assert rec["candidates"] == ["Apple.", "Pear."] and rec["judge"]["dropped"] == [1] and rec["num_tokens"] == [2, 2]
+
+
+def test_long_errors_are_cut_and_stops_keep_their_status(capsys):
+    """A failure inside jit carries the model's whole graph definition (about 7,700 characters): the line is cut
+    to 300 and says -v shows the rest. A training stop is its one line and its status (SIGTERM: 143)."""
+    import signal
+
+    from tuna_jax.io.cli import run_command
+    from tuna_jax.train import Interrupted, TrainingDiverged
+
+    def jit_failure(_):
+        raise ValueError("GraphDef(nodes=[" + "NodeDef(type=Linear, ...), " * 300 + "])")
+
+    line = one_error_line(capsys, run_command("tuna-jax score", jit_failure, None))
+    assert line.startswith("tuna-jax score: error: GraphDef(nodes=[") and "more characters; -v shows them" in line
+
+    def stopped(_):
+        raise Interrupted(signal.SIGTERM, 19)
+
+    assert run_command("tuna-jax prm train", stopped, None) == 143
+    err = capsys.readouterr().err.strip()
+    assert err == ("tuna-jax prm train: stopped by SIGTERM after step 19; checkpoint saved; rerun the same command "
+                   "(train: with --resume) to continue")
+
+    def diverged(_):
+        raise TrainingDiverged("step 3: loss=nan")
+
+    assert run_command("tuna-jax train", diverged, None) == 3

@@ -198,7 +198,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_resume_matches(hosts, da
     procs[1].send_signal(signal.SIGTERM)  # process 1 only: process 0 never sees a signal
     outs = wait_all(procs, ok=(128 + signal.SIGTERM,))
     said = [re.findall(r"tuna-jax train: stopped by SIGTERM after step (\d+); checkpoint saved; "
-                       r"rerun with --resume to continue", o) for o in outs]
+                       r"rerun the same command \(train: with --resume\) to continue", o) for o in outs]
     assert all(len(s) == 1 for s in said), outs
     step = int(said[0][0])
     assert int(said[1][0]) == step and 2 <= step < STEPS, said

@@ -162,3 +162,31 @@ def test_prm_training_resumes_exactly_through_the_one_trainer(tmp_path):
     a, b = (P.load_prm(tmp_path / n).params for n in ("whole", "resumed"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_prm_train_sigterm_exits_143_and_resumes(tmp_path, monkeypatch, capsys):
+    """`tuna-jax prm train` stopped by SIGTERM: one line, status 143 (as `train`), and --resume finishes it."""
+    import os
+    import signal
+
+    import tuna_jax.train as T
+    from test_local_teacher import eos_happy_model
+    from tuna_jax.cli import main as cli
+
+    base = eos_happy_model(tmp_path / "base")
+    data = write_rows(tmp_path / "train.jsonl", short_prompts(ranking_records(32, seed=4)))
+    real_train = T.train
+
+    def train_then_sigterm(cfg, resume=False, on_step=None):
+        kill = (lambda step, _m: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None)
+        return real_train(cfg, resume=resume, on_step=None if resume else kill)
+
+    monkeypatch.setattr(T, "train", train_then_sigterm)
+    args = ["prm", "train", str(base), data, str(tmp_path / "prm"), "--max-steps", "4", "--batch-size", "8",
+            "--max-len", str(MAX_LEN), "--pad-to-multiple", "0", "--tokenizer", str(base / "tokenizer.model"),
+            "--no-progress"]
+    assert cli(args) == 143
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err[-1].startswith("tuna-jax prm: stopped by SIGTERM after step") and "Traceback" not in "".join(err)
+    assert cli(args + ["--resume"]) == 0
+    assert "prm train: 4 steps" in capsys.readouterr().out

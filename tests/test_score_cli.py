@@ -60,4 +60,5 @@ def test_bad_lines_name_file_line_and_field(tmp_path, capsys, line, message):
     data.write_text('{"prompt_ids": [1], "candidate_ids": [[2]]}\n' + line + "\n")
     assert cli(["score", str(src), str(data), str(tmp_path / "out.jsonl"), "--max-len", "8"]) == 2
     assert re.search(message, capsys.readouterr().err)
-    assert not (tmp_path / "out.jsonl").exists()
+    # A refused run leaves nothing behind: no output, no empty OUT.partial, no lock.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "in.jsonl"]

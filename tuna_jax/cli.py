@@ -98,17 +98,10 @@ def cmd_reference_scores(args) -> int:
 
 def cmd_train(args) -> int:
     from tuna_jax.config import load_config
-    from tuna_jax.train import Interrupted, TrainingDiverged, train
+    from tuna_jax.train import train
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        result = train(cfg, resume=args.resume)
-    except Interrupted as e:
-        print(f"tuna-jax train: {e}; rerun with --resume to continue", file=sys.stderr)
-        return 128 + e.signum
-    except TrainingDiverged as e:
-        print(f"tuna-jax train: {e}", file=sys.stderr)
-        return 3
+    result = train(cfg, resume=args.resume)  # a stop (signal, divergence) is one line and its status: run_command
     summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()}
     print(f"finished at step {result.step}: {summary}")
     if result.eval_metrics:

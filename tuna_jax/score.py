@@ -150,6 +150,8 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
     max_len = max_len or cfg.max_position_embeddings
     lines = read_lines(data) if lines is None else lines
     scorer = Scorer(model, mesh, layout=layout, batch_groups=batch_rows)
+    # Every line is encoded and checked (vocabulary, length) before any file is made: a refused run leaves nothing.
+    groups = [group_for_line(obj, f"{data}:{lineno}", encoder, cfg.vocab_size, max_len) for lineno, obj in lines]
     non_finite = 0
     written = 0
     # One run per OUT (OUT.lock): two would write one OUT.partial at once; an earlier OUT is set aside.
@@ -161,8 +163,7 @@ def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: 
                      file=sys.stderr) as bar:
             for s in range(0, len(lines), examples_per_flush):
                 group = lines[s:s + examples_per_flush]
-                per_example = scorer.score([group_for_line(obj, f"{data}:{lineno}", encoder, cfg.vocab_size, max_len)
-                                            for lineno, obj in group])
+                per_example = scorer.score(groups[s:s + examples_per_flush])
                 for e, (lineno, obj) in enumerate(group):
                     rec = {"index": s + e}
                     if "id" in obj:

@@ -36,6 +36,7 @@ from flax import nnx
 from tuna_jax import parallel
 from tuna_jax.config import Config
 from tuna_jax.io import paths
+from tuna_jax.io.errors import RunStopped
 from tuna_jax.io.linelog import LineLog
 from tuna_jax.logprobs import example_logprobs
 from tuna_jax.losses import mle_loss, pair_accuracy, ranking_loss, sequence_scores
@@ -46,17 +47,20 @@ from tuna_jax.model.params import ParamBinder
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    """Loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+class TrainingDiverged(RunStopped):
+    """Loss or gradient norm became NaN/inf; the last good checkpoint is kept. Exit status 3."""
+
+    exit_status = 3
 
 
-class Interrupted(RuntimeError):
+class Interrupted(RunStopped):
     """SIGTERM/SIGINT arrived (at any host of a multi-host run); a checkpoint of the last finished step
-    was written, by every host at the same step."""
+    was written, by every host at the same step. Exit status 128 + the signal's number (143 for SIGTERM)."""
 
     def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
-        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved; "
+                         f"rerun the same command (train: with --resume) to continue")
+        self.signum, self.step, self.exit_status = signum, step, 128 + signum
 
 
 # ---- optimizer -------------------------------------------------------------------------

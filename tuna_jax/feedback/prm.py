@@ -298,8 +298,8 @@ def _common(p) -> None:
 
 
 def run(args) -> int:
-    """``tuna-jax prm train|rerank``: 0 done; 1 (rerank) some rows could not be scored; 3 (train) the loss
-    diverged (nothing saved)."""
+    """``tuna-jax prm train|rerank``: 0 done; 1 (rerank) some rows could not be scored; (train) 3 the loss
+    diverged (nothing saved), 128+N stopped by signal N (checkpoint saved)."""
     import jax
 
     from tuna_jax import parallel
@@ -312,14 +312,9 @@ def run(args) -> int:
                         schedule=args.schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                         margin=args.margin, form=args.form, seed=args.seed, pad_to_multiple=args.pad_to_multiple,
                         eval_fraction=args.eval_fraction, on_error=args.on_error)
-        from tuna_jax.train import TrainingDiverged
-
-        try:
-            res = train_prm(args.base, args.train, args.out_dir, cfg, eval_path=args.eval, tokenizer=args.tokenizer,
-                            mesh=mesh, dtype=args.dtype, progress=not args.no_progress, resume=args.resume)
-        except TrainingDiverged as e:
-            print(f"tuna-jax prm train: {e}", file=sys.stderr)
-            return 3
+        # A stop (SIGTERM: 143, a diverged loss: 3) is one line and its status (io.cli.run_command).
+        res = train_prm(args.base, args.train, args.out_dir, cfg, eval_path=args.eval, tokenizer=args.tokenizer,
+                        mesh=mesh, dtype=args.dtype, progress=not args.no_progress, resume=args.resume)
         msg = f"prm train: {res.steps} steps, last batch {res.last_train.get('loss', float('nan')):.4f} loss"
         if res.final_eval:
             msg += (f"; held-out pair accuracy {res.start_eval['pair_accuracy']:.3f} -> "

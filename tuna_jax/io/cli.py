@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from tuna_jax.io.errors import InputError
+from tuna_jax.io.errors import InputError, RunStopped
 from tuna_jax.io.items import StopRun
 from tuna_jax.io.lock import OutputBusyError
 
@@ -55,8 +55,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 USER_ERRORS: tuple[type[BaseException], ...] = ()  # filled on first use (see _user_errors)
 
 
-def format_error(e: BaseException) -> str:
-    """One line for the user: the message with its place (file:line, the file of an OSError)."""
+MAX_ERROR_CHARS = 300  # an error line is read by a person: longer texts (a jit failure prints the whole
+# graph definition of the model) are cut, and ``-v`` shows them whole with the traceback
+
+
+def format_error(e: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """One line for the user, at most ``limit`` characters: the message with its place (file:line, the file
+    of an OSError)."""
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         text = f"{e.filename}: {e.strerror}"
         if e.filename2 is not None:
@@ -69,11 +74,21 @@ def format_error(e: BaseException) -> str:
         text = f"safetensors: {e}"
     else:
         text = str(e) or type(e).__name__
-    return " ".join(text.split())  # server replies and library errors may span lines
+    text = " ".join(text.split())  # server replies and library errors may span lines
+    if len(text) > limit:
+        kept = limit - 60  # room for the tail below
+        text = f"{text[:kept].rstrip()} ... ({len(text) - kept} more characters; -v shows them)"
+    return text
+
+
+def error_line(prefix: str, e: BaseException) -> str:
+    """``prefix`` + the error, at most MAX_ERROR_CHARS in all."""
+    return prefix + format_error(e, MAX_ERROR_CHARS - len(prefix))
 
 
 def run_command(prog: str, func: Callable[[Any], int], args: Any, verbose: bool = False) -> int:
-    """``func(args)``; a user error is printed as ``PROG: error: ...`` and gives 2; Ctrl-C gives 130."""
+    """``func(args)``; a user error is printed as ``PROG: error: ...`` and gives 2; a stopped run
+    (:class:`RunStopped`) its one line and its own status; Ctrl-C gives 130."""
     global USER_ERRORS
     if not USER_ERRORS:
         USER_ERRORS = _user_errors()
@@ -82,10 +97,13 @@ def run_command(prog: str, func: Callable[[Any], int], args: Any, verbose: bool 
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except RunStopped as e:  # training stopped by a signal (128+N) or a diverged loss (3): one line, its status
+        print(error_line(f"{prog}: ", e), file=sys.stderr)
+        return e.exit_status
     except USER_ERRORS as e:
         if verbose:
             raise
-        print(f"{prog}: error: {format_error(e)}", file=sys.stderr)
+        print(error_line(f"{prog}: error: ", e), file=sys.stderr)
         return 2
 
 

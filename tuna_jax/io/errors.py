@@ -30,3 +30,11 @@ class InputError(ValueError):
         if field:
             loc += f"field {field!r}: "
         super().__init__(loc + str(message))
+
+
+class RunStopped(RuntimeError):
+    """A run that stopped on purpose or could not go on, with its exit status: the CLI and the pipeline
+    print ``str(e)`` as one line and exit with ``exit_status`` (e.g. 128 + N for signal N, 3 for a
+    diverged loss). Raised by training (``train.Interrupted``, ``train.TrainingDiverged``)."""
+
+    exit_status: int = 1

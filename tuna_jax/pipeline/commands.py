@@ -6,6 +6,8 @@ import os
 import sys
 
 from tuna_jax.io import paths
+from tuna_jax.io.cli import error_line
+from tuna_jax.io.errors import RunStopped
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO, DEMO_FAST, OBJECTIVES = (os.path.join(HERE, f) for f in ("demo.yaml", "demo_fast.yaml", "objectives.yaml"))
@@ -32,15 +34,11 @@ def run_and_report(config: str, overrides, until=(), start=(), progress: bool = 
     try:
         plan, steps, summary = run_pipeline(config, overrides, until=until, start=start, progress=progress)
     except StageFailed as e:
-        print(f"tuna-jax pipeline: {e}", file=sys.stderr)
+        print(error_line("tuna-jax pipeline: ", e), file=sys.stderr)
         return 1
-    except RuntimeError as e:
-        from tuna_jax.train import Interrupted, TrainingDiverged
-
-        if not isinstance(e, (Interrupted, TrainingDiverged)):
-            raise
-        print(f"tuna-jax pipeline: {e}", file=sys.stderr)
-        return 128 + e.signum if isinstance(e, Interrupted) else 3
+    except RunStopped as e:  # training stopped: 128+N for signal N (checkpoint saved), 3 diverged
+        print(error_line("tuna-jax pipeline: ", e), file=sys.stderr)
+        return e.exit_status
     width = max(len(s.id) for s in steps)
     for s in steps:
         print(f"{s.id:<{width}}  {s.action:<8} {s.reason}")
