@@ -14,6 +14,7 @@ so the switch must be set before transformers is imported).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -36,7 +37,12 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tuna_jax").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:  # absl (Orbax) installs its own level: lower it explicitly
-        logging.getLogger("absl").setLevel(logging.WARNING)
+        from tuna_jax.io.diskfull import HideWriterThreadTracebacks
+
+        absl = logging.getLogger("absl")
+        absl.setLevel(logging.WARNING)
+        if not any(isinstance(f, HideWriterThreadTracebacks) for f in absl.filters):
+            absl.addFilter(HideWriterThreadTracebacks())
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -66,6 +72,8 @@ def format_error(e: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
         text = f"{e.filename}: {e.strerror}"
         if e.filename2 is not None:
             text += f" (-> {e.filename2})"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and type(e).__name__ != "DiskFull":  # DiskFull says it already
+            text += "; free space there or write to another folder, then rerun"
     elif isinstance(e, UnicodeDecodeError):
         text = f"text is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the file as UTF-8"
     elif isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):

@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from tuna_jax.io import paths
+from tuna_jax.io.diskfull import disk_full_as_one_line
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import read_json
 from tuna_jax.model.convert import ConversionError, copy_tokenizer_files
@@ -44,8 +46,9 @@ def save_params(path: str | os.PathLike, model: Llama, tokenizer_src: str | os.P
     paths.makedirs(out)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(out / "params", params, force=True)
-    ckptr.wait_until_finished()
+    with disk_full_as_one_line(out, "the params export", sum(int(x.nbytes) for x in jax.tree.leaves(params))):
+        ckptr.save(out / "params", params, force=True)
+        ckptr.wait_until_finished()
     if jax.process_index() == 0:
         paths.write_atomic(out / "config.json", json.dumps(model.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
         if tokenizer_src is not None:
@@ -119,8 +122,27 @@ class TrainCheckpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               meta=ocp.args.JsonSave(meta)), force=force)
+        # A full disk surfaces here (the previous async save's error), in wait() or in close(): one line.
+        self._saving = (step, sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes")))
+        with self._disk_full(f"checkpoint step {step}"):
+            return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                   meta=ocp.args.JsonSave(meta)), force=force)
+
+    def _disk_full(self, what: str):
+        """ENOSPC/EDQUOT as one line naming the folder, the checkpoint being written, its size and the
+        newest complete step, which ``--resume`` restores."""
+        nbytes = getattr(self, "_saving", (None, None))[1]
+
+        def hint(e: BaseException) -> str:
+            done = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            return (f" with --resume (step {done[-1]}, the newest complete checkpoint, restores)" if done
+                    else " (no checkpoint was completed)")
+
+        def writing(e: BaseException) -> str:  # the step whose files failed, named in TensorStore's message
+            failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))
+            return what if failed is None else f"checkpoint step {failed[1]}"
+
+        return disk_full_as_one_line(self.directory, writing, nbytes, hint)
 
     def _restore_step(self, step: int, abstract_state):
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -184,8 +206,10 @@ class TrainCheckpointer:
         return moved
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_full("a checkpoint"):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_full("a checkpoint"):
+            self.manager.wait_until_finished()
         self.manager.close()
