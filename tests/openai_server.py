@@ -138,16 +138,20 @@ class OpenAIServer:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
 
     # -------------------------------------------------------------- scripting and counting
-    def kill_at_request(self, match: str, cmd: list[str], env: dict, cwd: str) -> int:
-        """Run the command ``cmd`` and SIGKILL it while its request whose text contains ``match`` is held
-        at the server (a ``gate``), so everything before that request is finished and nothing after it
-        has started. Returns the command's exit status (``-SIGKILL`` when it was killed there)."""
+    def kill_at_request(self, match: str, cmd: list[str], env: dict, cwd: str, sig: int = signal.SIGKILL) -> int:
+        """Run the command ``cmd`` and send it ``sig`` (SIGKILL by default) while its request whose text
+        contains ``match`` is held at the server (a ``gate``), so everything before that request is finished
+        and nothing after it has started. Returns the command's exit status (``-SIGKILL`` when it was killed
+        there); its stderr is kept in ``self.last_stderr``. Other than SIGKILL, the held request is let go
+        after the signal, as a server would answer it, so the command can finish what it has in flight."""
         gate = self.add_fault("gate", match=match)
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert gate.reached.wait(30), proc.communicate(timeout=5)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            os.kill(proc.pid, sig)
+            if sig != signal.SIGKILL:
+                gate.release()
+            self.last_stderr = proc.communicate(timeout=60)[1]
         finally:
             gate.release()
             if proc.poll() is None:

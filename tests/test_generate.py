@@ -360,3 +360,40 @@ def test_cli_bad_lines_name_file_and_line(cli_model_dir, tmp_path, capsys, line,
     assert _cli(["generate", str(cli_model_dir), str(data), str(out), "--max-new-tokens", "4"]) == 2
     assert re.search(re.escape(message), capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_generate_with_143_and_a_rerun_finishes(tmp_path):
+    """SIGTERM while generating: the lines written so far stay, the process exits 143 with one line, and the
+    rerun writes only the rest (every line once, in input order)."""
+    import os
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tuna_jax.assets import stories260k_hf_dir
+
+    model = stories260k_hf_dir(tmp_path / "cache")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Once upon a time {i}"}) + "\n" for i in range(48)))
+    out = tmp_path / "out.jsonl"
+    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "tuna_jax.cli", "generate", str(model), str(data), str(out), "--batch-size", "4",
+           "--max-new-tokens", "24"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (out.exists() and out.read_text().count("\n") >= 4):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "tuna-jax generate: stopped by SIGTERM; rerun the same command to continue"
+    kept = out.read_text().count("\n")
+    assert 4 <= kept < 48
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == list(range(48))

@@ -252,3 +252,25 @@ def test_concurrency_limit(server, data, tmp_path):
     server.add_fault("timeout", delay_s=0.15, times=100)  # latency, well inside the client's timeout
     s = run(server, data, str(tmp_path / "out.jsonl"), tmp_path / "s.jsonl", concurrency=2)
     assert s.written == len(INSTRUCTIONS) and server.max_inflight == 2
+
+
+def test_sigterm_stops_with_143_keeps_what_was_in_flight_and_resumes(server, data, tmp_path):
+    """SIGTERM (a preemption) mid-run: the request in flight finishes and is stored, the run says so in one line
+    and exits 143; the rerun asks only for the items never requested."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OPENAI_API_KEY": KEY}
+    out, store = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl")
+    rc = server.kill_at_request(INSTRUCTIONS[3]["instruction"], _cli(server.base_url, data, out, "--store", store),
+                                env, str(tmp_path), sig=signal.SIGTERM)
+    assert rc == 143, server.last_stderr
+    assert server.last_stderr.strip().splitlines()[-1] == ("tuna-jax teacher: stopped by SIGTERM; rerun the same "
+                                                           "command to continue")
+    assert "Traceback" not in server.last_stderr
+    before = [server.count(ins["instruction"]) for ins in INSTRUCTIONS]
+    assert before[:4] == [1, 1, 1, 2] and before[4:] == [0, 0]  # the gate answers 503 once released: one retry
+    r = subprocess.run(_cli(server.base_url, data, out, "--store", store), env=env, cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "4 from cache" in r.stderr  # the three before and the one in flight at the signal
+    after = [server.count(ins["instruction"]) for ins in INSTRUCTIONS]
+    assert [a - b for a, b in zip(after, before)] == [0, 0, 0, 0, 1, 1]

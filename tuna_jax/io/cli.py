@@ -17,7 +17,9 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from tuna_jax.io.errors import InputError, RunStopped
@@ -94,14 +96,31 @@ def error_line(prefix: str, e: BaseException) -> str:
     return prefix + format_error(e, MAX_ERROR_CHARS - len(prefix))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``, ``docker stop``), raised in the main thread: every command
+    stops the way Ctrl-C stops it (the item loops finish what is in flight and keep their output and stores;
+    training installs its own handler and checkpoints), then exits 143."""
+
+    stop_kind = "SIGTERM"  # as the item loops report it (io/items.py)
+
+
+def _raise_terminated(signum, _frame):
+    raise Terminated(signum)
+
+
 def run_command(prog: str, func: Callable[[Any], int], args: Any, verbose: bool = False) -> int:
     """``func(args)``; a user error is printed as ``PROG: error: ...`` and gives 2; a stopped run
-    (:class:`RunStopped`) its one line and its own status; Ctrl-C gives 130."""
+    (:class:`RunStopped`) its one line and its own status; Ctrl-C gives 130, SIGTERM 143 (:class:`Terminated`)."""
     global USER_ERRORS
     if not USER_ERRORS:
         USER_ERRORS = _user_errors()
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
         return int(func(args) or 0)
+    except Terminated:
+        print(f"{prog}: stopped by SIGTERM; rerun the same command to continue", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -113,6 +132,9 @@ def run_command(prog: str, func: Callable[[Any], int], args: Any, verbose: bool 
             raise
         print(error_line(f"{prog}: error: ", e), file=sys.stderr)
         return 2
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def cli_main(prog: str, add_arguments: Callable[[Any], None], run: Callable[[Any], int],
