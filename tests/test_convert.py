@@ -113,9 +113,9 @@ def test_folder_without_safetensors_names_pickle(tmp_path, good_hf, monkeypatch)
 
 def test_unsupported_architecture(tmp_path, good_hf):
     cfg = json.loads((good_hf / "config.json").read_text())
-    cfg["model_type"], cfg["architectures"] = "mistral", ["MistralForCausalLM"]
+    cfg["model_type"], cfg["architectures"] = "mixtral", ["MixtralForCausalLM"]  # MoE: not one of the families
     (good_hf / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConversionError, match=r"config\.json.*unsupported architecture.*mistral"):
+    with pytest.raises(ConversionError, match=r"config\.json.*unsupported architecture.*mixtral"):
         load_hf_model(good_hf)
 
 

@@ -29,17 +29,16 @@ def _mesh(args):
 
 
 def cmd_convert_hf_to_orbax(args) -> int:
-    from tuna_jax.model.checkpoint import save_params
-    from tuna_jax.model.convert import ConversionError, load_hf_model
+    from tuna_jax.model.checkpoint import convert_hf_to_params
+    from tuna_jax.model.convert import ConversionError
 
     from tuna_jax.io import paths
 
     if paths.same_place(args.ckpt_dir, args.hf_dir):
         raise ConversionError(f"{args.ckpt_dir}: the checkpoint folder is the HF folder being read; choose another")
-    mesh = _mesh(args)
-    model = load_hf_model(args.hf_dir, mesh, param_dtype=args.param_dtype)
-    out = save_params(args.ckpt_dir, model, tokenizer_src=args.hf_dir)
-    print(f"wrote {out} ({model.cfg.num_params() / 1e6:.2f}M parameters, {model.cfg.param_dtype})")
+    _mesh(args)  # multi-host start-up and --mesh checked; the export streams from host memory and fits any mesh
+    out, cfg = convert_hf_to_params(args.hf_dir, args.ckpt_dir, param_dtype=args.param_dtype)
+    print(f"wrote {out} ({cfg.num_params() / 1e6:.2f}M parameters, {cfg.param_dtype})")
     return 0
 
 

@@ -12,25 +12,36 @@ It is what ``convert hf-to-orbax`` writes, what a finished stage hands to the ne
 ``convert orbax-to-hf`` reads. It restores onto any mesh: the target shardings come from the
 rules table, not from the mesh it was saved on.
 
+``convert hf-to-orbax`` (:func:`convert_hf_to_params`) streams: each parameter is written to its
+TensorStore array one piece at a time (one layer's HF tensor; a 64 MB row range of the embedding or
+the head), so the host holds one piece, never the model -- on a CPU host a model on the "device"
+would be in host memory too (LLaMA-2-7B in float32 is 27 GB; ``bench/convert_memory.py``). Its
+leaves are stored as numpy arrays rather than ``jax.Array``s (no ``_sharding`` file); every restore
+here passes target shardings, so both read the same.
+
 Every folder here may be local or in cloud storage (``gs://...``): paths go through
 :mod:`tuna_jax.io.paths` and reach Orbax as ``etils.epath`` paths, never through ``pathlib``.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
+from typing import Callable, Iterator
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 
 from tuna_jax.io import paths
 from tuna_jax.io.diskfull import disk_full_as_one_line
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import read_json
-from tuna_jax.model.convert import ConversionError, copy_tokenizer_files
+from tuna_jax.model.convert import ConversionError, copy_tokenizer_files, hf_param_blocks, open_hf_checkpoint
 from tuna_jax.model.llama import Llama, LlamaConfig, abstract_model
 from tuna_jax.parallel import RULES, state_shardings
 
@@ -49,11 +60,97 @@ def save_params(path: str | os.PathLike, model: Llama, tokenizer_src: str | os.P
     with disk_full_as_one_line(out, "the params export", sum(int(x.nbytes) for x in jax.tree.leaves(params))):
         ckptr.save(out / "params", params, force=True)
         ckptr.wait_until_finished()
+    _write_config_and_tokenizer(out, model.cfg, tokenizer_src)
+    return out
+
+
+def _write_config_and_tokenizer(out, cfg: LlamaConfig, tokenizer_src) -> None:
     if jax.process_index() == 0:
-        paths.write_atomic(out / "config.json", json.dumps(model.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
+        paths.write_atomic(out / "config.json", json.dumps(cfg.to_hf(), indent=2, sort_keys=True) + "\n")
         if tokenizer_src is not None:
             copy_tokenizer_files(tokenizer_src, out)
+
+
+# ---- streaming a HF folder into a params-only export ------------------------------------
+
+class StreamedArray:
+    """A leaf that is never whole in memory: its shape, dtype, chunk shape and ``blocks()``, an
+    iterator of (where, np.ndarray) pieces (``where`` a numpy index) that tile it on the chunk grid,
+    each read when it is written. Deliberately no ``__array__``: nothing materialises it."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, chunks: tuple[int, ...], blocks: Callable[[], Iterator[tuple]]):
+        self.shape, self.dtype, self.chunks, self.blocks = tuple(shape), np.dtype(dtype), tuple(chunks), blocks
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+
+class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax's numpy handler (its TensorStore specs, file layout, metadata; process 0 writes), but
+    the arrays are written one at a time, block by block: Orbax writes every leaf of a tree at once
+    and would need all of them in memory. Each block is whole chunks (the array's own chunk shape
+    replaces Orbax's choice), so no chunk is written twice: OCDBT appends, a rewritten chunk would
+    leave its old bytes in the files. One handler per save: its lock binds to that save's loop.
+
+    It overrides Orbax's private ``_open_and_write``: should Orbax stop calling it, TensorStore gets a
+    :class:`StreamedArray` (no ``__array__``) and the save fails; the tests would show it."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+        self._lock: asyncio.Lock | None = None
+
+    async def _open_and_write(self, value: StreamedArray, tspec, ts_context):
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if tspec.get("driver") != "zarr" or "chunks" not in tspec.get("metadata", {}):
+                raise NotImplementedError(f"streamed save into a {tspec.get('driver')!r} array")  # zarr3: not used here
+            tspec = {**tspec, "metadata": {**tspec["metadata"], "chunks": list(value.chunks)}}
+            t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+            for where, block in value.blocks():
+                # our block is never changed later: TensorStore may encode it without a copy
+                await t[where].write(block, can_reference_source_data_indefinitely=True)
+                del block
+
+
+def save_params_streamed(path: str | os.PathLike, cfg: LlamaConfig, params: dict,
+                         tokenizer_src: str | os.PathLike | None = None):
+    """Write a params-only export whose leaves are :class:`StreamedArray` (the tree of
+    ``nnx.to_pure_dict`` of the model's params), holding one block at a time."""
+    out = paths.resolve(path)
+    paths.makedirs(out)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)), (StreamedArray, _StreamedArrayHandler()))
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    ckptr.save(out / "params", args=ocp.args.PyTreeSave(params), force=True)
+    _write_config_and_tokenizer(out, cfg, tokenizer_src)
     return out
+
+
+def convert_hf_to_params(hf_dir: str | os.PathLike, path: str | os.PathLike, **runtime) -> tuple:
+    """``convert hf-to-orbax``: a HF folder -> a params-only export at ``path``, streamed (module
+    docstring); the same export as ``save_params(path, load_hf_model(hf_dir, **runtime))``. Returns
+    (its absolute ``etils.epath.Path``, the ``LlamaConfig``). ``runtime``: param_dtype (stored)."""
+    cfg, index = open_hf_checkpoint(hf_dir, **runtime)
+    params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))  # the tree save_params writes
+    for key_path, shape, dtype, chunks, blocks in hf_param_blocks(index, cfg):
+        parent = params
+        for key in key_path[:-1]:
+            parent = parent[key]
+        want = parent[key_path[-1]]
+        if (tuple(want.shape), np.dtype(want.dtype)) != (shape, dtype):  # a table bug, not bad input
+            raise AssertionError(f"{key_path}: conversion gives {shape} {dtype}, the model has {want.shape} "
+                                 f"{want.dtype}")
+        parent[key_path[-1]] = StreamedArray(shape, dtype, chunks, blocks)
+    missing = [p for p, v in nnx.traversals.flatten_mapping(params).items() if not isinstance(v, StreamedArray)]
+    if missing:
+        raise AssertionError(f"no conversion for parameter(s) {missing}")
+    return save_params_streamed(path, cfg, params, tokenizer_src=hf_dir), cfg
 
 
 def load_params(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules=RULES, **runtime) -> Llama:

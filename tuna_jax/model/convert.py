@@ -1,6 +1,7 @@
 """Hugging Face safetensors <-> tuna-jax parameters, streaming one tensor at a time.
 
-HF layout -> ours (per layer i; ours is stacked on a leading ``layers`` axis):
+Each family's table (HF name, shape, our path, transforms) is in ``model/families.py``; the
+LLaMA one, for example (per layer i; ours is stacked on a leading ``layers`` axis):
 
 =========================================  ==============================  =====================
 HF tensor                                  ours                            transform
@@ -20,7 +21,9 @@ No q/k permutation: the model uses HF's half-split rotary layout.
 
 Host memory: reading holds one stacked parameter group (e.g. all q_proj of every layer) at a
 time, placed on the mesh and dropped before the next; writing holds one output shard plus one
-stacked parameter. A 7B model never needs twice its size in host memory.
+stacked parameter. A 7B model never needs twice its size in host memory. ``convert hf-to-orbax``
+holds far less: each piece (one layer's tensor, a 64 MB row range of the embedding or the head) goes
+straight into the checkpoint (``hf_param_blocks``, ``model.checkpoint.convert_hf_to_params``).
 
 Only ``*.safetensors`` files are read. A folder with only ``pytorch_model.bin`` (pickle) is
 refused with instructions: pickle can execute code on load.
@@ -35,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import ml_dtypes
@@ -47,6 +50,7 @@ from safetensors.numpy import save_file
 from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import read_json
+from tuna_jax.model.families import family_of
 from tuna_jax.model.llama import Llama, LlamaConfig, abstract_model
 from tuna_jax.parallel import RULES, state_shardings, to_host
 
@@ -63,48 +67,31 @@ ConversionError = InputError
 
 
 # ---- the name/layout table -------------------------------------------------------------
+# One table per family, in model/families.py; these give its rows in the (name, path, to_ours, to_hf) form
+# the readers and writers below use.
 
 def _layer_specs(cfg: LlamaConfig):
-    """(HF suffix in layer i, our path, to_ours(hf_array) -> ours, to_hf(ours) -> hf_array)."""
-    d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return [
-        ("input_layernorm.weight", ("layers", "input_layernorm", "weight"), lambda w: w, lambda w: w),
-        ("post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "weight"), lambda w: w, lambda w: w),
-        ("self_attn.q_proj.weight", ("layers", "self_attn", "q_proj"),
-         lambda w: w.T.reshape(d, h, dh), lambda w: w.reshape(d, h * dh).T),
-        ("self_attn.k_proj.weight", ("layers", "self_attn", "k_proj"),
-         lambda w: w.T.reshape(d, k, dh), lambda w: w.reshape(d, k * dh).T),
-        ("self_attn.v_proj.weight", ("layers", "self_attn", "v_proj"),
-         lambda w: w.T.reshape(d, k, dh), lambda w: w.reshape(d, k * dh).T),
-        ("self_attn.o_proj.weight", ("layers", "self_attn", "o_proj"),
-         lambda w: w.T.reshape(h, dh, d), lambda w: w.reshape(h * dh, d).T),
-        ("mlp.gate_proj.weight", ("layers", "mlp", "gate_proj"), lambda w: w.T, lambda w: w.T),
-        ("mlp.up_proj.weight", ("layers", "mlp", "up_proj"), lambda w: w.T, lambda w: w.T),
-        ("mlp.down_proj.weight", ("layers", "mlp", "down_proj"), lambda w: w.T, lambda w: w.T),
-    ]
+    """(HF suffix in layer i, our path, to_ours(hf_array) -> ours, to_hf(ours) -> hf_array). Rows that
+    share a suffix are the parts of one fused HF tensor; their to_hf takes all parts (``families``)."""
+    return [(t.hf, t.ours, t.to_ours, t.to_hf) for t in family_of(cfg).tensors(cfg)[1]]
 
 
 def _global_specs(cfg: LlamaConfig):
-    specs = [("model.embed_tokens.weight", ("embed_tokens",), lambda w: w, lambda w: w),
-             ("model.norm.weight", ("norm", "weight"), lambda w: w, lambda w: w)]
-    if not cfg.tie_word_embeddings:
-        specs.append(("lm_head.weight", ("lm_head",), lambda w: w.T, lambda w: w.T))
-    return specs
+    """As ``_layer_specs`` for the tensors outside the layers, the embedding first."""
+    return [(t.hf, t.ours, t.to_ours, t.to_hf) for t in family_of(cfg).tensors(cfg)[0]]
+
+
+def _layer_name(cfg: LlamaConfig, i: int, suffix: str) -> str:
+    """The HF name of layer i's tensor ``suffix`` (``model.layers.i.suffix`` for LLaMA)."""
+    return f"{family_of(cfg).layer_prefix}.{i}.{suffix}"
 
 
 def hf_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name the config implies, with its HF shape."""
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    qd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    per_layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-                 "self_attn.q_proj.weight": (qd, d), "self_attn.k_proj.weight": (kd, d),
-                 "self_attn.v_proj.weight": (kd, d), "self_attn.o_proj.weight": (d, qd),
-                 "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f)}
-    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, d)
+    glob, layers = family_of(cfg).tensors(cfg)
+    shapes = {t.hf: t.shape for t in glob}
     for i in range(cfg.num_layers):
-        shapes.update({f"model.layers.{i}.{k}": s for k, s in per_layer.items()})
+        shapes.update({_layer_name(cfg, i, t.hf): t.shape for t in layers})
     return shapes
 
 
@@ -169,12 +156,17 @@ class SafetensorsIndex:
                     for name in f.keys():
                         self.where[name] = path
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """The tensor, or its rows [start, stop) (clipped; only those bytes are read)."""
         if name not in self.where:
             raise ConversionError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
         with _open_safetensors(self.where[name]) as f:
             try:
-                return f.get_tensor(name)
+                if start is None and stop is None:
+                    return f.get_tensor(name)
+                t = f.get_slice(name)
+                n = t.get_shape()[0]
+                return t[min(start or 0, n):min(n if stop is None else stop, n)]
             except Exception as e:  # noqa: BLE001 - a header that promises more bytes than the file has
                 raise ConversionError(f"{self.where[name]}: tensor {name!r} cannot be read "
                                       f"({' '.join(str(e).split())}); the file is probably truncated") from None
@@ -186,10 +178,12 @@ class SafetensorsIndex:
             return tuple(f.get_slice(name).get_shape())
 
     def dtype_name(self) -> str:
-        """The checkpoint's storage dtype, from the embedding."""
-        with _open_safetensors(self.where["model.embed_tokens.weight"]) as f:
+        """The checkpoint's storage dtype, from the embedding (LLaMA's or GPT-NeoX's name)."""
+        name = next((n for n in ("model.embed_tokens.weight", "gpt_neox.embed_in.weight") if n in self.where),
+                    "model.embed_tokens.weight")
+        with _open_safetensors(self.where[name]) as f:
             return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
-                f.get_slice("model.embed_tokens.weight").get_dtype(), "float32")
+                f.get_slice(name).get_dtype(), "float32")
 
 
 def validate_hf_checkpoint(index: SafetensorsIndex, cfg: LlamaConfig) -> None:
@@ -200,24 +194,74 @@ def validate_hf_checkpoint(index: SafetensorsIndex, cfg: LlamaConfig) -> None:
         if got != shape:
             raise ConversionError(f"{index.where[name]}: tensor {name!r} has shape {list(got)}, "
                                   f"but config.json implies {list(shape)}")
-    extra = [n for n in index.where if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
+    family = family_of(cfg)
+    ignored = IGNORED_SUFFIXES + family.ignored
+    extra = [n for n in index.where if n not in expected and not n.endswith(ignored)]
     if extra:
-        raise ConversionError(f"{index.where[extra[0]]}: unexpected tensor(s) {extra[:5]} for a LlamaForCausalLM "
+        raise ConversionError(f"{index.where[extra[0]]}: unexpected tensor(s) {extra[:5]} for a {family.architecture} "
                               f"with this config.json (tie_word_embeddings={cfg.tie_word_embeddings})")
+
+
+Blocks = Callable[[], Iterator[tuple[object, np.ndarray]]]
+# A tensor outside the layers (the embedding, the head: 0.5 GB each in float32 for LLaMA-2-7B, 2 GB
+# for LLaMA-3-8B's 128k vocabulary) is read in row ranges of about this many bytes.
+PIECE_BYTES = 64 * 2**20
+
+
+def _our_shape(to_ours, hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Our shape of a HF tensor of ``hf_shape``, traced: nothing is allocated."""
+    return tuple(jax.eval_shape(to_ours, jax.ShapeDtypeStruct(hf_shape, np.float32)).shape)
+
+
+def hf_param_blocks(index: SafetensorsIndex, cfg: LlamaConfig
+                    ) -> Iterator[tuple[tuple[str, ...], tuple[int, ...], np.dtype, tuple[int, ...], Blocks]]:
+    """For each of our parameters: (path, shape, dtype = param_dtype, chunk shape, blocks). Nothing
+    is read until ``blocks()`` is iterated; it then reads one piece at a time and yields (where, array)
+    pieces that tile the parameter on the chunk grid: ``where`` an index of ours (``i``: layer i of a
+    stacked parameter, one HF tensor; a tuple of slices: a range of a global tensor's HF rows, or
+    ``()``: all of it). The in-memory and the streaming conversion both fill from here."""
+    dt = np.dtype(NP_DTYPES[cfg.param_dtype])
+    hf_shapes = hf_tensor_shapes(cfg)
+
+    def per_layer(suffix, to_ours):
+        return lambda: ((i, to_ours(index.get(_layer_name(cfg, i, suffix))).astype(dt))
+                        for i in range(cfg.num_layers))
+
+    def rows(name, to_ours, shape, chunk):
+        axis = [a for a in range(len(shape)) if chunk[a] != shape[a]]
+        if not axis:
+            return lambda: iter([((), to_ours(index.get(name)).astype(dt))])
+        n, step = hf_shapes[name][0], chunk[axis[0]]
+
+        def where(r0, r1):
+            return tuple(slice(r0, r1) if a == axis[0] else slice(None) for a in range(len(shape)))
+
+        return lambda: ((where(r, min(r + step, n)), to_ours(index.get(name, r, r + step)).astype(dt))
+                        for r in range(0, n, step))
+
+    for name, path, to_ours, _ in _global_specs(cfg):
+        hf_shape = hf_shapes[name]
+        shape = _our_shape(to_ours, hf_shape)
+        step = max(1, PIECE_BYTES // (int(np.prod(hf_shape[1:])) * dt.itemsize))
+        chunk = shape
+        if step < hf_shape[0]:  # a row range of HF is a range of one axis of ours (the head: transposed)
+            piece = _our_shape(to_ours, (step,) + hf_shape[1:])
+            if sum(p != s for p, s in zip(piece, shape)) == 1 and step in piece:
+                chunk = piece
+        yield path, shape, dt, chunk, rows(name, to_ours, shape, chunk)
+    for suffix, path, to_ours, _ in _layer_specs(cfg):
+        layer = _our_shape(to_ours, hf_shapes[_layer_name(cfg, 0, suffix)])
+        yield path, (cfg.num_layers,) + layer, dt, (1,) + layer, per_layer(suffix, to_ours)
 
 
 def iter_hf_params(index: SafetensorsIndex, cfg: LlamaConfig) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """Yield (our path, our array in param_dtype), one parameter group at a time."""
-    dt = NP_DTYPES[cfg.param_dtype]
-    for name, path, to_ours, _ in _global_specs(cfg):
-        yield path, to_ours(index.get(name)).astype(dt)
-    for suffix, path, to_ours, _ in _layer_specs(cfg):
-        first = to_ours(index.get(f"model.layers.0.{suffix}"))
-        stacked = np.empty((cfg.num_layers,) + first.shape, dt)
-        stacked[0] = first
-        for i in range(1, cfg.num_layers):
-            stacked[i] = to_ours(index.get(f"model.layers.{i}.{suffix}"))
-        yield path, stacked
+    for path, shape, dt, _, blocks in hf_param_blocks(index, cfg):
+        out = np.empty(shape, dt)
+        for where, block in blocks():
+            out[where] = block
+            del block
+        yield path, out
 
 
 def _lookup(tree, path):
@@ -226,10 +270,9 @@ def _lookup(tree, path):
     return tree
 
 
-def load_hf_model(hf_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules=RULES,
-                  **runtime) -> Llama:
-    """A HF LlamaForCausalLM folder -> our ``Llama`` module, each parameter placed on the mesh
-    (or the default device) as soon as it is read. ``runtime``: dtype, param_dtype, scan_layers..."""
+def open_hf_checkpoint(hf_dir: str | os.PathLike, **runtime) -> tuple[LlamaConfig, SafetensorsIndex]:
+    """The config (``runtime`` fields applied) and the index of a HF folder whose tensors were all
+    checked against it (names and shapes, from the file headers: no weights are read)."""
     hf_cfg = read_hf_config(hf_dir)
     try:
         cfg = LlamaConfig.from_hf(hf_cfg, **runtime)
@@ -238,6 +281,14 @@ def load_hf_model(hf_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     # safetensors opens files by name: a folder in a bucket is read from a local copy of what is read here
     index = SafetensorsIndex(paths.local_copy(hf_dir, skip=_NOT_READ))
     validate_hf_checkpoint(index, cfg)
+    return cfg, index
+
+
+def load_hf_model(hf_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, rules=RULES,
+                  **runtime) -> Llama:
+    """A HF LlamaForCausalLM folder -> our ``Llama`` module, each parameter placed on the mesh
+    (or the default device) as soon as it is read. ``runtime``: dtype, param_dtype, scan_layers..."""
+    cfg, index = open_hf_checkpoint(hf_dir, **runtime)
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = state_shardings(state, mesh, rules) if mesh is not None else None
     for path, value in iter_hf_params(index, cfg):
@@ -251,19 +302,28 @@ def load_hf_model(hf_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
 # ---- writing a HF folder ---------------------------------------------------------------
 
 def iter_hf_tensors(state: nnx.State, cfg: LlamaConfig, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, HF array in ``dtype``) in HF's order, one stacked group on host at a time."""
+    """Yield (HF name, HF array in ``dtype``) in HF's order (embedding, layers, final norm, head), one
+    stacked group on host at a time (a fused tensor's parts together: NeoX's query_key_value)."""
     dt = NP_DTYPES[dtype]
-    glob = {name: (path, to_hf) for name, path, _, to_hf in _global_specs(cfg)}
-    yield "model.embed_tokens.weight", glob["model.embed_tokens.weight"][1](
-        to_host(_lookup(state, ("embed_tokens",))[...])).astype(dt)
-    for suffix, path, _, to_hf in _layer_specs(cfg):
-        stacked = to_host(_lookup(state, path)[...])
+
+    def groups(specs):  # (name, [our paths], to_hf): rows sharing a name are one fused tensor's parts
+        out: dict[str, tuple[list, object]] = {}
+        for name, path, _, to_hf in specs:
+            out.setdefault(name, ([], to_hf))[0].append(path)
+        return [(name, paths_, to_hf) for name, (paths_, to_hf) in out.items()]
+
+    def one(name, paths_, to_hf):
+        return name, np.ascontiguousarray(to_hf(*(to_host(_lookup(state, p)[...]) for p in paths_)).astype(dt))
+
+    embedding, *rest = groups(_global_specs(cfg))
+    yield one(*embedding)
+    for suffix, paths_, to_hf in groups(_layer_specs(cfg)):
+        stacked = [to_host(_lookup(state, p)[...]) for p in paths_]
         for i in range(cfg.num_layers):
-            yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(to_hf(stacked[i]).astype(dt))
+            yield _layer_name(cfg, i, suffix), np.ascontiguousarray(to_hf(*(s[i] for s in stacked)).astype(dt))
         del stacked
-    yield "model.norm.weight", to_host(_lookup(state, ("norm", "weight"))[...]).astype(dt)
-    if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", np.ascontiguousarray(to_host(_lookup(state, ("lm_head",))[...]).T.astype(dt))
+    for g in rest:
+        yield one(*g)
 
 
 def save_hf_model(state: nnx.State, cfg: LlamaConfig, out_dir: str | os.PathLike, *, like: str | None = None,
@@ -337,7 +397,8 @@ def _write_hf_folder(state: nnx.State, cfg: LlamaConfig, out: pathlib.Path, like
     written = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
     config = dict(base_cfg)
-    for stale in ("rope_parameters", "torch_dtype", "dtype", "rope_scaling", "rope_theta"):
+    for stale in ("rope_parameters", "torch_dtype", "dtype", "rope_scaling", "rope_theta", "partial_rotary_factor",
+                  "rotary_pct", "rotary_emb_base"):
         config.pop(stale, None)
     config.update(cfg.to_hf())
     config["torch_dtype"] = config["dtype"] = dtype

@@ -1,4 +1,14 @@
-"""LLaMA 1/2/3/3.1 in Flax NNX, readable top to bottom.
+"""The decoder of LLaMA 1/2/3.x and its relatives, in Flax NNX, readable top to bottom.
+
+One pre-norm decoder; what the supported Hugging Face families do differently is an option of
+the same blocks, named for what it is (``LlamaConfig``): LayerNorm with a bias instead of
+RMSNorm (StableLM, GPT-NeoX), biases on the q/k/v (and output) projections (Qwen2, StableLM 2,
+NeoX), an RMSNorm over each query/key head before RoPE (Qwen3), RoPE on the first part of each
+head only (StableLM, NeoX), attention and MLP side by side on the residual (NeoX, some
+StableLM), a plain GELU MLP instead of the gated SiLU one (NeoX), a sliding attention window
+(Mistral; rows longer than the window are refused). Every default is LLaMA's. Which HF
+architecture a config converts to and from, and how its config.json and tensor names map here,
+is ``model/families.py``. The class keeps the name ``Llama``: every command holds one.
 
 Layout decisions (why they are what they are):
 
@@ -11,7 +21,7 @@ Layout decisions (why they are what they are):
 * Every parameter carries logical axis names in its ``logical_axes`` metadata. The single
   rules table in :mod:`tuna_jax.parallel` maps them to mesh axes.
 * Parameters live in ``param_dtype`` (float32 by default); matmuls run in ``dtype``
-  (bfloat16 for training on accelerators); RMSNorm statistics, RoPE tables and the softmax
+  (bfloat16 for training on accelerators); norm statistics, RoPE tables and the softmax
   always run in float32, as in HF.
 * The attention mask is built once per forward pass, from per-token ``segment_ids`` (0 =
   padding; tokens attend only within their segment, causally by index) and optional
@@ -57,9 +67,43 @@ REMAT_POLICIES = {
 }
 
 
+# Activations by their HF ``hidden_act`` name. HF's "gelu" is the exact (erf) GELU; its tanh
+# approximations go by several names.
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+}
+NORMS = ("rms", "layer")
+RESIDUALS = ("sequential", "parallel", "parallel_shared_norm")
+MLPS = ("gated", "plain")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Architecture (from a HF ``config.json``) plus how to run it (dtypes, scan, remat)."""
+    """Architecture (from a HF ``config.json``) plus how to run it (dtypes, scan, remat).
+
+    The family options (defaults: LLaMA) -- ``model/families.py`` sets them from a config.json:
+
+    * ``family``: the HF architecture this config converts to and from (``families.FAMILIES``).
+    * ``norm``: ``rms`` (RMSNorm) or ``layer`` (LayerNorm with a bias). ``rms_norm_eps`` is the
+      eps of every norm (HF's ``layer_norm_eps`` for LayerNorm families).
+    * ``qkv_bias`` / ``o_bias``: biases on the q, k, v projections / on the output projection.
+    * ``qk_norm``: an RMSNorm over each query and key head's Dh (one [Dh] scale for q, one for k),
+      before RoPE (Qwen3).
+    * ``partial_rotary_factor``: RoPE turns the first ``rotary_dim = int(Dh * factor)`` dims of
+      each head (HF's half-split layout within them); the rest pass through (StableLM, NeoX).
+    * ``sliding_window``: a query sees at most this many keys back (Mistral). Not applied: a
+      forward pass over rows longer than the window is refused (``Llama.hidden_states``).
+    * ``residual``: ``sequential`` (h += attn(norm1 h); h += mlp(norm2 h)), ``parallel``
+      (h += attn(norm1 h) + mlp(norm2 h): NeoX) or ``parallel_shared_norm`` (h += attn(n) + mlp(n),
+      n = norm1 h, no second norm: StableLM's ``use_parallel_residual``).
+    * ``mlp``: ``gated`` (down(act(gate x) * up x), LLaMA's SwiGLU with ``hidden_act`` silu) or
+      ``plain`` (down(act(up x)): NeoX); ``mlp_bias``: biases on its projections.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -78,6 +122,18 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
+    # The family options (class docstring).
+    family: str = "llama"
+    norm: str = "rms"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    partial_rotary_factor: float = 1.0
+    sliding_window: int | None = None
+    residual: str = "sequential"
+    mlp: str = "gated"
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
     # How to run it; not part of the HF architecture.
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -104,73 +160,36 @@ class LlamaConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default", None):
                 raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
+        for name, allowed in (("norm", NORMS), ("residual", RESIDUALS), ("mlp", MLPS), ("hidden_act", ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported (supported: {', '.join(allowed)})")
+        if not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} gives {self.rotary_dim} rotary dims "
+                             f"of head_dim={self.head_dim}; they must be even and between 2 and head_dim")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window}: must be a positive number of tokens or null")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE turns (the first ones), as HF computes it."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     # ---- HF config.json <-> LlamaConfig ------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict, **runtime: Any) -> "LlamaConfig":
-        """From a HF ``config.json`` dict, either style: ``rope_theta`` + ``rope_scaling``
-        (hub checkpoints) or ``rope_parameters`` (transformers 5)."""
-        archs = hf.get("architectures") or ["LlamaForCausalLM"]
-        if hf.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in archs:
-            raise ValueError(f"unsupported architecture model_type={hf.get('model_type')!r} "
-                             f"architectures={archs}: tuna-jax loads LlamaForCausalLM checkpoints only")
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf.get(flag):
-                raise ValueError(f"{flag}=true is not a LLaMA architecture; tuna-jax does not support it")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA uses silu)")
-        rope = dict(hf.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling is not None:
-            scaling = dict(scaling)
-            scaling.setdefault("rope_type", scaling.pop("type", None))
-            if scaling["rope_type"] == "default":
-                scaling = None
-        heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            **runtime,
-        )
+        """From a HF ``config.json`` dict of a supported family (``model/families.py``), either rope
+        style: ``rope_theta`` + ``rope_scaling`` (hub checkpoints) or ``rope_parameters``
+        (transformers 5). What the decoder cannot run is a ValueError naming the config key."""
+        from tuna_jax.model.families import config_from_hf
+
+        return cls(**config_from_hf(hf), **runtime)
 
     def to_hf(self) -> dict:
-        """The architecture as a complete HF ``config.json`` dict (both rope styles written,
-        so transformers 4.x and 5.x read it the same)."""
-        out = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "hidden_act": "silu",
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
-        }
-        return out
+        """The architecture as a complete HF ``config.json`` dict of its family (rope keys in the
+        legacy style, which transformers 4.x and 5.x read the same)."""
+        from tuna_jax.model.families import config_to_hf
+
+        return config_to_hf(self)
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -178,18 +197,22 @@ class LlamaConfig:
         return () if e is None else tuple(e) if isinstance(e, (list, tuple)) else (e,)
 
     def num_params(self) -> int:
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d
-        return self.num_layers * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+        d, f, v, dh = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        h, k = self.num_heads, self.num_kv_heads
+        norm = d * (2 if self.norm == "layer" else 1)
+        attn = d * dh * (2 * h + 2 * k) + self.qkv_bias * dh * (h + 2 * k) + self.o_bias * d + self.qk_norm * 2 * dh
+        n_mlp = 3 if self.mlp == "gated" else 2
+        mlp = n_mlp * d * f + self.mlp_bias * ((n_mlp - 1) * f + d)
+        per_layer = attn + mlp + norm * (1 if self.residual == "parallel_shared_norm" else 2)
+        return self.num_layers * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + norm
 
 
 # ---- rotary embeddings ----------------------------------------------------------------
 
 def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
-    """[Dh/2] float32 inverse frequencies, with the "llama3" (Llama 3.1) rescaling when set.
-    Computed in numpy float64 then rounded, so it does not depend on the device."""
-    dim = cfg.head_dim
+    """[rotary_dim/2] float32 inverse frequencies (rotary_dim = Dh unless partial), with the "llama3"
+    (Llama 3.1) rescaling when set. Computed in numpy, so it does not depend on the device."""
+    dim = cfg.rotary_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     inv = inv.astype(np.float32)
     s = cfg.rope_scaling
@@ -206,14 +229,18 @@ def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """positions [B, L] int -> cos, sin [B, L, Dh] float32 (half-split layout)."""
+    """positions [B, L] int -> cos, sin [B, L, R] float32 (half-split layout), R = 2 * len(inv_freq)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, L, heads, Dh]; cos/sin [B, L, Dh]. HF's ``rotate_half`` convention."""
+    """x [B, L, heads, Dh]; cos/sin [B, L, R]. HF's ``rotate_half`` convention on the first R dims
+    of each head; the other Dh - R pass through (partial rotary)."""
+    if cos.shape[-1] < x.shape[-1]:
+        r = cos.shape[-1]
+        return jnp.concatenate([apply_rope(x[..., :r], cos, sin), x[..., r:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     out = x.astype(jnp.float32) * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
@@ -251,9 +278,15 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
     return nnx.Param(value, logical_axes=axes)
 
 
+def _bias(shape: tuple[int, ...], axes: tuple[str, ...], dtype):
+    """A bias (zeros) with logical axis names; it draws no random numbers, so adding one leaves
+    the initialisation of every other parameter unchanged."""
+    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+
+
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
-        self.weight = _param(rngs, (dim,), ("norm",), param_dtype, std=None)
+    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs, axes: tuple[str, ...] = ("norm",)):
+        self.weight = _param(rngs, (dim,), axes, param_dtype, std=None)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -261,6 +294,28 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with a scale and a bias (torch ``nn.LayerNorm``: biased variance)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), ("norm",), param_dtype, std=None)
+        self.bias = _bias((dim,), ("norm",), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> [..., D] in x's dtype; computed in float32, rounded once at the end."""
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def make_norm(cfg: LlamaConfig, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
+    """The config's norm over the hidden size D."""
+    cls = LayerNorm if cfg.norm == "layer" else RMSNorm
+    return cls(cfg.hidden_size, cfg.rms_norm_eps, DTYPES[cfg.param_dtype], rngs)
 
 
 class Attention(nnx.Module):
@@ -271,6 +326,15 @@ class Attention(nnx.Module):
         self.k_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), pd)
         self.v_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), pd)
         self.o_proj = _param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            self.q_bias = _bias((h, dh), ("q_heads", "head_dim"), pd)
+            self.k_bias = _bias((k, dh), ("kv_heads", "head_dim"), pd)
+            self.v_bias = _bias((k, dh), ("kv_heads", "head_dim"), pd)
+        if cfg.o_bias:
+            self.o_bias = _bias((d,), ("embed",), pd)
+        if cfg.qk_norm:  # one [Dh] scale shared by all heads (Qwen3)
+            self.q_norm = RMSNorm(dh, cfg.rms_norm_eps, pd, rngs, axes=("head_dim",))
+            self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, pd, rngs, axes=("head_dim",))
         self.cfg = cfg
 
     def __call__(self, x, cos, sin, mask, kv=None, cache_meta=None, ids=None):
@@ -286,6 +350,10 @@ class Attention(nnx.Module):
         q = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(dt))
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:
             impl = resolve(cfg.attention, dt, cfg.head_dim)
@@ -296,44 +364,67 @@ class Attention(nnx.Module):
             new_kv = (k.astype(kv[0].dtype), v.astype(kv[1].dtype))
         b, l = x.shape[:2]
         out = jnp.einsum("blhk,hkd->bld", out.reshape(b, l, cfg.num_heads, cfg.head_dim), self.o_proj[...].astype(dt))
+        if cfg.o_bias:
+            out = out + self.o_bias[...].astype(dt)
         return out, new_kv
 
 
 class MLP(nnx.Module):
+    """``gated``: down(act(x W_gate) * x W_up) (LLaMA's SwiGLU with silu); ``plain``: down(act(x W_up))
+    (NeoX's dense_h_to_4h / dense_4h_to_h); with ``mlp_bias`` each projection adds a bias."""
+
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         pd = DTYPES[cfg.param_dtype]
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        if cfg.mlp == "gated":
+            self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        if cfg.mlp_bias:
+            if cfg.mlp == "gated":
+                self.gate_bias = _bias((f,), ("mlp",), pd)
+            self.up_bias = _bias((f,), ("mlp",), pd)
+            self.down_bias = _bias((d,), ("embed",), pd)
         self.dtype = DTYPES[cfg.dtype]
+        self.gated, self.biased, self.hidden_act = cfg.mlp == "gated", cfg.mlp_bias, cfg.hidden_act
+
+    def _proj(self, x, name):
+        y = x @ getattr(self, f"{name}_proj")[...].astype(self.dtype)
+        return y + getattr(self, f"{name}_bias")[...].astype(self.dtype) if self.biased else y
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.dtype
-        x = x.astype(dt)
-        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
-        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+        x, act = x.astype(self.dtype), ACTIVATIONS[self.hidden_act]
+        if self.gated:
+            gate = act(self._proj(x, "gate"))
+            return self._proj(gate * self._proj(x, "up"), "down")
+        return self._proj(act(self._proj(x, "up")), "down")
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        pd = DTYPES[cfg.param_dtype]
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs)
+        self.input_layernorm = make_norm(cfg, rngs)
         self.self_attn = Attention(cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs)
+        if cfg.residual != "parallel_shared_norm":
+            self.post_attention_layernorm = make_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
+        self.residual = cfg.residual
 
     def __call__(self, h, cos, sin, mask, kv=None, cache_meta=None, ids=None):
         """h [B, L, D] float32 residual stream -> (h [B, L, D], updated kv or None)."""
-        attn, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, cache_meta, ids)
-        h = h + attn.astype(h.dtype)
-        h = h + self.mlp(self.post_attention_layernorm(h)).astype(h.dtype)
-        return h, kv
+        normed = self.input_layernorm(h)
+        attn, kv = self.self_attn(normed, cos, sin, mask, kv, cache_meta, ids)
+        if self.residual == "sequential":
+            h = h + attn.astype(h.dtype)
+            return h + self.mlp(self.post_attention_layernorm(h)).astype(h.dtype), kv
+        # Attention and MLP both read this layer's input (NeoX and StableLM's parallel residual).
+        mlp_in = normed if self.residual == "parallel_shared_norm" else self.post_attention_layernorm(h)
+        return h + attn.astype(h.dtype) + self.mlp(mlp_in).astype(h.dtype), kv
 
 
 class Llama(nnx.Module):
-    """LlamaForCausalLM. ``__call__`` gives logits; ``hidden_states`` + ``lm_head_weight`` let
-    the log-likelihood code project only the scored tokens (see ``logprobs.py``)."""
+    """The causal LM of every supported family (``LlamaConfig.family``). ``__call__`` gives logits;
+    ``hidden_states`` + ``lm_head_weight`` let the log-likelihood code project only the scored tokens
+    (see ``logprobs.py``)."""
 
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -350,7 +441,7 @@ class Llama(nnx.Module):
         for _, var in nnx.iter_graph(self.layers):
             if isinstance(var, nnx.Variable) and "logical_axes" in var.get_metadata():
                 var.set_metadata(logical_axes=("layers",) + tuple(var.get_metadata()["logical_axes"]))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs)
+        self.norm = make_norm(cfg, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
@@ -370,6 +461,13 @@ class Llama(nnx.Module):
         the ``xla`` attention skip fully masked blocks; it never changes the result.
         """
         cfg = self.cfg
+        span = input_ids.shape[1] if cache is None else cache.segment_ids.shape[1]
+        if cfg.sliding_window is not None and span > cfg.sliding_window:
+            # Within the window every causal key is visible, so the plain mask is exact; beyond it HF
+            # hides keys more than sliding_window back, which no attention path here does.
+            raise ValueError(f"rows of {span} tokens exceed the model's sliding_window={cfg.sliding_window}, "
+                             f"which tuna-jax does not apply; use sequences of at most {cfg.sliding_window} "
+                             f"tokens (prompt + new tokens when sampling)")
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.float32)
         h = constrain(h, ("batch", "length", "act_embed"))
         cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg))

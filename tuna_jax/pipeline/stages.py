@@ -141,13 +141,12 @@ def _run_convert(p: ConvertStage, stage: StageRun) -> dict:
         convert_llama2c_to_hf(p.source, p.tokenizer, out)
         return {}
     from tuna_jax import parallel
-    from tuna_jax.model.checkpoint import save_params
-    from tuna_jax.model.convert import load_hf_model
+    from tuna_jax.model.checkpoint import convert_hf_to_params
 
     parallel.initialize_distributed()
-    model = load_hf_model(p.source, parallel.make_mesh(p.mesh), param_dtype=p.param_dtype)
-    save_params(out, model, tokenizer_src=p.source)
-    return {"parameters": model.cfg.num_params()}
+    parallel.make_mesh(p.mesh)  # checked; the export streams from host memory and fits any mesh
+    _, cfg = convert_hf_to_params(p.source, out, param_dtype=p.param_dtype)
+    return {"parameters": cfg.num_params()}
 
 
 @dataclasses.dataclass
