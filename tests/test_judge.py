@@ -374,3 +374,22 @@ def test_empty_candidates_are_not_shown_and_are_listed(server, tmp_path):
     assert rec["scores"] == sorted(rec["scores"], reverse=True) and rec["num_tokens"] == [2, 2, 2]
     for po in rec["judge"]["per_order"]:  # indices of the input row, never the empty one
         assert sorted(po["order"]) == [0, 2, 3] and 1 not in po["ranking"]
+
+
+def test_sigterm_stops_the_judge_with_143_and_resumes(server, data, tmp_path):
+    """SIGTERM while the third record's request is at the server: it finishes and is stored, the run ends in one
+    line with status 143, and the rerun asks only for the records never asked."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OPENAI_API_KEY": KEY}
+    out, store = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl")
+    rc = server.kill_at_request(ITEMS[2]["instruction"], _cli(server.base_url, data, out, store), env, str(tmp_path),
+                                sig=signal.SIGTERM)
+    assert rc == 143, server.last_stderr
+    assert server.last_stderr.strip().splitlines()[-1] == ("tuna-jax judge: stopped by SIGTERM; rerun the same command "
+                                                           "to continue")
+    before = [server.count(item["instruction"]) for item in ITEMS]
+    r = subprocess.run(_cli(server.base_url, data, out, store), env=env, cwd=str(tmp_path), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    after = [server.count(item["instruction"]) for item in ITEMS]
+    assert after[:3] == before[:3] and all(a > b for a, b in zip(after[3:], before[3:]))
+    assert len(read(out)) == len(ITEMS)

@@ -202,7 +202,8 @@ def pipeline_cmd(path):
 
 
 def losses(run_dir):
-    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
 
 
 def committed_steps(run_dir):
