@@ -1,8 +1,8 @@
 """SIGTERM (a preemption, ``kill``, ``docker stop``) stops each long-running command with status 143, in one
 line, with its state saved, and the rerun finishes the work. Real processes, real signals. The teacher, the
 judge (tests/test_teacher.py, tests/test_judge.py), generate (tests/test_generate.py), train and prm train
-(tests/test_train.py, tests/test_prm.py) have theirs beside their other tests; here the pipeline and
-sample-diverse."""
+(tests/test_train.py, tests/test_prm.py) have theirs beside their other tests; here the pipeline,
+sample-diverse and eval run."""
 import json
 import os
 import signal
@@ -58,9 +58,40 @@ def test_sample_diverse_sigterm(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err = _stop_when(proc, lambda: out.exists() and out.read_text().count("\n") >= 2)
     assert proc.returncode == 143, err[-3000:]
-    assert err.strip().splitlines()[-1] == "tuna-jax sample-diverse: stopped by SIGTERM; rerun the same command to continue"
+    assert err.strip().splitlines()[-1] == ("tuna-jax sample-diverse: stopped by SIGTERM; rerun the same command "
+                                            "to continue")
     kept = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert 2 <= len(kept) < 24
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [str(i) for i in range(24)]
+
+
+def test_eval_run_sigterm(tmp_path):
+    import yaml
+    from test_eval_cli import ni_task
+
+    ni = tmp_path / "natural-instructions"
+    (ni / "tasks").mkdir(parents=True)
+    (ni / "splits" / "default").mkdir(parents=True)
+    (ni / "tasks" / "task001_animals.json").write_text(json.dumps(ni_task("task001_animals", "Keyword Tagging",
+                                                                          "Name the animal", 40)))
+    (ni / "splits" / "default" / "test_tasks.txt").write_text("task001_animals\n")
+    out = tmp_path / "eval"
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "t", "output_dir": str(out),
+                                   "models": [{"name": "m", "path": str(stories260k_hf_dir(tmp_path / "cache"))}],
+                                   "generation": {"max_new_tokens": 24, "batch_size": 4},
+                                   "superni": {"tasks": str(ni), "shots": [0], "num_instances": 40}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "tuna_jax.cli", "eval", "run", str(cfg), "--no-progress"]
+    pred = out / "predictions" / "m" / "superni_0shot.jsonl"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = _stop_when(proc, lambda: pred.exists() and pred.read_text().count("\n") >= 4)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "tuna-jax eval: stopped by SIGTERM; rerun the same command to continue"
+    assert 4 <= pred.read_text().count("\n") < 40
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len({json.loads(x)["id"] for x in pred.read_text().splitlines()}) == 40
