@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         # HF parity tests need PyTorch; 2.13.0 has a CPU wheel (unpinned torch pulls CUDA).
-        "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "peft"],  # peft: the LoRA adapter format's reference
         # The OpenAI-compatible client uses only the standard library (urllib); the extra stays
         # so `pip install tuna-jax[api]` keeps working if a dependency is ever needed.
         "api": [],
@@ -39,6 +39,9 @@ setup(
         # gs:// paths: gcsfs for etils.epath (tuna-jax's own files, Orbax's metadata) and the Cloud Storage
         # client Orbax asks about the bucket's layout; Orbax writes the arrays through TensorStore itself.
         "gcs": ["gcsfs", "google-cloud-storage"],
+        # `tuna-jax plan --topology v5e-16` compiles for TPU topologies on any host: libtpu, pinned to the jax
+        # it compiles with (jax[tpu] of another version would bring a libtpu that jax does not load).
+        "plan": ["jax[tpu]==0.10.2"],
     },
     entry_points={"console_scripts": ["tuna-jax=tuna_jax.cli:main"]},
 )

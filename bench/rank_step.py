@@ -4,6 +4,7 @@
     python bench/rank_step.py --gpu             # accelerator: TinyLlama-shaped 1.1B, bf16, max_len 1024
     python bench/rank_step.py --json OUT.json   # also write every figure as JSON
     python bench/rank_step.py --gpu --batch 48 --packing   # rows a packed run computes, by shape_buckets
+    python bench/rank_step.py --lora 8 --layouts prefix_shared --torch no   # LoRA against full fine-tuning
 
 Same data, model, loss and optimizer for every variant, in one process:
 
@@ -54,6 +55,9 @@ TINY_MODEL = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_h
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
 CPU_MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
+# Most parameters in the layers (LoRA's case; 19m is 85% embedding and LM head): 160M, 94M of them in 8 layers.
+BODY_MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                  num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096)
 GPU_MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=8192)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -179,6 +183,7 @@ class Ours:
         shapes = sorted({tuple(b["input_ids"].shape) for b in self.host_batches})
         return {"first_loss": float(first["loss"]) / float(first["count"]), "compile_s": compile_s,
                 "xla_peak_bytes": peak, "xla_temp_bytes": None if mem is None else mem.temp_size_in_bytes,
+                "xla_arg_bytes": None if mem is None else mem.argument_size_in_bytes,
                 "shapes": [list(s) for s in shapes], "compiles": len(compiled),
                 "padding": _padding(self.host_batches)}
 
@@ -193,6 +198,61 @@ class Ours:
                 self.state, m = call(self.state, b)
             jax.block_until_ready((self.state, m))
             return time.perf_counter() - t0
+
+
+class OursLora(Ours):
+    """``--lora R``: the same step, batches and loss with LoRA (``model/lora.py``): rank-R adapters (alpha 2R)
+    on every projection of the frozen base (``--lora-base-dtype``), which each call passes to the step;
+    gradients and AdamW state exist for the adapters only. B starts at zero, so the first step's loss is
+    the full fine-tuning step's."""
+
+    def __init__(self, layout: str, args, hf: dict, examples, state0, mesh):
+        import jax
+        import jax.numpy as jnp
+
+        from tuna_jax.model import lora
+        from tuna_jax.train import ParamBinder, make_optimizer, make_train_step
+
+        super().__init__(layout, args, hf, examples, state0, mesh)
+        self.name = f"ours:{layout}+lora{args.lora}"
+        spec = lora.LoraSpec(args.lora, 2.0 * args.lora, tuple(lora.TARGETS))
+        base = jax.tree.map(lambda x: x.astype(jnp.dtype(args.lora_base_dtype)), state0)
+        with jax.set_mesh(mesh):
+            self.frozen, self.trainable = lora.split_for_training(self.lcfg, base, spec, seed=0, mesh=mesh)
+        binder, (tx, schedule) = ParamBinder(self.lcfg), make_optimizer(self.cfg.optim, 1000)
+        self.tx = tx
+
+        def step(state, batch, frozen):
+            return make_train_step(lora.LoraBinder(binder, frozen, spec), self.cfg, tx, schedule)(state, batch)
+
+        self.step = _BoundFrozen(jax.jit(step, donate_argnums=(0,)), self.frozen)
+
+    def fresh_state(self):
+        import jax
+        import jax.numpy as jnp
+
+        params = jax.tree.map(jnp.copy, self.trainable)
+        return {"params": params, "opt_state": jax.jit(self.tx.init)(params), "step": jnp.zeros((), jnp.int32),
+                "rng": jax.random.key_data(jax.random.key(0))}
+
+
+class _BoundFrozen:
+    """A jitted ``f(state, batch, frozen)`` lowered, compiled and called as ``f(state, batch)``."""
+
+    def __init__(self, fn, frozen):
+        self.fn, self.frozen = fn, frozen
+
+    def lower(self, state, batch):
+        lowered, frozen = self.fn.lower(state, batch, self.frozen), self.frozen
+
+        class Lowered:
+            def compile(self):
+                compiled = lowered.compile()
+                call = lambda s, b: compiled(s, b, frozen)  # noqa: E731
+                call.memory_analysis, call.as_text = compiled.memory_analysis, compiled.as_text
+                return call
+
+        return Lowered()
 
 
 def _padding(batches) -> float:
@@ -402,7 +462,7 @@ def packing_report(args, hf: dict) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="the 1.1B config in bfloat16 on the accelerator")
-    ap.add_argument("--model", default=None, choices=["tiny", "19m", "1b"],
+    ap.add_argument("--model", default=None, choices=["tiny", "19m", "160m", "1b"],
                     help="default 19m (CPU, the issue's setting) / 1b (GPU, TinyLlama's shape)")
     ap.add_argument("--layouts", default="padded,prefix_shared,packed")
     ap.add_argument("--torch", default="auto", choices=["auto", "yes", "no"],
@@ -422,6 +482,10 @@ def main(argv=None) -> int:
     ap.add_argument("--row-len", type=int, default=0, help="data.row_len for packed (0: max_len)")
     ap.add_argument("--packing", action="store_true", help="only plan the packed batches of the whole data "
                     "(every record, one epoch) for data.shape_buckets 1-4: rows computed and padding; no model")
+    ap.add_argument("--lora", type=int, default=0, metavar="R", help="also time each layout with LoRA of rank R on "
+                    "every projection (model/lora.py), against full fine-tuning on the same batches")
+    ap.add_argument("--lora-base-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the frozen base's dtype in the --lora variants (default float32, as full fine-tuning's)")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     ap.add_argument("--profile", default=None, help="also trace one pass of the first variant (jax.profiler) "
                     "into this folder, with its optimised HLO")
@@ -441,13 +505,13 @@ def main(argv=None) -> int:
 
     from tuna_jax import parallel
 
+    models = {"tiny": TINY_MODEL, "19m": CPU_MODEL, "160m": BODY_MODEL, "1b": GPU_MODEL}
     if args.packing:  # planning only: no model, any machine
-        return packing_report(args, dict({"tiny": TINY_MODEL, "19m": CPU_MODEL, "1b": GPU_MODEL}[
-            args.model or ("1b" if args.gpu else "19m")]))
+        return packing_report(args, dict(models[args.model or ("1b" if args.gpu else "19m")]))
     if args.gpu and jax.default_backend() == "cpu":
         print("--gpu: jax sees no accelerator; nothing to do")
         return 0
-    hf = dict({"tiny": TINY_MODEL, "19m": CPU_MODEL, "1b": GPU_MODEL}[args.model or ("1b" if args.gpu else "19m")])
+    hf = dict(models[args.model or ("1b" if args.gpu else "19m")])
     mesh = parallel.make_mesh(None)
     examples, source = build_examples(args.n, args.max_resp, args.max_len, args.batch * args.batches,
                                       hf["vocab_size"])
@@ -460,6 +524,8 @@ def main(argv=None) -> int:
           f"max_len {args.max_len}, responses <= {args.max_resp} tokens; {args.batches} batches x {args.rounds} rounds")
 
     variants = [Ours(layout, args, hf, examples, state0, mesh) for layout in args.layouts.split(",")]
+    if args.lora:
+        variants += [OursLora(layout, args, hf, examples, state0, mesh) for layout in args.layouts.split(",")]
     use_torch = args.torch == "yes" or (args.torch == "auto" and not args.gpu)
     if args.gpu and args.torch == "auto":
         try:
@@ -550,6 +616,16 @@ def main(argv=None) -> int:
         if ours_pad and row is not ours_pad and row.get("xla_peak_bytes") and ours_pad.get("xla_peak_bytes"):
             print(f"memory {row['variant']} / ours:padded: XLA peak {row['xla_peak_bytes'] / ours_pad['xla_peak_bytes']:.2f}x, "
                   f"temporaries {row['xla_temp_bytes'] / ours_pad['xla_temp_bytes']:.2f}x")
+    by_name = {r["variant"]: r for r in rows}
+    for row in rows:  # --lora: each LoRA variant against full fine-tuning of the same layout
+        full = by_name.get(row["variant"].split("+lora")[0]) if "+lora" in row["variant"] else None
+        if full and row.get("xla_peak_bytes") and full.get("xla_peak_bytes"):
+            mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+            print(f"{row['variant']} / {full['variant']}: step time {row['step_s'] / full['step_s']:.2f}x, XLA peak "
+                  f"{row['xla_peak_bytes'] / full['xla_peak_bytes']:.2f}x ({mib(row['xla_peak_bytes'])} vs "
+                  f"{mib(full['xla_peak_bytes'])}: arguments {mib(row['xla_arg_bytes'])} vs "
+                  f"{mib(full['xla_arg_bytes'])}, "
+                  f"temporaries {mib(row['xla_temp_bytes'])} vs {mib(full['xla_temp_bytes'])})")
     print("first-step loss: " + ", ".join(f"{r['variant']} {r['first_loss']:.6f}" for r in rows))
     if peak:
         print(f"MFU = model FLOPs computed / step time / {peak / 1e12:.0f} TFLOP/s ({kind} dense bf16); "

@@ -5,9 +5,13 @@ the flag only takes effect if it is set before jax is first imported, hence here
 """
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# `tuna-jax train` keeps JAX's persistent compilation cache (train.compile_cache, default on) in the user's
+# ~/.cache: tests use one of their own, new each session, so they neither read nor fill the user's.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="tuna-jax-test-xla-"))
 
 import pytest  # noqa: E402
 

@@ -7,9 +7,10 @@ import pytest
 
 import itertools
 
-from tuna_jax.data.batching import BatchIterator, tokenize_ranking, tokenize_sft, unit_buckets
+from tuna_jax.data.batching import BatchIterator, tokenize_ranking, tokenize_sft
 from tuna_jax.data.layouts import LayoutCollator
 from tuna_jax.data.records import DataError, RankingRecord, SFTRecord, record_prompt
+from tuna_jax.data.shapes import bucket_sizes
 from tuna_jax.data.templates import SpecialTokenPolicy, encode_prompt, load_tokenizer
 
 
@@ -36,8 +37,9 @@ def rrec(i, cands, scores, output="orig", prompt=None):
                          prompt=prompt if prompt is not None else f"P{i}:", source=f"f.jsonl:{i}")
 
 
-def padded(max_len, n, mle_target="original", pad_to_multiple=0, mode="ranking"):
-    return LayoutCollator("padded", mode, max_len, TOK.pad_id, n, mle_target, pad_to_multiple=pad_to_multiple)
+def padded(max_len, n, mle_target="original", pad_to_multiple=0, mode="ranking", shape_buckets=1):
+    return LayoutCollator("padded", mode, max_len, TOK.pad_id, n, mle_target, pad_to_multiple=pad_to_multiple,
+                          shape_buckets=shape_buckets)
 
 
 def collate(coll, rows):
@@ -167,7 +169,7 @@ def _same(a, b):
 
 def test_resume_gives_exactly_the_remaining_batches():
     ex = _examples(23)
-    coll = padded(40, 3, pad_to_multiple=8)
+    coll = padded(40, 3, pad_to_multiple=2, shape_buckets=3)  # the planned shapes too
     make = lambda: BatchIterator(ex, coll, 4, seed=5, num_epochs=3)
     full = list(make())
     assert len(full) == 3 * (23 // 4)
@@ -184,6 +186,21 @@ def test_resume_gives_exactly_the_remaining_batches():
     assert make().state() == {"seed": 5, "epoch": 0, "index": 0, "num_examples": 23, "global_batch_size": 4}
     with pytest.raises(ValueError, match="num_examples"):
         BatchIterator(ex[:-1], coll, 4).restore(state)
+
+
+def test_upcoming_gives_the_first_batch_of_each_shape_still_to_come():
+    ex = _examples(23)
+    it = BatchIterator(ex, padded(40, 3, pad_to_multiple=2, shape_buckets=3), 2, seed=5, num_epochs=2)
+    for _ in range(7):
+        next(it)
+    state = it.state()
+    sig = lambda b: tuple(v.shape for v in b.values())  # noqa: E731
+    ahead = [sig(it.batch_at(*p)) for p in it.upcoming()]
+    assert it.state() == state  # looking ahead does not move the iterator
+    rest = [sig(b) for b in it]
+    assert ahead == list(dict.fromkeys(rest)) and 1 < len(ahead) <= 3
+    it.restore(state)
+    assert [sig(it.batch_at(*p)) for p in it.upcoming(2)] == list(dict.fromkeys(rest[:2]))
 
 
 def test_shuffle_is_seeded_and_covers_each_epoch():
@@ -221,25 +238,28 @@ def test_hosts_slice_the_global_batch():
 
 def test_pad_to_multiple_length():
     ex = _examples(12, seed=4)
-    coll = padded(40, 3, pad_to_multiple=8)
+    coll = padded(40, 3, pad_to_multiple=8, shape_buckets=4)  # as many shapes as batches: each its own
     for b in BatchIterator(ex, coll, 3, seed=0, num_epochs=1):
         L = b["input_ids"].shape[-1]
         longest = int(b["segment_ids"].sum(-1).max())
         assert L % 8 == 0 and longest <= L < longest + 8 and L <= 40
 
 
-def test_unit_buckets_are_the_cheapest_k_sizes():
-    """Against a brute force over every choice of sizes among the needs."""
+def test_bucket_sizes_are_the_cheapest_k_sizes():
+    """Against a brute force over every choice of sizes among the needs: the least total, and of the
+    cheapest choices one with the fewest sizes."""
     rng = np.random.default_rng(0)
     for _ in range(200):
         needs = rng.integers(1, 30, int(rng.integers(1, 20))).tolist()
-        k = int(rng.integers(1, 5))
-        got = unit_buckets(needs, k)
+        k = int(rng.integers(1, 6))
+        got = bucket_sizes(needs, k)
         cost = lambda sizes: sum(min(b for b in sizes if b >= u) for u in needs)  # noqa: E731
         values = sorted(set(needs))
-        best = min(cost(list(c) + [values[-1]]) for r in range(min(k, len(values)))
-                   for c in itertools.combinations(values[:-1], r))
+        choices = [list(c) + [values[-1]] for r in range(min(k, len(values)))
+                   for c in itertools.combinations(values[:-1], r)]
+        best = min(map(cost, choices))
         assert len(got) <= k and got[-1] == max(needs) and cost(got) == best
+        assert len(got) == min(len(c) for c in choices if cost(c) == best)
 
 
 def test_drop_remainder_needs_a_full_batch():

@@ -2,6 +2,7 @@
 log-likelihoods, losses and gradients as the padded layout (float32, 1e-5)."""
 import collections
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +188,55 @@ def test_packed_runs_take_at_most_shape_buckets_row_counts():
     hosts = [BatchIterator(ex, collator(3), 8, seed=0, num_epochs=2, process_index=p, process_count=2) for p in range(2)]
     for a, b in zip(*hosts):
         assert {key: v.shape for key, v in a.items()} == {key: v.shape for key, v in b.items()}
+
+
+def _signature(batch):
+    return tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+
+
+def _scored(batch):
+    """Per unit, the (slot, token) of every scored entry; trailing empty units (a packed batch's spare
+    rows) left out."""
+    out = [list(zip(s[s >= 0].tolist(), t[s >= 0].tolist())) for s, t in zip(batch["score_slot"], batch["score_tgt"])]
+    while out and not out[-1]:
+        out.pop()
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode,mle_target", [("ranking", "original"), ("ranking", "all"), ("sft", "original")])
+def test_every_layout_takes_at_most_shape_buckets_shapes(layout, mode, mle_target):
+    """Over two epochs of examples of many lengths (``all``: the PRM's batches), a run's batches take at
+    most ``shape_buckets`` shapes (every array's shape counted), the planned ones; the batches hold what
+    they hold when each takes its own size; and the sizes compute the fewest token positions any
+    ``shape_buckets`` sizes could (brute force over the batches' own sizes)."""
+    ex = make_examples(48, 3, seed=11)
+    batch = 8 if layout == "packed" else 2  # packed row counts vary over larger batches
+
+    def run(k):
+        coll = LayoutCollator(layout, mode, 24, PAD, 3, mle_target, pad_to_multiple=1, attention_block=2,
+                              row_len=24, shape_buckets=k)
+        it = BatchIterator(ex, coll, batch, seed=0, num_epochs=2)
+        return it, list(it)
+
+    own_it, own = run(1000)
+    keys = [(e, i) for e in range(2) for i in range(own_it.steps_per_epoch)]
+    sizes = [own_it.shape_for(*key).positions for key in keys]
+    assert len(set(sizes)) >= 4  # the data asks for more shapes than 3
+    it, batches = run(3)
+    assert len({_signature(b) for b in batches}) == len(it.planned_shapes()) <= 3
+    values = sorted(set(sizes))
+    cost = lambda chosen: sum(min(c for c in chosen if c >= s) for s in sizes)  # noqa: E731
+    best = min(cost(list(c) + [values[-1]]) for r in range(3) for c in itertools.combinations(values[:-1], r))
+    assert sum(it.shape_for(*key).positions for key in keys) == best < cost([values[-1]])
+    for b, b_own in zip(batches, own):
+        assert _scored(b) == _scored(b_own)
+        assert (b["segment_ids"] > 0).sum() == (b_own["segment_ids"] > 0).sum()
+        assert b["real_tokens"].tolist() == b_own["real_tokens"].tolist()
+    j = max(range(len(own)), key=lambda j: batches[j]["input_ids"].size - own[j]["input_ids"].size)
+    assert batches[j]["input_ids"].size > own[j]["input_ids"].size
+    got, want = visible_contexts(batches[j], it.collator.n), visible_contexts(own[j], it.collator.n)
+    assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in want.items()}
 
 
 @pytest.mark.parametrize("micro,hosts", [(2, 1), (4, 2), (1, 2), (2, 2)])

@@ -46,12 +46,20 @@ def cmd_convert_orbax_to_hf(args) -> int:
     from flax import nnx
 
     from tuna_jax.model import load_model
-    from tuna_jax.model.convert import prepare_export_dir, save_hf_model
+    from tuna_jax.model.convert import ConversionError, prepare_export_dir, save_hf_model
+    from tuna_jax.model.lora import adapter_base, export_peft, is_adapter_dir
 
     prepare_export_dir(args.out_dir, [args.ckpt_dir, args.like], overwrite=args.overwrite)  # before loading
+    adapters = is_adapter_dir(args.ckpt_dir)  # a LoRA run's export: PEFT's folder, or merged with --merge
+    if args.merge and not adapters:
+        raise ConversionError(f"{args.ckpt_dir}: --merge: not a LoRA adapter folder, there is nothing to merge")
+    if adapters and not args.merge:
+        print(f"wrote {export_peft(args.ckpt_dir, args.out_dir, base=args.like)} (a PEFT adapter folder; --merge "
+              f"writes merged weights)")
+        return 0
     mesh = _mesh(args)
     model = load_model(args.ckpt_dir, mesh)
-    like = args.like
+    like = args.like or (adapter_base(args.ckpt_dir) if adapters else None)  # the base: config, dtype, tokenizer
     if like is None:
         print("note: no --like HF_DIR given: config.json is written from the checkpoint alone and tokenizer "
               "files are copied from the checkpoint folder if it has them", file=sys.stderr)
@@ -114,6 +122,12 @@ def cmd_demo(args) -> int:
     from tuna_jax.pipeline.commands import demo
 
     return demo(args.out, fast=args.fast, objectives=args.objectives)
+
+
+def cmd_plan(args) -> int:
+    from tuna_jax.commands import config_from_args, plan
+
+    return plan.run(config_from_args(plan.Config, args))
 
 
 # Commands whose module owns its arguments: (name, module, one-line help). The module is
@@ -181,6 +195,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--max-shard-gb", type=float, default=5.0)
     c.add_argument("--overwrite", action="store_true",
                    help="write into a folder that is not empty (the old shards there are removed)")
+    c.add_argument("--merge", action="store_true", help="CKPT_DIR is a LoRA adapter folder: write the base with "
+                   "the adapters merged (default for an adapter folder: a PEFT adapter folder, --like its base)")
     mesh_arg(c)
     c.set_defaults(func=cmd_convert_orbax_to_hf)
     c = csub.add_parser("llama2c-to-hf", help="llama2.c legacy model.bin + tokenizer.bin -> HF folder")
@@ -223,6 +239,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in "
                    "train.output_dir (params, optimizer, step, RNG and data position)")
     t.set_defaults(func=cmd_train)
+    pl = sub.add_parser("plan", help="will a training config fit a TPU slice or GPUs: per-chip memory, FLOPs and "
+                        "step time from an ahead-of-time compile, no hardware needed",
+                        description="Compile the train step of CONFIG for a topology (no weights, no data, no "
+                        "accelerator) and report per-chip memory against HBM, FLOPs and the step time at 40%% / "
+                        "55%% MFU. Exit status 0: fits, 1: does not fit. See launch/README.md.")
+    if command == "plan":  # only the command being run pays for building its arguments
+        from tuna_jax.commands import add_arguments, plan
+
+        add_arguments(pl, plan.Config)
+    pl.set_defaults(func=cmd_plan)
 
     for name, module_name, help_text in MODULE_COMMANDS:
         m = sub.add_parser(name, help=help_text, description=help_text)

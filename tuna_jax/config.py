@@ -102,7 +102,7 @@ class DataConfig:
     pad_to_multiple: int = 64  # batch length = longest in the global batch, rounded up; 0: one shape per run
     layout: str = "auto"  # auto | padded | prefix_shared | packed (data/layouts.py); all give the same losses
     row_len: int = 0  # packed row length in tokens (>= max_len); 0: max_len. Longer groups are split, prompt repeated
-    shape_buckets: int = 4  # packed: at most this many row counts (compiled shapes) per run; 1: one shape
+    shape_buckets: int = 4  # at most this many batch shapes (compiles) per run, planned from the data; 1: one shape
     attention_block: int = 64  # block table for the xla attention to skip masked blocks (prefix_shared/packed); 0: dense
     add_bos: bool = True
     add_eos: bool = True
@@ -129,6 +129,7 @@ class LossConfig:
     beta: float = 1.0  # score scale of listmle, infonca, dpo_*, lipo_lambda (margin is for paper/reference)
     score: str = "mean"  # mean: v = log-prob / tokens (Tuna) | sum: summed log-probs (the DPO convention)
     reference: str | None = None  # "data": s = v - v_ref from the records' ref_logprob_sum/ref_num_tokens; None: s = v
+    # "model" (with LoRA): v_ref from the frozen base, adapters off, in the same step (no file, no second model)
     mle_weight: float = 1.0  # lambda
     rank_weight: float = 1.0  # the ranking term's weight; 0 trains the MLE-only control of an experiment
     mle_target: str = "original"  # original | best | all
@@ -154,6 +155,19 @@ class TrainConfig:
     export: bool = True  # write a params-only export to output_dir/final at the end
     progress: bool = True
     tensorboard: bool = True  # when tensorboardX is installed
+    compile_cache: str | bool = True  # XLA's persistent cache: a folder; true: JAX's if set, else ~/.cache/tuna-jax/xla
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA (``model/lora.py``): only rank-``rank`` adapters on the frozen base's projections are trained."""
+
+    rank: int = 0  # 0: off (every parameter is trained)
+    alpha: float = 8.0  # the adapters' scale is alpha / rank (PEFT's lora_alpha)
+    dropout: float = 0.0  # only 0: adapters are merged per layer, where LoRA's per-token input dropout has no place
+    targets: list[str] = dataclasses.field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    train_also: list[str] = dataclasses.field(default_factory=list)  # norms | lm_head: trained in full too
 
 
 @dataclasses.dataclass
@@ -163,6 +177,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     name: str = ""
     description: str = ""
 
@@ -182,9 +197,11 @@ CHOICES = {
     ("optim", "schedule"): ("cosine", "linear", "constant"),
     ("loss", "form"): ("paper", "reference", "listmle", "infonca", "dpo_pairs", "dpo_best", "lipo_lambda"),
     ("loss", "score"): ("mean", "sum"),
-    ("loss", "reference"): (None, "data"),
+    ("loss", "reference"): (None, "data", "model"),
     ("loss", "mle_target"): ("original", "best", "all"),
     ("train", "mode"): ("sft", "ranking", "prm"),
+    ("lora", "targets"): ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    ("lora", "train_also"): ("norms", "lm_head"),
 }
 
 
@@ -224,6 +241,9 @@ LIMITS = {
     ("train", "eval_every"): at_least(0),
     ("train", "save_every"): at_least(1),
     ("train", "keep_checkpoints"): at_least(1),
+    ("lora", "rank"): at_least(0),
+    ("lora", "alpha"): above(0),
+    ("lora", "dropout"): between(0, 1, hi_open=True),
 }
 
 
@@ -483,9 +503,14 @@ def build(cls, values: Node, section: str = "", *, limits: dict | None = None, c
 def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), **tables) -> tuple[Any, Node]:
     """``(config, raw)``: the dataclass ``cls`` from a YAML file (or nothing: the defaults) and
     ``section.key=value`` overrides, checked by :func:`build` (``tables``: its limits / choices / hidden).
-    ``raw`` is the merged :class:`Node` tree, for checks that name a key's place."""
+    ``raw`` is the merged :class:`Node` tree, for checks that name a key's place. An override naming a
+    ``.yaml`` file (a topology preset: ``configs/topologies/v5e-16.yaml``) merges that file where it stands."""
     raw = read_yaml(path) if path else Node(where="config")
-    apply_overrides(raw, overrides)
+    for item in overrides:
+        if "=" not in item and item.endswith((".yaml", ".yml")):
+            raw = _merge(raw, read_yaml(item))
+        else:
+            apply_overrides(raw, [item])
     return build(cls, raw, **tables), raw
 
 

@@ -105,7 +105,8 @@ def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh) -> Any:
 
 # ---- losses over a batch ---------------------------------------------------------------
 
-def batch_sums(model: Llama, batch: dict, cfg: Config, head: dict | None = None) -> dict[str, jax.Array]:
+def batch_sums(model: Llama, batch: dict, cfg: Config, head: dict | None = None,
+               reference: Llama | None = None) -> dict[str, jax.Array]:
     """Summed losses and counters of one (micro-)batch in any layout; dividing by ``count`` gives means.
 
     ``batch`` is a :mod:`tuna_jax.data.layouts` batch (B examples, N candidates; every example has
@@ -113,6 +114,7 @@ def batch_sums(model: Llama, batch: dict, cfg: Config, head: dict | None = None)
     through the model in one forward pass whatever the layout.
     SFT: count = scored tokens. Ranking: count = real prompts (``example_mask``). PRM
     (``head`` given): the ranking loss on the reward head's scores of the candidates, no MLE term.
+    ``reference``: the frozen model whose scores are v_ref when ``loss.reference=model`` (LoRA's base).
     """
     lc = cfg.loss
     n = cfg.data.num_candidates if cfg.train.mode != "sft" else 0
@@ -137,6 +139,9 @@ def batch_sums(model: Llama, batch: dict, cfg: Config, head: dict | None = None)
     v_ref = None
     if lc.reference == "data":  # a frozen model's scores, stored with the data (no second model in memory)
         v_ref, _ = sequence_scores(batch["ref_logprob_sum"], batch["ref_num_tokens"], valid, length_power=power)
+    elif lc.reference == "model":  # the frozen base (LoRA, adapters off) scores the same batch; no gradient
+        ref_lp, ref_cnt = example_logprobs(reference, batch, n + 1, chunk=lc.chunk, budget_mb=lc.logits_budget_mb)
+        v_ref, _ = sequence_scores(jax.lax.stop_gradient(ref_lp[:, :n]), ref_cnt[:, :n], valid, length_power=power)
     rank = ranking_loss(v, target, valid, margin=lc.margin, form=lc.form, beta=lc.beta, v_ref=v_ref)  # [B]
     if lc.mle_target == "all":
         mle = mle_loss(lp[:, :n], cnt[:, :n], valid)
@@ -211,7 +216,8 @@ def _sums(binder: ParamBinder, params: dict, batch: dict, cfg: Config) -> dict:
     """batch_sums of the model the params describe: a LLaMA, or (PRM) {"backbone", "head"}."""
     if cfg.train.mode == "prm":
         return batch_sums(binder.bind(params["backbone"]), batch, cfg, head=params["head"])
-    return batch_sums(binder.bind(params), batch, cfg)
+    reference = binder.bind_reference() if cfg.loss.reference == "model" else None  # a LoraBinder's base
+    return batch_sums(binder.bind(params), batch, cfg, reference=reference)
 
 
 # ---- data ------------------------------------------------------------------------------
@@ -267,6 +273,111 @@ def make_collator(cfg: Config, pad_id: int, local_devices: int = 1, micro_batche
                           pad_to_multiple=d.pad_to_multiple, row_len=d.row_len,
                           unit_multiple=local_devices * micro_batches, attention_block=d.attention_block,
                           micro_batches=micro_batches, shape_buckets=d.shape_buckets)
+
+
+def train_batches(cfg: Config, examples, pad_id: int, local_devices: int = 1, process_index: int = 0,
+                  process_count: int = 1):
+    """The run's :class:`~tuna_jax.data.batching.BatchIterator` over ``examples``, as ``train`` steps
+    through it (``local_devices``: this host's data x fsdp devices)."""
+    from tuna_jax.data.batching import BatchIterator
+
+    tc = cfg.train
+    return BatchIterator(examples, make_collator(cfg, pad_id, local_devices, tc.grad_accum), tc.global_batch,
+                         seed=tc.seed, num_epochs=tc.epochs, process_index=process_index, process_count=process_count)
+
+
+def planned_shapes(cfg: Config, examples, local_devices: int = 1, process_count: int = 1) -> list:
+    """The batch shapes (``BatchShape``, per host, smallest first) a run of ``cfg`` over these tokenised
+    ``examples`` compiles its step for: at most ``data.shape_buckets``, planned from the data."""
+    return train_batches(cfg, examples, 0, local_devices, 0, process_count).planned_shapes()
+
+
+# ---- compilation -----------------------------------------------------------------------
+
+_CACHE_IN_USE: list = [None]  # the folder this module last pointed JAX's persistent cache at
+
+
+def use_compile_cache(setting: str | bool) -> str | None:
+    """Point JAX's persistent compilation cache at ``train.compile_cache`` and return the folder (None: off).
+
+    ``True``: the folder JAX is already given (``JAX_COMPILATION_CACHE_DIR``, a pipeline's
+    ``compilation_cache``), else ``$XDG_CACHE_HOME/tuna-jax/xla`` (``~/.cache/tuna-jax/xla``): one per
+    user, so a rerun, a resume and every run of the same shapes (seeds, a method and its control) load
+    the step instead of compiling it. A path: that folder. ``False``: no persistent cache. Every compile
+    is cached, however quick (CPU steps compile in seconds, and they add up). The cache is set once per
+    process; pointing it elsewhere resets JAX's handle on it, so the new folder takes effect."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if setting is False:
+        want = None
+    elif setting is True:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        want = jax.config.jax_compilation_cache_dir or os.path.join(xdg, "tuna-jax", "xla")
+    else:
+        want = os.path.expanduser(str(setting))
+    if want != _CACHE_IN_USE[0] or want != jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", want)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size limit, and JAX keeps it
+        compilation_cache.reset_cache()
+        _CACHE_IN_USE[0] = want
+    return want
+
+
+class CompileAhead:
+    """Compiles the train step for each of the run's batch shapes on one background thread, in the order
+    the run first needs them, while the steps before run: the first step waits for its own compile only.
+
+    ``batches``: one host batch of each shape (``BatchIterator.upcoming`` / ``batch_at``); ``extra``:
+    the step's other arguments after the batch. The compiled executables land in the jitted function's
+    own cache (``jit(f).lower(...).compile()`` fills the cache a call with the same shapes and shardings
+    reads), so the loop keeps calling ``step_fn``; it calls :meth:`wait` first, so that a call never
+    compiles a shape the thread is still compiling. A thread rather than compiling every shape up
+    front: on an accelerator the host compiles while the device steps, so only the first compile delays
+    the first step."""
+
+    def __init__(self, step_fn, state, batches: list[dict], mesh, extra: tuple = ()):
+        from concurrent.futures import ThreadPoolExecutor
+
+        spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,  # noqa: E731
+                                              weak_type=getattr(x, "weak_type", False))
+        self.state, self.extra = jax.tree.map(spec, state), jax.tree.map(spec, extra)
+        self.step_fn, self.mesh = step_fn, mesh
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="compile-ahead")
+        self.futures = {}
+        for b in batches:
+            abstract = self._global(b)
+            key = self._key(abstract)
+            if key not in self.futures:
+                self.futures[key] = self.pool.submit(self._compile, abstract)
+
+    def _global(self, batch: dict) -> dict:
+        """A host batch's global shapes, placed as ``parallel.shard_batch`` places them."""
+        n = jax.process_count()
+        return {k: jax.ShapeDtypeStruct((v.shape[0] * n,) + v.shape[1:], v.dtype,
+                                        sharding=parallel.batch_sharding(self.mesh, v.ndim)) for k, v in batch.items()}
+
+    @staticmethod
+    def _key(batch: dict) -> tuple:
+        return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+    def _compile(self, batch: dict) -> None:
+        with jax.set_mesh(self.mesh):  # the mesh context is per thread
+            self.step_fn.lower(self.state, batch, *self.extra).compile()
+
+    def ready(self, batch: dict) -> bool:
+        """Whether :meth:`wait` would return at once."""
+        future = self.futures.get(self._key(batch))
+        return future is None or future.done()
+
+    def wait(self, batch: dict) -> None:
+        """Block until the step for this (sharded) batch's shapes is compiled; re-raise its error."""
+        future = self.futures.get(self._key(batch))
+        if future is not None:
+            future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---- metrics ---------------------------------------------------------------------------
@@ -354,6 +465,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
 
     tc = cfg.train
     out_dir = paths.resolve(tc.output_dir)  # local or gs://...; made only once data and model are good
+    use_compile_cache(tc.compile_cache)  # before the first compile
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(tc.mesh)
     n_data = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -363,6 +475,10 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         raise ValueError(f"a micro-batch of {tc.global_batch // tc.grad_accum} prompts does not divide over "
                          f"data x fsdp = {n_data} devices; change train.global_batch, train.grad_accum or train.mesh")
 
+    if cfg.lora.rank or cfg.loss.reference == "model":
+        from tuna_jax.model.lora import check_run_config
+
+        check_run_config(cfg)  # LoRA's settings, before any data or model is read
     tok, policy = load_tokenizer_and_policy(cfg)
     if not cfg.data.train:
         raise ValueError("data.train is not set: give the training data (a JSON/JSONL file, hf:NAME or tfds:NAME)")
@@ -381,10 +497,9 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
     from tuna_jax.data.batching import BatchIterator
 
     local_data = max(1, n_data // jax.process_count())
-    collator = make_collator(cfg, tok.pad_id, local_data, tc.grad_accum)
     eval_collator = make_collator(cfg, tok.pad_id, local_data)  # evaluation batches are not split
-    it = BatchIterator(train_examples, collator, tc.global_batch, seed=tc.seed, num_epochs=tc.epochs,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+    it = train_batches(cfg, train_examples, tok.pad_id, local_data, jax.process_index(), jax.process_count())
+    it.planned_shapes()  # every batch's shape (host work), planned before the model is loaded
     total_steps = tc.epochs * it.steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
@@ -394,6 +509,12 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         binder = ParamBinder(model.cfg)
         tx, schedule = make_optimizer(cfg.optim, total_steps)
         params = binder.to_pure(model)
+        lora_run = None
+        if cfg.lora.rank:  # LoRA: the base is frozen; only adapters (and lora.train_also) are trained and saved
+            from tuna_jax.model.lora import LoraRun
+
+            lora_run = LoraRun(cfg, binder, params, mesh)
+            params = lora_run.trainable
         if tc.mode == "prm":  # the backbone and a fresh reward head, trained together
             from tuna_jax.model.reward import init_head
 
@@ -419,8 +540,12 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         if jax.process_index() == 0:  # one writer: a bucket object takes about one write a second
             paths.write_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-        step_fn = jax.jit(make_train_step(binder, cfg, tx, schedule), donate_argnums=(0,))
-        eval_fn = jax.jit(make_eval_step(binder, cfg))
+        if lora_run is None:
+            step_fn = jax.jit(make_train_step(binder, cfg, tx, schedule), donate_argnums=(0,))
+            eval_fn = jax.jit(make_eval_step(binder, cfg))
+        else:  # the same steps over a binder that puts the adapters on the frozen base, passed to every call
+            step_fn, eval_fn = lora_run.jit_steps(lambda b: make_train_step(b, cfg, tx, schedule),
+                                                  lambda b: make_eval_step(b, cfg))
         writer = MetricsWriter(out_dir, start_step if resume else None, tc.tensorboard)
         if not resume:  # what reading the data changed, as step 0 of the log (a resume keeps that line)
             ties = {k: report.changed.get(k, 0) for k in ("identical_candidates", "all_candidates_identical")}
@@ -437,6 +562,9 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         # stops when it reads that step's metrics: at the same step, one step later than one host would.
         agree = jax.process_count() > 1
         stop = [] if agree else stop_signal  # the signal this host acts on
+        # The step compiled for each shape the rest of the run takes, on a thread, in the order it needs them.
+        ahead = CompileAhead(step_fn, state, [it.batch_at(e, i) for e, i in it.upcoming(total_steps - start_step)],
+                             mesh, (parallel.host_value(0, mesh),) if agree else ())
 
         def run_eval(step: int) -> dict | None:
             if not eval_examples:
@@ -495,6 +623,10 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
             clock[0] = time.perf_counter()
             while step < total_steps:
                 batch = parallel.shard_batch(next(it), mesh)
+                if not ahead.ready(batch):  # a new shape still compiling: report the steps done meanwhile
+                    while pending:
+                        finish()
+                ahead.wait(batch)
                 flag = (parallel.host_value(stop_signal[0] if stop_signal else 0, mesh),) if agree else ()
                 state, metrics = step_fn(state, batch, *flag)
                 step += 1
@@ -521,6 +653,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
             if eval_examples and (not tc.eval_every or step % tc.eval_every):
                 eval_metrics = run_eval(step)
         finally:
+            ahead.close()
             bar.close()
             ckpt.close()
             writer.close()
@@ -536,8 +669,11 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
                     "add_eos": cfg.data.add_eos, "train": cfg.to_dict(),
                     "metrics": {"start_eval": eval_summary(first_eval), "final_eval": eval_summary(eval_metrics),
                                 "last_train": last}}
-            prm = ProxyRankingModel(state["params"], binder.cfg, meta, mesh)
+            prm = ProxyRankingModel(state["params"] if lora_run is None else lora_run.merged_prm(state["params"]),
+                                    binder.cfg, meta, mesh)
             export_dir = str(prm.save(out_dir, tokenizer_src=_tokenizer_dir(cfg)))
+        elif tc.export and lora_run is not None:  # a PEFT adapter folder that records its base
+            export_dir = str(lora_run.save(out_dir / "final", state["params"], tokenizer_src=_tokenizer_dir(cfg)))
         elif tc.export:
             model = binder.bind(state["params"])
             export_dir = str(save_params(out_dir / "final", model, tokenizer_src=_tokenizer_dir(cfg)))

@@ -15,7 +15,6 @@ the shuffle and each global batch's shape, and then it collates only its own row
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 from typing import Iterable, Optional, Sequence
@@ -23,6 +22,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from tuna_jax.data.records import DataError, RankingRecord, SFTRecord, SkipReport, record_prompt
+from tuna_jax.data.shapes import bucket_shapes
 from tuna_jax.data.templates import SpecialTokenPolicy, Tokenizer, encode_prompt, encode_response
 
 MLE_TARGETS = ("original", "best", "all")
@@ -197,53 +197,17 @@ def _need_prompt(prompt: list, where: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def unit_buckets(needs: Sequence[int], k: int) -> list[int]:
-    """At most ``k`` sizes covering ``needs`` (each need rounded up to the smallest size >= it) with
-    the least total: the optimal partition of the sorted distinct needs into k runs, each run's size
-    its largest (dynamic programming; O(k n^2) over n distinct needs). The largest need is always a
-    size, so ``k=1`` gives ``[max(needs)]``."""
-    tally = collections.Counter(needs)
-    values = sorted(tally)
-    if len(values) <= k:
-        return values
-    count = [tally[v] for v in values]
-    n = len(values)
-    # cost[i][j]: the needs values[i..j] rounded up to values[j]
-    cost = [[0] * n for _ in range(n)]
-    for i in range(n):
-        total = 0
-        for j in range(i, n):
-            total += count[j]
-            cost[i][j] = total * values[j]
-    inf = float("inf")
-    best = [[inf] * n for _ in range(k + 1)]  # best[m][j]: values[0..j] in m runs, the last ending at j
-    back = [[-1] * n for _ in range(k + 1)]
-    for j in range(n):
-        best[1][j] = cost[0][j]
-    for m in range(2, k + 1):
-        for j in range(n):
-            for i in range(1, j + 1):
-                c = best[m - 1][i - 1] + cost[i][j]
-                if c < best[m][j]:
-                    best[m][j], back[m][j] = c, i
-    m = min(range(1, k + 1), key=lambda m: best[m][n - 1])
-    sizes, j = [], n - 1
-    while m >= 1 and j >= 0:
-        sizes.append(values[j])
-        i = back[m][j] if m > 1 else 0
-        j, m = i - 1, m - 1
-    return sorted(sizes)
-
-
 class BatchIterator:
     """Seeded, resumable iterator over this host's part of each global batch.
 
     ``collator`` is a :class:`tuna_jax.data.layouts.LayoutCollator`. Each global batch's shape is
-    planned over every host's rows, so all hosts build the same shapes; when the collator asks for
-    fixed shapes (packed rows, or ``pad_to_multiple=0``), one shape covers every batch of the run
-    (``num_epochs`` epochs, or one when endless), so the step compiles once. Packed batches may
-    take up to ``collator.shape_buckets`` row counts instead (the other sizes stay run-wide): each
-    batch the smallest that holds it, the counts chosen to compute the fewest rows over the run.
+    planned over every host's rows, so all hosts build the same shapes. Before the first batch, the
+    shapes of every batch of the run (``num_epochs`` epochs, or one when endless) are planned and the
+    run is given at most ``collator.shape_buckets`` of them (:func:`tuna_jax.data.shapes.bucket_shapes`:
+    the batches grouped by token positions, each taking its group's union, the groups chosen to compute
+    the fewest positions over the run), so the step compiles at most that many times. They depend only
+    on the examples, the seed, the batch size and the collator, so a resumed run takes the same ones.
+    :meth:`planned_shapes` lists them. An endless run's later epochs take the union of all of them.
 
     Epoch e visits the examples in ``permutation(seed, e)`` order (``numpy`` PCG64 seeded with
     ``(seed, e)``, so any epoch's order is known without replaying earlier ones), in consecutive
@@ -281,7 +245,7 @@ class BatchIterator:
         self.seed, self.epoch, self.index = int(seed), 0, 0
         self._order_epoch, self._order = None, None
         self.process_count = process_count
-        self._fixed_shape = None
+        self._shapes, self._largest = None, None
 
     def _global_rows(self, epoch: int, index: int) -> list:
         g = self.global_batch_size
@@ -291,23 +255,51 @@ class BatchIterator:
     def _host_rows(self, rows: list) -> list[list]:
         return [rows[p * self.per_host: (p + 1) * self.per_host] for p in range(self.process_count)]
 
+    def _plan(self) -> dict:
+        """(epoch, index) -> shape of every batch of the run (planned once, before the first)."""
+        if self._shapes is None:
+            exact = {(e, i): self.collator.plan(self._host_rows(self._global_rows(e, i)))
+                     for e in range(self.num_epochs or 1) for i in range(self.steps_per_epoch)}
+            self._shapes = bucket_shapes(exact, self.collator.shape_buckets,
+                                         lambda s: s.positions)
+            for s in self._shapes.values():
+                self._largest = s if self._largest is None else self._largest.union(s)
+        return self._shapes
+
     def shape_for(self, epoch: int, index: int):
-        """The (planned or run-wide fixed) shape of batch ``index`` of ``epoch``."""
-        if not self.collator.fixed_shapes:
-            return self.collator.plan(self._host_rows(self._global_rows(epoch, index)))
-        if self._fixed_shape is None:
-            shape, units = None, {}
-            for e in range(self.num_epochs or 1):
-                for i in range(self.steps_per_epoch):
-                    s = self.collator.plan(self._host_rows(self._global_rows(e, i)))
-                    shape = s if shape is None else shape.union(s)
-                    units[e, i] = s.units
-            self._fixed_shape = shape
-            buckets = unit_buckets(list(units.values()), self.collator.shape_buckets)
-            self._units = {k: min(b for b in buckets if b >= u) for k, u in units.items()}
-            self._order_epoch = None
-        units = self._units.get((epoch, index), self._fixed_shape.units)  # an endless run's later epochs: the most
-        return dataclasses.replace(self._fixed_shape, units=units)
+        """The planned shape (a ``BatchShape``) of batch ``index`` of ``epoch``."""
+        return self._plan().get((epoch, index), self._largest)  # an endless run's later epochs: the union
+
+    def planned_shapes(self) -> list:
+        """The distinct batch shapes of the run (``BatchShape``, smallest first): what the step compiles."""
+        return sorted(set(self._plan().values()), key=lambda s: (s.positions, dataclasses.astuple(s)))
+
+    def upcoming(self, steps: Optional[int] = None) -> list[tuple[int, int]]:
+        """(epoch, index) of the first batch of each distinct shape among the next ``steps`` batches
+        (default: the rest of the run; one epoch when endless), in the order they come: what to
+        compile ahead."""
+        self._plan()
+        if steps is None:
+            steps = len(self) if self.num_epochs is not None else self.steps_per_epoch
+        seen, out = set(), []
+        epoch, index = self.epoch, self.index
+        for _ in range(steps):
+            if index >= self.steps_per_epoch:
+                epoch, index = epoch + 1, 0
+            if self.num_epochs is not None and epoch >= self.num_epochs:
+                break
+            shape = self.shape_for(epoch, index)
+            if shape not in seen:
+                seen.add(shape)
+                out.append((epoch, index))
+            index += 1
+        return out
+
+    def batch_at(self, epoch: int, index: int) -> dict:
+        """This host's batch ``index`` of ``epoch`` (the iterator's position does not move)."""
+        shape = self.shape_for(epoch, index)
+        rows = self._host_rows(self._global_rows(epoch, index))[self.process_index]
+        return self.collator(rows, shape, self.process_index, self.process_count)
 
     def __len__(self) -> int:
         """Batches left to yield (needs num_epochs)."""
@@ -348,8 +340,6 @@ class BatchIterator:
             self.epoch, self.index = self.epoch + 1, 0
         if self.num_epochs is not None and self.epoch >= self.num_epochs:
             raise StopIteration
-        shape = self.shape_for(self.epoch, self.index)
-        rows = self._host_rows(self._global_rows(self.epoch, self.index))[self.process_index]
-        batch = self.collator(rows, shape, self.process_index, self.process_count)
+        batch = self.batch_at(self.epoch, self.index)
         self.index += 1
         return batch

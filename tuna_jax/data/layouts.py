@@ -50,9 +50,11 @@ the same with N = 0 (slot 0 is the response). Log-likelihood sums are computed p
 summed into their examples through ``unit_example``.
 
 Shapes are agreed over the global batch (:meth:`LayoutCollator.plan`), so every host builds the
-same shapes from its own rows. With gradient accumulation the step splits every array into
-``micro_batches`` equal parts along its first axis; packed hosts pack each part's examples into
-its own rows, so a part's rows hold exactly that part's examples.
+same shapes from its own rows, and a run's batches take at most ``shape_buckets`` of them, planned
+from the whole run's batches before the first step (:class:`tuna_jax.data.batching.BatchIterator`).
+With gradient accumulation the step splits every array into ``micro_batches`` equal parts along
+its first axis; packed hosts pack each part's examples into its own rows, so a part's rows hold
+exactly that part's examples.
 """
 from __future__ import annotations
 
@@ -93,6 +95,11 @@ class BatchShape:
     scored: int
     examples: int
     kv_blocks: int = 0
+
+    @property
+    def positions(self) -> int:
+        """Token positions the device computes per host batch (U * Q * L): a shape's cost."""
+        return self.units * self.rows * self.length
 
     def union(self, other: "BatchShape") -> "BatchShape":
         return BatchShape(*(max(a, b) for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -162,11 +169,12 @@ class LayoutCollator:
     """Examples -> the layout batch described in the module docstring.
 
     mode: ``sft`` or ``ranking``; ``pad_to_multiple``: L and S are the batch's longest rounded up
-    to this (0: one shape for the whole run, see :class:`BatchIterator`); ``row_len``: packed row
+    to this (0: not rounded, and padded / prefix_shared runs take one shape); ``row_len``: packed row
     length (0: ``max_len``); ``unit_multiple``: packed rows per host are a multiple of it (this
     host's data-parallel devices x ``micro_batches``); ``micro_batches``: gradient-accumulation
     steps the train step splits a batch into; ``attention_block``: block size of the key-block
-    table (0: none); ``shape_buckets``: packed batches of a run take at most this many row counts.
+    table (0: none); ``shape_buckets``: a run's batches take at most this many shapes (planned by
+    :class:`tuna_jax.data.batching.BatchIterator`).
     """
 
     def __init__(self, layout: str, mode: str, max_len: int, pad_id: int, num_candidates: int = 0,
@@ -190,10 +198,9 @@ class LayoutCollator:
         self.row_len = _round_up(int(row_len) or self.max_len, self.block or 1) if layout == "packed" else 0
         if layout == "packed" and self.row_len < self.max_len:
             raise ValueError(f"data.row_len={row_len} < data.max_len={max_len}: every sequence must fit a row")
-        # Run-wide shapes: packed always (U varies by batch otherwise); the others when pad_to_multiple=0.
-        self.fixed_shapes = layout == "packed" or not self.pad_to_multiple
-        # Packed: a run's batches take at most this many row counts (see BatchIterator.shape_for).
-        self.shape_buckets = max(1, int(shape_buckets)) if layout == "packed" else 1
+        # A run's batches take at most this many shapes (BatchIterator); pad_to_multiple=0 has always
+        # meant one shape per run for the padded and prefix_shared layouts, and still does.
+        self.shape_buckets = max(1, int(shape_buckets)) if self.pad_to_multiple or layout == "packed" else 1
 
     # ---- examples -> pieces -> units ---------------------------------------------------------
 
@@ -286,6 +293,11 @@ class LayoutCollator:
 
     def _parts(self, rows: Sequence) -> list[range]:
         """The host's rows split into the micro-batch parts it packs separately."""
+        if self.micro_batches % self._hosts and self._hosts % self.micro_batches:
+            # The step takes micro-batch j as the j-th equal slice of the global units: it must be whole
+            # hosts' units or whole parts of one host's, never a host's packing cut in the middle.
+            raise ValueError(f"packed layout: train.grad_accum={self.micro_batches} micro-batches do not split over "
+                             f"{self._hosts} hosts; make one a multiple of the other")
         parts = max(1, self.micro_batches // self._hosts)
         if len(rows) % parts:
             raise ValueError(f"{len(rows)} examples per host do not split into {parts} micro-batches")

@@ -7,7 +7,8 @@ from tuna_jax.model.llama import KVCache, Llama, LlamaConfig  # noqa: F401
 
 
 def load_model(path: str | os.PathLike, mesh=None, **runtime) -> Llama:
-    """A HF LlamaForCausalLM folder (safetensors) or a tuna-jax params checkpoint -> ``Llama``,
+    """A HF LlamaForCausalLM folder (safetensors), a tuna-jax params checkpoint, or a LoRA adapter folder
+    (PEFT's format: its base loaded and the adapters merged, ``model/lora.py``) -> ``Llama``,
     placed on ``mesh`` by the rules table. ``runtime``: dtype, param_dtype, scan_layers, remat_policy.
     ``path`` may be in cloud storage (``gs://...``)."""
     from tuna_jax.io import paths
@@ -19,4 +20,8 @@ def load_model(path: str | os.PathLike, mesh=None, **runtime) -> Llama:
         raise ConversionError(f"{path}: no such file or directory")
     if is_params_dir(p):
         return load_params(p, mesh, **runtime)
+    from tuna_jax.model.lora import is_adapter_dir, load_adapter_model
+
+    if is_adapter_dir(p):
+        return load_adapter_model(p, mesh, **runtime)
     return load_hf_model(p, mesh, **runtime)
