@@ -254,7 +254,8 @@ def _run_reference_scores(p: ReferenceScoresStage, stage: StageRun) -> dict:
 # ---- the registry ----------------------------------------------------------------------------------
 
 _TRAIN_COSMETIC = ("name", "description", "train.output_dir", "train.progress", "train.tensorboard",
-                   "train.log_every", "train.save_every", "train.keep_checkpoints", "train.async_checkpoints")
+                   "train.log_every", "train.save_every", "train.keep_checkpoints", "train.async_checkpoints",
+                   "train.compile_cache")  # where compiled steps are cached changes no result
 _FEEDBACK = "finished requests come from the store; only the rest are sent"
 
 
