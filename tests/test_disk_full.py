@@ -2,6 +2,7 @@
 thread tracebacks), exit status 2, and after space is freed ``--resume`` ends where an uninterrupted run ends.
 The full disk is real: a small tmpfs (needs root and mount; skipped where the machine does not allow it)."""
 import errno
+import pathlib
 import subprocess
 import uuid
 
@@ -13,8 +14,8 @@ from tuna_jax.io.diskfull import DiskFull, disk_full_as_one_line
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+def small_disk():
+    mnt = pathlib.Path(f"/tmp/tuna-disk-{uuid.uuid4().hex[:6]}")  # a short path: the error line names it
     mnt.mkdir()
     ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mnt)], capture_output=True)
     if ok.returncode:
@@ -24,6 +25,7 @@ def small_disk(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+        mnt.rmdir()
 
 
 @pytest.mark.slow
@@ -35,9 +37,9 @@ def test_disk_full_during_a_save_is_one_line_and_resumes(tmp_path, small_disk, c
     assert cli(["train", cfg, *base, f"train.output_dir={full}"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     line = err[-1]
-    assert line.startswith(f"tuna-jax train: error: {full / 'checkpoints'}: the disk is full while writing checkpoint "
+    assert line.startswith(f"tuna-jax train: error: {full / 'checkpoints'}: the disk is full writing checkpoint "
                            "step "), line
-    assert "MiB); free space there or write to another folder, then rerun with --resume (step " in line
+    assert "MiB); free space or use another folder, then rerun with --resume (restores step " in line
     assert len(line) <= 300 and not any(ln.startswith("ERROR absl") for ln in err), err
     # Free space (the tmpfs grows), resume, and end with the parameters of a run that never stopped.
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
@@ -57,7 +59,7 @@ def test_disk_full_errors_become_one_line(error, code):
             raise error
     assert got.value.errno == code
     assert str(got.value).startswith(f"[Errno {code}] the disk")
-    assert "the params export (about 3.0 MiB); free space there or write to another folder, then rerun" in str(got.value)
+    assert "the params export (3.0 MiB); free space or use another folder, then rerun" in str(got.value)
     with pytest.raises(KeyError):  # anything else passes through
         with disk_full_as_one_line("/runs/a", "x"):
             raise KeyError("other")

@@ -23,9 +23,9 @@ class DiskFull(OSError):
     """ENOSPC / EDQUOT while writing ``folder``; ``str(e)`` is the whole one-line message."""
 
     def __init__(self, folder: str, what: str, nbytes: int | None, code: int, hint: str = ""):
-        size = f" (about {nbytes / 2**20:,.1f} MiB)" if nbytes else ""
-        super().__init__(code, f"{_CODES.get(code, 'the disk is full')} while writing {what}{size}; free space "
-                         f"there or write to another folder, then rerun{hint}")
+        size = f" ({nbytes / 2**20:,.1f} MiB)" if nbytes else ""
+        super().__init__(code, f"{_CODES.get(code, 'the disk is full')} writing {what}{size}; free space or use "
+                         f"another folder, then rerun{hint}")
         self.filename = folder
 
 

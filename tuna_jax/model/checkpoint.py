@@ -232,8 +232,7 @@ class TrainCheckpointer:
 
         def hint(e: BaseException) -> str:
             done = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
-            return (f" with --resume (step {done[-1]}, the newest complete checkpoint, restores)" if done
-                    else " (no checkpoint was completed)")
+            return f" with --resume (restores step {done[-1]})" if done else " (no checkpoint was completed)"
 
         def writing(e: BaseException) -> str:  # the step whose files failed, named in TensorStore's message
             failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))
