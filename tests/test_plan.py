@@ -2,10 +2,8 @@
 against the chip, FLOPs, the search for settings that fit, the analytic GPU estimate, the presets.
 
 Compiles are the cost here, so each test compiles at most once, on tiny models (hidden 32-128, 2 layers)."""
-import dataclasses
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -13,12 +11,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tuna_jax.cli import main as cli
 from tuna_jax.commands import plan as plan_cmd
 from tuna_jax.config import load_config
-from tuna_jax.planning import aot, flops, hardware, search
+from tuna_jax.planning import aot, flops, hardware
 from tuna_jax.planning.plan import plan_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +100,7 @@ def test_a_big_replicated_leaf_is_warned():
     from tuna_jax import parallel
 
     mesh = parallel.make_mesh("1,8,1", hardware.cpu_devices(8))
-    state = aot.abstract_state(cfg, lcfg, mesh, __import__("optax").adam(1e-3))
+    state = aot.abstract_state(cfg, lcfg, mesh, optax.adam(1e-3))
     warned = aot.replicated_leaves(state, mesh)
     assert sorted(w["leaf"] for w in warned) == ["opt_state[0].mu['embed_tokens']",
                                                  "opt_state[0].nu['embed_tokens']", "params['embed_tokens']"]
@@ -109,8 +108,7 @@ def test_a_big_replicated_leaf_is_warned():
     # hidden 64 divides over fsdp: the same 2 MiB embedding is split, nothing is warned.
     fine = load_config(TUNA_P, ["model.hf_config={vocab_size: 8192, hidden_size: 64, intermediate_size: 64, "
                                 "num_hidden_layers: 1, num_attention_heads: 4, tie_word_embeddings: true}"])
-    state = aot.abstract_state(fine, aot.llama_config(fine, fine.model.hf_config, "cpu"), mesh,
-                               __import__("optax").adam(1e-3))
+    state = aot.abstract_state(fine, aot.llama_config(fine, fine.model.hf_config, "cpu"), mesh, optax.adam(1e-3))
     assert aot.replicated_leaves(state, mesh) == []
 
 
@@ -246,6 +244,11 @@ def test_model_presets_carry_their_architecture():
                      "llama-3.1-8b": 8030261248}
     rope = load_config(os.path.join(REPO, "configs", "models", "llama-3.1-8b.yaml")).model.hf_config["rope_scaling"]
     assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
+    # The preset table compiles LLaMA-7B and Llama-3.1-8B: Llama-2-7B and Llama-3-8B have their shapes.
+    shapes = {m: {k: load_config(os.path.join(REPO, "configs", "models", f"{m}.yaml")).model.hf_config.get(k)
+                  for k in aot.ARCH_KEYS} for m in MODELS}
+    assert shapes["llama-2-7b"] == {**shapes["llama-7b"], "num_key_value_heads": 32}
+    assert shapes["llama-3-8b"] == shapes["llama-3.1-8b"]
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES)
@@ -279,7 +282,6 @@ def test_the_paper_stages_share_tuna_ps_step():
 
 # ---- TPU ------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install -e '.[plan]'): no TPU topology to compile for")
 def test_compiles_for_a_real_tpu_topology(tmp_path):

@@ -90,8 +90,8 @@ def _search(cfg: Config, target, plan_with, fixed: list) -> tuple[int, dict]:
           f"{cfg.max_compiles} compiles)", flush=True)
 
     def show(c):
-        verdict = "fits" if c.fits else "does not fit"
-        used = size(c.total_bytes) if c.total_bytes else "over the chip"
+        verdict = f"not planned: {c.error}" if c.error else "fits" if c.fits else "does not fit"
+        used = size(c.total_bytes) if c.total_bytes else ""
         print(f"  {' '.join(c.overrides):<70} {used:>12}  {verdict}", flush=True)
 
     tried, compiles = search.search(plan_with, target, heads, kv, base.train.global_batch, cfg.max_compiles, show,

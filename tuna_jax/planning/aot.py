@@ -37,7 +37,8 @@ ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 
 
 class PlanError(ValueError):
-    """A config `tuna-jax train` would refuse for this target, said in one line."""
+    """A config this target cannot take (train would refuse it, or its step does not trace or compile),
+    said in one line."""
 
 
 # ---- the architecture, without weights --------------------------------------------------------------
@@ -248,7 +249,8 @@ def trace_step(cfg: Config, lcfg, state: dict, batch: dict, mesh, platform: str,
     from tuna_jax.model.params import ParamBinder
     from tuna_jax.train import make_optimizer, make_train_step
 
-    tx, schedule = make_optimizer(cfg.optim, total_steps)
+    tx, schedule = make_optimizer(cfg.optim, total_steps)  # the schedule's length changes no shape
+    # On several hosts train also passes each host's stop signal, reduced to one scalar: left out here.
     step = make_train_step(ParamBinder(lcfg), cfg, tx, schedule)
     with on_platform(platform), (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         return jax.jit(step, donate_argnums=(0,)).trace(state, batch)

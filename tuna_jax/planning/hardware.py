@@ -195,7 +195,9 @@ def cpu_devices(n: int) -> list:
     from jax._src import xla_bridge
 
     if not xla_bridge.backends_are_initialized():
-        jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
+        forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+        if n > max(jax.config.jax_num_cpu_devices, int(forced.group(1)) if forced else 1):
+            jax.config.update("jax_num_cpu_devices", n)
     devices = jax.devices("cpu")
     if len(devices) < n:
         raise TargetError(f"--topology cpu:{n}: this process has {len(devices)} CPU device(s); set "

@@ -146,49 +146,17 @@ def make_plan(cfg: Config, target: Target, *, prompt_len: int | None = None, min
     mesh_shape = dict(zip(parallel.MESH_AXES, shape))
     n_data = mesh_shape["data"] * mesh_shape["fsdp"]
     aot.check_batch(cfg, n_data)
-    host_batch, batch_shape, layout = aot.planned_batch(cfg, n_data, prompt_len, target.platform, target.hosts)
-    model_fl = flops.model_flops(host_batch, lcfg, lm_head=cfg.train.mode != "prm")
-    positions = int(host_batch["segment_ids"].size)
-    real = int(host_batch["real_tokens"].sum())
+    batch_np, batch_shape, layout = aot.planned_batch(cfg, n_data, prompt_len, target.platform, target.hosts)
+    model_fl = flops.model_flops(batch_np, lcfg, lm_head=cfg.train.mode != "prm")
+    positions = int(batch_np["segment_ids"].size)
+    real = int(batch_np["real_tokens"].sum())
 
-    seconds = {}
     if target.compiled:
-        mesh = parallel.make_mesh(cfg.train.mesh, target.devices)
-        state = aot.abstract_state(cfg, lcfg, mesh, _optimizer(cfg))
-        t1 = time.perf_counter()
-        traced = _traced(cfg, lcfg, state, aot.abstract_batch(host_batch, mesh), mesh, target)
-        executed = flops.executed_flops(traced.jaxpr)
-        seconds["trace"] = time.perf_counter() - t1
-        with aot.on_platform(target.platform):
-            step = aot.compile_traced(traced, state)
-        seconds["compile"] = step.seconds
-        if step.error and not step.oom:
-            raise aot.PlanError(f"the step does not compile for {target.name}: {step.error}")
-        params_b = aot.per_device_bytes(state["params"])
-        opt_b = aot.per_device_bytes(state["opt_state"])
-        memory = {"params": params_b, "optimizer": opt_b,
-                  "other_state": aot.per_device_bytes({"s": state["step"], "r": state["rng"]}),
-                  "arguments": step.argument_bytes, "outputs": step.output_bytes, "aliased": step.alias_bytes,
-                  "temporaries": step.temp_bytes, "outputs_not_aliased": step.output_bytes - step.alias_bytes,
-                  "generated_code": step.generated_code_bytes, "total": step.total_bytes, "oom": step.oom,
-                  "needed_bytes": step.needed_bytes, "xla_error": step.error,
-                  "xla_flops_per_chip_loop_bodies_once": step.xla_flops}
-        replicated = aot.replicated_leaves(state, mesh)
-        if step.resharded_outputs:
-            warnings.append(f"the step returns {len(step.resharded_outputs)} state leaves with another sharding than "
-                            f"it takes (e.g. {step.resharded_outputs[0]}): train would compile it twice")
-        total = step.total_bytes if not step.oom else (step.needed_bytes or target.chip.hbm_bytes + 1)
+        memory, executed, replicated, seconds = _compiled(cfg, lcfg, batch_np, target, warnings)
     else:
-        t1 = time.perf_counter()
-        # cuDNN's kernel cannot be traced without a GPU; its dense attention has the einsum path's matmuls.
-        counted = dataclasses.replace(lcfg, attention="einsum") if lcfg.attention == "cudnn" else lcfg
-        executed = flops.executed_flops(_traced(cfg, counted, _unsharded(cfg, lcfg), _unsharded_batch(host_batch), None,
-                                                target).jaxpr)
-        seconds["trace"] = time.perf_counter() - t1
-        est = estimate.estimate_memory(cfg, lcfg, mesh_shape, batch_shape, batch_shape.scored)  # one host
-        memory = {"total": est["total"], "parts": est["parts"], "estimate": True}
+        memory, executed, seconds = _estimated(cfg, lcfg, batch_np, batch_shape, mesh_shape, target)
         replicated = []
-        total = est["total"]
+    total = memory["total"]
     if executed.while_loops or executed.opaque_kernels:
         warnings.append(f"executed FLOPs are a lower bound: {executed.while_loops} while loop(s) counted once, "
                         f"{executed.opaque_kernels} kernel(s) without a cost estimate")
@@ -221,6 +189,52 @@ def make_plan(cfg: Config, target: Target, *, prompt_len: int | None = None, min
         step_time_s=times, fits=fits(total, hbm, min_headroom, bool(memory.get("oom"))), headroom_bytes=int(headroom),
         min_headroom=min_headroom,
         warnings=warnings, replicated_leaves=replicated, seconds=seconds)
+
+
+def _compiled(cfg: Config, lcfg, batch_np: dict, target: Target, warnings: list):
+    """XLA's figures for the step compiled for the target's devices: (memory, executed FLOPs, replicated
+    leaves, seconds)."""
+    from tuna_jax import parallel
+
+    mesh = parallel.make_mesh(cfg.train.mesh, target.devices)
+    state = aot.abstract_state(cfg, lcfg, mesh, _optimizer(cfg))
+    t0 = time.perf_counter()
+    traced = _traced(cfg, lcfg, state, aot.abstract_batch(batch_np, mesh), mesh, target)
+    executed = flops.executed_flops(traced.jaxpr)
+    seconds = {"trace": time.perf_counter() - t0}
+    with aot.on_platform(target.platform):
+        step = aot.compile_traced(traced, state)
+    seconds["compile"] = step.seconds
+    if step.error and not step.oom:
+        raise aot.PlanError(f"the step does not compile for {target.name}: {step.error}")
+    held = {k: aot.per_device_bytes(state[k]) for k in ("params", "opt_state")}
+    other = aot.per_device_bytes({"s": state["step"], "r": state["rng"]})
+    # Refused for the chip's memory: the state it holds plus what XLA says the temporaries need.
+    total = step.total_bytes if not step.oom else (
+        held["params"] + held["opt_state"] + other + (step.needed_bytes or target.chip.hbm_bytes))
+    memory = {"params": held["params"], "optimizer": held["opt_state"], "other_state": other,
+              "arguments": step.argument_bytes, "outputs": step.output_bytes, "aliased": step.alias_bytes,
+              "temporaries": step.temp_bytes, "outputs_not_aliased": step.output_bytes - step.alias_bytes,
+              "generated_code": step.generated_code_bytes, "total": total, "oom": step.oom,
+              "needed_bytes": step.needed_bytes, "xla_error": step.error,
+              "xla_flops_per_chip_loop_bodies_once": step.xla_flops}
+    if step.resharded_outputs:
+        warnings.append(f"the step returns {len(step.resharded_outputs)} state leaves with another sharding than "
+                        f"it takes (e.g. {step.resharded_outputs[0]}): train would compile it twice")
+    return memory, executed, aot.replicated_leaves(state, mesh), seconds
+
+
+def _estimated(cfg: Config, lcfg, batch_np: dict, batch_shape, mesh_shape: dict, target: Target):
+    """The analytic memory estimate and the executed FLOPs of the step traced without devices:
+    (memory, executed FLOPs, seconds)."""
+    t0 = time.perf_counter()
+    # cuDNN's kernel cannot be traced without a GPU; its dense attention has the einsum path's matmuls.
+    counted = dataclasses.replace(lcfg, attention="einsum") if lcfg.attention == "cudnn" else lcfg
+    traced = _traced(cfg, counted, _unsharded(cfg, lcfg), _unsharded_batch(batch_np), None, target)
+    executed = flops.executed_flops(traced.jaxpr)
+    est = estimate.estimate_memory(cfg, lcfg, mesh_shape, batch_shape, batch_shape.scored)
+    return {"total": est["total"], "parts": est["parts"], "estimate": True}, executed, {
+        "trace": time.perf_counter() - t0}
 
 
 def _traced(cfg: Config, lcfg, state, batch, mesh, target: Target):
