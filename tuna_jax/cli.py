@@ -232,7 +232,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_reference_scores)
     t = sub.add_parser("train", help="train a stage (SFT or ranking) from a YAML config",
                        description="Train one stage. CONFIG is a YAML file (see configs/); overrides are "
-                       "section.key=value, e.g. optim.lr=1e-5 train.global_batch=64 data.train=ranked.jsonl. "
+                       "section.key=value, e.g. optim.lr=1e-5 train.global_batch=64 data.train=ranked.jsonl, or a "
+                       "YAML file merged where it stands (a topology preset: configs/topologies/v5e-16.yaml). "
                        "Unknown keys are errors.")
     t.add_argument("config", help="YAML config (configs/tuna_p.yaml, ...)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -242,8 +243,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="will a training config fit a TPU slice or GPUs: per-chip memory, FLOPs and "
                         "step time from an ahead-of-time compile, no hardware needed",
                         description="Compile the train step of CONFIG for a topology (no weights, no data, no "
-                        "accelerator) and report per-chip memory against HBM, FLOPs and the step time at 40%% / "
-                        "55%% MFU. Exit status 0: fits, 1: does not fit. See launch/README.md.")
+                        "accelerator) and report per-chip memory against HBM, FLOPs and the step time at 40% / "
+                        "55% MFU. Exit status 0: fits, 1: does not fit. See launch/README.md.")
     if command == "plan":  # only the command being run pays for building its arguments
         from tuna_jax.commands import add_arguments, plan
 

@@ -25,8 +25,8 @@ class Config:
                 "needs the `plan` extra), gpu (this machine's GPUs, compiled), h100:N / h200:N / a100-80g:N / "
                 "a100-40g:N (analytic estimate) or cpu:N (compiled)", "metavar": "T"})
     overrides: list = dataclasses.field(default_factory=list, metadata={
-        "help": "section.key=value overrides, as for `tuna-jax train` (e.g. train.grad_accum=4); a topology "
-                "preset is applied the same way: its file's keys, or base: it", "positional": True,
+        "help": "section.key=value overrides, as for `tuna-jax train` (e.g. train.grad_accum=4), or YAML files "
+                "merged where they stand (a topology preset: configs/topologies/v5e-16.yaml)", "positional": True,
         "metavar": "KEY=VALUE"})
     json: str | None = dataclasses.field(default=None, metadata={"help": "also write the figures as JSON to this "
                                                                           "file", "metavar": "OUT"})

@@ -263,12 +263,13 @@ def compile_traced(traced, state: dict) -> CompiledStep:
     t0 = time.perf_counter()
     try:
         compiled = traced.lower().compile()
-    except jax.errors.JaxRuntimeError as e:
+    except Exception as e:  # noqa: BLE001: XLA's refusal (or a kernel that cannot lower) is the plan's answer
         text = str(e)
-        if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        if isinstance(e, jax.errors.JaxRuntimeError) and (
+                "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()):
             return CompiledStep(time.perf_counter() - t0, oom=True, needed_bytes=_needed_bytes(text),
                                 error=_first_line(text))
-        return CompiledStep(time.perf_counter() - t0, error=_first_line(text))
+        return CompiledStep(time.perf_counter() - t0, error=f"{type(e).__name__}: {_first_line(text)}")
     out = CompiledStep(time.perf_counter() - t0)
     mem = compiled.memory_analysis()
     if mem is not None:

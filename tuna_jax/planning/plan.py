@@ -88,8 +88,9 @@ class Plan:
         out.append(f"  FLOPs      {flop(fl['executed'])} per step executed (matmuls in the step's jaxpr, loops x trip "
                    f"counts, remat included), model {flop(fl['model'])} (6 P T + 6 D V T_scored + 12 L H Dh K){ratio}")
         if self.step_time_s:
-            out.append(f"  step time  {self.step_time_s['mfu_40']:.3g} s at 40% MFU, {self.step_time_s['mfu_55']:.3g} s "
-                       f"at 55% MFU ({b['real_tokens']:,} tokens per step)")
+            t = self.step_time_s
+            out.append(f"  step time  {t['mfu_40']:.3g} s at 40% MFU, {t['mfu_55']:.3g} s at 55% MFU "
+                       f"({b['real_tokens']:,} tokens per step)")
         for w in self.warnings:
             out.append(f"  warning: {w}")
         for leaf in self.replicated_leaves:
@@ -206,7 +207,7 @@ def _compiled(cfg: Config, lcfg, batch_np: dict, target: Target, warnings: list)
         step = aot.compile_traced(traced, state)
     seconds["compile"] = step.seconds
     if step.error and not step.oom:
-        raise aot.PlanError(f"the step does not compile for {target.name}: {step.error}")
+        raise aot.PlanError(f"the step does not compile for {target.name}: {step.error}{_hint(lcfg)}")
     held = {k: aot.per_device_bytes(state[k]) for k in ("params", "opt_state")}
     other = aot.per_device_bytes({"s": state["step"], "r": state["rng"]})
     # Refused for the chip's memory: the state it holds plus what XLA says the temporaries need.
@@ -244,10 +245,15 @@ def _traced(cfg: Config, lcfg, state, batch, mesh, target: Target):
     except Exception as e:  # noqa: BLE001: any tracing failure is the config's answer, said in one line
         if isinstance(e, aot.PlanError):
             raise
-        hint = (f" (model.attention resolved to {lcfg.attention}; model.attention=xla is the portable path)"
-                if lcfg.attention in ("splash", "cudnn") else "")
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise aot.PlanError(f"the step does not trace for {target.name}: {type(e).__name__}: {first}{hint}") from e
+        raise aot.PlanError(f"the step does not trace for {target.name}: {type(e).__name__}: {first}"
+                            f"{_hint(lcfg)}") from e
+
+
+def _hint(lcfg) -> str:
+    """What to try when a fused attention kernel is what failed."""
+    return (f" (model.attention resolved to {lcfg.attention}; model.attention=xla is the portable path)"
+            if lcfg.attention in ("splash", "cudnn") else "")
 
 
 def _optimizer(cfg: Config):
