@@ -391,30 +391,10 @@ class TorchReference:
 # ---- model FLOPs -----------------------------------------------------------------------------------
 
 def step_flops(batches, lcfg) -> float:
-    """Model FLOPs actually computed over ``batches`` (see the module docstring)."""
-    import numpy as np
+    """Model FLOPs actually computed over ``batches`` (see the module docstring): ``tuna-jax plan``'s count."""
+    from tuna_jax.planning.flops import model_flops
 
-    from tuna_jax.model.attention import attention_mask
-
-    d, v, f = lcfg.hidden_size, lcfg.vocab_size, lcfg.intermediate_size
-    h, k, dh, layers = lcfg.num_heads, lcfg.num_kv_heads, lcfg.head_dim, lcfg.num_layers
-    p_body = layers * (d * dh * (2 * h + 2 * k) + 3 * d * f + 2 * d) + d
-    total = 0.0
-    for b in batches:
-        seg = np.asarray(b["segment_ids"]).reshape(-1, b["segment_ids"].shape[-1])
-        br = b.get("branch_ids")
-        br = None if br is None else np.asarray(br).reshape(seg.shape)
-        tokens = float(np.sum(seg > 0))
-        scored = float(np.sum(np.asarray(b["score_slot"]) >= 0))
-        idx = np.arange(seg.shape[1])
-        keys = 0.0
-        for r in range(seg.shape[0]):  # one row at a time: a row's mask is [L, L]
-            s = seg[r: r + 1]
-            m = np.asarray(attention_mask(s, s, idx, idx, None if br is None else br[r: r + 1],
-                                          None if br is None else br[r: r + 1]))[:, 0]
-            keys += float(np.sum(m & (s > 0)[:, :, None]))
-        total += 6 * p_body * tokens + 6 * d * v * scored + 12 * layers * h * dh * keys
-    return total
+    return sum(model_flops(b, lcfg)["total"] for b in batches)
 
 
 # ---- main ------------------------------------------------------------------------------------------

@@ -44,6 +44,18 @@ def lmentry_task(data, name, bigger):
     (data / f"{name}.json").write_text(json.dumps(obj))
 
 
+def ni_checkout(root, tasks):
+    """A tiny natural-instructions checkout under ROOT: tasks = [(name, category, definition, n_instances)], all
+    in the default split's test tasks. Returns its folder."""
+    ni = root / "natural-instructions"
+    (ni / "tasks").mkdir(parents=True, exist_ok=True)
+    (ni / "splits" / "default").mkdir(parents=True, exist_ok=True)
+    for name, cat, definition, n in tasks:
+        (ni / "tasks" / f"{name}.json").write_text(json.dumps(ni_task(name, cat, definition, n)))
+    (ni / "splits" / "default" / "test_tasks.txt").write_text("".join(f"{t[0]}\n" for t in tasks))
+    return ni
+
+
 QUESTIONS = [(1, "Who was the little girl?", "generic")]
 
 
@@ -51,13 +63,8 @@ QUESTIONS = [(1, "Who was the little girl?", "generic")]
 def world(tmp_path_factory):
     """The benchmarks' data in tmp: NI checkout, LMentry data, Vicuna folder, AlpacaEval files; the model."""
     root = tmp_path_factory.mktemp("evalworld")
-    ni = root / "natural-instructions"
-    (ni / "tasks").mkdir(parents=True)
-    (ni / "splits" / "default").mkdir(parents=True)
-    for name, cat, d in (("task001_animals", "Keyword Tagging", "Name the animal"),
-                         ("task002_things", "Keyword Tagging", "Say the thing")):
-        (ni / "tasks" / f"{name}.json").write_text(json.dumps(ni_task(name, cat, d, 3)))
-    (ni / "splits" / "default" / "test_tasks.txt").write_text("task001_animals\ntask002_things\n")
+    ni = ni_checkout(root, [("task001_animals", "Keyword Tagging", "Name the animal", 3),
+                            ("task002_things", "Keyword Tagging", "Say the thing", 3)])
     lm = root / "lmentry" / "data"
     lm.mkdir(parents=True)
     lmentry_task(lm, "bigger_number", True)

@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from hf_utils import LLAMA3_SCALING  # noqa: E402
-from test_eval_cli import ni_task  # noqa: E402
+from test_eval_cli import ni_checkout  # noqa: E402
 from train_utils import REPO, write_jsonl  # noqa: E402
 
 from tuna_jax.assets import stories260k_hf_dir  # noqa: E402
@@ -253,12 +253,7 @@ def test_eval_generation(family):
     import yaml
 
     _, hf, _, root = family
-    ni = root / "natural-instructions"
-    (ni / "tasks").mkdir(parents=True, exist_ok=True)
-    (ni / "splits" / "default").mkdir(parents=True, exist_ok=True)
-    (ni / "tasks" / "task001_animals.json").write_text(json.dumps(ni_task("task001_animals", "Keyword Tagging",
-                                                                          "Name the animal", 2)))
-    (ni / "splits" / "default" / "test_tasks.txt").write_text("task001_animals\n")
+    ni = ni_checkout(root, [("task001_animals", "Keyword Tagging", "Name the animal", 2)])
     cfg = root / "eval.yaml"
     out = root / "eval_out"
     cfg.write_text(yaml.safe_dump({"name": "llama3", "output_dir": str(out),

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
 from train_utils import REPO, TINY_HF, read_metrics, tiny_overrides, write_jsonl
@@ -114,7 +115,7 @@ def _brute_force_model(binder, frozen, trainable, spec):
             node = node[p]
         w = node[path[-1]]
         node[path[-1]] = w + spec.scale * jnp.einsum("nir,nro->nio", ab["a"], ab["b"]).reshape(w.shape)
-    for path, value in lora._flat(trainable["params"]).items():
+    for path, value in flatten_dict(trainable["params"]).items():
         node = params
         for p in path[:-1]:
             node = node[p]
@@ -146,9 +147,9 @@ def test_adapter_gradients_equal_the_merged_weight_brute_force(mode, layout, att
     loss, grads = jax.jit(jax.value_and_grad(ours))(trainable, frozen)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(brute))(trainable, frozen)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-    assert set(lora._flat(grads)) == set(lora._flat(trainable))  # adapters and norms: nothing of the base
-    for path, g in lora._flat(grads).items():
-        r = lora._flat(ref_grads)[path]
+    assert set(flatten_dict(grads)) == set(flatten_dict(trainable))  # adapters and norms: nothing of the base
+    for path, g in flatten_dict(grads).items():
+        r = flatten_dict(ref_grads)[path]
         assert float(jnp.abs(r).max()) > 0, path
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.abs(r).max()), err_msg=str(path))
 

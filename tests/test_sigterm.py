@@ -69,14 +69,9 @@ def test_sample_diverse_sigterm(tmp_path):
 
 def test_eval_run_sigterm(tmp_path):
     import yaml
-    from test_eval_cli import ni_task
+    from test_eval_cli import ni_checkout
 
-    ni = tmp_path / "natural-instructions"
-    (ni / "tasks").mkdir(parents=True)
-    (ni / "splits" / "default").mkdir(parents=True)
-    (ni / "tasks" / "task001_animals.json").write_text(json.dumps(ni_task("task001_animals", "Keyword Tagging",
-                                                                          "Name the animal", 40)))
-    (ni / "splits" / "default" / "test_tasks.txt").write_text("task001_animals\n")
+    ni = ni_checkout(tmp_path, [("task001_animals", "Keyword Tagging", "Name the animal", 40)])
     out = tmp_path / "eval"
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({"name": "t", "output_dir": str(out),

@@ -548,9 +548,8 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
                                                   lambda b: make_eval_step(b, cfg))
         writer = MetricsWriter(out_dir, start_step if resume else None, tc.tensorboard)
         if not resume:  # what reading the data changed, as step 0 of the log (a resume keeps that line)
-            ties = {k: report.changed.get(k, 0) for k in ("identical_candidates", "all_candidates_identical")}
-            writer.write({"step": 0, "split": "data", "identical_pairs": ties["identical_candidates"],
-                          "rows_all_identical": ties["all_candidates_identical"]})
+            writer.write({"step": 0, "split": "data", "identical_pairs": report.changed["identical_candidates"],
+                          "rows_all_identical": report.changed["all_candidates_identical"]})
 
         stop_signal: list[int] = []
         previous = {s: signal.signal(s, lambda signum, _f: stop_signal.append(signum))

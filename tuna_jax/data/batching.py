@@ -278,7 +278,6 @@ class BatchIterator:
         """(epoch, index) of the first batch of each distinct shape among the next ``steps`` batches
         (default: the rest of the run; one epoch when endless), in the order they come: what to
         compile ahead."""
-        self._plan()
         if steps is None:
             steps = len(self) if self.num_epochs is not None else self.steps_per_epoch
         seen, out = set(), []

@@ -150,10 +150,17 @@ def normalise_response(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def duplicate_groups(candidates: Sequence[str]) -> list[list[int]]:
+    """The indices of each response that occurs more than once (``normalise_response``), in order."""
+    groups: dict[str, list[int]] = {}
+    for k, c in enumerate(candidates):
+        groups.setdefault(normalise_response(c), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def identical_pairs(candidates: Sequence[str]) -> int:
     """How many pairs of candidates are the same response (``normalise_response``)."""
-    counts = collections.Counter(normalise_response(c) for c in candidates)
-    return sum(n * (n - 1) // 2 for n in counts.values())
+    return sum(len(g) * (len(g) - 1) // 2 for g in duplicate_groups(candidates))
 
 
 def tie_identical(rec: RankingRecord, report: SkipReport) -> RankingRecord:
@@ -165,10 +172,7 @@ def tie_identical(rec: RankingRecord, report: SkipReport) -> RankingRecord:
     and below a third candidate); counted in ``report`` as ``identical_candidates`` (pairs), and
     ``all_candidates_identical`` for a row that is left with only its MLE term.
     """
-    groups: dict[str, list[int]] = {}
-    for k, c in enumerate(rec.candidates):
-        groups.setdefault(normalise_response(c), []).append(k)
-    dups = [g for g in groups.values() if len(g) > 1]
+    dups = duplicate_groups(rec.candidates)
     if not dups:
         return rec
     scores = list(rec.scores)
@@ -176,11 +180,10 @@ def tie_identical(rec: RankingRecord, report: SkipReport) -> RankingRecord:
         mean = math.fsum(float(rec.scores[k]) for k in g) / len(g)
         for k in g:
             scores[k] = mean
-    pairs = sum(len(g) * (len(g) - 1) // 2 for g in dups)
     shown = ", ".join("/".join(str(k) for k in g) for g in dups)
     report.note("identical_candidates", f"{rec.source}: candidates {shown} are the same text; ranked as ties",
-                count=pairs)
-    if len(groups) == 1 and len(rec.candidates) > 1:
+                count=identical_pairs(rec.candidates))
+    if len(dups) == 1 and len(dups[0]) == len(rec.candidates):
         report.note("all_candidates_identical", f"{rec.source}: every candidate is the same text; only the MLE "
                     "term trains on this row")
     return dataclasses.replace(rec, scores=scores)

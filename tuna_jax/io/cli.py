@@ -22,6 +22,7 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
+from tuna_jax.io.diskfull import DiskFull, HideWriterThreadTracebacks
 from tuna_jax.io.errors import InputError, RunStopped
 from tuna_jax.io.items import StopRun
 from tuna_jax.io.lock import OutputBusyError
@@ -39,8 +40,6 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tuna_jax").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:  # absl (Orbax) installs its own level: lower it explicitly
-        from tuna_jax.io.diskfull import HideWriterThreadTracebacks
-
         absl = logging.getLogger("absl")
         absl.setLevel(logging.WARNING)
         if not any(isinstance(f, HideWriterThreadTracebacks) for f in absl.filters):
@@ -74,7 +73,7 @@ def format_error(e: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
         text = f"{e.filename}: {e.strerror}"
         if e.filename2 is not None:
             text += f" (-> {e.filename2})"
-        if e.errno in (errno.ENOSPC, errno.EDQUOT) and type(e).__name__ != "DiskFull":  # DiskFull says it already
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, DiskFull):  # DiskFull says it already
             text += "; free space there or write to another folder, then rerun"
     elif isinstance(e, UnicodeDecodeError):
         text = f"text is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the file as UTF-8"
@@ -168,7 +167,7 @@ def report_run(name: str, call: Callable[[], Any], store: Any, failed_note: str)
 def report_stop(name: str, e: BaseException, store: Any) -> int:
     """The report of a run stopped by a budget or a fatal endpoint error (``e``, with the item loop's
     ``.summary`` when it has one); returns exit status 2."""
-    print(f"{name}: stopped: {format_error(e)}", file=sys.stderr)
+    print(error_line(f"{name}: stopped: ", e), file=sys.stderr)
     s = getattr(e, "summary", None)
     if s is not None:
         print(f"{name}: {s.line()}", file=sys.stderr)

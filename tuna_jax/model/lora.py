@@ -47,11 +47,12 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
@@ -158,21 +159,11 @@ def _set(tree: dict, path: tuple[str, ...], value) -> dict:
     return out
 
 
-def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
 def extra_paths(params: dict, spec: LoraSpec) -> list[tuple[str, ...]]:
     """Paths of the parameters ``spec.train_also`` trains in full: "norms" every parameter of a module
     whose name ends with "norm" (input/post-attention/final norms, q/k norms), "lm_head" the LM head."""
     out = []
-    for path in _flat(params):
+    for path in flatten_dict(params):
         if ("norms" in spec.train_also and any(p.endswith("norm") for p in path[:-1])) or \
                 ("lm_head" in spec.train_also and path == ("lm_head",)):
             out.append(path)
@@ -253,7 +244,7 @@ def combine(frozen: dict, trainable: dict, spec: LoraSpec) -> dict:
     """The params tree the model runs with: each target a :class:`LoraWeight`, each trained extra its
     trained value; the rest the frozen base."""
     tree = frozen
-    for path, value in _flat(trainable.get("params", {})).items():
+    for path, value in flatten_dict(trainable.get("params", {})).items():
         tree = _set(tree, path, value)
     for t, ab in trainable["adapters"].items():
         path = TARGETS[t][0]
@@ -467,7 +458,7 @@ def save_adapter(out: str | os.PathLike, trainable: dict, spec: LoraSpec, cfg, b
             name = PEFT_PREFIX + _module(_hf_name(cfg, targets[t], i))
             tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)  # [r, in]
             tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)  # [out, r]
-    for path, value in _flat(trainable.get("params", {})).items():
+    for path, value in flatten_dict(trainable.get("params", {})).items():
         row = rows[path]
         host = to_host(value).astype(np.float32)
         for i in range(host.shape[0] if row[3] else 1):

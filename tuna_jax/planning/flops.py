@@ -94,14 +94,11 @@ def model_flops(batch: dict, lcfg, lm_head: bool = True) -> dict:
 
 
 def _visible_keys(seg: np.ndarray, branch: np.ndarray | None) -> int:
-    """How many (query, key) pairs of one row attend: the mask of ``model/attention.attention_mask`` over
-    real tokens, in numpy."""
-    real = np.flatnonzero(seg > 0)
-    if real.size == 0:
-        return 0
-    s = seg[real]
-    same = (s[:, None] == s[None, :]) & (real[None, :] <= real[:, None])
-    if branch is not None:
-        b = branch[real]
-        same &= (b[None, :] == 0) | (b[None, :] == b[:, None])
-    return int(np.count_nonzero(same))
+    """How many (query, key) pairs of one row attend, real queries only: ``model/attention.attention_mask``
+    itself, so the count cannot drift from what the model computes."""
+    from tuna_jax.model.attention import attention_mask
+
+    s, idx = seg[None], np.arange(seg.shape[-1])
+    b = None if branch is None else branch[None]
+    mask = np.asarray(attention_mask(s, s, idx, idx, b, b))[:, 0]  # [1, L, L]
+    return int(np.count_nonzero(mask & (s > 0)[:, :, None]))
