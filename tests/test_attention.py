@@ -11,9 +11,9 @@ from tuna_jax.model.attention import attend, attention_mask, resolve
 from test_layouts import make_examples
 
 
-def _rows(layout, block=8):
+def _rows(layout, block=8, mode="ranking"):
     ex = make_examples(6, 3, seed=7)
-    coll = LayoutCollator(layout, "ranking", 24, 0, 3, "original", pad_to_multiple=8, attention_block=block,
+    coll = LayoutCollator(layout, mode, 24, 0, 3, "original", pad_to_multiple=8, attention_block=block,
                           row_len=48)
     b = coll(ex, coll.plan([ex]))
     u, q, length = b["segment_ids"].shape
@@ -38,14 +38,21 @@ def _run(impl, q, k, v, seg, br, kv):
         out = attend(q, k, v, mask, impl, segment_ids=seg, branch_ids=br, kv_blocks=kv)
         return jnp.sum(jnp.where(real, out, 0.0) * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
 
-    (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    # jitted: one compile instead of an eager dispatch (and compile) per operation of the blocked loop
+    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return np.asarray(jnp.where(real, out, 0.0)), [np.asarray(g) for g in grads]
 
 
-@pytest.mark.parametrize("layout", ["padded", "prefix_shared", "packed"])
-@pytest.mark.parametrize("impl", ["xla", "xla_dense", "xla_chunked", "splash"])
+# splash takes rows without branches only: padded rows and packed SFT rows (branched rows: refused, below)
+CASES = [(layout, impl) for layout in ("padded", "prefix_shared", "packed")
+         for impl in ("xla", "xla_dense", "xla_chunked")] + [("padded", "splash"), ("packed_sft", "splash")]
+
+
+@pytest.mark.parametrize("layout,impl", CASES)
 def test_matches_einsum_reference(layout, impl, monkeypatch):
-    seg, br, kv = _rows(layout)
+    seg, br, kv = _rows("packed", mode="sft") if layout == "packed_sft" else _rows(layout)
+    if layout == "packed_sft":
+        assert br is None and int(seg.max()) > 1  # several examples per row, no branches
     if impl == "xla_dense":
         impl, kv = "xla", None
     if impl == "xla_chunked":  # one query block per iteration of the blocked path's loop
@@ -71,6 +78,7 @@ def test_auto_picks_per_platform():
     assert resolve("auto", jnp.bfloat16, 128, "gpu") == "cudnn"
     assert resolve("auto", jnp.float32, 128, "gpu") == "xla"  # cuDNN flash needs 16-bit inputs
     assert resolve("auto", jnp.bfloat16, 64, "tpu") == "splash"
+    assert resolve("auto", jnp.bfloat16, 64, "tpu", branched=True) == "xla"  # the blocked path
     assert resolve("auto", jnp.float32, 64, "cpu") == "xla"
     with pytest.raises(ValueError, match="model.attention='flash'"):
         resolve("flash", jnp.float32, 64)
@@ -85,3 +93,48 @@ def test_cudnn_matches_einsum_in_bfloat16(layout):
     out, grads = _run("cudnn", q, k, v, seg, br, None)
     assert np.abs(out.astype(np.float32) - ref_out).max() < 3e-2
     assert all(np.isfinite(g.astype(np.float32)).all() for g in grads)
+
+
+@pytest.mark.parametrize("layout", ["prefix_shared", "packed"])
+def test_splash_refuses_rows_with_branches_in_one_line(layout):
+    """Their mask changes every batch; splash builds its block metadata from a mask known at trace time."""
+    seg, br, kv = _rows(layout)
+    assert br is not None
+    q, k, v = _qkv(seg.shape[0], seg.shape[1])
+    with pytest.raises(ValueError, match="model.attention=splash cannot take rows with branches") as e:
+        _run("splash", q, k, v, seg, br, kv)
+    assert "\n" not in str(e.value)
+
+
+def test_splash_under_a_mesh_runs_per_shard_and_matches_einsum():
+    """On a data x fsdp x tensor mesh splash runs in shard_map (XLA cannot partition a Mosaic kernel):
+    the jitted forward and gradients equal the unsharded einsum reference."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from tuna_jax import parallel
+
+    seg, _, _ = _rows("padded")
+    rows = seg.shape[0] - seg.shape[0] % 4
+    seg = seg[:rows]
+    q, k, v = _qkv(rows, seg.shape[1], heads=4, kv_heads=2)
+    ref_out, ref_g = _run("einsum", q, k, v, seg, None, None)
+    mesh = parallel.make_mesh("2,2,2", jax.devices()[:8])
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))  # noqa: E731
+    with jax.set_mesh(mesh):
+        out, g = jax.jit(lambda *a: _run_traced("splash", *a))(*map(put, (q, k, v, seg)))
+    np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-5, rtol=1e-5)
+    for a, b in zip(g, ref_g):
+        np.testing.assert_allclose(np.asarray(a), b, atol=2e-5, rtol=1e-5)
+
+
+def _run_traced(impl, q, k, v, seg):
+    idx = jnp.arange(seg.shape[1])
+    mask = attention_mask(seg, seg, idx, idx)
+    real = (seg > 0)[..., None, None]
+
+    def f(q, k, v):
+        out = attend(q, k, v, mask, impl, segment_ids=seg)
+        return jnp.sum(jnp.where(real, out, 0.0) * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+
+    (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return jnp.where(real, out, 0.0), grads

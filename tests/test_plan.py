@@ -195,6 +195,92 @@ def test_estimate_is_within_a_factor_of_the_compile_where_activations_dominate(r
     assert 1 / ESTIMATE_FACTOR <= ratio <= ESTIMATE_FACTOR, (ratio, est.memory, compiled.memory)
 
 
+# ---- LoRA ---------------------------------------------------------------------------------------------
+
+# Weights that outweigh the batch (so LoRA's saving is visible), a bf16 base, data parallel over 8 devices
+# (every device holds every parameter: the bytes below are whole tensors).
+D, F, LAYERS, HEADS, KV, VOCAB, RANK = 128, 512, 2, 4, 2, 2048, 4
+LORA_BASE = [f"model.hf_config={{vocab_size: {VOCAB}, hidden_size: {D}, intermediate_size: {F}, num_hidden_layers: "
+             f"{LAYERS}, num_attention_heads: {HEADS}, num_key_value_heads: {KV}}}", "model.dtype=float32",
+             "model.param_dtype=bfloat16", "data.max_len=32", "data.num_candidates=2", "train.global_batch=8",
+             "data.layout=prefix_shared", "model.attention=xla", "train.mesh=8,1,1"]
+LORA = LORA_BASE + [f"lora.rank={RANK}"]  # every projection (lora.targets' default)
+
+
+def arch_counts() -> tuple[int, int]:
+    """(base parameters, adapter parameters) of LORA by hand: untied embedding and head, q/k/v/o, gate/up/down,
+    two norms per layer and a final one; A [in, r] and B [r, out] per projection and layer."""
+    dh = D // HEADS
+    q, kv = HEADS * dh, KV * dh
+    base = 2 * VOCAB * D + D + LAYERS * (D * q + 2 * D * kv + q * D + 3 * D * F + 2 * D)
+    io = [(D, q), (D, kv), (D, kv), (q, D), (D, F), (D, F), (F, D)]
+    return base, LAYERS * RANK * sum(i + o for i, o in io)
+
+
+@pytest.fixture(scope="module")
+def lora_plans():
+    """The LoRA step and full fine-tuning of the same config, compiled for cpu:8 (two compiles)."""
+    target = hardware.resolve("cpu:8")
+    return plan_config(TUNA_P, LORA, target), plan_config(TUNA_P, LORA_BASE, target)
+
+
+def test_lora_plan_holds_the_bf16_base_adapters_and_their_optimizer_only(lora_plans):
+    p, full = lora_plans
+    base, adapters = arch_counts()
+    m = p.memory
+    assert p.compiled and p.model["lora"]["trainable_params"] == adapters
+    assert m["frozen_base"] == base * 2  # bf16, as loaded
+    assert m["trainable"] == adapters * 4  # float32 adapters
+    assert m["optimizer"] == 2 * adapters * 4 + 8  # AdamW's mu and nu of the adapters, two int32 step counts
+    lora_state = base * 2 + adapters * 4 + 2 * adapters * 4 + 8 + 4 + 8  # + step, rng
+    full_state = base * 2 + 2 * base * 2 + 8 + 4 + 8  # full fine-tuning: moments of every (bf16) parameter
+    # XLA's arguments of the compiled step: that state and the batch's share (of the arrays the step reads:
+    # jit drops the others), the same batch for both, so the difference is the state's exactly.
+    cfg = load_config(TUNA_P, LORA)
+    batch, _, _ = aot.planned_batch(cfg, 8, max(1, min(64, cfg.data.max_len // 4)), "cpu")
+    assert 0 < m["arguments"] - lora_state <= sum(v.nbytes for v in batch.values()) // 8
+    assert full.memory["arguments"] - m["arguments"] == full_state - lora_state
+    # The state is donated as train donates it; the frozen base is an argument, never donated.
+    assert m["trainable"] + m["optimizer"] <= m["aliased"] <= m["arguments"] - m["frozen_base"]
+    assert not p.warnings, p.warnings
+
+
+def test_lora_plans_less_memory_than_full_fine_tuning(lora_plans):
+    lora_p, full = lora_plans
+    assert full.model["lora"] is None and "params" in full.memory and "frozen_base" not in full.memory
+    assert lora_p.memory["total"] < full.memory["total"]
+    # Full fine-tuning: every parameter's AdamW moments; LoRA: the adapters' only.
+    assert full.memory["optimizer"] > 10 * lora_p.memory["optimizer"]
+    estimate = [plan_config(TUNA_P, over, hardware.resolve("h100:8")).memory for over in (LORA, LORA_BASE)]
+    assert estimate[0]["total"] < estimate[1]["total"]
+    assert "gradients" in estimate[0]["parts"] and "frozen_base" in estimate[0]["parts"]
+    assert estimate[0]["parts"]["optimizer"] == 2 * arch_counts()[1] * 4
+
+
+def test_lora_estimate_is_within_a_factor_of_the_compile(lora_plans):
+    """The LoRA estimate (h100:8) against the same step compiled for cpu:8, held as the full step's is."""
+    est = plan_config(TUNA_P, LORA, hardware.resolve("h100:8"))
+    assert est.compiled is False and est.mesh == lora_plans[0].mesh
+    ratio = est.memory["total"] / lora_plans[0].memory["total"]
+    assert 1 / ESTIMATE_FACTOR <= ratio <= ESTIMATE_FACTOR, (ratio, est.memory, lora_plans[0].memory)
+
+
+def test_lora_reference_model_adds_the_bases_forward_pass_and_train_refusals_hold(capsys):
+    """loss.reference=model scores the batch with the frozen base in the same step: one more forward pass
+    (no backward) in the executed FLOPs. Without LoRA, or without model.path, train refuses: so does plan."""
+    target = hardware.resolve("h100:8")
+    plain, ref = (plan_config(TUNA_P, LORA + extra, target) for extra in ([], ["loss.reference=model"]))
+    added = ref.flops["executed"] - plain.flops["executed"]
+    assert ref.model["lora"]["reference"] == "model"
+    assert 0.2 * plain.flops["model"] < added < plain.flops["executed"] / 2
+    rc = cli(["plan", TUNA_P, *LORA_BASE, "loss.reference=model", "--topology", "h100:8"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "loss.reference=model needs LoRA" in err
+    rc = cli(["plan", TUNA_P, *LORA, "model.path=null", "--topology", "h100:8"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "needs model.path" in err
+
+
 def test_train_refusals_are_one_line(capsys):
     rc = cli(["plan", TUNA_P, *TINY, "train.global_batch=12", "--topology", "cpu:8"])
     assert rc == 2

@@ -2,7 +2,8 @@
 fast will a step be, before the slice is paid for.
 
 Builds the train step `tuna-jax train` would run for CONFIG (same model, layout, attention, remat, scan,
-grad_accum, optimizer, dtype and mesh) over abstract parameters and a worst-case batch, compiles it for
+grad_accum, optimizer, dtype and mesh; with ``lora.rank`` > 0 the LoRA step: frozen base, adapters, AdamW
+over the adapters) over abstract parameters and a worst-case batch, compiles it for
 T without any of T's hardware, and reports per chip: parameter and optimizer bytes, temporaries, the
 total against the chip's memory, FLOPs and the step time at 40% / 55% MFU (``tuna_jax/planning/``).
 Exit status: 0 fits, 1 does not fit (``--search``: nothing found that fits), 2 bad input.
@@ -64,7 +65,7 @@ def run(cfg: Config) -> int:
             raise
         print(f"plan: {e}", file=sys.stderr)
         plan = None
-        if "resolved to splash" in str(e):  # the search looks for what fits, on the attention that traces
+        if "model.attention=xla is the portable path" in str(e):  # search on the attention that traces
             fixed = ["model.attention=xla"]
     if plan is not None:
         print("\n".join(plan.lines()))

@@ -18,11 +18,14 @@ those arrays; every implementation below computes softmax(q k^T / sqrt(Dh)) v un
   NVIDIA GPUs (bfloat16/float16, head_dim <= 128 and a multiple of 8). cuDNN's own mask types
   cover causal + padding only, so the dense mask goes in as an additive bias (that is how jax
   passes a boolean mask to cuDNN), which covers packed and prefix-shared rows exactly.
-* ``splash``: Pallas splash attention on TPU. Padded and packed rows use its causal mask with
-  segment ids (fully masked blocks are skipped); rows with branches (prefix-shared) use a dynamic
-  dense mask, from which splash builds its block-sparsity metadata. Runs on CPU in Pallas
-  interpret mode (slow; for tests).
-* ``auto``: cudnn on GPU when the dtype allows, splash on TPU, xla elsewhere.
+* ``splash``: Pallas splash attention on TPU, for rows without branches (padded rows, packed SFT
+  rows): its causal mask with segment ids, fully masked blocks skipped. Under a mesh it runs in
+  ``shard_map`` over the batch and head axes of the rules table (XLA cannot partition a Mosaic
+  kernel itself). Rows with branches (the prefix_shared and packed ranking layouts) are refused:
+  their mask differs per batch, and splash builds its block metadata from a mask known when the
+  step is traced. Runs on CPU in Pallas interpret mode (slow; for tests).
+* ``auto``: cudnn on GPU when the dtype allows; on TPU splash for rows without branches and the
+  blocked xla path for rows with them; xla elsewhere.
 
 A query with no visible key (a padding token) attends to itself only, so no implementation ever
 normalises over an empty set: padding stays finite and never reaches a real token, because real
@@ -40,6 +43,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from tuna_jax import parallel
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash")
 
@@ -62,16 +67,20 @@ def attention_mask(q_segment: jax.Array, k_segment: jax.Array, q_index: jax.Arra
     return (mask | itself)[:, None, :, :]
 
 
-def resolve(implementation: str, dtype, head_dim: int, platform: str | None = None) -> str:
-    """The concrete implementation ``auto`` stands for on this platform (others pass through)."""
+def resolve(implementation: str, dtype, head_dim: int, platform: str | None = None, branched: bool = False) -> str:
+    """The concrete implementation ``auto`` stands for on this platform, for rows with or without
+    branches (others pass through; splash over branched rows is refused in one line)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={implementation!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation == "splash" and branched:
+        raise ValueError("model.attention=splash cannot take rows with branches (the prefix_shared and packed "
+                         "ranking layouts: their mask changes every batch); use model.attention=auto or xla")
     if implementation != "auto":
         return implementation
     platform = platform or jax.default_backend()
     if platform == "gpu" and cudnn_supports(dtype, head_dim):
         return "cudnn"
-    if platform == "tpu":
+    if platform == "tpu" and not branched:
         return "splash"
     return "xla"
 
@@ -101,7 +110,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, imp
     if implementation == "xla":
         return _recomputed_dense(q, k, v, mask)
     if implementation == "splash":
-        return splash_attention(q, k, v, segment_ids, branch_ids, mask)
+        resolve(implementation, q.dtype, q.shape[-1], branched=branch_ids is not None)  # refuses branched rows
+        return splash_attention(q, k, v, segment_ids)
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS[1:]}")
 
 
@@ -212,7 +222,7 @@ def blocked_attention(q, k, v, segment_ids, branch_ids, kv_blocks, chunk_bytes: 
         return jnp.einsum("bjkgqs,bjskd->bjqkgd", probs, values.reshape(b, g, m * c, kh, dh))
 
     n = nb // g
-    lead = lambda x: jnp.moveaxis(x.reshape((b, n, g) + x.shape[2:]), 1, 0)  # noqa: E731: [n, B, g, ...]
+    lead = lambda x: jnp.moveaxis(x.reshape((b, n, g) + x.shape[2:]), 1, 0)  # [n, B, g, ...]
     xs = (lead(q.reshape(b, nb, c, h, dh)), lead(kv_blocks), lead(seg), None if br is None else lead(br),
           jnp.arange(l).reshape(n, g, c))
     if n == 1:
@@ -245,12 +255,14 @@ def _splash_blocks(length: int):
                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
 
 
-def splash_attention(q, k, v, segment_ids, branch_ids, mask):
-    """Splash attention over a batch. q [B, L, H, Dh], k / v [B, L, K, Dh] (self-attention), segment
-    and branch ids [B, L]; ``mask`` [B, 1, L, L] is used only when rows have branches.
+def splash_attention(q, k, v, segment_ids):
+    """Splash attention over a batch of rows without branches. q [B, L, H, Dh], k / v [B, L, K, Dh]
+    (self-attention), segment_ids [B, L] (0 = padding).
 
     Grouped kv heads are repeated to H (splash's MHA kernel; gradients sum over the copies). L is
-    padded to a multiple of the block size with padding tokens, which the mask keeps out.
+    padded to a multiple of the block size with padding tokens, which the mask keeps out. Under a
+    mesh (``jax.set_mesh``) the kernel runs per shard: batch and heads split as the rules table
+    splits ``batch`` and ``q_heads``, each shard holding whole rows.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
@@ -261,21 +273,19 @@ def splash_attention(q, k, v, segment_ids, branch_ids, mask):
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     to_heads = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
     qh, kh, vh = to_heads(q / math.sqrt(dh)), to_heads(k), to_heads(v)  # [B, H, L', Dh]
-    length = l + pad
     # Padding tokens get a segment of their own (-1), so they see only padding, never real tokens.
     seg = jnp.pad(jnp.where(segment_ids == 0, -1, segment_ids), ((0, 0), (0, pad)), constant_values=-1)
-    if branch_ids is None:
-        kernel = _splash_causal_kernel(h, length, interpret)
-        out = jax.vmap(lambda qq, kk, vv, s: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(q=s, kv=s)))(qh, kh, vh, seg)
+
+    def local(qh, kh, vh, seg):  # one shard: [b, h, L', Dh]
+        kernel = _splash_causal_kernel(qh.shape[1], l + pad, interpret)
+        return jax.vmap(lambda qq, kk, vv, s: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(q=s, kv=s)))(qh, kh, vh, seg)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        out = local(qh, kh, vh, seg)
     else:
-        dense = jnp.pad(mask[:, 0], ((0, 0), (0, pad), (0, pad)))
-        idx = jnp.arange(length)
-        dense = dense | ((idx[:, None] == idx[None, :]) & (idx[:, None] >= l))[None]  # padded rows: themselves
-
-        def one(qq, kk, vv, m):
-            kernel = sk.make_splash_mha(jnp.broadcast_to(m, (h, length, length)), head_shards=1, q_seq_shards=1,
-                                        interpret=interpret, block_sizes=_splash_blocks(length))
-            return kernel(qq, kk, vv)
-
-        out = jax.vmap(one)(qh, kh, vh, dense)
+        heads = parallel.logical_to_spec(("batch", "q_heads"), qh.shape[:2], mesh)
+        rows = parallel.logical_to_spec(("batch",), seg.shape[:1], mesh)
+        out = jax.shard_map(local, in_specs=(heads, heads, heads, rows), out_specs=heads, check_vma=False)(
+            qh, kh, vh, seg)
     return out.transpose(0, 2, 1, 3)[:, :l].astype(q.dtype)

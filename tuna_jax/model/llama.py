@@ -356,7 +356,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:
-            impl = resolve(cfg.attention, dt, cfg.head_dim)
+            impl = resolve(cfg.attention, dt, cfg.head_dim, branched=ids[1] is not None)
             out = attend(q, k, v, mask, impl, segment_ids=ids[0], branch_ids=ids[1], kv_blocks=ids[2])
             new_kv = None
         else:

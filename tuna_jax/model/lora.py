@@ -240,6 +240,19 @@ def split_for_training(cfg, params: dict, spec: LoraSpec, seed: int, mesh=None) 
     return params, {"adapters": init_adapters(cfg, params, spec, seed, mesh), "params": extras}
 
 
+def abstract_split(cfg, params: dict, spec: LoraSpec, mesh=None) -> tuple[dict, dict]:
+    """:func:`split_for_training` of abstract ``params`` (ShapeDtypeStructs), nothing computed: the same
+    (frozen, trainable) trees as ShapeDtypeStructs placed as a run places them (``tuna-jax plan``)."""
+    _, trainable = jax.eval_shape(functools.partial(split_for_training, cfg, spec=spec, seed=0), params)
+    adapters = _shardings(cfg, spec, adapter_shapes(params, spec), mesh)
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    extras: dict = {}
+    for path, x in flatten_dict(trainable["params"]).items():  # placed like the base parameter they copy
+        extras = _set(extras, path, place(x, getattr(_get(params, path), "sharding", None)))
+    return params, {"adapters": {t: {k: place(x, adapters and adapters[t][k]) for k, x in ab.items()}
+                                 for t, ab in trainable["adapters"].items()}, "params": extras}
+
+
 def combine(frozen: dict, trainable: dict, spec: LoraSpec) -> dict:
     """The params tree the model runs with: each target a :class:`LoraWeight`, each trained extra its
     trained value; the rest the frozen base."""
@@ -297,6 +310,9 @@ class _WithFrozen:
     def lower(self, *args):
         return self.fn.lower(*args, frozen=self.frozen)
 
+    def trace(self, *args):
+        return self.fn.trace(*args, frozen=self.frozen)
+
 
 def check_run_config(cfg) -> None:
     """The LoRA settings of a training config, before any data or model is read (one-line errors)."""
@@ -323,12 +339,15 @@ class LoraRun:
     ``trainable`` = {"adapters": {target: {"a", "b"}}, "params": the ``train_also`` parameters}: the
     train state's params, so the optimizer state and the checkpoints hold only these."""
 
-    def __init__(self, cfg, binder, params: dict, mesh):
+    def __init__(self, cfg, binder, params: dict, mesh, abstract: bool = False):
         self.spec = LoraSpec.from_config(cfg.lora)
         self.binder, self.base = binder, cfg.model.path
         if cfg.train.mode != "prm":  # the export's format, before any step (a PRM folder holds merged weights)
             check_peft(binder.cfg, self.spec)
-        self.frozen, self.trainable = split_for_training(binder.cfg, params, self.spec, cfg.train.seed, mesh)
+        if abstract:  # ShapeDtypeStruct params: the run's shapes and placements only (`tuna-jax plan`)
+            self.frozen, self.trainable = abstract_split(binder.cfg, params, self.spec, mesh)
+        else:
+            self.frozen, self.trainable = split_for_training(binder.cfg, params, self.spec, cfg.train.seed, mesh)
 
     def jit_steps(self, make_step: Callable, make_eval: Callable):
         """``(step_fn, eval_fn)`` called like train.py's (``step_fn(state, batch, *flag)``,

@@ -12,7 +12,10 @@ What `tuna-jax train` would run, built from the same functions (``train.make_tra
   over data x fsdp as ``parallel.shard_batch`` places them;
 * the mesh: ``train.mesh`` over the target's devices (``parallel.make_mesh``);
 * ``model.attention=auto`` and ``data.layout=auto`` resolved for the target's platform, as train
-  resolves them there (:func:`on_platform`).
+  resolves them there (:func:`on_platform`);
+* LoRA (``lora.rank`` > 0): train's ``LoraRun`` built over the abstract parameters (:func:`lora_run`):
+  the frozen base in its param_dtype, an argument of every step, never donated nor differentiated; the
+  state's params are the adapters (and ``lora.train_also``), AdamW's state theirs only; its jitted step.
 
 The jitted step is lowered and compiled for the target's devices (a TPU topology from libtpu, the
 local GPUs or CPU devices) and XLA's memory analysis read: per-device arguments, outputs, aliased
@@ -71,13 +74,16 @@ def architecture(cfg: Config) -> tuple[dict, str, list[str]]:
 
 def llama_config(cfg: Config, hf: dict, platform: str):
     """The LlamaConfig train builds (runtime fields from ``model``), ``attention=auto`` resolved for
-    ``platform`` the way train resolves it there."""
+    ``platform`` the way train resolves it there. On TPU auto stays auto: it picks per call (splash for
+    rows without branches, xla for rows with them), and the trace runs ``on_platform``."""
     from tuna_jax.model.attention import resolve
     from tuna_jax.model.llama import DTYPES, LlamaConfig
 
     m = cfg.model
     lcfg = LlamaConfig.from_hf(hf, dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
                                remat_policy=m.remat_policy, attention=m.attention)
+    if platform == "tpu" and m.attention == "auto":
+        return lcfg
     return dataclasses.replace(lcfg, attention=resolve(m.attention, DTYPES[m.dtype], lcfg.head_dim, platform))
 
 
@@ -137,22 +143,41 @@ def planned_batch(cfg: Config, n_data: int, prompt_len: int, platform: str, host
 
 # ---- abstract state ---------------------------------------------------------------------------------
 
-def abstract_state(cfg: Config, lcfg, mesh, tx) -> dict:
-    """The train state ({"params", "opt_state", "step", "rng"}) as ShapeDtypeStructs with the shardings
-    train gives them; PRM: params are {"backbone", "head"} with the head replicated."""
+def abstract_params(lcfg, mesh) -> dict:
+    """The model's parameters as ShapeDtypeStructs with the shardings train gives them."""
     import jax
-    import jax.numpy as jnp
-    import optax
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from tuna_jax import parallel
     from tuna_jax.model.llama import abstract_model
 
     abs_params = nnx.state(abstract_model(lcfg), nnx.Param)
     shardings = nnx.to_pure_dict(parallel.state_shardings(abs_params, mesh))
-    params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                          nnx.to_pure_dict(abs_params), shardings)
+    return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                        nnx.to_pure_dict(abs_params), shardings)
+
+
+def lora_run(cfg: Config, lcfg, params: dict, mesh):
+    """The ``LoraRun`` train builds when ``lora.rank`` > 0 (``model/lora.py``), over abstract ``params``: its
+    ``frozen`` base and ``trainable`` adapters as ShapeDtypeStructs, and its jitted step; None without LoRA."""
+    from tuna_jax.model.lora import LoraRun, check_run_config
+    from tuna_jax.model.params import ParamBinder
+
+    if cfg.lora.rank or cfg.loss.reference == "model":
+        check_run_config(cfg)  # train's refusals, same words
+    return LoraRun(cfg, ParamBinder(lcfg), params, mesh, abstract=True) if cfg.lora.rank else None
+
+
+def abstract_state(cfg: Config, lcfg, mesh, tx, params: dict | None = None) -> dict:
+    """The train state ({"params", "opt_state", "step", "rng"}) as ShapeDtypeStructs with the shardings
+    train gives them; ``params``: the trained parameters (LoRA: the run's ``trainable``), by default the
+    model's; PRM: params are {"backbone", "head"} with the head replicated."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    params = abstract_params(lcfg, mesh) if params is None else params
     replicated = NamedSharding(mesh, PartitionSpec())
     if cfg.train.mode == "prm":
         head = {"w": jax.ShapeDtypeStruct((lcfg.hidden_size,), jnp.float32, sharding=replicated),
@@ -184,14 +209,15 @@ def per_device_bytes(tree) -> int:
 
 def replicated_leaves(state: dict, mesh, min_bytes: int = 2**20) -> list[dict]:
     """Parameter and optimizer leaves over ``min_bytes`` that the fsdp axis does not split (each device
-    of that axis holds all of it): the leaves a 7B run must not have."""
+    of that axis holds all of it): the leaves a 7B run must not have. ``state`` may also hold LoRA's
+    ``frozen_base``."""
     import jax
 
     if mesh.shape["fsdp"] == 1:
         return []
     out = []
-    for part in ("params", "opt_state"):
-        for path, x in jax.tree_util.tree_leaves_with_path(state[part]):
+    for part in ("frozen_base", "params", "opt_state"):
+        for path, x in jax.tree_util.tree_leaves_with_path(state.get(part, {})):
             size = math.prod(x.shape) * x.dtype.itemsize
             axes = {a for s in x.sharding.spec if s is not None for a in ((s,) if isinstance(s, str) else s)}
             if size > min_bytes and "fsdp" not in axes:
@@ -241,19 +267,24 @@ class CompiledStep:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
-def trace_step(cfg: Config, lcfg, state: dict, batch: dict, mesh, platform: str, total_steps: int = 1000):
+def trace_step(cfg: Config, lcfg, state: dict, batch: dict, mesh, platform: str, total_steps: int = 1000,
+               lora=None):
     """``jax.jit(step, donate_argnums=(0,)).trace(state, batch)``: the step train jits, traced for the
-    target (its jaxpr gives the executed FLOPs, its lowering the compile)."""
+    target (its jaxpr gives the executed FLOPs, its lowering the compile). ``lora``: the abstract
+    ``LoraRun`` (:func:`lora_run`), whose jitted step takes its frozen base as an argument, as train's does."""
     import jax
 
     from tuna_jax.model.params import ParamBinder
-    from tuna_jax.train import make_optimizer, make_train_step
+    from tuna_jax.train import make_eval_step, make_optimizer, make_train_step
 
     tx, schedule = make_optimizer(cfg.optim, total_steps)  # the schedule's length changes no shape
     # On several hosts train also passes each host's stop signal, reduced to one scalar: left out here.
-    step = make_train_step(ParamBinder(lcfg), cfg, tx, schedule)
+    if lora is None:
+        jitted = jax.jit(make_train_step(ParamBinder(lcfg), cfg, tx, schedule), donate_argnums=(0,))
+    else:
+        jitted = lora.jit_steps(lambda b: make_train_step(b, cfg, tx, schedule), lambda b: make_eval_step(b, cfg))[0]
     with on_platform(platform), (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-        return jax.jit(step, donate_argnums=(0,)).trace(state, batch)
+        return jitted.trace(state, batch)
 
 
 def compile_traced(traced, state: dict) -> CompiledStep:
@@ -263,7 +294,7 @@ def compile_traced(traced, state: dict) -> CompiledStep:
     t0 = time.perf_counter()
     try:
         compiled = traced.lower().compile()
-    except Exception as e:  # noqa: BLE001: XLA's refusal (or a kernel that cannot lower) is the plan's answer
+    except Exception as e:  # XLA's refusal (or a kernel that cannot lower) is the plan's answer
         text = str(e)
         if isinstance(e, jax.errors.JaxRuntimeError) and (
                 "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()):

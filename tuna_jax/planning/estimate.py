@@ -13,6 +13,13 @@ Per device, with S = fsdp x tensor (parameters are replicated over ``data``):
   everything once;
 * the vocabulary projection: the float32 logits of the scored tokens, at most ``loss.logits_budget_mb``
   (chunked beyond it), for the forward pass and its gradient.
+
+LoRA (``trainable``: the count of trained float32 parameters, adapters and ``lora.train_also``): the
+frozen base in its param_dtype, no moments or gradients for it; the trained parameters, their two moments
+and gradients in float32; each gathered layer weight also merged with its adapters (W + s A B in float32,
+then cast), and, unless remat recomputes it, each layer's merged weight (``none``) or its float32 A B
+(``dots*``: a dot without batch dims) kept for the backward pass. The forward pass of the frozen
+reference (``loss.reference=model``) is not counted.
 """
 from __future__ import annotations
 
@@ -42,11 +49,13 @@ def saved_bytes_per_token(lcfg, policy: str) -> int:
     return layer_input + dots + c * (2 * d + q + kv + q + 2 * f) + 4 * d  # + norms, RoPE'd q/k, attn out, silu, h mid
 
 
-def estimate_memory(cfg, lcfg, mesh_shape: dict, batch_shape, scored_per_unit: int) -> dict:
+def estimate_memory(cfg, lcfg, mesh_shape: dict, batch_shape, scored_per_unit: int,
+                    trainable: int | None = None) -> dict:
     """Per-device bytes of one training step, by part (see the module docstring).
 
     ``mesh_shape``: {"data", "fsdp", "tensor"}; ``batch_shape``: the planned ``BatchShape`` of the
-    global batch (U units of Q rows of L tokens); ``scored_per_unit``: S, tokens projected per unit."""
+    global batch (U units of Q rows of L tokens); ``scored_per_unit``: S, tokens projected per unit;
+    ``trainable``: LoRA's trained parameters (None: full fine-tuning)."""
     p_bytes, c_bytes = _BYTES[lcfg.param_dtype], _BYTES[lcfg.dtype]
     shard = mesh_shape["fsdp"] * mesh_shape["tensor"]
     n_data = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -62,15 +71,21 @@ def estimate_memory(cfg, lcfg, mesh_shape: dict, batch_shape, scored_per_unit: i
     per_layer = saved_bytes_per_token(lcfg, policy)
     working = saved_bytes_per_token(lcfg, "none")
     logits = min(scored * v * 4, cfg.loss.logits_budget_mb * 2**20) if cfg.train.mode != "prm" else 0
-    parts = {
-        "params": params * p_bytes / shard,
-        "optimizer": 2 * params * p_bytes / shard,
-        "gradients": params * (4 + p_bytes) / shard,
-        "gathered_layer_weights": 2 * layer_params * c_bytes / mesh_shape["tensor"],
+    if trainable is None:
+        parts = {"params": params * p_bytes / shard, "optimizer": 2 * params * p_bytes / shard,
+                 "gradients": params * (4 + p_bytes) / shard,
+                 "gathered_layer_weights": 2 * layer_params * c_bytes / mesh_shape["tensor"]}
+    else:
+        kept = {"none": c_bytes, "dots": 4, "dots_no_batch": 4}.get(policy, 0)
+        parts = {"frozen_base": params * p_bytes / shard, "trainable": trainable * 4 / shard,
+                 "optimizer": 2 * trainable * 4 / shard, "gradients": trainable * (4 + 4) / shard,
+                 "gathered_layer_weights": 2 * layer_params * (p_bytes + 4 + c_bytes) / mesh_shape["tensor"],
+                 "merged_weights_kept": lcfg.num_layers * layer_params * kept / mesh_shape["tensor"]}
+    parts |= {
         "activations": lcfg.num_layers * tokens * per_layer + tokens * working,
         "logits": 2 * logits + scored * d * (4 + c_bytes),
         "embeddings": tokens * d * (4 + c_bytes),
     }
-    parts = {k: int(x) for k, x in parts.items()}
+    parts = {k: int(x) for k, x in parts.items() if x or k != "merged_weights_kept"}
     return {"total": sum(parts.values()), "parts": parts, "tokens_per_device": tokens,
             "scored_per_device": scored}

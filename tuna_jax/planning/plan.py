@@ -58,6 +58,12 @@ class Plan:
                f"  model      {count(m['params'])} parameters ({m['architecture']}); {m['dtype']} compute, "
                f"{m['param_dtype']} params, remat {m['remat_policy']}, {'scan' if m['scan_layers'] else 'unrolled'} "
                f"layers, attention {m['attention']}",
+               *([f"  LoRA       rank {m['lora']['rank']}, alpha {m['lora']['alpha']:g} on "
+                  f"{', '.join(m['lora']['targets'])}" + (f"; {', '.join(m['lora']['train_also'])} in full"
+                                                          if m['lora']['train_also'] else "")
+                  + f": {count(m['lora']['trainable_params'])} trained parameters, the base frozen in "
+                  f"{m['param_dtype']}" + ("; the frozen base is the reference (loss.reference=model)"
+                                           if m['lora']['reference'] == "model" else "")] if m.get("lora") else []),
                f"  mesh       data {self.mesh['data']} x fsdp {self.mesh['fsdp']} x tensor {self.mesh['tensor']}; "
                f"grad_accum {b['grad_accum']} (micro-batch {b['micro_batch']} prompts)",
                f"  batch      {b['layout']}: {b['shape']['units']} units x {b['shape']['rows']} rows x "
@@ -67,7 +73,9 @@ class Plan:
                f"({b['padding'] * 100:.1f}% padding)",
                "  memory per chip" + ("" if self.compiled else " (estimate)"),
                ]
-        for key, label in (("params", "parameters"), ("optimizer", "optimizer state"), ("other_state", "step, rng"),
+        trained = "adapters + train_also" if (m.get("lora") or {}).get("train_also") else "trainable adapters"
+        for key, label in (("params", "parameters"), ("frozen_base", "frozen base"), ("trainable", trained),
+                           ("optimizer", "optimizer state"), ("other_state", "step, rng"),
                            ("temporaries", "temporaries"), ("outputs_not_aliased", "outputs not donated")):
             if key in mem:
                 out.append(f"    {label:<22}{g(mem[key]):>11}")
@@ -133,9 +141,6 @@ def make_plan(cfg: Config, target: Target, *, prompt_len: int | None = None, min
     from tuna_jax import parallel
 
     t0 = time.perf_counter()
-    if getattr(getattr(cfg, "lora", None), "rank", 0):
-        raise aot.PlanError("lora.rank > 0: plan builds full fine-tuning only (LoRA's frozen base and adapters are "
-                            "not modelled yet)")
     if prompt_len is None:
         prompt_len = max(1, min(64, cfg.data.max_len // 4))
     hf, source, warnings = aot.architecture(cfg)
@@ -153,9 +158,9 @@ def make_plan(cfg: Config, target: Target, *, prompt_len: int | None = None, min
     real = int(batch_np["real_tokens"].sum())
 
     if target.compiled:
-        memory, executed, replicated, seconds = _compiled(cfg, lcfg, batch_np, target, warnings)
+        memory, executed, replicated, seconds, trainable = _compiled(cfg, lcfg, batch_np, target, warnings)
     else:
-        memory, executed, seconds = _estimated(cfg, lcfg, batch_np, batch_shape, mesh_shape, target)
+        memory, executed, seconds, trainable = _estimated(cfg, lcfg, batch_np, batch_shape, mesh_shape, target)
         replicated = []
     total = memory["total"]
     if executed.while_loops or executed.opaque_kernels:
@@ -177,7 +182,11 @@ def make_plan(cfg: Config, target: Target, *, prompt_len: int | None = None, min
         hbm_bytes=hbm, compiled=target.compiled, mesh=mesh_shape,
         model={"params": lcfg.num_params(), "architecture": source, "dtype": lcfg.dtype,
                "param_dtype": lcfg.param_dtype, "remat_policy": lcfg.remat_policy, "scan_layers": lcfg.scan_layers,
-               "attention": lcfg.attention, "mode": cfg.train.mode},
+               "attention": lcfg.attention, "mode": cfg.train.mode,
+               "lora": None if not cfg.lora.rank else {
+                   "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets),
+                   "train_also": list(cfg.lora.train_also), "trainable_params": trainable,
+                   "reference": cfg.loss.reference}},
         batch={"layout": layout, "shape": dataclasses.asdict(batch_shape), "hosts": target.hosts, "how": how,
                "prompt_len": prompt_len,
                "global_batch": cfg.train.global_batch, "grad_accum": cfg.train.grad_accum, "micro_batch": micro,
@@ -194,13 +203,15 @@ def make_plan(cfg: Config, target: Target, *, prompt_len: int | None = None, min
 
 def _compiled(cfg: Config, lcfg, batch_np: dict, target: Target, warnings: list):
     """XLA's figures for the step compiled for the target's devices: (memory, executed FLOPs, replicated
-    leaves, seconds)."""
+    leaves, seconds, trained parameters: LoRA's count, else None)."""
     from tuna_jax import parallel
 
     mesh = parallel.make_mesh(cfg.train.mesh, target.devices)
-    state = aot.abstract_state(cfg, lcfg, mesh, _optimizer(cfg))
+    params = aot.abstract_params(lcfg, mesh)
+    lora = aot.lora_run(cfg, lcfg, params, mesh)
+    state = aot.abstract_state(cfg, lcfg, mesh, _optimizer(cfg), lora.trainable if lora else params)
     t0 = time.perf_counter()
-    traced = _traced(cfg, lcfg, state, aot.abstract_batch(batch_np, mesh), mesh, target)
+    traced = _traced(cfg, lcfg, state, aot.abstract_batch(batch_np, mesh), mesh, target, lora)
     executed = flops.executed_flops(traced.jaxpr)
     seconds = {"trace": time.perf_counter() - t0}
     with aot.on_platform(target.platform):
@@ -210,10 +221,12 @@ def _compiled(cfg: Config, lcfg, batch_np: dict, target: Target, warnings: list)
         raise aot.PlanError(f"the step does not compile for {target.name}: {step.error}{_hint(lcfg)}")
     held = {k: aot.per_device_bytes(state[k]) for k in ("params", "opt_state")}
     other = aot.per_device_bytes({"s": state["step"], "r": state["rng"]})
+    frozen = aot.per_device_bytes(lora.frozen) if lora else 0  # an argument of every step, never donated
     # Refused for the chip's memory: the state it holds plus what XLA says the temporaries need.
     total = step.total_bytes if not step.oom else (
-        held["params"] + held["opt_state"] + other + (step.needed_bytes or target.chip.hbm_bytes))
-    memory = {"params": held["params"], "optimizer": held["opt_state"], "other_state": other,
+        frozen + held["params"] + held["opt_state"] + other + (step.needed_bytes or target.chip.hbm_bytes))
+    params = {"frozen_base": frozen, "trainable": held["params"]} if lora else {"params": held["params"]}
+    memory = {**params, "optimizer": held["opt_state"], "other_state": other,
               "arguments": step.argument_bytes, "outputs": step.output_bytes, "aliased": step.alias_bytes,
               "temporaries": step.temp_bytes, "outputs_not_aliased": step.output_bytes - step.alias_bytes,
               "generated_code": step.generated_code_bytes, "total": total, "oom": step.oom,
@@ -222,27 +235,37 @@ def _compiled(cfg: Config, lcfg, batch_np: dict, target: Target, warnings: list)
     if step.resharded_outputs:
         warnings.append(f"the step returns {len(step.resharded_outputs)} state leaves with another sharding than "
                         f"it takes (e.g. {step.resharded_outputs[0]}): train would compile it twice")
-    return memory, executed, aot.replicated_leaves(state, mesh), seconds
+    replicated = aot.replicated_leaves(dict(state, frozen_base=lora.frozen) if lora else state, mesh)
+    return memory, executed, replicated, seconds, _count(lora)
+
+
+def _count(lora) -> int | None:
+    """Trained parameters of a LoRA run (adapters and ``lora.train_also``); None without LoRA."""
+    import jax
+
+    return None if lora is None else sum(x.size for x in jax.tree.leaves(lora.trainable))
 
 
 def _estimated(cfg: Config, lcfg, batch_np: dict, batch_shape, mesh_shape: dict, target: Target):
     """The analytic memory estimate and the executed FLOPs of the step traced without devices:
-    (memory, executed FLOPs, seconds)."""
+    (memory, executed FLOPs, seconds, trained parameters: LoRA's count, else None)."""
     t0 = time.perf_counter()
     # cuDNN's kernel cannot be traced without a GPU; its dense attention has the einsum path's matmuls.
     counted = dataclasses.replace(lcfg, attention="einsum") if lcfg.attention == "cudnn" else lcfg
-    traced = _traced(cfg, counted, _unsharded(cfg, lcfg), _unsharded_batch(batch_np), None, target)
+    state, lora = _unsharded(cfg, counted)  # (LoRA's step binds the model of its run)
+    traced = _traced(cfg, counted, state, _unsharded_batch(batch_np), None, target, lora)
     executed = flops.executed_flops(traced.jaxpr)
-    est = estimate.estimate_memory(cfg, lcfg, mesh_shape, batch_shape, batch_shape.scored)
+    trainable = _count(lora)
+    est = estimate.estimate_memory(cfg, lcfg, mesh_shape, batch_shape, batch_shape.scored, trainable)
     return {"total": est["total"], "parts": est["parts"], "estimate": True}, executed, {
-        "trace": time.perf_counter() - t0}
+        "trace": time.perf_counter() - t0}, trainable
 
 
-def _traced(cfg: Config, lcfg, state, batch, mesh, target: Target):
+def _traced(cfg: Config, lcfg, state, batch, mesh, target: Target, lora=None):
     """The traced step; a failure to trace (a kernel that cannot take these shapes) as one PlanError line."""
     try:
-        return aot.trace_step(cfg, lcfg, state, batch, mesh, target.platform)
-    except Exception as e:  # noqa: BLE001: any tracing failure is the config's answer, said in one line
+        return aot.trace_step(cfg, lcfg, state, batch, mesh, target.platform, lora=lora)
+    except Exception as e:  # any tracing failure is the config's answer, said in one line
         if isinstance(e, aot.PlanError):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -252,8 +275,8 @@ def _traced(cfg: Config, lcfg, state, batch, mesh, target: Target):
 
 def _hint(lcfg) -> str:
     """What to try when a fused attention kernel is what failed."""
-    return (f" (model.attention resolved to {lcfg.attention}; model.attention=xla is the portable path)"
-            if lcfg.attention in ("splash", "cudnn") else "")
+    return (f" (model.attention {lcfg.attention}; model.attention=xla is the portable path)"
+            if lcfg.attention in ("splash", "cudnn", "auto") else "")
 
 
 def _optimizer(cfg: Config):
@@ -262,15 +285,22 @@ def _optimizer(cfg: Config):
     return make_optimizer(cfg.optim, 1000)[0]
 
 
-def _unsharded(cfg: Config, lcfg) -> dict:
-    """The abstract state without shardings (an estimate's trace, for its FLOPs: no devices needed)."""
+def _unsharded(cfg: Config, lcfg):
+    """The abstract state and LoRA run (None without LoRA) without shardings (an estimate's trace, for its
+    FLOPs: no devices needed)."""
     import jax
 
     from tuna_jax import parallel
     from tuna_jax.planning.hardware import cpu_devices
 
-    state = aot.abstract_state(cfg, lcfg, parallel.make_mesh("1,1,1", cpu_devices(1)), _optimizer(cfg))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    mesh = parallel.make_mesh("1,1,1", cpu_devices(1))
+    strip = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    params = aot.abstract_params(lcfg, mesh)
+    lora = aot.lora_run(cfg, lcfg, params, mesh)
+    state = aot.abstract_state(cfg, lcfg, mesh, _optimizer(cfg), lora.trainable if lora else params)
+    if lora is not None:
+        lora.frozen = strip(lora.frozen)
+    return strip(state), lora
 
 
 def _unsharded_batch(batch: dict) -> dict:
