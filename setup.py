@@ -41,6 +41,7 @@ setup(
     extras_require={
         # `pip install -e ".[test]" -c constraints.txt`: what .ci/run and the README install.
         "test": ["pytest>=9.0.3", "pytest-xdist>=3.8.0",
+                 "ruff>=0.17.6",  # the lint the test command runs first (its settings: pyproject.toml)
                  # HF parity tests need PyTorch; 2.13.0 has a CPU wheel (unpinned torch pulls CUDA).
                  "torch==2.13.0",
                  "peft>=0.21.2",  # the LoRA adapter format's reference

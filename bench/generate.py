@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import torch
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
 
     from tuna_jax.generate import Sampler, SamplingParams
     from tuna_jax.model import load_model

@@ -78,9 +78,16 @@ def build_examples(n_cand: int, max_resp: int, max_len: int, count: int, vocab: 
     from tuna_jax.data.batching import TokenizedExample
 
     rng = np.random.default_rng(seed)
-    data, tok_path = SHARED / "data/alpaca/alpaca_gpt4_demo_999.json", SHARED / "models/llama2_tokenizer/tokenizer.model"
+    data = SHARED / "data/alpaca/alpaca_gpt4_demo_999.json"
+    tok_path = SHARED / "models/llama2_tokenizer/tokenizer.model"
     if data.is_file() and tok_path.is_file() and vocab == 32000:
-        from tuna_jax.data.templates import SpecialTokenPolicy, encode_prompt, encode_response, format_prompt, load_tokenizer
+        from tuna_jax.data.templates import (
+            SpecialTokenPolicy,
+            encode_prompt,
+            encode_response,
+            format_prompt,
+            load_tokenizer,
+        )
 
         tok, pol = load_tokenizer(tok_path), SpecialTokenPolicy(True, True)
         recs = json.loads(data.read_text())
@@ -95,7 +102,7 @@ def build_examples(n_cand: int, max_resp: int, max_len: int, count: int, vocab: 
         prompts = [[1] + rng.integers(3, vocab, p - 1).tolist() for p in plen]
         resps = [rng.integers(3, vocab, r - 1).tolist() + [2] for r in rlen]
         source = "synthetic ids with the Alpaca-GPT4 length distribution (../shared absent)"
-    cut = lambda r: r if len(r) <= max_resp else r[: max_resp - 1] + [r[-1]]  # noqa: E731: keep EOS
+    cut = lambda r: r if len(r) <= max_resp else r[: max_resp - 1] + [r[-1]]  # keep EOS
     resps = [cut(r) for r in resps]
     out = []
     for i in range(count):
@@ -552,7 +559,8 @@ def main(argv=None) -> int:
             times[var.name].append(var.run())
             if base is not None:
                 rss[var.name].append(vm_hwm())
-        print(f"  round {r + 1}: " + ", ".join(f"{k} {tokens / t[-1]:,.0f} tok/s" for k, t in times.items()), flush=True)
+        rates = ", ".join(f"{k} {tokens / t[-1]:,.0f} tok/s" for k, t in times.items())
+        print(f"  round {r + 1}: {rates}", flush=True)
 
     if args.profile:
         var = variants[0]
@@ -581,7 +589,8 @@ def main(argv=None) -> int:
         rows.append(row)
 
     print(f"\nreal tokens per step: {tokens / args.batches:,.0f} (prompt + response per candidate and MLE target)")
-    hdr = f"{'variant':34} {'step s':>8} {'real tok/s':>11} {'vs padded':>10} {'vs torch':>9} {'padding':>8} {'peak MiB':>9}"
+    hdr = (f"{'variant':34} {'step s':>8} {'real tok/s':>11} {'vs padded':>10} {'vs torch':>9} {'padding':>8} "
+           f"{'peak MiB':>9}")
     hdr += "  TFLOP/step" + ("  MFU" if peak else "")
     print(hdr)
     for row in rows:
@@ -589,12 +598,14 @@ def main(argv=None) -> int:
         print(f"{row['variant']:34} {row['step_s']:8.3f} {row['tokens_per_s']:11,.0f} "
               f"{row.get('vs_ours:padded', 1.0 if row['variant'].startswith('ours:padded') else float('nan')):9.2f}x "
               f"{row.get('vs_torch', float('nan')):8.2f}x {row['padding']:8.1%} "
-              f"{(mem or 0) / 2**20:9,.0f}" + (f"  {row['model_tflops_per_step']:10.2f}" if 'model_tflops_per_step' in row
-                                                 else " " * 12) + (f"  {row['mfu']:.1%}" if 'mfu' in row else ""))
+              f"{(mem or 0) / 2**20:9,.0f}"
+              + (f"  {row['model_tflops_per_step']:10.2f}" if 'model_tflops_per_step' in row else " " * 12)
+              + (f"  {row['mfu']:.1%}" if 'mfu' in row else ""))
     ours_pad = next((r for r in rows if r["variant"].startswith("ours:padded")), None)
     for row in rows:
         if ours_pad and row is not ours_pad and row.get("xla_peak_bytes") and ours_pad.get("xla_peak_bytes"):
-            print(f"memory {row['variant']} / ours:padded: XLA peak {row['xla_peak_bytes'] / ours_pad['xla_peak_bytes']:.2f}x, "
+            peak = row['xla_peak_bytes'] / ours_pad['xla_peak_bytes']
+            print(f"memory {row['variant']} / ours:padded: XLA peak {peak:.2f}x, "
                   f"temporaries {row['xla_temp_bytes'] / ours_pad['xla_temp_bytes']:.2f}x")
     by_name = {r["variant"]: r for r in rows}
     for row in rows:  # --lora: each LoRA variant against full fine-tuning of the same layout

@@ -146,8 +146,15 @@ def step_alone(argv: list[str], steps: int, rounds: int) -> dict:
     from tuna_jax import parallel
     from tuna_jax.config import load_config
     from tuna_jax.model.params import ParamBinder
-    from tuna_jax.train import (_load_or_init_model, init_opt_state, load_tokenizer_and_policy, make_optimizer,
-                                make_train_step, tokenize_source, train_batches)
+    from tuna_jax.train import (
+        _load_or_init_model,
+        init_opt_state,
+        load_tokenizer_and_policy,
+        make_optimizer,
+        make_train_step,
+        tokenize_source,
+        train_batches,
+    )
 
     cfg = load_config(None, argv)
     tok, policy = load_tokenizer_and_policy(cfg)

@@ -63,16 +63,16 @@ FAMILY_CLASSES = {
 
 def tiny_family_config(family: str, hidden=32, heads=4, layers=2, vocab=128, tie=False, **kw):
     """A tiny transformers config of ``family`` (a FAMILY_CLASSES key); ``kw`` are its own keys
-    (num_key_value_heads, sliding_window, use_qkv_bias, rotary_pct, ...). Weights are drawn with std
+    (num_key_value_heads, sliding_window, use_qkv_bias, rotary_pct, ...; max_position_embeddings, bos_token_id
+    and eos_token_id default to 128, 1 and 2). Weights are drawn with std
     0.1, not HF's 0.02, so that greedy continuations depend on the prompt (at 0.02 the random
     biases decide them)."""
-    kw.setdefault("initializer_range", 0.1)
+    kw = {"initializer_range": 0.1, "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2, **kw}
     import transformers
 
     cls = getattr(transformers, FAMILY_CLASSES[family][0])
     return cls(hidden_size=hidden, intermediate_size=2 * hidden - 16, num_hidden_layers=layers,
-               num_attention_heads=heads, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=tie,
-               bos_token_id=1, eos_token_id=2, **kw)
+               num_attention_heads=heads, vocab_size=vocab, tie_word_embeddings=tie, **kw)
 
 
 def tiny_family_model(family: str, seed=0, **cfg_kw):

@@ -25,9 +25,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-
 from test_layouts import make_examples
 from train_utils import REPO, TINY_HF, final_params, read_metrics, tiny_overrides
+
 from tuna_jax import parallel
 from tuna_jax.config import load_config
 from tuna_jax.data.batching import BatchIterator
@@ -35,8 +35,7 @@ from tuna_jax.data.layouts import LayoutCollator
 from tuna_jax.model.llama import REMAT_POLICIES, LlamaConfig, abstract_model
 from tuna_jax.model.params import ParamBinder
 from tuna_jax.model.reward import init_head
-from tuna_jax.train import (batch_sums, init_opt_state, make_collator, make_optimizer, make_train_step, summarize,
-                            train)
+from tuna_jax.train import batch_sums, init_opt_state, make_collator, make_optimizer, make_train_step, summarize, train
 
 # LLVM's optimisation level only (XLA's HLO passes are the default's): compiles ~2.5x faster on CPU.
 # Both sides of every comparison are compiled the same way.

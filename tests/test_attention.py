@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_layouts import make_examples
 
 from tuna_jax.data.layouts import LayoutCollator
 from tuna_jax.model.attention import attend, attention_mask, resolve
-
-from test_layouts import make_examples
 
 
 def _rows(layout, block=8, mode="ranking"):

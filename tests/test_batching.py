@@ -1,11 +1,10 @@
 """Tokenisation, truncation, padded [B, N, L] batches, and the resumable per-host iterator.
 (Every layout's exactness: tests/test_layouts.py.)"""
+import itertools
 import json
 
 import numpy as np
 import pytest
-
-import itertools
 
 from tuna_jax.data.batching import BatchIterator, tokenize_ranking, tokenize_sft
 from tuna_jax.data.layouts import LayoutCollator

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from train_utils import REPO, read_metrics, tiny_overrides
+
 from tuna_jax.io.errors import InputError
 from tuna_jax.model.checkpoint import TrainCheckpointer
 

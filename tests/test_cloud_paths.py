@@ -13,11 +13,11 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from flax import nnx
-
 from fake_gcs import bucket, children, gcs_server, object_names, read_object  # noqa: F401  (fixtures)
+from flax import nnx
 from test_eval_cli import lmentry_task
 from train_utils import REPO, write_jsonl
+
 from tuna_jax.assets import stories260k_hf_dir
 from tuna_jax.cli import main as cli
 from tuna_jax.config import load_config
@@ -104,14 +104,14 @@ def test_training_reads_and_writes_the_bucket_and_resumes_from_it_bit_for_bit(gc
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _download(server, bucket, prefix, local):
+def _download(server, bucket_name, prefix, local):
     """The objects under ``prefix`` into folder ``local``, fetched from the server's JSON API (a user's
     ``gcloud storage cp -r``)."""
-    for name in object_names(server, bucket, prefix.rstrip("/") + "/"):
+    for name in object_names(server, bucket_name, prefix.rstrip("/") + "/"):
         dst = os.path.join(local, os.path.relpath(name, prefix))
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         with open(dst, "wb") as f:
-            f.write(read_object(server, bucket, name))
+            f.write(read_object(server, bucket_name, name))
     return local
 
 
@@ -174,8 +174,8 @@ def test_eval_report_goes_to_the_bucket_and_a_new_machine_resumes_from_it(gcs, b
 
 
 def test_what_needs_a_local_file_says_so_in_one_line():  # refused before any request: no bucket needed
-    from tuna_jax.llm_api.store import Store
     from tuna_jax.io.lock import OutputLock
+    from tuna_jax.llm_api.store import Store
 
     with pytest.raises(InputError, match=r"^store gs://bkt/s\.jsonl: the request store is appended to .*, which "
                                          r"object storage cannot do; give a local path"):

@@ -3,8 +3,8 @@ import dataclasses
 import typing
 
 import pytest
-
 from train_utils import REPO
+
 from tuna_jax.cli import main as cli
 from tuna_jax.config import CHOICES, LIMITS, Config, ConfigError, Limit, load_config
 from tuna_jax.eval import run as eval_run

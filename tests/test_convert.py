@@ -7,10 +7,10 @@ import pytest
 
 pytest.importorskip("torch")
 
+from hf_utils import hf_logits, save_hf, tiny_hf_model  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from hf_utils import hf_logits, save_hf, tiny_hf_model  # noqa: E402
 from tuna_jax.cli import main as cli  # noqa: E402
 from tuna_jax.model.convert import ConversionError, load_hf_model  # noqa: E402
 
@@ -125,7 +125,8 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path, good_hf):
         tensors = {k: st.get_tensor(k) for k in st.keys()}
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((7, 32), np.float32)
     save_file(tensors, str(f), metadata={"format": "pt"})
-    with pytest.raises(ConversionError, match=r"model\.safetensors.*model\.layers\.0\.self_attn\.k_proj\.weight.*\[7, 32\]"):
+    where = r"model\.safetensors.*model\.layers\.0\.self_attn\.k_proj\.weight.*\[7, 32\]"
+    with pytest.raises(ConversionError, match=where):
         load_hf_model(good_hf)
 
 

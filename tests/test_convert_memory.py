@@ -14,6 +14,7 @@ pytest.importorskip("torch")
 
 from hf_utils import save_hf, tiny_family_model, tiny_hf_model  # noqa: E402
 from train_utils import REPO  # noqa: E402
+
 from tuna_jax.model import convert  # noqa: E402
 from tuna_jax.model.checkpoint import convert_hf_to_params, load_params, save_params  # noqa: E402
 

@@ -8,6 +8,7 @@ import json
 import pytest
 from rouge_score import rouge_scorer
 
+from tuna_jax.commands.sample_diverse import DiverseSettings
 from tuna_jax.data.records import DataError, read_records
 from tuna_jax.feedback import diverse as D
 from tuna_jax.io.errors import InputError
@@ -61,7 +62,7 @@ def test_set_mode_retries_temperature_steps_and_least_similar_fallback(tmp_path)
     model = RepeatingModel(SCRIPT)
     out = tmp_path / "div.jsonl"
     report = D.sample_diverse_file(write_rows(tmp_path / "in.jsonl", ROWS), str(out), model,
-                                   D.DiverseConfig(mode="set"), progress=False)
+                                   DiverseSettings(mode="set"), progress=False)
     # One call per trial with exactly the items still pending, 1.0 -> 1.1 -> 1.2, fresh noise each trial.
     assert [(names, n, t) for names, n, t, _ in model.calls] == [
         (["A", "B", "C"], 4, 1.0), (["A", "B"], 4, 1.1), (["A"], 4, 1.2)]
@@ -113,7 +114,7 @@ def test_similar_mode_resamples_only_the_too_similar_responses(tmp_path):
     rows = [{"id": k.lower(), "instruction": k} for k in SIMILAR]
     model = ExactModel(SIMILAR)
     out = tmp_path / "div.jsonl"
-    report = D.sample_diverse_file(write_rows(tmp_path / "in.jsonl", rows), str(out), model, D.DiverseConfig(),
+    report = D.sample_diverse_file(write_rows(tmp_path / "in.jsonl", rows), str(out), model, DiverseSettings(),
                                    progress=False)
     # trial 1: the whole set for everyone; then one call per number of slots to refill, hotter each trial,
     # with each trial's own random streams
@@ -129,12 +130,12 @@ def test_similar_mode_resamples_only_the_too_similar_responses(tmp_path):
     assert c["candidates"] == OTHERS and c["diversity"]["resampled"] == 0
     assert d["candidates"] == [SAME] * 4 and d["diversity"]["fallback"] is True and d["diversity"]["kept_trial"] == 1
     assert (report.retries, report.resampled, report.fallbacks) == (5, 12, 1)
-    assert D.DiverseConfig().mode == "similar"  # the paper's description is the default
+    assert DiverseSettings().mode == "similar"  # the paper's description is the default
     with pytest.raises(ValueError, match="mode='both'"):
-        D.DiverseConfig(mode="both")
+        DiverseSettings(mode="both")
     # Resuming in the other mode would mix two procedures in one file.
     with pytest.raises(InputError, match=r"other settings \(mode: 'similar' -> 'set'\)"):
-        D.sample_diverse_file(str(tmp_path / "in.jsonl"), str(out), model, D.DiverseConfig(mode="set"),
+        D.sample_diverse_file(str(tmp_path / "in.jsonl"), str(out), model, DiverseSettings(mode="set"),
                               progress=False)
 
 
@@ -154,11 +155,11 @@ def test_similarity_rules_and_choice():
     t = [D.Trial(0, 1.0, [], 0.8, 0.5), D.Trial(1, 1.1, [], 0.9, 0.4), D.Trial(2, 1.2, [], 0.85, 0.4)]
     assert not t[0].accepted(0.8) and D.choose(t, 0.8) == (t[1], True)
     assert D.choose(t[:2] + [D.Trial(2, 1.2, [], 0.79, 0.6)], 0.8)[1] is False
-    assert D.DiverseConfig().temperature_of(2) == 1.2
+    assert DiverseSettings().temperature_of(2) == 1.2
     with pytest.raises(ValueError, match="temperature=0"):
-        D.DiverseConfig(temperature=0)
+        DiverseSettings(temperature=0)
     with pytest.raises(ValueError, match="n must be >= 2"):
-        D.DiverseConfig(n=1)
+        DiverseSettings(n=1)
 
 
 def test_resume_skips_finished_items_and_matches_an_uninterrupted_run(tmp_path):
@@ -176,9 +177,10 @@ def test_resume_skips_finished_items_and_matches_an_uninterrupted_run(tmp_path):
     assert report.items == 3 and report.fallbacks == 1  # the report covers the earlier run's records too
     # Other settings, another input, duplicate ids: clear errors naming the file.
     with pytest.raises(InputError, match=r"other settings \(tau: 0.8 -> 0.5\)"):
-        D.sample_diverse_file(src, str(out), model, D.DiverseConfig(tau=0.5), progress=False)
+        D.sample_diverse_file(src, str(out), model, DiverseSettings(tau=0.5), progress=False)
     with pytest.raises(InputError, match="resumed.jsonl:1: id 'a' is not in the input"):
         D.sample_diverse_file(write_rows(tmp_path / "other.jsonl", ROWS[1:]), str(out), model, progress=False)
+
     def too_long(prompt, where):
         if "### Instruction:\nB\n" in prompt:
             raise ValueError(f"{where}: 999 prompt tokens, over max_prompt_len=8")
@@ -194,14 +196,16 @@ def test_end_to_end_real_sampler_then_metric_judge(tmp_path_factory, tmp_path):
     """The real sampler on a tiny model (the local-teacher fixture: same shapes, so its compilations are
     reused), then `judge --kind metric` of the output: ranking records."""
     from test_local_teacher import INSTRUCTIONS, MAX_NEW, eos_happy_model
+
+    from tuna_jax.commands.judge import JudgeSettings
     from tuna_jax.data.rows import read_candidates
-    from tuna_jax.feedback.judge import JudgeConfig, MetricJudge, run_judge
+    from tuna_jax.feedback.judge import MetricJudge, run_judge
 
     model_dir = eos_happy_model(tmp_path_factory.mktemp("diverse") / "model")
     rows = [dict(r, id=f"i{k}") for k, r in enumerate(INSTRUCTIONS[:3])]
     src = write_rows(tmp_path / "in.jsonl", rows)
     # tau=0.05: these random texts share a word now and then, so some sets are retried (hotter) as well.
-    cfg = D.DiverseConfig(tau=0.05, mode="set")  # whole sets: the local-teacher tests' 4-row shape only
+    cfg = DiverseSettings(tau=0.05, mode="set")  # whole sets: the local-teacher tests' 4-row shape only
 
     def run(out):  # one instruction per call: 4 sampler rows, the local-teacher tests' shape
         return D.run_diverse(str(model_dir), src, str(out), cfg, tokenizer=str(model_dir / "tokenizer.model"),
@@ -228,21 +232,23 @@ def test_end_to_end_real_sampler_then_metric_judge(tmp_path_factory, tmp_path):
     # Ready for `tuna-jax judge`: the metric judge ranks the candidates against the original output.
     assert len(read_candidates(str(out))) == 3
     ranked = tmp_path / "ranked.jsonl"
-    summary = run_judge(str(out), str(ranked), MetricJudge(JudgeConfig(kind="metric")), progress=False)
+    summary = run_judge(str(out), str(ranked), MetricJudge(JudgeSettings(judge="metric")), progress=False)
     assert summary.written == 3
     records, report = read_records(str(ranked), kind="ranking", on_error="skip")
     assert len(records) + report.num_skipped == 3  # an empty sampled response is counted, not dropped silently
 
 
-def test_cli_arguments():
-    import argparse
+def test_cli_arguments(capsys):
+    from tuna_jax.cli import parse_config
 
-    p = argparse.ArgumentParser()
-    D.add_arguments(p)
-    args = p.parse_args(["m", "in.jsonl", "out.jsonl", "--tau", "0.7", "--max-trials", "2"])
-    assert (args.n, args.tau, args.temperature, args.temperature_step, args.max_trials) == (4, 0.7, 1.0, 0.1, 2)
-    assert args.mode == "similar" and p.parse_args(["m", "i", "o", "--mode", "set"]).mode == "set"
-    assert "the paper" in p.format_help() and "the reference code" in p.format_help()
+    cfg = parse_config(["sample-diverse", "m", "in.jsonl", "out.jsonl", "--tau", "0.7", "--max-trials", "2"])
+    assert (cfg.n, cfg.tau, cfg.temperature, cfg.temperature_step, cfg.max_trials) == (4, 0.7, 1.0, 0.1, 2)
+    assert cfg.mode == "similar" and parse_config(["sample-diverse", "m", "i", "o", "--mode", "set"]).mode == "set"
+    assert (cfg.model, cfg.input, cfg.out) == ("m", "in.jsonl", "out.jsonl")
+    with pytest.raises(SystemExit):
+        parse_config(["sample-diverse", "--help"])
+    help_text = capsys.readouterr().out
+    assert "the paper" in help_text and "the reference code" in help_text
 
 
 def test_one_run_per_output(tmp_path):

@@ -211,7 +211,8 @@ lmentry:
 
 @pytest.mark.parametrize("extra,pattern", [
     ("generation:\n  temprature: 0.5\n", r"tiny\.yaml:9: key 'generation' given twice \(first at line 5\)"),
-    ("superni:\n  tasks: x\n  shot: [0]\n", r"tiny\.yaml:11: unknown config key superni\.shot \(did you mean superni\.shots\?\)"),
+    ("superni:\n  tasks: x\n  shot: [0]\n",
+     r"tiny\.yaml:11: unknown config key superni\.shot \(did you mean superni\.shots\?\)"),
     ("superni:\n  tasks: x\n  shots: [1]\n", r"tiny\.yaml:11: superni\.shots must be a non-empty subset of \[0, 2\]"),
     ("vicuna:\n  data: x\n  baseline: y\n", r"a review is configured but there is no judge section"),
     ("vicuna:\n  data: x\n", r"tiny\.yaml:9: vicuna needs exactly one of baseline"),

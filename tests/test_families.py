@@ -10,8 +10,8 @@ pytest.importorskip("torch")
 
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-
 from hf_utils import hf_greedy, tiny_family_model  # noqa: E402
+
 from tuna_jax.model.convert import ConversionError, load_hf_model, save_hf_model  # noqa: E402
 from tuna_jax.model.llama import LlamaConfig, abstract_model, padded_inputs  # noqa: E402
 

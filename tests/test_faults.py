@@ -17,8 +17,7 @@ import time
 import pytest
 
 from tuna_jax.feedback import judge as J
-from tuna_jax.feedback import teacher as T
-from tuna_jax.feedback.replies import chat_content, check_choices
+from tuna_jax.llm_api.replies import chat_content, check_choices
 
 KEY = "sk-test-SECRET-faults-31337"
 ITEMS = [
@@ -41,9 +40,11 @@ def data(tmp_path):
     return str(p)
 
 
-def run_cli(main, argv, capsys):
-    """(exit status, stderr) of an in-process ``tuna-jax`` command; a traceback fails the test."""
-    rc = main(argv)
+def run_cli(verb, argv, capsys):
+    """(exit status, stderr) of an in-process ``tuna-jax VERB ...``; a traceback fails the test."""
+    from tuna_jax.cli import main
+
+    rc = main([verb, *argv])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return rc, err
@@ -116,7 +117,7 @@ def test_teacher_fault(server, data, tmp_path, capsys, name, fault, times, rc1):
     out, store = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl")
     argv = [data, out, "--base-url", server.base_url, "--model", "m", "--max-tokens", "16", "--store", store, *FAST]
     t0 = time.monotonic()
-    rc, err = run_cli(T.main, argv, capsys)
+    rc, err = run_cli("teacher", argv, capsys)
     assert time.monotonic() - t0 < 15  # no hang: deadlines and the Retry-After cap hold
     assert rc == rc1, err
     hits_1 = server.count(HIT)
@@ -129,7 +130,7 @@ def test_teacher_fault(server, data, tmp_path, capsys, name, fault, times, rc1):
         assert [f["id"] for f in failed] == ["b"] and "rerun to retry them" in err
         assert len(open(out).read().splitlines()) == 2
     # the rerun finishes everything and asks only for the item that was not finished
-    rc, err2 = run_cli(T.main, argv, capsys)
+    rc, err2 = run_cli("teacher", argv, capsys)
     assert rc == 0, err2
     assert [r["id"] for r in map(json.loads, open(out))] == ["a", "b", "c"]
     assert server.count(HIT) == hits_1 + (1 if rc1 == 1 else 0)
@@ -142,7 +143,7 @@ def test_retry_after_is_capped_and_said(server, data, tmp_path, capsys, caplog):
     server.add_fault("status", match=HIT, status=429, retry_after="3600")
     out = str(tmp_path / "out.jsonl")
     t0 = time.monotonic()
-    rc, _ = run_cli(T.main, [data, out, "--base-url", server.base_url, "--model", "m", *FAST], capsys)
+    rc, _ = run_cli("teacher", [data, out, "--base-url", server.base_url, "--model", "m", *FAST], capsys)
     assert rc == 0 and time.monotonic() - t0 < 5
     assert "Retry-After 3600s capped at 0.05s" in caplog.text
 
@@ -152,7 +153,7 @@ def test_trickled_reply_is_cut_at_the_total_deadline(server, data, tmp_path, cap
     server.add_fault("trickle", match=HIT, times=3, delay_s=0.1)
     out = str(tmp_path / "out.jsonl")
     t0 = time.monotonic()
-    rc, err = run_cli(T.main, [data, out, "--base-url", server.base_url, "--model", "m", *FAST], capsys)
+    rc, err = run_cli("teacher", [data, out, "--base-url", server.base_url, "--model", "m", *FAST], capsys)
     took = time.monotonic() - t0
     assert rc == 1 and took < 4, (took, err)  # 3 attempts x 0.5 s + backoff, not minutes
     assert "timed out after 0.5s" in open(out + ".failed.jsonl").read()
@@ -168,32 +169,32 @@ def test_chat_teacher_faults(server, data, tmp_path, capsys):
     out, store = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl")
     argv = [data, out, "--base-url", server.base_url, "--model", "m", "--api", "chat", "--store", store,
             "--max-tokens", "16", *FAST]
-    rc, err = run_cli(T.main, argv, capsys)
+    rc, err = run_cli("teacher", argv, capsys)
     assert rc == 1 and "choices[0]" in open(out + ".failed.jsonl").read()  # 3 bad replies: 1 + 2 retries
     for rec in store_lines(store):
         if rec["status"] == "ok":
             check_choices(rec["response"], 4, "chat", logprobs=True)
     assert sum(r["status"] == "invalid" for r in store_lines(store)) == 3
-    rc, err = run_cli(T.main, argv, capsys)
+    rc, err = run_cli("teacher", argv, capsys)
     assert rc == 0 and server.count(HIT) == 4
 
 
 def test_a_stored_bad_reply_from_an_older_version_is_requested_again(server, data, tmp_path, capsys):
     """A store written before replies were checked holds {"choices": ["a", "b"]} as "ok": the rerun finds
     it unusable, marks it, requests it again and finishes, instead of crashing on every rerun."""
-    from tuna_jax.feedback.store import content_key
+    from tuna_jax.llm_api.store import content_key
 
     out, store = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl")
     argv = [data, out, "--base-url", server.base_url, "--model", "m", "--store", store, "--max-tokens", "16",
             *FAST]
-    assert run_cli(T.main, argv, capsys)[0] == 0
+    assert run_cli("teacher", argv, capsys)[0] == 0
     body = next(r["body"] for r in server.requests if HIT in r["text"])
     key = content_key(server.base_url, "completions", body, {"sample_group": 0})
     with open(store, "a") as f:  # what the old code cached for this request
         f.write(json.dumps({"key": key, "status": "ok", "attempts": 1, "response": {"choices": ["a", "b"]}}) + "\n")
     os.remove(out)
     n = server.count()
-    rc, err = run_cli(T.main, argv, capsys)
+    rc, err = run_cli("teacher", argv, capsys)
     assert rc == 0, err
     assert server.count() == n + 1 and server.count(HIT) == 2  # that request again, nothing else
     tail = [(r["key"], r["status"]) for r in store_lines(store)][-2:]
@@ -207,10 +208,10 @@ def test_too_few_valid_candidates_are_asked_again_on_a_rerun(server, data, tmp_p
     out, store = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl")
     argv = [data, out, "--base-url", server.base_url, "--model", "m", "--store", store, "--n", "4",
             "--n-per-request", "1", "--min-candidates", "2", "--max-tokens", "16", *FAST]
-    rc, _ = run_cli(T.main, argv, capsys)
+    rc, _ = run_cli("teacher", argv, capsys)
     assert rc == 1 and "valid candidates" in open(out + ".failed.jsonl").read()
     n = server.count(HIT)
-    rc, _ = run_cli(T.main, argv, capsys)
+    rc, _ = run_cli("teacher", argv, capsys)
     assert rc == 0 and server.count(HIT) == n + 4
 
 
@@ -221,7 +222,7 @@ def test_fatal_status_stops_the_run_with_the_key_redacted(server, data, tmp_path
     msg = f"Incorrect API key provided: Bearer {KEY}"
     server.add_fault("body", match=HIT, status=status, content=json.dumps({"error": {"message": msg}}))
     out, store = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl")
-    rc, err = run_cli(T.main, [data, out, "--base-url", server.base_url, "--model", "m", "--store", store,
+    rc, err = run_cli("teacher", [data, out, "--base-url", server.base_url, "--model", "m", "--store", store,
                                "--concurrency", "1", *FAST[:-3], "--no-progress"], capsys)
     assert rc == 2 and f"HTTP {status}" in err and needle in err and "STOPPED (fatal)" in err
     assert not os.path.exists(out) and os.path.exists(out + ".partial")
@@ -231,7 +232,7 @@ def test_fatal_status_stops_the_run_with_the_key_redacted(server, data, tmp_path
 def test_wrong_key_stops_and_is_never_shown(server, data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-SECRET-key-000000")
     out = str(tmp_path / "out.jsonl")
-    rc, err = run_cli(T.main, [data, out, "--base-url", server.base_url, "--model", "m", *FAST], capsys)
+    rc, err = run_cli("teacher", [data, out, "--base-url", server.base_url, "--model", "m", *FAST], capsys)
     assert rc == 2 and "HTTP 401" in err and "sk-wrong" not in err
     assert "sk-wrong" not in open(out + ".store.jsonl").read()
 
@@ -245,7 +246,7 @@ def test_no_server_is_retried_then_explained(data, tmp_path, capsys, monkeypatch
     port = s.getsockname()[1]
     s.close()  # nothing listens there
     out = str(tmp_path / "out.jsonl")
-    rc, err = run_cli(T.main, [data, out, "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m", *FAST],
+    rc, err = run_cli("teacher", [data, out, "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m", *FAST],
                       capsys)
     assert rc == 1 and "Is the server up and reachable?" in open(out + ".failed.jsonl").read()
 
@@ -253,7 +254,7 @@ def test_no_server_is_retried_then_explained(data, tmp_path, capsys, monkeypatch
 def test_key_in_base_url_is_refused_without_showing_it(server, data, tmp_path, capsys):
     url = server.base_url.replace("http://", f"http://user:{KEY}@")
     out = str(tmp_path / "out.jsonl")
-    rc, err = run_cli(T.main, [data, out, "--base-url", url, "--model", "m", *FAST], capsys)
+    rc, err = run_cli("teacher", [data, out, "--base-url", url, "--model", "m", *FAST], capsys)
     assert rc == 2 and "has credentials in it" in err and "$OPENAI_API_KEY" in err
     assert err.count("\n") == 1 and KEY not in err
     assert server.count() == 0 and not os.path.exists(out + ".store.jsonl")
@@ -262,9 +263,9 @@ def test_key_in_base_url_is_refused_without_showing_it(server, data, tmp_path, c
 def test_budget_stop_then_rerun(server, data, tmp_path, capsys):
     out, store = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl")
     argv = [data, out, "--base-url", server.base_url, "--model", "m", "--store", store, *FAST]
-    rc, err = run_cli(T.main, argv[:] + ["--max-requests", "1"], capsys)
+    rc, err = run_cli("teacher", argv[:] + ["--max-requests", "1"], capsys)
     assert rc == 2 and "STOPPED (budget)" in err and "--max-requests" in err
-    rc, err = run_cli(T.main, argv, capsys)
+    rc, err = run_cli("teacher", argv, capsys)
     assert rc == 0 and server.count() == 3
 
 
@@ -275,7 +276,7 @@ def test_two_runs_on_one_output_with_different_stores(server, data, tmp_path, ca
 
     out = str(tmp_path / "out.jsonl")
     with OutputLock(out):  # the first run, still writing
-        rc, err = run_cli(T.main, [data, out, "--base-url", server.base_url, "--model", "m",
+        rc, err = run_cli("teacher", [data, out, "--base-url", server.base_url, "--model", "m",
                                    "--store", str(tmp_path / "other.jsonl"), *FAST], capsys)
     assert rc == 2 and "is being written by another run" in err and server.count() == 0
 
@@ -283,10 +284,10 @@ def test_two_runs_on_one_output_with_different_stores(server, data, tmp_path, ca
 def test_a_failed_rerun_does_not_leave_the_old_output_looking_current(server, data, tmp_path, capsys):
     out, store = str(tmp_path / "out.jsonl"), str(tmp_path / "s.jsonl")
     argv = [data, out, "--base-url", server.base_url, "--model", "m", "--store", store, *FAST]
-    assert run_cli(T.main, argv, capsys)[0] == 0
+    assert run_cli("teacher", argv, capsys)[0] == 0
     old = open(out).read()
     # another model name: every request is new, and the budget stops the run after one
-    rc, err = run_cli(T.main, argv[:5] + ["m2"] + argv[6:] + ["--max-requests", "4"], capsys)
+    rc, err = run_cli("teacher", argv[:5] + ["m2"] + argv[6:] + ["--max-requests", "4"], capsys)
     assert rc == 2 and not os.path.exists(out) and open(out + ".previous").read() == old
 
 
@@ -313,7 +314,7 @@ JUDGE_REPLIES = [
 def test_judge_reply_that_does_not_parse(server, data, tmp_path, capsys, name, reply):
     server.add_fault("reply", match=HIT, times=2, content=reply)  # 1 + --max-parse-retries 1
     out, store, argv = judge_argv(server, data, tmp_path)
-    rc, err = run_cli(J.main, argv, capsys)
+    rc, err = run_cli("judge", argv, capsys)
     assert rc == 1 and "rerun to retry them" in err
     failed = [json.loads(x) for x in open(out + ".failed.jsonl")]
     assert [f["id"] for f in failed] == ["b"] and [t["reply"] for t in failed[0]["replies"]] == [reply] * 2
@@ -321,7 +322,7 @@ def test_judge_reply_that_does_not_parse(server, data, tmp_path, capsys, name, r
         if rec["status"] == "ok":
             J.parse_rank(chat_content(rec["response"])[0], list(range(5)))
     n = server.count()
-    rc, err = run_cli(J.main, argv, capsys)  # the rerun asks the failed item again, nothing else
+    rc, err = run_cli("judge", argv, capsys)  # the rerun asks the failed item again, nothing else
     assert rc == 0 and server.count() == n + 1
     assert [r["id"] for r in map(json.loads, open(out))] == ["a", "b", "c"]
 
@@ -335,10 +336,10 @@ def test_judge_reply_that_does_not_parse(server, data, tmp_path, capsys, name, r
 def test_judge_reply_of_the_wrong_shape(server, data, tmp_path, capsys, name, body):
     server.add_fault("body", match=HIT, times=2, content=body)
     out, store, argv = judge_argv(server, data, tmp_path)
-    rc, err = run_cli(J.main, argv, capsys)
+    rc, err = run_cli("judge", argv, capsys)
     assert rc == 1
     assert all(r["status"] != "ok" or isinstance(r["response"]["choices"][0], dict) for r in store_lines(store))
-    rc, err = run_cli(J.main, argv, capsys)
+    rc, err = run_cli("judge", argv, capsys)
     assert rc == 0
 
 
@@ -347,7 +348,7 @@ def test_judge_rank_inside_the_reasoning_is_not_a_failure(server, data, tmp_path
              "Fourth, Response 0: [14]\nLast, rank: [4, 0, 2, 1, 3]")
     server.add_fault("reply", match=HIT, content=reply)
     out, store, argv = judge_argv(server, data, tmp_path)
-    rc, err = run_cli(J.main, argv, capsys)
+    rc, err = run_cli("judge", argv, capsys)
     assert rc == 0 and server.count(HIT) == 1
     b = [r for r in map(json.loads, open(out)) if r["id"] == "b"][0]
     assert b["judge"]["per_order"][0]["rank"] == [4, 0, 2, 1, 3]
@@ -366,11 +367,11 @@ def test_judge_faults_and_a_changed_parser(server, data, tmp_path, capsys):
 
     J.parse_rank = strict
     try:
-        assert run_cli(J.main, argv, capsys)[0] == 1
+        assert run_cli("judge", argv, capsys)[0] == 1
     finally:
         J.parse_rank = original
     n = server.count()
-    rc, _ = run_cli(J.main, argv, capsys)
+    rc, _ = run_cli("judge", argv, capsys)
     assert rc == 0 and server.count() == n  # both stored replies now parse: no request
     assert store_lines(store)[-1]["status"] == "ok" and store_lines(store)[-1]["cost_usd"] == 0.0
 
@@ -379,6 +380,6 @@ def test_bad_input_costs_nothing_and_leaves_nothing(server, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(ITEMS[0]) + "\n" + json.dumps({**ITEMS[1], "candidates": ["ok", 3]}) + "\n")
     out = tmp_path / "o" / "ranked.jsonl"
-    rc, err = run_cli(J.main, [str(bad), str(out), "--base-url", server.base_url, "--model", "j", *FAST], capsys)
+    rc, err = run_cli("judge", [str(bad), str(out), "--base-url", server.base_url, "--model", "j", *FAST], capsys)
     assert rc == 2 and re.search(r"bad\.jsonl:2: field 'candidates\[1\]': expected str, got int", err)
     assert server.count() == 0 and not (tmp_path / "o").exists()

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-
 from hf_utils import save_hf, tiny_hf_model
+
 from tuna_jax import generate as gen
 from tuna_jax.generate import Sampler, SamplingParams
 from tuna_jax.model import load_model

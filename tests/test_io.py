@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from tuna_jax.feedback.store import BudgetExceeded
 from tuna_jax.io import cli as io_cli
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.items import ItemOutcome, run_items
 from tuna_jax.io.jsonl import check_settings, dumps, iter_jsonl, read_json, read_out_lines, read_text
 from tuna_jax.io.lock import OutputBusyError, OutputLock
+from tuna_jax.llm_api.store import BudgetExceeded
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -8,12 +8,15 @@ import sys
 
 import pytest
 
+from tuna_jax.cli import parse_config
+from tuna_jax.commands import judge as judge_cmd
+from tuna_jax.commands.judge import JudgeSettings
 from tuna_jax.data.records import SkipReport, parse_contextual, read_records
 from tuna_jax.data.templates import format_prompt
 from tuna_jax.feedback import judge as J
-from tuna_jax.feedback.client import ClientConfig, OpenAIClient
 from tuna_jax.feedback.judge import RankParseError, parse_rank
-from tuna_jax.feedback.store import Budget, BudgetExceeded, Store
+from tuna_jax.llm_api.client import ClientConfig, OpenAIClient
+from tuna_jax.llm_api.store import Budget, BudgetExceeded, Store
 
 KEY = "sk-test-SECRET-judge-777777"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +170,7 @@ def data(tmp_path):
 
 
 def judge_run(server, data, out, store_path, budget=Budget(), **cfg):
-    c = J.JudgeConfig(**cfg)
+    c = JudgeSettings(**cfg)
     ccfg = ClientConfig(base_url=server.base_url, model="judge-model", timeout_s=5.0, max_retries=2,
                         backoff_initial_s=0.01, backoff_max_s=0.02)
     with Store(store_path, budget=budget) as store:
@@ -254,7 +257,7 @@ def test_judge_faults_through_the_wire(server, data, tmp_path):
     server.add_fault("status", match="Name a fruit", status=429, retry_after="0")
     server.add_fault("bad_json", match="Translate")
     server.add_fault("timeout", match="Say hi", delay_s=1.0)
-    c = J.JudgeConfig()
+    c = JudgeSettings()
     ccfg = ClientConfig(base_url=server.base_url, model="judge-model", timeout_s=0.4, max_retries=2,
                         backoff_initial_s=0.01, backoff_max_s=0.02)
     out = str(tmp_path / "out.jsonl")
@@ -275,7 +278,7 @@ def test_judge_budget_stop_and_resume(server, data, tmp_path):
 
 
 def _cli(server_url, data, out, store):
-    return [sys.executable, "-m", "tuna_jax.feedback.judge", data, out, "--base-url", server_url, "--model",
+    return [sys.executable, "-m", "tuna_jax.cli", "judge", data, out, "--base-url", server_url, "--model",
             "judge-model", "--concurrency", "1", "--timeout", "20", "--backoff", "0.01", "--backoff-max", "0.02",
             "--no-progress", "--store", store]
 
@@ -303,15 +306,11 @@ def test_killed_judge_resumes_without_repeating_and_matches(server, data, tmp_pa
 
 
 def test_cli_llm_judge_and_key_secrecy(server, data, tmp_path, capsys, caplog):
-    import argparse
-
-    p = argparse.ArgumentParser()
-    J.add_arguments(p)
     out = str(tmp_path / "out.jsonl")
-    args = p.parse_args([data, out, "--base-url", server.base_url, "--model", "judge-model", "--orders", "2",
-                         "--no-progress"])
+    cfg = parse_config(["judge", data, out, "--base-url", server.base_url, "--model", "judge-model", "--orders", "2",
+                        "--no-progress"])
     with caplog.at_level(logging.DEBUG):
-        assert J.run(args) == 0
+        assert judge_cmd.run(cfg) == 0
     err = capsys.readouterr().err
     for text in (err, caplog.text, open(out).read(), open(out + ".store.jsonl").read()):
         assert KEY not in text and "SECRET" not in text
@@ -320,12 +319,8 @@ def test_cli_llm_judge_and_key_secrecy(server, data, tmp_path, capsys, caplog):
 
 # ------------------------------------------------------------------------------------------ metric judge
 def test_metric_judge_rouge_and_exact(data, tmp_path):
-    import argparse
-
     out = str(tmp_path / "m.jsonl")
-    p = argparse.ArgumentParser()
-    J.add_arguments(p)
-    assert J.run(p.parse_args([data, out, "--kind", "metric", "--no-progress"])) == 0
+    assert judge_cmd.run(parse_config(["judge", data, out, "--kind", "metric", "--no-progress"])) == 0
     recs = {r["id"]: r for r in read(out)}
     b = recs["b"]
     assert b["candidates"][0] == "Bonjour" and b["scores"][0] == pytest.approx(1.0)
@@ -338,7 +333,8 @@ def test_metric_judge_rouge_and_exact(data, tmp_path):
     for cand, s in zip(recs["d"]["candidates"], recs["d"]["scores"]):
         assert s == pytest.approx(sc.score("1 2 3", cand)["rougeL"].fmeasure)
     ex = str(tmp_path / "e.jsonl")
-    assert J.run(p.parse_args([data, ex, "--kind", "metric", "--metric", "exact", "--no-progress"])) == 0
+    assert judge_cmd.run(parse_config(["judge", data, ex, "--kind", "metric", "--metric", "exact",
+                                       "--no-progress"])) == 0
     e = {r["id"]: r for r in read(ex)}
     assert e["c"]["scores"] == [1.0, 1.0, 0.0, 0.0] and e["c"]["judge"]["candidate_index"] == [0, 2, 1, 3]
 
@@ -347,7 +343,7 @@ def test_metric_judge_without_reference_fails_the_record(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text(json.dumps({"instruction": "q", "candidates": ["a", "b"]}) + "\n")
     out = str(tmp_path / "o.jsonl")
-    s = J.run_judge(str(p), out, J.MetricJudge(J.JudgeConfig(kind="metric")), progress=False)
+    s = J.run_judge(str(p), out, J.MetricJudge(JudgeSettings(judge="metric")), progress=False)
     assert s.failed == 1 and s.written == 0 and os.path.exists(out + ".failed.jsonl")
 
 

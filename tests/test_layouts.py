@@ -179,13 +179,15 @@ def test_packed_runs_take_at_most_shape_buckets_row_counts():
     for k, batches in ((1, one), (3, three)):
         counts = {b["input_ids"].shape[0] for b in batches}
         assert len(counts) <= k and all(c % 2 == 0 for c in counts)
-        assert len({tuple(np.shape(b[key])[1:] for key in ("input_ids", "score_src", "kv_blocks")) for b in batches}) == 1
+        keys = ("input_ids", "score_src", "kv_blocks")
+        assert len({tuple(np.shape(b[key])[1:] for key in keys) for b in batches}) == 1
     assert len({b["input_ids"].shape[0] for b in three}) > 1
     assert sum(b["input_ids"].shape[0] for b in three) < sum(b["input_ids"].shape[0] for b in one)
     for b, b1 in zip(three, one):
         assert (b["segment_ids"] > 0).sum() == (b1["segment_ids"] > 0).sum()
         assert b["real_tokens"].sum() == b1["real_tokens"].sum()
-    hosts = [BatchIterator(ex, collator(3), 8, seed=0, num_epochs=2, process_index=p, process_count=2) for p in range(2)]
+    hosts = [BatchIterator(ex, collator(3), 8, seed=0, num_epochs=2, process_index=p, process_count=2)
+             for p in range(2)]
     for a, b in zip(*hosts):
         assert {key: v.shape for key, v in a.items()} == {key: v.shape for key, v in b.items()}
 
@@ -331,7 +333,8 @@ def test_per_candidate_logprobs_equal_across_layouts_and_a_numpy_forward():
         for k, r in enumerate(list(e.responses) + [e.mle]):
             seq = np.concatenate([e.prompt_ids, r])[None]
             logits = np.asarray(model(jnp.asarray(seq)), np.float64)[0]
-            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+            top = logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
             p = len(e.prompt_ids)
             want[(i, k if k < len(e.responses) else 3)] = sum(logp[p + j - 1, r[j]] for j in range(len(r)))
     for layout in LAYOUTS:

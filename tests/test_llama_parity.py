@@ -5,8 +5,8 @@ import pytest
 pytest.importorskip("torch")
 
 import jax.numpy as jnp  # noqa: E402
-
 from hf_utils import hf_logits, save_hf, tiny_hf_model  # noqa: E402
+
 from tuna_jax.model.convert import load_hf_model  # noqa: E402
 from tuna_jax.model.llama import padded_inputs  # noqa: E402
 
@@ -18,7 +18,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"kv{c['num_kv_heads']}-tie{int(c['tie'])}-llama3{int(c['llama3'])}")
+@pytest.mark.parametrize("case", CASES,
+                         ids=lambda c: f"kv{c['num_kv_heads']}-tie{int(c['tie'])}-llama3{int(c['llama3'])}")
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
 def test_logits_match_hf(tmp_path, case, scan):
     hf = tiny_hf_model(**case)

@@ -4,8 +4,15 @@ import json
 
 import pytest
 
+from tuna_jax.cli import main as cli_main
 from tuna_jax.eval import lmentry as L
 from tuna_jax.io.errors import InputError
+
+
+def lm_cli(argv):
+    """``tuna-jax eval lmentry ARGV``."""
+    return cli_main(["eval", "lmentry", *argv])
+
 
 # ---------------------------------------------------------------- examples (metadata as in data/*.json)
 
@@ -467,10 +474,10 @@ def test_cli_scores_predictions(lmentry_checkout, tmp_path, capsys):
     pred_path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "out" / "lmentry.json"
 
-    assert L.main(["--predictions", str(pred_path), "--data", str(lmentry_checkout)]) == 2
+    assert lm_cli(["--predictions", str(pred_path), "--data", str(lmentry_checkout)]) == 2
     assert "absent" in capsys.readouterr().err
 
-    assert L.main(["--predictions", str(pred_path), "--data", str(lmentry_checkout / "data"),
+    assert lm_cli(["--predictions", str(pred_path), "--data", str(lmentry_checkout / "data"),
                    "--out", str(out), "--allow-partial"]) == 0
     res = json.loads(out.read_text())
     assert res["per_task"] == {"bigger_number": 100.0, "smaller_number": pytest.approx(66.67)}
@@ -490,7 +497,7 @@ def test_cli_scores_predictions(lmentry_checkout, tmp_path, capsys):
 def test_cli_malformed_lines(lmentry_checkout, tmp_path, capsys, line, message):
     pred = tmp_path / "pred.jsonl"
     pred.write_text(line + "\n")
-    assert L.main(["--predictions", str(pred), "--data", str(lmentry_checkout), "--allow-partial"]) == 2
+    assert lm_cli(["--predictions", str(pred), "--data", str(lmentry_checkout), "--allow-partial"]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -530,7 +537,7 @@ def test_truncate_predictions_reaches_the_scorer(lmentry_checkout, tmp_path, cap
     got = {}
     for flag in ([], ["--truncate-predictions"]):
         out = tmp_path / f"out{len(flag)}.json"
-        assert L.main(["--predictions", str(pred_path), "--data", str(lmentry_checkout), "--allow-partial",
+        assert lm_cli(["--predictions", str(pred_path), "--data", str(lmentry_checkout), "--allow-partial",
                        "--no-progress", "--out", str(out), *flag]) == 0
         got[bool(flag)] = json.loads(out.read_text())
     capsys.readouterr()
@@ -574,17 +581,17 @@ def test_repository_predictions_layout(lmentry_checkout, tmp_path, capsys):
     jsonl = tmp_path / "pred.jsonl"
     jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert L.main(["--predictions", str(root), "--model", "my-model", "--data", str(lmentry_checkout),
+    assert lm_cli(["--predictions", str(root), "--model", "my-model", "--data", str(lmentry_checkout),
                    "--allow-partial", "--out", str(a)]) == 0
-    assert L.main(["--predictions", str(jsonl), "--data", str(lmentry_checkout), "--allow-partial",
+    assert lm_cli(["--predictions", str(jsonl), "--data", str(lmentry_checkout), "--allow-partial",
                    "--out", str(b)]) == 0
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert ra["model"] == "my-model" and ra["per_task"] == rb["per_task"] and ra["overall"] == rb["overall"]
     assert ra["per_task"]["bigger_number"] < 100
     capsys.readouterr()
-    assert L.main(["--predictions", str(root), "--data", str(lmentry_checkout), "--allow-partial"]) == 2
+    assert lm_cli(["--predictions", str(root), "--data", str(lmentry_checkout), "--allow-partial"]) == 2
     assert "holds predictions of 2 models (my-model, other-model); choose one with --model" in capsys.readouterr().err
     (root / "smaller_number" / "my-model.json").write_text('{"1": {"prediction": 7}}')
-    assert L.main(["--predictions", str(root), "--model", "my-model", "--data", str(lmentry_checkout),
+    assert lm_cli(["--predictions", str(root), "--model", "my-model", "--data", str(lmentry_checkout),
                    "--allow-partial"]) == 2
     assert "my-model.json: example '1': expected {\"prediction\": text}" in capsys.readouterr().err

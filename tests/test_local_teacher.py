@@ -8,19 +8,21 @@ byte-level pieces often decode to text whose canonical tokens differ from the sa
 so the sampler compiles once per process (test_diverse.py reuses it)."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
 
 import pytest
 
+from tuna_jax.cli import parse_config
+from tuna_jax.commands import teacher as teacher_cmd
+from tuna_jax.commands.teacher import TeacherSettings
 from tuna_jax.data.records import read_records
 from tuna_jax.data.templates import format_prompt
 from tuna_jax.feedback import teacher as T
 from tuna_jax.feedback.local import LocalTeacher, stable_rng_id
-from tuna_jax.feedback.replies import ReplyError
-from tuna_jax.feedback.store import Store
+from tuna_jax.llm_api.replies import ReplyError
+from tuna_jax.llm_api.store import Store
 
 MAX_NEW = 16
 TINY = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -49,7 +51,7 @@ def eos_happy_model(out_dir, eos_logit_scale: float = 0.45):
 
     from tuna_jax.assets import stories260k_hf_dir
     from tuna_jax.model.checkpoint import save_params
-    from tuna_jax.model.llama import abstract_model, LlamaConfig
+    from tuna_jax.model.llama import LlamaConfig, abstract_model
 
     out_dir = pathlib.Path(out_dir)
     # Parameters drawn with numpy: jax's PRNG would compile one kernel per shape (~10 s on 2 CPU cores).
@@ -94,7 +96,8 @@ def tuna_score(model, model_dir, tmp_path, lines):
 
     src, out = tmp_path / "score_in.jsonl", tmp_path / "score_out.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    score_file(model, str(src), str(out), encoder=make_candidate_encoder(str(model_dir / "tokenizer.model")), progress=False)
+    encoder = make_candidate_encoder(str(model_dir / "tokenizer.model"))
+    score_file(model, str(src), str(out), encoder=encoder, progress=False)
     return [json.loads(x) for x in out.read_text().splitlines()]
 
 
@@ -154,7 +157,7 @@ def test_teacher_run_writes_ranking_records_and_resumes(model, model_dir, tmp_pa
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(INSTRUCTIONS))
     out, store_path = tmp_path / "ranked.jsonl", tmp_path / "store.jsonl"
-    cfg = T.TeacherConfig(n=4, beta=1.3, max_tokens=MAX_NEW, min_candidates=1)
+    cfg = TeacherSettings(n=4, beta=1.3, max_tokens=MAX_NEW, min_candidates=1)
 
     def run():
         with Store(store_path) as store:
@@ -185,17 +188,15 @@ def test_teacher_run_writes_ranking_records_and_resumes(model, model_dir, tmp_pa
 
 
 def test_teacher_cli_local_model(model_dir, tmp_path, capsys):
-    """`tuna-jax teacher INPUT OUT --local-model PATH` (no --model, no endpoint) through teacher.run."""
+    """`tuna-jax teacher INPUT OUT --local-model PATH` (no --model, no endpoint) through commands/teacher.run."""
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(INSTRUCTIONS[:2]))
     out = tmp_path / "ranked.jsonl"
-    p = argparse.ArgumentParser()
-    T.add_arguments(p)
-    base = [str(data), str(out), "--max-tokens", str(MAX_NEW), "--min-candidates", "1", "--no-progress"]
+    base = ["teacher", str(data), str(out), "--max-tokens", str(MAX_NEW), "--min-candidates", "1", "--no-progress"]
     with pytest.raises(ValueError, match="--model is required"):
-        T.run(p.parse_args(base))
-    rc = T.run(p.parse_args(base + ["--local-model", str(model_dir), "--local-batch-size", "8",
-                                           "--local-tokenizer", str(model_dir / "tokenizer.model")]))
+        teacher_cmd.run(parse_config(base))
+    rc = teacher_cmd.run(parse_config(base + ["--local-model", str(model_dir), "--local-batch-size", "8",
+                                              "--local-tokenizer", str(model_dir / "tokenizer.model")]))
     assert rc in (0, 1)  # 1 only if every sample of an instruction was empty
     assert (tmp_path / "ranked.jsonl.store.jsonl").is_file()
     records, _ = read_records(str(out), kind="ranking")

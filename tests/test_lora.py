@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
-
 from train_utils import REPO, TINY_HF, read_metrics, tiny_overrides, write_jsonl
+
 from tuna_jax import parallel
 from tuna_jax.config import ConfigError, LoraConfig, load_config
 from tuna_jax.data.layouts import LayoutCollator
@@ -241,10 +241,10 @@ def test_peft_loads_the_adapter_folder_and_agrees_forward_and_backward(tmp_path,
     onto the HF base; PEFT's log-likelihoods and its gradients w.r.t. every lora_A / lora_B and saved
     module equal ours; ``load_model`` of the folder (base + merge) gives the same log-likelihoods."""
     import torch
+    from hf_utils import save_hf, tiny_family_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hf_utils import save_hf, tiny_family_model
     from tuna_jax.logprobs import sequence_logprobs
     from tuna_jax.model import load_model
 

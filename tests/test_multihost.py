@@ -20,8 +20,8 @@ import sys
 import time
 
 import pytest
-
 from train_utils import REPO, final_params, max_param_diff, read_metrics, tiny_overrides
+
 from tuna_jax.assets import stories260k_hf_dir
 from tuna_jax.synthetic import ranking_records
 

@@ -1,37 +1,37 @@
-"""tuna_jax.io.paths: the same operations on a local folder and on gs:// (a local stand-in, tests/fake_gcs.py)."""
+"""tuna_jax.io.paths: the same operations on a local folder and on gs:// (fake-gcs-server, a real Cloud Storage API on
+127.0.0.1: tests/fake_gcs.py)."""
 import os
 
 import pytest
+from fake_gcs import bucket, gcs_server, read_object  # noqa: F401  (fixtures)
 
-from fake_gcs import use_fake_gcs
 from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
 
 
-@pytest.fixture
-def gcs(tmp_path, monkeypatch):
-    with use_fake_gcs(tmp_path / "buckets", monkeypatch) as root:
-        yield root
-
-
 @pytest.fixture(params=["local", "gs"])
-def where(request, tmp_path, monkeypatch):
-    """A folder of each kind: (the path users give, the local folder holding its bytes)."""
+def where(request, tmp_path):
+    """A folder of each kind: (the path users give, a function reading the bytes stored under a name in it, raising
+    FileNotFoundError when there are none; for gs://, read from the server, not through gcsfs)."""
     if request.param == "local":
-        yield str(tmp_path / "out"), str(tmp_path / "out")
+        def read(rel):
+            with open(tmp_path / "out" / rel, "rb") as f:
+                return f.read()
+        yield str(tmp_path / "out"), read
     else:
-        with use_fake_gcs(tmp_path / "buckets", monkeypatch) as root:
-            yield "gs://bkt/out", os.path.join(root, "bkt", "out")
+        name, server = request.getfixturevalue("bucket"), request.getfixturevalue("gcs_server")
+        yield f"gs://{name}/out", lambda rel: read_object(server, name, f"out/{rel}")
 
 
 def test_the_same_operations_on_both_kinds(where, tmp_path):
-    p, disk = where
+    p, read = where
     paths.makedirs(paths.join(p, "sub"))
     paths.write_text(paths.join(p, "a.txt"), "alpha\n")
     paths.write_atomic(paths.join(p, "sub", "b.json"), '{"b": 1}\n')
-    assert open(os.path.join(disk, "a.txt")).read() == "alpha\n"  # the bytes are where the URI says
-    assert open(os.path.join(disk, "sub", "b.json")).read() == '{"b": 1}\n'
-    assert not os.path.exists(os.path.join(disk, "sub", "b.json.tmp"))
+    assert read("a.txt") == b"alpha\n"  # the bytes are where the URI says
+    assert read("sub/b.json") == b'{"b": 1}\n'
+    with pytest.raises(FileNotFoundError):
+        read("sub/b.json.tmp")
     assert paths.read_text(paths.join(p, "a.txt")) == "alpha\n" and paths.size(paths.join(p, "a.txt")) == 6
     assert paths.is_file(paths.join(p, "a.txt")) and not paths.is_file(paths.join(p, "sub"))
     assert paths.is_dir(paths.join(p, "sub")) and not paths.exists(paths.join(p, "nope"))
@@ -49,36 +49,38 @@ def test_the_same_operations_on_both_kinds(where, tmp_path):
         open(os.path.join(local, "x.bin"), "wb").write(b"\x00\x01")
         os.makedirs(os.path.join(local, "inner"))
         open(os.path.join(local, "inner", "y.txt"), "w").write("y")
-    assert open(os.path.join(disk, "staged", "x.bin"), "rb").read() == b"\x00\x01"
-    assert open(os.path.join(disk, "staged", "inner", "y.txt")).read() == "y"
+    assert read("staged/x.bin") == b"\x00\x01" and read("staged/inner/y.txt") == b"y"
     paths.rmtree(paths.join(p, "staged"))
-    assert not os.path.exists(os.path.join(disk, "staged"))
+    assert not paths.exists(paths.join(p, "staged"))
+    with pytest.raises(FileNotFoundError):
+        read("staged/x.bin")
 
 
-def test_a_uri_is_never_a_local_folder(gcs, tmp_path, monkeypatch):
+def test_a_uri_is_never_a_local_folder(bucket, gcs_server, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.chdir(tmp_path)
-    assert str(paths.resolve("gs://bkt/run/x")) == "gs://bkt/run/x"
+    assert str(paths.resolve(f"gs://{bucket}/run/x")) == f"gs://{bucket}/run/x"
     assert str(paths.resolve("rel/x")) == str(tmp_path / "rel" / "x")
-    paths.write_text("gs://bkt/run/x", "1")
-    assert not os.path.exists(tmp_path / "gs:")
+    paths.write_text(f"gs://{bucket}/run/x", "1")
+    assert read_object(gcs_server, bucket, "run/x") == b"1" and not os.path.exists(tmp_path / "gs:")
     assert paths.parent("gs://bkt") == "gs://bkt" and paths.is_remote("gs://bkt") and not paths.is_remote("/gs:/b")
 
 
-def test_local_copy_fetches_a_remote_file_or_folder_once(gcs, tmp_path, monkeypatch):
+def test_local_copy_fetches_a_remote_file_or_folder_once(bucket, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("TUNA_JAX_CACHE", str(tmp_path / "cache"))
-    paths.write_text("gs://bkt/tok/tokenizer.json", "{}")
-    paths.write_text("gs://bkt/tok/sub/extra.txt", "e")
-    local = paths.local_copy("gs://bkt/tok")
+    g = f"gs://{bucket}"
+    paths.write_text(f"{g}/tok/tokenizer.json", "{}")
+    paths.write_text(f"{g}/tok/sub/extra.txt", "e")
+    local = paths.local_copy(f"{g}/tok")
     assert local.startswith(str(tmp_path / "cache")) and sorted(os.listdir(local)) == ["sub", "tokenizer.json"]
     assert open(os.path.join(local, "sub", "extra.txt")).read() == "e"
     assert paths.local_copy(str(tmp_path)) == str(tmp_path)  # local: itself
-    f = paths.local_copy("gs://bkt/tok/tokenizer.json")
+    f = paths.local_copy(f"{g}/tok/tokenizer.json")
     assert open(f).read() == "{}"
     with pytest.raises(FileNotFoundError):
-        paths.local_copy("gs://bkt/missing.json")
+        paths.local_copy(f"{g}/missing.json")
 
 
-def test_what_object_storage_cannot_do_is_one_line(gcs):
+def test_what_object_storage_cannot_do_is_one_line():  # refused before any request: no bucket needed
     with pytest.raises(InputError, match=r"gs://bkt/x\.jsonl: cannot be appended to in object storage"):
         paths.open("gs://bkt/x.jsonl", "a")
     with pytest.raises(InputError, match=r"^--store gs://bkt/s\.jsonl: the store grows .*; give a local path$"):

@@ -8,13 +8,12 @@ import sys
 import time
 
 import pytest
+from train_utils import REPO, write_jsonl
 
 from tuna_jax.config import ConfigError
 from tuna_jax.pipeline.engine import run_pipeline
 from tuna_jax.pipeline.manifest import read_manifest
 from tuna_jax.pipeline.spec import load_plan
-
-from train_utils import REPO, write_jsonl
 
 PIPELINES = REPO / "configs" / "pipelines"
 

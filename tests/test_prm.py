@@ -6,11 +6,13 @@ One tiny random backbone (the local-teacher fixture) and one training shape (8 p
 the compiles to one train step, one eval step and one reward function."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
+from tuna_jax.cli import parse_config
+from tuna_jax.commands import prm as prm_cmd
+from tuna_jax.commands.prm import PRMSettings
 from tuna_jax.data.records import read_records
 from tuna_jax.data.templates import SpecialTokenPolicy, encode_prompt, encode_response, format_prompt, load_tokenizer
 from tuna_jax.feedback import prm as P
@@ -37,7 +39,7 @@ def trained(tmp_path_factory):
     base = eos_happy_model(tmp / "base")
     train = write_rows(tmp / "train.jsonl", short_prompts(ranking_records(64, seed=0)))
     held_out = write_rows(tmp / "eval.jsonl", short_prompts(ranking_records(32, seed=1)))
-    cfg = P.PRMConfig(max_len=MAX_LEN, batch_size=8, epochs=3, lr=3e-3, pad_to_multiple=0, margin=0.1)
+    cfg = PRMSettings(max_len=MAX_LEN, batch_size=8, epochs=3, lr=3e-3, pad_to_multiple=0, margin=0.1)
     res = P.train_prm(str(base), train, tmp / "prm", cfg, eval_path=held_out, tokenizer=str(base / "tokenizer.model"),
                       progress=False)
     return res, tmp
@@ -119,22 +121,20 @@ def test_rerank_cli(trained, tmp_path, capsys):
     res, tmp = trained
     src = write_rows(tmp_path / "cands.jsonl", [{"instruction": "Name the first word.", "input": "cat dog sun",
                                                  "candidates": ["cat.", "dog.", "The sun is big."]}])
-    p = argparse.ArgumentParser()
-    P.add_arguments(p)
     out = tmp_path / "out.jsonl"
-    assert P.run(p.parse_args(["rerank", str(tmp / "prm"), src, str(out), "--no-progress"])) == 0
+    assert prm_cmd.run_rerank(parse_config(["prm", "rerank", str(tmp / "prm"), src, str(out), "--no-progress"])) == 0
     (rec,), _ = read_records(str(out), kind="ranking")
     assert len(rec.candidates) == 3 and rec.id == "0"
     assert "items: 1, written: 1, failed: 0" in capsys.readouterr().err
-    args = p.parse_args(["train", "base", "train.jsonl", "out", "--margin", "0.2", "--form", "reference"])
-    assert (args.prm_command, args.margin, args.form, args.lr, args.max_len) == ("train", 0.2, "reference", 1e-5, 512)
+    cfg = parse_config(["prm", "train", "base", "train.jsonl", "out", "--margin", "0.2", "--form", "reference"])
+    assert (type(cfg), cfg.margin, cfg.form, cfg.lr, cfg.max_len) == (prm_cmd.Train, 0.2, "reference", 1e-5, 512)
 
 
 def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="form='pairwise'"):
-        P.PRMConfig(form="pairwise")
+        PRMSettings(form="pairwise")
     with pytest.raises(ValueError, match="margin=-1"):
-        P.PRMConfig(margin=-1)
+        PRMSettings(margin=-1)
 
 
 def test_prm_training_resumes_exactly_through_the_one_trainer(tmp_path):
@@ -142,16 +142,16 @@ def test_prm_training_resumes_exactly_through_the_one_trainer(tmp_path):
     with the parameters of an uninterrupted 4-step run (checkpoints hold the head too)."""
     import jax
     import numpy as np
-
     from test_local_teacher import eos_happy_model
+
     from tuna_jax.train import train
 
     base = eos_happy_model(tmp_path / "base")
     data = write_rows(tmp_path / "train.jsonl", short_prompts(ranking_records(32, seed=4)))
-    cfg = P.PRMConfig(max_len=MAX_LEN, batch_size=8, epochs=1, lr=3e-3, pad_to_multiple=0, schedule="constant")
+    cfg = PRMSettings(max_len=MAX_LEN, batch_size=8, epochs=1, lr=3e-3, pad_to_multiple=0, schedule="constant")
 
     def run(name, max_steps, resume=False):
-        c = P.PRMConfig(**{**cfg.__dict__, "max_steps": max_steps})
+        c = PRMSettings(**{**cfg.__dict__, "max_steps": max_steps})
         return train(P.train_config(str(base), data, tmp_path / name, c, tokenizer=str(base / "tokenizer.model"),
                                     progress=False), resume=resume)
 
@@ -169,8 +169,9 @@ def test_prm_train_sigterm_exits_143_and_resumes(tmp_path, monkeypatch, capsys):
     import os
     import signal
 
-    import tuna_jax.train as T
     from test_local_teacher import eos_happy_model
+
+    import tuna_jax.train as T
     from tuna_jax.cli import main as cli
 
     base = eos_happy_model(tmp_path / "base")

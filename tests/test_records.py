@@ -5,8 +5,15 @@ import types
 
 import pytest
 
-from tuna_jax.data.records import (DataError, RankingRecord, SFTRecord, SkipReport, read_records,
-                                   record_prompt, write_jsonl)
+from tuna_jax.data.records import (
+    DataError,
+    RankingRecord,
+    SFTRecord,
+    SkipReport,
+    read_records,
+    record_prompt,
+    write_jsonl,
+)
 from tuna_jax.data.templates import format_prompt
 
 

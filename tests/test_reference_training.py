@@ -6,8 +6,8 @@ import json
 import math
 
 import pytest
-
 from train_utils import REPO, read_metrics, write_jsonl
+
 from tuna_jax.assets import stories260k_hf_dir
 from tuna_jax.cli import main as cli
 from tuna_jax.config import load_config

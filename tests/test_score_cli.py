@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from hf_utils import save_hf, tiny_hf_model  # noqa: E402
+
 from tuna_jax.cli import main as cli  # noqa: E402
 
 
@@ -48,7 +49,8 @@ def test_pretokenised_lines_match_hf(tmp_path, mesh, layout):
     ('{"prompt_ids": [1, 2]}', "in.jsonl:2: pre-tokenised line is missing field 'candidate_ids'"),
     ('{"prompt_ids": [], "candidate_ids": [[3]]}', "in.jsonl:2: 'prompt_ids' is empty"),
     ('{"prompt_ids": [1], "candidate_ids": [[3, 999]]}', "in.jsonl:2: candidate 0: token id 999 is outside"),
-    ('{"prompt_ids": [1], "candidate_ids": [["a"]]}', "in.jsonl:2: field 'candidate_ids\\[0\\]': must be a list of integer"),
+    ('{"prompt_ids": [1], "candidate_ids": [["a"]]}',
+     "in.jsonl:2: field 'candidate_ids\\[0\\]': must be a list of integer"),
     ('{"input": "x", "candidates": ["a"]}', "in.jsonl:2: missing field 'instruction'"),
     ('{"prompt_ids": [1], "candidate_ids": [[2, 3, 4, 5, 6, 7, 8, 9, 10]]}', "over --max-len 8"),
 ])

@@ -1,14 +1,13 @@
 """Data selection (data/select.py): first:N, last:N, range:A:B of a file, in training sources and in the
 shipped configs (Tuna_cp-13K and Tuna_cp-39K share no instruction)."""
 import pytest
+from train_utils import REPO, write_jsonl
 
 from tuna_jax.config import load_config
 from tuna_jax.data.records import read_records
 from tuna_jax.data.select import Selection, split_source
 from tuna_jax.io.errors import InputError
 from tuna_jax.pipeline.spec import load_plan
-
-from train_utils import REPO, write_jsonl
 
 PIPELINES = REPO / "configs" / "pipelines"
 
@@ -60,7 +59,6 @@ def test_tuna_cp_13k_and_39k_share_no_instruction(tmp_path):
             assert {r.instruction for r in got} == seen[name]
     assert len(seen["tuna_cp_13k"]) == 13000 and len(seen["tuna_cp_39k"]) == 39000
     assert not seen["tuna_cp_13k"] & seen["tuna_cp_39k"]
-
 
 
 def test_stage_configs_have_their_own_outputs_and_chain():

@@ -5,10 +5,10 @@ import socket
 import time
 
 import pytest
-
 from openai_server import OpenAIServer
-from tuna_jax.feedback.client import APIError, ClientConfig, FatalAPIError, OpenAIClient
-from tuna_jax.feedback.store import Budget, BudgetExceeded, Prices, Store, StoreError, content_key
+
+from tuna_jax.llm_api.client import APIError, ClientConfig, FatalAPIError, OpenAIClient
+from tuna_jax.llm_api.store import Budget, BudgetExceeded, Prices, Store, StoreError, content_key
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 
@@ -56,7 +56,7 @@ def test_torn_last_line_is_tolerated_reported_and_cut(tmp_path, caplog):
         s.put_ok("a", {"choices": [1]}, meta={}, attempts=1)
     with open(p, "ab") as f:
         f.write(b'{"key": "b", "status": "ok", "respo')  # a process killed mid-write
-    with caplog.at_level(logging.WARNING, logger="tuna_jax.feedback"):
+    with caplog.at_level(logging.WARNING, logger="tuna_jax.llm_api"):
         with Store(p) as s:
             assert "a" in s and "b" not in s and s.torn_bytes > 0
             s.put_ok("c", {"choices": [2]}, meta={}, attempts=1)

@@ -8,8 +8,14 @@ from collections import defaultdict
 import pytest
 from rouge_score import rouge_scorer
 
+from tuna_jax.cli import main as cli_main
 from tuna_jax.eval import superni as S
 from tuna_jax.io.errors import InputError
+
+
+def ni_cli(argv):
+    """``tuna-jax eval superni ARGV``."""
+    return cli_main(["eval", "superni", *argv])
 
 
 # ---------------------------------------------------------------- an independent reference scorer
@@ -101,7 +107,7 @@ def fixed_predictions(shared_dir, tmp_path_factory):
 def test_rouge_matches_rouge_score_per_task_and_overall(shared_dir, fixed_predictions, tmp_path):
     path, records, kept = fixed_predictions
     out = tmp_path / "res.json"
-    rc = S.main(["--predictions", str(path), "--tasks", str(shared_dir / "data" / "superni"),
+    rc = ni_cli(["--predictions", str(path), "--tasks", str(shared_dir / "data" / "superni"),
                  "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -239,7 +245,7 @@ def test_cli_on_checkout_and_single_task_file(ni_checkout, tmp_path, capsys):
     pred = tmp_path / "p.jsonl"
     pred.write_text("\n".join(json.dumps({"id": f"task002-{i:04d}", "prediction": f"Answer {i}!"})
                               for i in range(3)) + "\n")
-    assert S.main(["--predictions", str(pred), "--tasks", str(ni_checkout)]) == 0
+    assert ni_cli(["--predictions", str(pred), "--tasks", str(ni_checkout)]) == 0
     captured = capsys.readouterr()
     res = json.loads(captured.out)
     assert res["per_task"] == {"task002_beta": pytest.approx(100.0)}
@@ -323,7 +329,7 @@ def test_shared_sample_has_six_full_tasks(shared_dir, capsys):
 def test_malformed_predictions_name_file_and_line(tmp_path, ni_checkout, capsys, lines, message):
     pred = tmp_path / "pred.jsonl"
     pred.write_text("\n".join(lines) + "\n")
-    assert S.main(["--predictions", str(pred), "--tasks", str(ni_checkout)]) == 2
+    assert ni_cli(["--predictions", str(pred), "--tasks", str(ni_checkout)]) == 2
     assert message in capsys.readouterr().err
 
 

@@ -9,10 +9,13 @@ import sys
 
 import pytest
 
+from tuna_jax.cli import parse_config
+from tuna_jax.commands import teacher as teacher_cmd
+from tuna_jax.commands.teacher import TeacherSettings
 from tuna_jax.data.records import read_records
 from tuna_jax.feedback import teacher as T
-from tuna_jax.feedback.client import ClientConfig, OpenAIClient
-from tuna_jax.feedback.store import Budget, BudgetExceeded, Store
+from tuna_jax.llm_api.client import ClientConfig, OpenAIClient
+from tuna_jax.llm_api.store import Budget, BudgetExceeded, Store
 
 KEY = "sk-test-SECRET-teacher-424242"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +44,7 @@ def client(server, store, **kw):
     return OpenAIClient(ClientConfig(**cfg), store)
 
 
-def run(server, data, out, store_path, cfg=T.TeacherConfig(max_tokens=64), **kw):
+def run(server, data, out, store_path, cfg=TeacherSettings(max_tokens=64), **kw):
     with Store(store_path, budget=kw.pop("budget", Budget())) as store:
         backend = T.RemoteTeacher(client(server, store), cfg)
         return T.run_teacher(data, out, backend, cfg, meta={"model": "teacher-model"}, progress=False, **kw)
@@ -84,7 +87,7 @@ def test_records_scores_and_ranking(server, data, tmp_path):
 
 def test_chat_api_one_sample_per_request(server, data, tmp_path):
     out = str(tmp_path / "out.jsonl")
-    cfg = T.TeacherConfig(api="chat", n_per_request=1, max_tokens=64, top_logprobs=2)
+    cfg = TeacherSettings(api="chat", n_per_request=1, max_tokens=64, top_logprobs=2)
     run(server, data, out, tmp_path / "s.jsonl", cfg=cfg)
     reqs = [r for r in server.requests if r["path"].endswith("/chat/completions")]
     assert len(reqs) == 4 * len(INSTRUCTIONS)
@@ -101,7 +104,7 @@ def test_sentinel_missing_and_length_guards(server, data, tmp_path):
     server.add_fault("length", match="haiku")
     server.add_fault("no_logprobs", match="primary colour")
     out = str(tmp_path / "out.jsonl")
-    cfg = T.TeacherConfig(api="completions", n_per_request=1, max_tokens=64)
+    cfg = TeacherSettings(api="completions", n_per_request=1, max_tokens=64)
     s = run(server, data, out, tmp_path / "s.jsonl", cfg=cfg)
     recs = {r["instruction"]: r for r in read(out)}
     cap = recs["What is the capital of France?"]
@@ -119,7 +122,7 @@ def test_sentinel_missing_and_length_guards(server, data, tmp_path):
 def test_drop_length_cut_and_too_few_candidates_fail_the_item(server, data, tmp_path):
     server.add_fault("sentinel", match="Translate", times=3)
     out = str(tmp_path / "out.jsonl")
-    cfg = T.TeacherConfig(n_per_request=1, max_tokens=3, drop_length_cut=True)  # max_tokens=3: most are cut
+    cfg = TeacherSettings(n_per_request=1, max_tokens=3, drop_length_cut=True)  # max_tokens=3: most are cut
     s = run(server, data, out, tmp_path / "s.jsonl", cfg=cfg)
     failed = read(out + ".failed.jsonl")
     assert s.written + s.failed == len(INSTRUCTIONS)  # nothing lost
@@ -129,7 +132,7 @@ def test_drop_length_cut_and_too_few_candidates_fail_the_item(server, data, tmp_
 
 def test_score_given_responses_with_echo(server, tmp_path):
     with Store(tmp_path / "s.jsonl") as store:
-        t = T.RemoteTeacher(client(server, store), T.TeacherConfig())
+        t = T.RemoteTeacher(client(server, store), TeacherSettings())
         prompt = "### Instruction:\nSay hi\n\n### Response:"
         out = t.score(prompt, [" hello there friend", " hi"])
     assert [len(s.token_logprobs) for s in out] == [3, 1]
@@ -163,7 +166,7 @@ def test_budget_stop_then_rerun_gives_identical_output(server, data, tmp_path):
 
 
 def _cli(server_url, data, out, *extra):
-    return [sys.executable, "-m", "tuna_jax.feedback.teacher", data, out, "--base-url", server_url,
+    return [sys.executable, "-m", "tuna_jax.cli", "teacher", data, out, "--base-url", server_url,
             "--model", "teacher-model", "--max-tokens", "64", "--concurrency", "1", "--timeout", "20",
             "--backoff", "0.01", "--backoff-max", "0.02", "--no-progress", *extra]
 
@@ -199,16 +202,12 @@ def test_killed_teacher_resumes_without_repeating_and_matches(server, data, tmp_
 
 
 def test_cli_in_process_never_shows_the_key(server, data, tmp_path, capsys, caplog):
-    import argparse
-
     server.add_fault("status", match="healthy", status=429, retry_after="0")
-    p = argparse.ArgumentParser()
-    T.add_arguments(p)
     out = str(tmp_path / "out.jsonl")
-    args = p.parse_args([data, out, "--base-url", server.base_url, "--model", "m", "--max-tokens", "32",
-                         "--backoff", "0.01", "--no-progress", "--price-input", "1.5", "--price-output", "2"])
+    cfg = parse_config(["teacher", data, out, "--base-url", server.base_url, "--model", "m", "--max-tokens", "32",
+                        "--backoff", "0.01", "--no-progress", "--price-input", "1.5", "--price-output", "2"])
     with caplog.at_level(logging.DEBUG):
-        assert T.run(args) == 0
+        assert teacher_cmd.run(cfg) == 0
     err = capsys.readouterr().err
     assert "$" in err and "store total" in err
     for text in (err, caplog.text, open(out).read(), open(out + ".store.jsonl").read()):
@@ -217,13 +216,9 @@ def test_cli_in_process_never_shows_the_key(server, data, tmp_path, capsys, capl
 
 
 def test_wrong_url_stops_the_run(server, data, tmp_path, capsys):
-    import argparse
-
-    p = argparse.ArgumentParser()
-    T.add_arguments(p)
-    args = p.parse_args([data, str(tmp_path / "o.jsonl"), "--base-url", server.base_url + "/nope", "--model", "m",
-                         "--no-progress"])
-    assert T.run(args) == 2
+    cfg = parse_config(["teacher", data, str(tmp_path / "o.jsonl"), "--base-url", server.base_url + "/nope",
+                        "--model", "m", "--no-progress"])
+    assert teacher_cmd.run(cfg) == 2
     err = capsys.readouterr().err
     assert "HTTP 404" in err and "--base-url" in err
     assert server.count() <= 4 * 2  # stops instead of failing every item

@@ -3,8 +3,16 @@ import json
 
 import pytest
 
-from tuna_jax.data.templates import (PROMPT_INPUT, PROMPT_NO_INPUT, SpecialTokenPolicy, encode_prompt,
-                                     encode_prompt_response, format_prompt, load_tokenizer, parse_prompt)
+from tuna_jax.data.templates import (
+    PROMPT_INPUT,
+    PROMPT_NO_INPUT,
+    SpecialTokenPolicy,
+    encode_prompt,
+    encode_prompt_response,
+    format_prompt,
+    load_tokenizer,
+    parse_prompt,
+)
 
 # stanford_alpaca train.py PROMPT_DICT, written out in full.
 EXPECTED_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "

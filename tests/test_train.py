@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from train_utils import REPO, final_params, max_param_diff, read_metrics, tiny_overrides
+
 from tuna_jax.config import load_config
 from tuna_jax.train import train
 
@@ -106,12 +106,12 @@ def test_optimizer_state_starts_sharded_like_the_parameters():
     if jax.device_count() < 8:
         pytest.skip("needs 8 emulated devices")
     from flax import nnx
+    from train_utils import TINY_HF
 
     from tuna_jax import parallel
     from tuna_jax.config import OptimConfig
     from tuna_jax.model.llama import Llama, LlamaConfig
     from tuna_jax.train import ParamBinder, init_opt_state, make_optimizer
-    from train_utils import TINY_HF
 
     mesh = parallel.make_mesh((1, 4, 2))
     lcfg = LlamaConfig.from_hf(TINY_HF)
@@ -133,13 +133,13 @@ def test_checkpoint_restores_across_meshes(tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs 8 emulated devices")
     from flax import nnx
+    from train_utils import TINY_HF
 
     from tuna_jax import parallel
     from tuna_jax.config import OptimConfig
     from tuna_jax.model.checkpoint import TrainCheckpointer
     from tuna_jax.model.llama import Llama, LlamaConfig
     from tuna_jax.train import ParamBinder, make_optimizer
-    from train_utils import TINY_HF
 
     lcfg = LlamaConfig.from_hf(TINY_HF)
     binder = ParamBinder(lcfg)
@@ -225,7 +225,8 @@ def test_bad_training_data_is_a_clear_cli_error(tmp_path, capsys):
 def test_unknown_config_key_is_an_error_with_a_suggestion():
     from tuna_jax.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"unknown config key optim\.warmup_step \(did you mean optim\.warmup_steps\?\)"):
+    suggestion = r"unknown config key optim\.warmup_step \(did you mean optim\.warmup_steps\?\)"
+    with pytest.raises(ConfigError, match=suggestion):
         load_config(TINY_RANKING, ["optim.warmup_step=3"])
     with pytest.raises(ConfigError, match=r"loss\.form='pairwise'.*paper, reference"):
         load_config(TINY_RANKING, ["loss.form=pairwise"])

@@ -10,8 +10,8 @@ import pytest
 from tuna_jax.cli import main as cli_main
 from tuna_jax.eval import vicuna as V
 from tuna_jax.io.errors import InputError
-from tuna_jax.feedback.client import ClientConfig, OpenAIClient
-from tuna_jax.feedback.store import Budget, BudgetExceeded, Store
+from tuna_jax.llm_api.client import ClientConfig, OpenAIClient
+from tuna_jax.llm_api.store import Budget, BudgetExceeded, Store
 
 KEY = "sk-test-vicuna-0123456789"
 

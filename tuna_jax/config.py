@@ -103,7 +103,8 @@ class DataConfig:
     layout: str = "auto"  # auto | padded | prefix_shared | packed (data/layouts.py); all give the same losses
     row_len: int = 0  # packed row length in tokens (>= max_len); 0: max_len. Longer groups are split, prompt repeated
     shape_buckets: int = 4  # at most this many batch shapes (compiles) per run, planned from the data; 1: one shape
-    attention_block: int = 64  # block table for the xla attention to skip masked blocks (prefix_shared/packed); 0: dense
+    # block table for the xla attention to skip masked blocks (prefix_shared/packed); 0: dense
+    attention_block: int = 64
     add_bos: bool = True
     add_eos: bool = True
     eos_as_bos: bool = False  # the reference code's quirk: </s> used as BOS
@@ -134,7 +135,8 @@ class LossConfig:
     rank_weight: float = 1.0  # the ranking term's weight; 0 trains the MLE-only control of an experiment
     mle_target: str = "original"  # original | best | all
     chunk: int = 0  # tokens per vocabulary-projection chunk; 0: all at once if they fit logits_budget_mb
-    logits_budget_mb: int = 256  # float32 logits one projection pass may hold (memory stays flat in V); raise on big GPUs
+    # float32 logits one projection pass may hold (memory stays flat in V); raise on big GPUs
+    logits_budget_mb: int = 256
 
 
 @dataclasses.dataclass
@@ -471,12 +473,12 @@ def _check(value, tp, where: str, full: str, table_key: tuple, schema: _Schema):
 
 
 def build(cls, values: Node, section: str = "", *, limits: dict | None = None, choices: dict | None = None,
-          hidden: Sequence[str] = (), _schema: _Schema | None = None):
+          hidden: Sequence[str] = (), given: dict | None = None, _schema: _Schema | None = None):
     """The dataclass ``cls`` from a config mapping: every key known, every value of its field's type and in
     its range (``limits``, default :data:`LIMITS`) or among its choices (``choices``, default
     :data:`CHOICES`; both keyed by ``(section, key)``), every field without a default given. ``hidden``:
-    fields the program sets, not the file. A problem is a ConfigError naming where the value was written
-    and the dotted key."""
+    fields the program sets, not the file (``given``: their values, where they have no default). A problem is a
+    ConfigError naming where the value was written and the dotted key."""
     schema = _schema or _Schema(LIMITS if limits is None else limits, CHOICES if choices is None else choices,
                                 hidden)
     if not isinstance(values, Node):
@@ -497,7 +499,7 @@ def build(cls, values: Node, section: str = "", *, limits: dict | None = None, c
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise _at(values.where, f"{section or 'the config'} needs {', '.join(missing)}")
-    return cls(**kwargs)
+    return cls(**{**(given or {}), **kwargs})
 
 
 def load(cls, path: str | os.PathLike | None, overrides: Sequence[str] = (), **tables) -> tuple[Any, Node]:

@@ -55,12 +55,10 @@ renormalised top-k distribution (the smallest set of most likely tokens whose ma
 the most likely token is always kept). Ties at the top-k boundary are broken by token id, as
 argmax does, so ``top_k=1`` is exactly greedy.
 
-jax/flax are imported inside functions: ``tuna-jax --help`` builds this module's sub-parser and
-must stay instant (cli.py's rule).
+jax/flax are imported inside functions. The command and its flags: ``tuna_jax/commands/generate.py``.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -562,7 +560,7 @@ def generate_file(sampler: Sampler, prompts_path: str, out_path: str, params: Sa
         encoded.append(ids)
     settings = {"n": n, **dataclasses.asdict(params), "stop_ids": list(sampler.stop_ids),
                 "add_bos": sampler.policy.add_bos, "bos_override": sampler.policy.bos_override, **(meta or {})}
-    writer = _is_main_process()
+    writer = is_main_process()
     # One run per OUT: a second one would append the same lines again (OUT.lock, released at the end).
     with OutputLock(out_path) if writer else contextlib.nullcontext():
         # OUT.params.json: resuming with other settings would mix samples from two distributions.
@@ -594,66 +592,7 @@ def generate_file(sampler: Sampler, prompts_path: str, out_path: str, params: Sa
         return written
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``tuna-jax generate``."""
-    parser.description = (
-        "Sample continuations with a model. Each input line: {id?, instruction, input?} (formatted with the "
-        "Alpaca template, BOS prepended), {prompt: str} (raw text, BOS prepended) or {prompt_ids: [int]} (used "
-        "as given). Each output line: {index, id?, samples: [{text, token_ids, token_logprobs, finish_reason}]}; "
-        "token_ids include the EOS token when finish_reason is 'stop'; token_logprobs are log p under the model "
-        "at temperature 1. A rerun skips lines already in OUT.")
-    parser.add_argument("model", help="HF folder or tuna-jax params checkpoint")
-    parser.add_argument("prompts", help="input JSONL")
-    parser.add_argument("out", help="output JSONL (appended to; a rerun resumes)")
-    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8, help="rows (prompt x sample) per device call")
-    parser.add_argument("--max-prompt-len", type=int, default=None, help="longest prompt in tokens (longer: error)")
-    parser.add_argument("--tokenizer", help="tokenizer folder or tokenizer.model (default: the model's)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    parser.add_argument("--sampling-logprobs", action="store_true",
-                        help="also write each token's log-prob under the sampling distribution")
-    parser.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                        help="device mesh sizes, one may be -1 (default: all devices on fsdp)")
-
-
-def run(args) -> int:
-    """``tuna-jax generate``: load the model and tokenizer, generate, report."""
-    from tuna_jax import parallel
-    from tuna_jax.data.templates import load_tokenizer
-    from tuna_jax.model import load_model
-
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
-    if args.n < 1:
-        raise ValueError(f"--n {args.n}: must be >= 1")
-    prompts = read_prompts(args.prompts)  # every line checked before the model loads
-    parallel.initialize_distributed()
-    mesh = parallel.make_mesh(args.mesh)
-    tokenizer = None
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        if args.tokenizer:
-            raise
-        print(f"note: no tokenizer with the model ({e}); only prompt_ids lines can be generated from and "
-              f"'text' will be null", file=sys.stderr)
-    model = load_model(args.model, mesh, dtype=args.dtype, param_dtype="float32")
-    if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                         f"is {model.cfg.vocab_size}: they do not belong together")
-    sampler = Sampler(model, tokenizer, mesh=mesh, batch_size=args.batch_size, max_prompt_len=args.max_prompt_len)
-    n = generate_file(sampler, args.prompts, args.out, params, n=args.n, sampling_logprobs=args.sampling_logprobs,
-                      progress=_is_main_process(), meta={"dtype": args.dtype}, prompts=prompts)
-    print(f"generated {n} lines ({args.n} samples each) -> {args.out}")
-    return 0
-
-
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     import jax
 
     return jax.process_index() == 0

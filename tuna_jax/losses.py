@@ -18,7 +18,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-
 # ---- sequence scores --------------------------------------------------------------------
 
 

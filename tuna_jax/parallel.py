@@ -130,7 +130,8 @@ def init_sharded(make_module, mesh: Mesh, rules: Iterable = RULES):
 def place_state(state: nnx.State, mesh: Mesh, rules: Iterable = RULES) -> nnx.State:
     """Put existing (host or device) values of a state onto the mesh by the rules table."""
     shardings = state_shardings(state, mesh, rules)
-    return jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s.get_value())), state, shardings, is_leaf=_is_var)
+    return jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s.get_value())), state, shardings,
+                        is_leaf=_is_var)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

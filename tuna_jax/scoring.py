@@ -134,7 +134,9 @@ class Scorer:
 
     def _bucketed(self, s: BatchShape) -> BatchShape:
         """Round a planned shape up to a few sizes, so that few shapes compile across calls."""
-        units = s.units if self.layout != "packed" else -(-max(1, 1 << (s.units - 1).bit_length()) // self.n_data) * self.n_data
+        units = s.units
+        if self.layout == "packed":  # a power of two, rounded up to a multiple of the data shards
+            units = -(-max(1, 1 << (s.units - 1).bit_length()) // self.n_data) * self.n_data
         if self.layout == "packed":
             length = s.length
         else:

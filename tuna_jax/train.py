@@ -568,8 +568,8 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         def run_eval(step: int) -> dict | None:
             if not eval_examples:
                 return None
-            ev = BatchIterator(eval_examples, eval_collator, tc.global_batch // tc.grad_accum, shuffle=False, num_epochs=1,
-                               drop_remainder=False, process_index=jax.process_index(),
+            ev = BatchIterator(eval_examples, eval_collator, tc.global_batch // tc.grad_accum, shuffle=False,
+                               num_epochs=1, drop_remainder=False, process_index=jax.process_index(),
                                process_count=jax.process_count())
             totals: dict = {}
             for batch in ev:

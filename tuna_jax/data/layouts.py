@@ -394,7 +394,7 @@ class LayoutCollator:
         else:
             units = self._units(rows)
         micro = b * process_count // self.micro_batches  # examples per micro-batch
-        rel = lambda i: (process_index * b + i) % micro  # noqa: E731: example index within its micro-batch
+        rel = lambda i: (process_index * b + i) % micro  # example index within its micro-batch
         ids = np.full((u, q, length), self.pad_id, np.int32)
         pos, seg, branch = (np.zeros((u, q, length), np.int32) for _ in range(3))
         src, tgt, tgt_pos = (np.zeros((u, s), np.int32) for _ in range(3))

@@ -55,7 +55,6 @@ from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import dumps, read_text
 
-
 # Bad input data: ``where`` is ``file:line`` (or ``file[row]``), ``field`` the offending key. The
 # project's one input-error type under the name this module has always used.
 DataError = InputError

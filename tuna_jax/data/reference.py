@@ -19,8 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from tuna_jax.data.records import (DataError, SkipReport, candidate_logprobs, detect_ranking_format, iter_rows,
-                                   parse_native)
+from tuna_jax.data.records import (
+    DataError,
+    SkipReport,
+    candidate_logprobs,
+    detect_ranking_format,
+    iter_rows,
+    parse_native,
+)
 from tuna_jax.io import paths
 
 

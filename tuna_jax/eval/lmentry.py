@@ -1,6 +1,6 @@
 """LMentry (Efrat, Honovich & Levy, 2022, "LMentry: A Language Model Benchmark of Elementary Language
 Tasks"): rule-based scoring of the 25 tasks, accuracy, the four robustness aspects, the LMentry score,
-and the ``tuna-jax eval lmentry`` CLI.
+and the predictions readers of ``tuna-jax eval lmentry`` (``commands/eval.py``).
 
 Written from the paper and from reading the aviaefrat/lmentry repository (``lmentry/scorers``,
 ``lmentry/analysis``, ``data``). That repository states no licence, so no code is taken from it:
@@ -77,7 +77,6 @@ only complete items and the result says ``"partial": true``).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import os
@@ -89,9 +88,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from tuna_jax.eval.common import emit_json, read_predictions_jsonl, warn
+from tuna_jax.eval.common import read_predictions_jsonl, warn
 from tuna_jax.io import paths
-from tuna_jax.io.cli import cli_main
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import read_json
 
@@ -146,7 +144,7 @@ __all__ = [
     "CORE_TASKS", "ANALYSIS_TASKS", "ALL_TASKS", "ARGUMENT_CONTENT_GROUPS", "ANSWER_INDEX_TASKS",
     "ADJACENT_TASK_PAIRS", "LMentryTask", "LMentryInstance", "TaskResult", "load_data",
     "iter_eval_instances", "prediction_id", "normalize_prediction", "number_to_words",
-    "score_prediction", "score_task", "aggregate", "score_predictions", "add_arguments", "run", "main",
+    "score_prediction", "score_task", "aggregate", "score_predictions", "read_predictions",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -524,7 +522,8 @@ def _rhyming_word(p, m, _):
                 rf"{x} and {y} rhyme", rf"{x} and {y} are rhymes", rf"{x} and {y} are words that rhyme",
                 rf"{art} rhyme of {x} is {y}( and not {d})?", rf"{art} word rhyming with {x} is {y}",
                 rf"{art} word that rhymes with {x} is {y}",
-                rf"{x} and {y}( both)? rhyme( with each other)?, (while|but|and) {d} {doesnt} rhyme with either( word)?"]
+                rf"{x} and {y}( both)? rhyme( with each other)?, (while|but|and) {d} {doesnt} rhyme with "
+                rf"either( word)?"]
 
     exacts = forms(q, a) + forms(a, q) + [
         rf"{d} {doesnt} rhyme with {q}(\s+{a} (rhymes|does rhyme) with {q})?",
@@ -784,7 +783,7 @@ def prediction_id(task: str, example_id: str | int) -> str:
     return f"{task}/{example_id}"
 
 
-def _resolve_data_dir(path: str | os.PathLike) -> pathlib.Path:
+def resolve_data_dir(path: str | os.PathLike) -> pathlib.Path:
     p = pathlib.Path(path)
     if not p.exists():
         raise InputError(f"{p}: not found (expected an lmentry checkout or its data folder)")
@@ -828,7 +827,7 @@ def load_data(path: str | os.PathLike, tasks: Sequence[str] | None = None) -> di
     (later additions to the repository) are ignored. With ``tasks``, each must be there. ``path`` may be in
     cloud storage (``gs://...``): it is read from a local copy (``io.paths.local_copy``).
     """
-    d = _resolve_data_dir(paths.local_copy(path))
+    d = resolve_data_dir(paths.local_copy(path))
     names = list(tasks) if tasks is not None else [t for t in ALL_TASKS if (d / f"{t}.json").is_file()]
     out = {}
     for name in names:
@@ -1059,7 +1058,7 @@ def score_predictions(predictions: Mapping[tuple[str, str], str] | Mapping[str, 
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI: tuna-jax eval lmentry --predictions PRED.jsonl --data PATH [--out OUT.json]
+# Predictions files: tuna-jax eval lmentry --predictions PRED.jsonl|DIR
 # --------------------------------------------------------------------------------------------------
 
 def read_repository_predictions(root: str | os.PathLike, model: str | None = None
@@ -1110,56 +1109,9 @@ def _read_jsonl_predictions(path: str) -> dict[tuple[str, str], str]:
     return preds
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--predictions", required=True, metavar="PRED.jsonl|DIR",
-                        help='JSON Lines: {"id": "<task>/<example id>", "prediction": ...} (or a separate "task" '
-                             'field); or the repository\'s layout, a folder predictions/<task>/<model>.json')
-    parser.add_argument("--model", default=None,
-                        help="with a predictions folder: the model (file name without .json) to score; needed "
-                             "only when the folder holds several")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--data", required=True, metavar="PATH",
-                        help="an lmentry checkout or its data/ folder (data/<task>.json)")
-    parser.add_argument("--out", metavar="OUT.json", help="also write the JSON result here")
-    parser.add_argument("--truncate-predictions", action="store_true",
-                        help="score only the text before the first newline and then the first '.' "
-                             "(LMentry does this for models that do not stop generating)")
-    parser.add_argument("--allow-partial", action="store_true",
-                        help="score even if some of the 41 task files have no predictions (the "
-                             "robustness then uses complete items only and the result says partial)")
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    """Scores a predictions file (or folder), prints the JSON, writes ``--out``; bad input raises InputError."""
-    model = None
-    if os.path.isdir(args.predictions):
-        preds, model = read_repository_predictions(args.predictions, getattr(args, "model", None))
-    else:
-        preds = _read_jsonl_predictions(args.predictions)
-    # getattr: callers may build the Namespace themselves with only the required fields
-    result = score_predictions(preds, args.data, truncate=getattr(args, "truncate_predictions", False),
-                               allow_partial=getattr(args, "allow_partial", False),
-                               progress=not getattr(args, "no_progress", True))
-    result["predictions_file"] = os.fspath(args.predictions)
-    if model is not None:
-        result["model"] = model
-    result["data"] = str(_resolve_data_dir(args.data))
-    if result["missing"]:
-        warn(f"{result['missing']} of {result['num_examples']} examples have no prediction (scored as "
-             f"wrong, as LMentry does); tasks affected: {len(result['missing_per_task'])}")
-    if result["unknown"]:
-        warn(f"{result['unknown']} predictions match no example (not scored), e.g. {result['unknown_ids'][:3]}")
-    if result["partial"]:
-        warn(f"partial LMentry result: no predictions for {result['absent_tasks']}")
-    emit_json(result, getattr(args, "out", None))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli_main("tuna-jax eval lmentry", add_arguments, run, argv,
-                    description="LMentry accuracy, robustness and score of a predictions file")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def read_predictions(path: str, model: str | None = None) -> tuple[dict[tuple[str, str], str], str | None]:
+    """``(predictions, model)`` of a JSONL file (model None) or of the repository's predictions folder
+    (``model``: which of its models, needed only when it holds several)."""
+    if os.path.isdir(path):
+        return read_repository_predictions(path, model)
+    return _read_jsonl_predictions(path), None

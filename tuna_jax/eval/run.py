@@ -1,5 +1,5 @@
-"""``tuna-jax eval``: the evaluation driver (``eval run CONFIG`` / ``eval CONFIG.yaml``) and the wiring of the
-scoring-only subcommands (``eval superni``, ``eval lmentry``, ``eval vicuna``, ``eval alpaca-eval``).
+"""The evaluation driver of ``tuna-jax eval run CONFIG`` / ``tuna-jax eval CONFIG.yaml`` (the command and the
+scoring-only subcommands ``eval superni|lmentry|vicuna|alpaca-eval``: ``commands/eval.py``).
 
 The driver, for a YAML config listing models and benchmarks (format below):
 
@@ -98,7 +98,6 @@ Single host only: every process would generate and write the same files.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -108,7 +107,7 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from tuna_jax.config import above, at_least, between
 from tuna_jax.config import load as load_dataclass
@@ -120,12 +119,13 @@ from tuna_jax.eval.common import read_predictions_jsonl, warn
 from tuna_jax.io import paths as io_paths
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import check_settings, dumps, read_json, write_json
+from tuna_jax.llm_api.client import ClientConfig
 
 logger = logging.getLogger("tuna_jax.eval")
 
 __all__ = ["EvalConfig", "ModelSpec", "GenerationSettings", "SuperNISettings",
            "LMentrySettings", "VicunaSettings", "AlpacaEvalSettings", "JudgeSettings", "load_eval_config",
-           "run_eval", "add_arguments", "add_run_arguments", "run", "run_config"]
+           "run_eval"]
 
 
 # ================================================================================================ schema
@@ -206,15 +206,17 @@ class AlpacaEvalSettings:
 
 @dataclasses.dataclass
 class JudgeSettings:
+    """The ``judge`` section: the client's settings (defaults: ``ClientConfig``'s) and the request store's."""
+
     model: str
-    base_url: str = "https://api.openai.com/v1"
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = 120.0
-    max_retries: int = 6
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    max_retry_after_s: float = 60.0
-    concurrency: int = 4
+    base_url: str = ClientConfig.base_url
+    api_key_env: str = ClientConfig.api_key_env
+    timeout_s: float = ClientConfig.timeout_s
+    max_retries: int = ClientConfig.max_retries
+    backoff_initial_s: float = ClientConfig.backoff_initial_s
+    backoff_max_s: float = ClientConfig.backoff_max_s
+    max_retry_after_s: float = ClientConfig.max_retry_after_s
+    concurrency: int = ClientConfig.concurrency
     store: str | None = None
     retry_failed: bool = True
     max_usd: float | None = None
@@ -676,8 +678,8 @@ def _columns(cfg: EvalConfig) -> list[str]:
 
 
 def _judge_client(cfg: EvalConfig):
-    from tuna_jax.feedback.client import ClientConfig, OpenAIClient
-    from tuna_jax.feedback.store import Budget, Prices, Store
+    from tuna_jax.llm_api.client import OpenAIClient
+    from tuna_jax.llm_api.store import Budget, Prices, Store
 
     j = cfg.judge
     ccfg = ClientConfig(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, timeout_s=j.timeout_s,
@@ -785,7 +787,7 @@ def _vicuna_baseline(cfg: EvalConfig, rows: dict) -> tuple[str, str]:
 def _reviews(cfg: EvalConfig, data: _Data, rows: dict, notes: list, progress: bool) -> int:
     """Runs the configured reviews model by model; fills the rows' vicuna / alpaca_eval cells. A budget stop
     or a fatal endpoint error ends the reviews (noted in the table, status 2); failed items give status 1."""
-    from tuna_jax.feedback.store import BudgetExceeded, FatalRunError
+    from tuna_jax.llm_api.store import BudgetExceeded, FatalRunError
 
     client, store = _judge_client(cfg)
     planned = []  # (benchmark, model, output stem, review function)
@@ -843,81 +845,3 @@ def _reviews(cfg: EvalConfig, data: _Data, rows: dict, notes: list, progress: bo
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-# ================================================================================================ CLI
-def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.description = ("Generate with each configured model, score Super-NI / LMentry, review Vicuna QA / "
-                          "AlpacaEval with a judge LLM, and write the table (Markdown + JSON) and a chart (PNG). "
-                          "Predictions and judge replies are cached in the output folder: a rerun only does what "
-                          "is missing. See configs/eval_example.yaml.")
-    parser.add_argument("config", help="eval config (YAML)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="section.key=value, e.g. generation.max_new_tokens=64 output_dir=runs/x")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
-
-
-def run_config(args: argparse.Namespace) -> int:
-    """``tuna-jax eval run CONFIG`` (= ``tuna-jax eval CONFIG.yaml``)."""
-    cfg = load_eval_config(args.config, getattr(args, "overrides", ()) or ())
-    table, paths, status = run_eval(cfg, progress=not getattr(args, "no_progress", False))
-    print(report_mod.to_markdown(table))
-    print("wrote " + ", ".join(paths.values()), file=sys.stderr)
-    return status
-
-
-class _Subcommands(argparse._SubParsersAction):
-    """Sub-commands of ``tuna-jax eval``, where a YAML path in the sub-command's place means ``run`` it:
-    ``tuna-jax eval CONFIG.yaml`` is ``tuna-jax eval run CONFIG.yaml``."""
-
-    class _Choices(dict):
-        def __contains__(self, key):
-            return dict.__contains__(self, key) or _is_config_path(key)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._name_parser_map = self._Choices()
-        self.choices = self._name_parser_map
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if values and not dict.__contains__(self._name_parser_map, values[0]):
-            values = ["run", *values]
-        super().__call__(parser, namespace, values, option_string)
-
-
-def _is_config_path(s: Any) -> bool:
-    return isinstance(s, str) and s.endswith((".yaml", ".yml"))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``tuna-jax eval`` parser: ``run`` (the driver; also ``eval CONFIG.yaml``) and the scorers."""
-    parser.description = ("Evaluate: `tuna-jax eval CONFIG.yaml` (= `eval run CONFIG.yaml`) runs the whole "
-                          "evaluation; the other sub-commands score or review files made elsewhere.")
-    sub = parser.add_subparsers(dest="eval_command", required=True, action=_Subcommands,
-                                metavar="{run,superni,lmentry,vicuna,alpaca-eval} | CONFIG.yaml")
-    r = sub.add_parser("run", help="the full evaluation from a YAML config (table + chart)")
-    add_run_arguments(r)
-    r.set_defaults(eval_func=run_config)
-    s = sub.add_parser("superni", help="Super-NI ROUGE-L of a predictions file",
-                       description="Super-NaturalInstructions ROUGE-L of a predictions file; prints the JSON "
-                                   '{"overall", "per_task", ...}.')
-    superni_mod.add_arguments(s)
-    s.set_defaults(eval_func=superni_mod.run)
-    m = sub.add_parser("lmentry", help="LMentry score of a predictions file",
-                       description="LMentry accuracy, robustness and score of a predictions file; prints the JSON "
-                                   '{"overall", "per_task", ...}.')
-    lmentry_mod.add_arguments(m)
-    m.set_defaults(eval_func=lmentry_mod.run)
-    v = sub.add_parser("vicuna", help="Vicuna QA pairwise review of two answer files (judge LLM)")
-    vicuna_mod.add_arguments(v)
-    v.set_defaults(eval_func=vicuna_mod.run)
-    a = sub.add_parser("alpaca-eval", help="AlpacaEval-style win rate of an outputs file (judge LLM)")
-    vicuna_mod.add_alpaca_eval_arguments(a)
-    a.set_defaults(eval_func=vicuna_mod.run_alpaca_eval)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    """``tuna-jax eval ...``: runs the sub-command that ``add_arguments`` parsed."""
-    return int(args.eval_func(args) or 0)

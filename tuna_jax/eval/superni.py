@@ -1,4 +1,5 @@
-"""Super-NaturalInstructions (Super-NI) evaluation: prompts, ROUGE-L / exact match, and the CLI.
+"""Super-NaturalInstructions (Super-NI) evaluation: prompts, ROUGE-L / exact match (the command:
+``tuna-jax eval superni``, ``commands/eval.py``).
 
 What it reproduces, and from where (both sources are Apache-2.0; nothing here is a verbatim copy):
 
@@ -18,7 +19,7 @@ What it reproduces, and from where (both sources are Apache-2.0; nothing here is
       Definition: D<.>\\n\\n
        Positive Example 1 -\\nInput: a_1<.>\\n Output: b_1<.>\\n\\n        (2-shot only)
        Positive Example 2 -\\nInput: a_2<.>\\n Output: b_2<.>\\n\\n        (2-shot only)
-      Now complete the following example -\\nInput: x<.>\\nOutput: 
+      Now complete the following example -\\nInput: x<.>\\nOutput:
 
   Note the leading space before "Positive Example" and before "Output:" inside examples, and the
   trailing space after the final "Output:" -- all as in the collator. The collator also drops a
@@ -57,7 +58,6 @@ Deviations, all without effect on the numbers:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -67,19 +67,18 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from tuna_jax.eval.common import check_unique, emit_json, read_predictions_jsonl, warn
+from tuna_jax.eval.common import warn
 from tuna_jax.io import paths
-from tuna_jax.io.cli import cli_main
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.jsonl import iter_jsonl, read_json, read_text
 
-DEFAULT_NUM_INSTANCES = 100  # first 100 instances per test task, as the benchmark evaluates
-DEFAULT_SPLIT = "default"    # the English track; "xlingual" is the cross-lingual one
+DEFAULT_NUM_INSTANCES = 100  # first 100 Super-NI instances per test task, as the benchmark evaluates
+DEFAULT_SPLIT = "default"    # the English Super-NI track; "xlingual" is the cross-lingual one
 
 __all__ = [
     "DEFAULT_NUM_INSTANCES", "ReferenceRecord", "TaskData", "EvalInstance", "SuperNISource",
     "build_prompt", "load_source", "iter_eval_instances", "normalize_answer", "exact_match",
-    "RougeL", "rouge_l", "compute_metrics", "score_predictions", "add_arguments", "run", "main",
+    "RougeL", "rouge_l", "compute_metrics", "score_predictions",
 ]
 
 
@@ -673,58 +672,3 @@ def score_predictions(predictions: Mapping[str, str], references_source: Any, *,
         "metric": "rougeL (rouge_score, stemmed; max over references; x100)",
         "notes": list(src.notes),
     }
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI: tuna-jax eval superni --predictions PRED.jsonl --tasks PATH [--out OUT.json]
-# --------------------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--predictions", required=True, metavar="PRED.jsonl",
-                        help='JSON Lines, one {"id": ..., "prediction": ...} per instance')
-    parser.add_argument("--tasks", required=True, metavar="PATH",
-                        help="a natural-instructions checkout (tasks/*.json + splits/default/"
-                             "test_tasks.txt), or a folder / .jsonl in the layout of shared/data/superni")
-    parser.add_argument("--out", metavar="OUT.json", help="also write the JSON result here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--missing", choices=("skip", "zero"), default="skip",
-                        help="instances without a prediction: leave out of the means (default, counted "
-                             "and reported) or score as an empty answer (the official script's choice)")
-    parser.add_argument("--num-instances", type=int, default=DEFAULT_NUM_INSTANCES,
-                        help="instances per task when references come from task files (default 100)")
-    parser.add_argument("--track", default=DEFAULT_SPLIT, choices=("default", "xlingual"),
-                        help="benchmark track (default: the English one)")
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    """Scores a predictions file, prints the JSON, writes ``--out``; bad input raises InputError."""
-    records = read_predictions_jsonl(args.predictions)
-    predictions = {r.id: r.prediction for r in check_unique(records).values()}
-    # getattr: callers may build the Namespace themselves with only the required fields
-    missing = getattr(args, "missing", "skip")
-    track = getattr(args, "track", DEFAULT_SPLIT)
-    source = load_source(args.tasks, num_instances=getattr(args, "num_instances", DEFAULT_NUM_INSTANCES),
-                         track=track)
-    result = score_predictions(predictions, source, missing=missing, track=track,
-                               progress=not getattr(args, "no_progress", True))
-    result["predictions_file"] = os.fspath(args.predictions)
-    result["tasks_source"] = source.path
-    if result["missing"]:
-        how = "left out of the means" if missing == "skip" else "scored as empty answers"
-        warn(f"{result['missing']} of {result['num_references']} instances have no prediction "
-             f"({how}); tasks affected: {len(result['missing_per_task'])}")
-    if result["unknown"]:
-        warn(f"{result['unknown']} predictions have ids that are not in the reference set "
-             f"(not scored), e.g. {result['unknown_ids'][:3]}")
-    emit_json(result, getattr(args, "out", None))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli_main("tuna-jax eval superni", add_arguments, run, argv,
-                    description="Super-NaturalInstructions ROUGE-L of a predictions file")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

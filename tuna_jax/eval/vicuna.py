@@ -57,12 +57,11 @@ AlpacaEval (tatsu-lab/alpaca_eval, annotator ``alpaca_eval_gpt4``)
   with its standard error (of the per-instruction 1 / 0.5 / 0 scores). alpaca_eval itself judges one
   random order per instruction; both orders cost twice as much and remove the position bias.
 
-Everything is cached in the store (``tuna_jax.feedback.store``): a rerun with the same store makes no
+Everything is cached in the store (``tuna_jax.llm_api.store``): a rerun with the same store makes no
 request that already succeeded, and writes the same files.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import hashlib
@@ -70,22 +69,21 @@ import logging
 import math
 import os
 import re
-import sys
 from typing import Any, Callable, Mapping, Sequence
 
-from tuna_jax.eval.common import emit_json, warn
-from tuna_jax.feedback.client import (APIError, OpenAIClient, add_client_arguments, client_config_from_args,
-                                      store_from_args)
-from tuna_jax.feedback.ask import ask_parsed
-from tuna_jax.feedback.replies import ReplyError
-from tuna_jax.feedback.store import BudgetExceeded, FatalRunError
+from tuna_jax.eval.common import warn
 from tuna_jax.io import paths
-from tuna_jax.io.cli import report_stop
 from tuna_jax.io.errors import InputError
 from tuna_jax.io.items import ItemOutcome, RunSummary, run_items
 from tuna_jax.io.jsonl import dumps, iter_jsonl, read_json, read_records, read_text
+from tuna_jax.llm_api.ask import ask_parsed
+from tuna_jax.llm_api.client import APIError, OpenAIClient
+from tuna_jax.llm_api.replies import ReplyError
+from tuna_jax.llm_api.store import BudgetExceeded, FatalRunError
 
 logger = logging.getLogger("tuna_jax.eval")
+
+ORDERS = ("one", "both")  # Vicuna QA: the paper's protocol (model as Assistant 1) | both orders, agreement or tie
 
 __all__ = [
     "Question", "Answer", "ReviewPrompt", "Reviewer", "VicunaData", "read_questions", "read_answers",
@@ -93,12 +91,10 @@ __all__ = [
     "write_answers", "ScoreParseError", "parse_score_pair", "build_review_messages", "combine_orders", "outcome",
     "ORDERS",
     "ReviewConfig", "review_vicuna", "AlpacaEvalTemplate", "load_alpaca_eval_template",
-    "parse_alpaca_eval_ranking", "read_alpaca_eval_outputs", "review_alpaca_eval", "add_arguments", "run",
-    "add_alpaca_eval_arguments", "run_alpaca_eval",
+    "parse_alpaca_eval_ranking", "read_alpaca_eval_outputs", "review_alpaca_eval",
 ]
 
 MODEL_FIRST, BASELINE_FIRST = "model_first", "baseline_first"
-ORDERS = ("one", "both")  # the paper's protocol (model as Assistant 1) | both orders, agreement or tie
 MAX_SCORE = 10.0
 
 
@@ -637,121 +633,3 @@ def review_alpaca_eval(outputs: str | os.PathLike | Sequence[Mapping[str, Any]],
                       {"benchmark": "alpaca_eval", "model": model_name, "baseline": reference_name,
                        "judge": client.config.model, "orders": "both", "annotator": "alpaca_eval_gpt4 (both orders)",
                        "num_instructions": len(refs)})
-
-
-# ================================================================================================ CLI
-def _stem(out: str) -> str:
-    """OUT.json -> OUT: the reviews and the store are written beside the summary."""
-    return out[:-5] if out.endswith(".json") else out
-
-
-def _review_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    r = parser.add_argument_group("review")
-    r.add_argument("--out", required=True, metavar="OUT.json",
-                   help="summary JSON; per-item reviews go to OUT.reviews.jsonl (failures to "
-                        "OUT.reviews.jsonl.failed.jsonl), the request cache to OUT.store.jsonl unless --store "
-                        "(OUT = the path without .json)")
-    r.add_argument("--orders", choices=ORDERS, default="one",
-                   help="Vicuna QA: 'one' = the paper's protocol (the model as Assistant 1, win/tie/lose by the two "
-                        "scores); 'both' = not the paper's: both orders, a win or loss only when they agree, else "
-                        "a tie (twice the requests). AlpacaEval always judges both orders (default: one)")
-    r.add_argument("--max-parse-retries", type=int, default=2,
-                   help="new requests for a reply without a verdict before the item counts as failed")
-    r.add_argument("--temperature", type=float, default=None, help="judge temperature (default: the prompt's)")
-    r.add_argument("--max-tokens", type=int, default=None, help="longest judge reply (default: the prompt's)")
-    r.add_argument("--limit", type=int, default=None, help="only the first LIMIT questions / instructions")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_client_arguments(parser)
-
-
-def _review_config(args) -> ReviewConfig:
-    return ReviewConfig(orders=args.orders, max_parse_retries=args.max_parse_retries, temperature=args.temperature,
-                        max_tokens=args.max_tokens, concurrency=args.concurrency, limit=args.limit,
-                        progress=not args.no_progress)
-
-
-def _finish(result: dict, args, what: str) -> int:
-    emit_json(result, args.out)
-    if result["failed"]:
-        warn(f"{what}: {result['failed']} item(s) failed (no parseable verdict or a failed request); they are "
-             f"listed with the judge's replies in {result['failed_file']} and are not in win/lose/tie")
-    return 1 if result["failed"] else 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``tuna-jax eval vicuna``: review two FastChat answer files."""
-    parser.description = ("Vicuna QA pairwise review: a judge LLM (the published GPT-4 review prompts) compares "
-                          "the model's answers with a baseline's. --orders one (default; the paper's protocol): the "
-                          "model as Assistant 1, win/tie/lose by the two scores; --orders both (not the paper's): "
-                          "both orders, a win or loss only when they agree, else a tie. Reports counts and "
-                          "percentages. Requests are cached: rerunning the same command makes no new request.")
-    parser.add_argument("--answers", required=True, metavar="ANSWERS.jsonl",
-                        help="the model's answers {question_id, text, ...} (FastChat format)")
-    parser.add_argument("--baseline", required=True, metavar="BASELINE.jsonl", help="the baseline's answers")
-    parser.add_argument("--data", metavar="DIR", help="folder with question.jsonl, prompt.jsonl, reviewer.jsonl")
-    parser.add_argument("--questions", help="question.jsonl (default: DIR/question.jsonl)")
-    parser.add_argument("--prompts", help="prompt.jsonl (default: DIR/prompt.jsonl)")
-    parser.add_argument("--reviewers", help="reviewer.jsonl (default: DIR/reviewer.jsonl)")
-    parser.add_argument("--model-name", default=None, help="name in the summary (default: the answers' model_id)")
-    parser.add_argument("--baseline-name", default=None, help="name in the summary (default: its model_id)")
-    _review_cli_arguments(parser)
-    return parser
-
-
-def _model_id(path: str, given: str | None) -> str:
-    if given:
-        return given
-    ids = {a.model_id for a in read_answers(path).values() if a.model_id}
-    return ids.pop() if len(ids) == 1 else os.path.splitext(os.path.basename(path))[0]
-
-
-def run(args: argparse.Namespace) -> int:
-    """0: reviewed; 1: some questions failed (listed); 2: stopped by the budget or a fatal endpoint error."""
-    data = load_vicuna_data(args.data, questions=args.questions, prompts=args.prompts, reviewers=args.reviewers)
-    stem = _stem(args.out)
-    client = OpenAIClient(client_config_from_args(args))  # checks --base-url before the store file is created
-    with store_from_args(args, stem) as store:
-        client.store = store
-        try:
-            result = review_vicuna(args.answers, args.baseline, stem + ".reviews.jsonl", client, data,
-                                   _review_config(args),
-                                   model_name=_model_id(args.answers, args.model_name),
-                                   baseline_name=_model_id(args.baseline, args.baseline_name))
-        except (BudgetExceeded, FatalRunError) as e:
-            return report_stop("eval vicuna", e, store)
-        print(f"eval vicuna: {store.summary()}", file=sys.stderr)
-    return _finish(result, args, "eval vicuna")
-
-
-def add_alpaca_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``tuna-jax eval alpaca-eval``: win rate of an outputs file against the reference outputs."""
-    parser.description = ("AlpacaEval-style win rate: a judge LLM (the alpaca_eval_gpt4 annotator prompt) ranks "
-                          "the model's output against the reference output (text-davinci-003), in both orders; "
-                          "win rate = wins + ties/2 over judged instructions. Requests are cached.")
-    parser.add_argument("--outputs", required=True, metavar="OUTPUTS.json",
-                        help="the model's outputs: JSON list of {instruction, output, generator?}")
-    parser.add_argument("--reference", required=True, metavar="REFERENCE.json",
-                        help="reference outputs, e.g. alpaca_eval/model_outputs_text_davinci_003.json")
-    parser.add_argument("--prompt-template", required=True, metavar="alpaca_eval.txt",
-                        help="annotator prompt, e.g. alpaca_eval/judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt")
-    parser.add_argument("--model-name", default=None, help="name in the summary (default: the outputs' generator)")
-    _review_cli_arguments(parser)
-    return parser
-
-
-def run_alpaca_eval(args: argparse.Namespace) -> int:
-    template = load_alpaca_eval_template(args.prompt_template)
-    outs = read_alpaca_eval_outputs(args.outputs)
-    name = args.model_name or (str(outs[0].get("generator")) if outs and outs[0].get("generator") else "model")
-    stem = _stem(args.out)
-    client = OpenAIClient(client_config_from_args(args))  # checks --base-url before the store file is created
-    with store_from_args(args, stem) as store:
-        client.store = store
-        try:
-            result = review_alpaca_eval(outs, args.reference, stem + ".reviews.jsonl", client, template,
-                                        _review_config(args),
-                                        model_name=name)
-        except (BudgetExceeded, FatalRunError) as e:
-            return report_stop("eval alpaca-eval", e, store)
-        print(f"eval alpaca-eval: {store.summary()}", file=sys.stderr)
-    return _finish(result, args, "eval alpaca-eval")

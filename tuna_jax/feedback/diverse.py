@@ -1,7 +1,7 @@
 """Contextual-ranking candidates: N diverse samples per instruction from the model being tuned
 (``tuna-jax sample-diverse MODEL INPUT OUT``), ready for ``tuna-jax judge``.
 
-Two resampling modes (``DiverseConfig.mode`` / ``--mode``); both start and end the same way:
+Two resampling modes (``DiverseSettings.mode`` / ``--mode``); both start and end the same way:
 
 * trial 1 samples N responses at ``temperature`` (1.0);
 * a set is accepted when every pair has ROUGE-L F < ``tau`` (0.8; rouge_score ``rougeL``, stemmer on);
@@ -36,9 +36,9 @@ kept, so the student later scores exactly the tokens it generated). Empty respon
 (``empty_candidates``): a ranking record cannot train on them, so the judge output's reader will report them.
 
 Randomness: trial t of the item with id I samples (the whole set, or its removed slots) with the sampler's
-``rng_id = sha256(I, t)``, so every trial draws fresh noise (the same noise at a slightly higher temperature would mostly give the same
-samples) and a sample depends on (seed, id, trial, prompt) only. A resumed run therefore writes what an
-uninterrupted one would.
+``rng_id = sha256(I, t)``, so every trial draws fresh noise (the same noise at a slightly higher temperature
+would mostly give the same samples) and a sample depends on (seed, id, trial, prompt) only. A resumed run
+therefore writes what an uninterrupted one would.
 
 Resume: lines already in OUT (by id) are skipped; a torn last line (a killed write) is cut off and
 regenerated; OUT.params.json records the settings and resuming with different ones is an error (the file
@@ -49,7 +49,6 @@ and runs with the real sampler through :func:`sampler_fn`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -60,31 +59,26 @@ import sys
 from typing import Any, Callable, Sequence
 
 from tuna_jax.io.errors import InputError
+from tuna_jax.io.fields import arg
 from tuna_jax.io.jsonl import check_settings, dumps, read_out_lines, write_json
 from tuna_jax.io.lock import OutputLock
 
-logger = logging.getLogger("tuna_jax.feedback")
-
-#: sample_fn(prompts, n, temperature, rng_ids) -> texts [len(prompts)][n]. ``prompts`` are full Alpaca prompts;
-#: ``rng_ids`` [len(prompts)] ints in [0, 2**31) name each prompt's random stream (see the module docstring).
-SampleFn = Callable[[Sequence[str], int, float, Sequence[int]], list]
-
-
 MODES = ("similar", "set")  # resample the too-similar responses (the paper) | the whole set (the reference code)
+DIVERSITY = "diversity (the paper's settings by default)"
 
 
-@dataclasses.dataclass(frozen=True)
-class DiverseConfig:
-    """n: samples per instruction (paper: 4); tau: a pair with ROUGE-L F >= tau is too similar (0.8);
-    temperature: of trial 1 (1.0); temperature_step: added per retry (0.1); max_trials: trials in all (3);
-    mode: what a retry resamples, "similar" (the paper) or "set" (the reference code; module docstring)."""
+@dataclasses.dataclass(kw_only=True)
+class DiverseSettings:
+    """The procedure (the module docstring; the flags of `tuna-jax sample-diverse`); checked when made."""
 
-    n: int = 4
-    tau: float = 0.8
-    temperature: float = 1.0
-    temperature_step: float = 0.1
-    max_trials: int = 3
-    mode: str = "similar"
+    n: int = arg(4, "samples per instruction", group=DIVERSITY)
+    tau: float = arg(0.8, "a pair with ROUGE-L F >= tau is too similar", group=DIVERSITY)
+    temperature: float = arg(1.0, "temperature of the first trial", group=DIVERSITY)
+    temperature_step: float = arg(0.1, "added to the temperature on each retry", group=DIVERSITY)
+    max_trials: int = arg(3, "trials in all, the first included", group=DIVERSITY)
+    mode: str = arg("similar", "what a retry resamples: 'similar' = only the responses too similar to an earlier "
+                    "one (the paper's description), 'set' = the whole set (what the reference code does)",
+                    choices=MODES, group=DIVERSITY)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -103,6 +97,13 @@ class DiverseConfig:
     def temperature_of(self, trial: int) -> float:
         """Temperature of 0-based ``trial``; rounded so 1.0 + 2 * 0.1 is 1.2, not 1.2000000000000002."""
         return round(self.temperature + trial * self.temperature_step, 10)
+
+
+logger = logging.getLogger("tuna_jax.feedback")
+
+#: sample_fn(prompts, n, temperature, rng_ids) -> texts [len(prompts)][n]. ``prompts`` are full Alpaca prompts;
+#: ``rng_ids`` [len(prompts)] ints in [0, 2**31) name each prompt's random stream (see the module docstring).
+SampleFn = Callable[[Sequence[str], int, float, Sequence[int]], list]
 
 
 # ---------------------------------------------------------------------------- similarity
@@ -226,7 +227,7 @@ def _sample(sample_fn: SampleFn, items: Sequence[DiverseItem], n: int, temp: flo
     return texts
 
 
-def diversify(items: Sequence[DiverseItem], sample_fn: SampleFn, cfg: DiverseConfig,
+def diversify(items: Sequence[DiverseItem], sample_fn: SampleFn, cfg: DiverseSettings,
               sim: PairwiseRougeL | None = None) -> list[dict]:
     """The procedure for a group of items (sampled together: one call per trial, and in ``similar`` mode one
     per number of slots to refill): records in item order."""
@@ -316,7 +317,7 @@ def _read_done(out_path: str, items: Sequence[DiverseItem]) -> dict[str, dict]:
     return done
 
 
-def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg: DiverseConfig = DiverseConfig(),
+def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg: DiverseSettings = DiverseSettings(),
                         *, settings: dict | None = None, items_per_call: int = 16, limit: int | None = None,
                         progress: bool = True, check_prompt: Callable[[str, str], None] | None = None,
                         items: list[DiverseItem] | None = None, lock: bool = True) -> DiverseReport:
@@ -340,7 +341,8 @@ def sample_diverse_file(input_path: str, out_path: str, sample_fn: SampleFn, cfg
     # One run per OUT: a second one would sample and append the same instructions again. ``lock=False``
     # on the processes of a multi-host run other than the first (they share OUT on a shared filesystem).
     with OutputLock(out_path) if lock else contextlib.nullcontext():
-        check_settings(out_path, {**dataclasses.asdict(cfg), **(settings or {})})
+        procedure = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DiverseSettings)}  # cfg may be a Config
+        check_settings(out_path, {**procedure, **(settings or {})})
         done = _read_done(out_path, items)
         todo = [it for it in items if json.dumps(it.id) not in done]
         if done:
@@ -383,52 +385,11 @@ def sampler_fn(sampler, max_new_tokens: int = 256, top_p: float = 1.0, top_k: in
     return sample
 
 
-# ---------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``tuna-jax sample-diverse MODEL INPUT OUT``."""
-    parser.description = (
-        "Contextual ranking candidates (Tuna_c): N samples per instruction from MODEL; while some pair has ROUGE-L "
-        "F >= tau, sample again 0.1 hotter -- only the too-similar responses (--mode similar, the paper's "
-        "description) or the whole set (--mode set, the reference code) -- up to 3 trials, else keep the least "
-        "similar set. Output lines {id, instruction, input, output?, candidates, diversity} are the input of "
-        "`tuna-jax judge`. A rerun skips instructions already in OUT.")
-    parser.add_argument("model", help="HF folder or tuna-jax params checkpoint (the model being tuned)")
-    parser.add_argument("input", help="Alpaca-format instructions: JSON list or JSONL of {id?, instruction, input?, "
-                        "output?}")
-    parser.add_argument("out", help="output JSONL (appended to; a rerun resumes)")
-    d = parser.add_argument_group("diversity (the paper's settings by default)")
-    d.add_argument("--n", type=int, default=4, help="samples per instruction (default: %(default)s)")
-    d.add_argument("--tau", type=float, default=0.8,
-                   help="a pair with ROUGE-L F >= tau is too similar (default: %(default)s)")
-    d.add_argument("--temperature", type=float, default=1.0, help="temperature of the first trial (default: %(default)s)")
-    d.add_argument("--temperature-step", type=float, default=0.1,
-                   help="added to the temperature on each retry (default: %(default)s)")
-    d.add_argument("--max-trials", type=int, default=3, help="trials in all, the first included (default: %(default)s)")
-    d.add_argument("--mode", choices=MODES, default="similar",
-                   help="what a retry resamples: 'similar' = only the responses too similar to an earlier one (the "
-                        "paper's description), 'set' = the whole set (what the reference code does) "
-                        "(default: %(default)s)")
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="longest response in tokens (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=8, help="rows (instruction x sample) per device call")
-    g.add_argument("--items-per-call", type=int, default=None,
-                   help="instructions sampled together and written per flush (default: 4 x batch-size / n)")
-    g.add_argument("--max-prompt-len", type=int, default=None, help="longest prompt in tokens (longer: error)")
-    g.add_argument("--tokenizer", help="tokenizer folder or tokenizer.model (default: the model's)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    g.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                   help="device mesh sizes, one may be -1 (default: all devices on fsdp)")
-    g.add_argument("--limit", type=int, default=None, help="only the first LIMIT instructions")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_diverse(model_path: str, input_path: str, out_path: str, cfg: DiverseConfig = DiverseConfig(), *,
+def run_diverse(model_path: str, input_path: str, out_path: str, cfg: DiverseSettings = DiverseSettings(), *,
                 tokenizer: str | None = None, max_new_tokens: int = 256, top_p: float = 1.0, top_k: int = 0,
-                seed: int = 0, batch_size: int = 8, max_prompt_len: int | None = None, items_per_call: int | None = None,
-                mesh=None, dtype: str = "float32", limit: int | None = None, progress: bool = True) -> DiverseReport:
+                seed: int = 0, batch_size: int = 8, max_prompt_len: int | None = None,
+                items_per_call: int | None = None, mesh=None, dtype: str = "float32", limit: int | None = None,
+                progress: bool = True) -> DiverseReport:
     """Load ``model_path`` (HF folder or params checkpoint) and its tokenizer (or ``tokenizer``), run the
     procedure over ``input_path`` into ``out_path`` (resuming), write OUT.report.json; returns the report
     (``str(report)`` is its one-line summary). mesh: None = one device."""
@@ -460,26 +421,6 @@ def run_diverse(model_path: str, input_path: str, out_path: str, cfg: DiverseCon
     if main:
         write_json(out_path + ".report.json", report.to_json(), indent=1)
     return report
-
-
-def run(args) -> int:
-    """``tuna-jax sample-diverse``: sample, write, report (also to OUT.report.json)."""
-    from tuna_jax import parallel
-
-    cfg = DiverseConfig(n=args.n, tau=args.tau, temperature=args.temperature,
-                        temperature_step=args.temperature_step, max_trials=args.max_trials, mode=args.mode)
-    parallel.initialize_distributed()
-    mesh = parallel.make_mesh(args.mesh)
-    report = run_diverse(args.model, args.input, args.out, cfg, tokenizer=args.tokenizer,
-                         max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                         batch_size=args.batch_size, max_prompt_len=args.max_prompt_len,
-                         items_per_call=args.items_per_call, mesh=mesh, dtype=args.dtype, limit=args.limit,
-                         progress=not args.no_progress)
-    print(f"sample-diverse: {report.line()}", file=sys.stderr)
-    if report.empty_candidates:
-        print(f"sample-diverse: {report.empty_candidates} empty candidate(s) kept: ranking records cannot train on "
-              f"them (the records reader reports them)", file=sys.stderr)
-    return 0
 
 
 def jax_main_process() -> bool:

@@ -1,9 +1,9 @@
 """Contextual ranking data: a judge ranks N candidate responses per instruction.
 
-(a) LLM judge (``kind="llm"``): an OpenAI-compatible chat model is shown the Alpaca prompt and the N
+(a) LLM judge (``--kind llm``): an OpenAI-compatible chat model is shown the Alpaca prompt and the N
     candidates as "###Response 0..N-1" with the Tuna contextual ranking prompt, and replies with
     per-response scores, its own best response ("###Response N"), and ``rank: [...]``.
-(b) Metric judge (``kind="metric"``): ROUGE-L F (rouge_score ``rougeL``, stemmer on) or exact match of
+(b) Metric judge (``--kind metric``): ROUGE-L F (rouge_score ``rougeL``, stemmer on) or exact match of
     each candidate against a reference answer (the record's original ``output`` by default), for offline
     runs without an LLM.
 
@@ -47,27 +47,47 @@ Records (JSONL, the native ranking format of tuna_jax.data.records), candidates 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import logging
 import math
 import random
 import re
-import sys
 from typing import Any, Sequence
 
 from tuna_jax.data.records import identical_pairs, normalise_response
 from tuna_jax.data.rows import CandidateRow, read_candidates
 from tuna_jax.data.templates import format_prompt
-
-from tuna_jax.io.cli import cli_main, report_run
+from tuna_jax.io.fields import arg
 from tuna_jax.io.items import ItemOutcome, RunSummary, run_items
+from tuna_jax.llm_api.ask import ask_parsed
+from tuna_jax.llm_api.client import APIError, OpenAIClient
+from tuna_jax.llm_api.replies import ReplyError
+from tuna_jax.llm_api.store import BudgetExceeded, FatalRunError
 
-from .client import APIError, OpenAIClient, add_client_arguments, client_config_from_args, store_from_args
-from .ask import ask_parsed
-from .replies import ReplyError
-from .store import BudgetExceeded, FatalRunError
+JUDGE = "judge"
+
+
+@dataclasses.dataclass(kw_only=True)
+class JudgeSettings:
+    """How candidates are judged (the flags of `tuna-jax judge`). ``judge`` is ``--kind`` on the command line
+    (a pipeline stage's ``kind`` is the stage kind)."""
+
+    judge: str = arg("llm", "an LLM judge over an OpenAI-compatible chat endpoint, or an offline metric",
+                     flags=("--kind",), choices=("llm", "metric"), group=JUDGE)
+    temperature: float = arg(0.0, "judge sampling temperature (the reference code used 1.0)", group=JUDGE)
+    max_tokens: int = arg(2048, "longest judge reply in tokens", group=JUDGE)
+    orders: int = arg(1, "presentation orders per record, aggregated by Borda count; 1 = the paper (no shuffling)",
+                      group=JUDGE)
+    seed: int = arg(0, "seed of the shuffled orders", group=JUDGE)
+    max_parse_retries: int = arg(2, "new requests for a reply whose rank does not parse, before the record is "
+                                 "failed", group=JUDGE)
+    no_system_prompt: bool = arg(False, "send no system message (default: 'You are a professional and experienced "
+                                 "data annotator.', as the reference)", group=JUDGE)
+    metric: str = arg("rougeL", "metric judge: ROUGE-L F (stemmer on) or exact match", choices=("rougeL", "exact"),
+                      group=JUDGE)
+    reference_field: str = arg("output", "metric judge: the record field with the reference answer", group=JUDGE)
+
 
 logger = logging.getLogger("tuna_jax.feedback")
 
@@ -309,25 +329,6 @@ def borda(rankings: Sequence[Sequence[int]], n: int) -> list[float | None]:
 
 
 # --------------------------------------------------------------------------------------------- judges
-@dataclasses.dataclass
-class JudgeConfig:
-    """kind: "llm" | "metric". LLM: temperature (0: deterministic-ish; the reference used 1.0), max_tokens
-    (reply length; the reference used 2048), orders (K), seed (order shuffling), max_parse_retries (new
-    requests for a reply that does not parse), system_prompt. Metric: metric ("rougeL" | "exact"),
-    reference_field (the record field holding the reference answer)."""
-
-    kind: str = "llm"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 2048
-    orders: int = 1
-    seed: int = 0
-    max_parse_retries: int = 2
-    system_prompt: str | None = PAPER_SYSTEM_PROMPT
-    metric: str = "rougeL"
-    reference_field: str = "output"
-
-
 def _record(item: CandidateRow, scores: Sequence[float | None], judge_meta: dict) -> tuple[dict, list[int]]:
     """Candidates with a score, best first (stable on candidate index); returns (record, dropped indices)."""
     kept = [c for c in range(len(item.candidates)) if scores[c] is not None]
@@ -350,7 +351,7 @@ def _with_identical(rec: dict, counters: dict) -> dict:
 class LLMJudge:
     """The contextual-ranking judge over an OpenAI-compatible chat endpoint (cached and budgeted)."""
 
-    def __init__(self, client: OpenAIClient, config: JudgeConfig):
+    def __init__(self, client: OpenAIClient, config: JudgeSettings):
         self.client = client
         self.config = config
 
@@ -369,8 +370,8 @@ class LLMJudge:
         orders = presentation_orders(n, c.orders, c.seed, item.id)
         per_order = []
         rankings = []  # over positions in ``shown``
-        msgs0 = [{"role": "system", "content": c.system_prompt}] if c.system_prompt else []
-        params = {"temperature": c.temperature, "top_p": c.top_p, "max_tokens": c.max_tokens}
+        msgs0 = [] if c.no_system_prompt else [{"role": "system", "content": PAPER_SYSTEM_PROMPT}]
+        params = {"temperature": c.temperature, "top_p": 1.0, "max_tokens": c.max_tokens}  # top_p: in the cache key
         for perm in orders:
             prompt = build_ranking_prompt(item.instruction, item.input, [item.candidates[shown[p]] for p in perm])
             # A reply whose rank does not parse is stored as unusable and asked again as a new request.
@@ -423,7 +424,7 @@ class LLMJudge:
 class MetricJudge:
     """Scores candidates by ROUGE-L F (rouge_score rougeL, stemmer on) or exact match against a reference."""
 
-    def __init__(self, config: JudgeConfig):
+    def __init__(self, config: JudgeSettings):
         if config.metric not in ("rougeL", "exact"):
             raise ValueError(f"metric must be 'rougeL' or 'exact', got {config.metric!r}")
         self.config = config
@@ -460,79 +461,3 @@ def run_judge(input_path: str, out_path: str, judge: LLMJudge | MetricJudge, *, 
     ``out_path`` (see io.items.run_items)."""
     items = read_candidates(input_path, reference_field, limit) if items is None else items
     return run_items(items, judge.judge, out_path, concurrency=concurrency, desc="judge", progress=progress)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `tuna-jax judge INPUT OUT ...`."""
-    parser.description = (
-        "Contextual ranking data (Tuna_c): rank each record's candidate responses with an LLM judge (the Tuna "
-        "contextual ranking prompt, strict parsing, optional shuffled orders aggregated by Borda count) or "
-        "with a metric against a reference answer, and write ranking records (JSONL, best first). LLM "
-        "requests are cached in an append-only store: rerunning the same command repeats nothing finished.")
-    parser.add_argument("input", help="JSON/JSONL records {id?, instruction, input?, output?, candidates: [str]}")
-    parser.add_argument("out", help="output JSONL of ranking records (failures go to OUT.failed.jsonl)")
-    j = parser.add_argument_group("judge")
-    j.add_argument("--kind", choices=("llm", "metric"), default="llm",
-                   help="an LLM judge over an OpenAI-compatible chat endpoint, or an offline metric")
-    j.add_argument("--temperature", type=float, default=0.0,
-                   help="judge sampling temperature (default: %(default)s; the reference code used 1.0)")
-    j.add_argument("--max-tokens", type=int, default=2048, help="longest judge reply in tokens (default: %(default)s)")
-    j.add_argument("--orders", type=int, default=1,
-                   help="presentation orders per record, aggregated by Borda count; 1 = the paper (no shuffling)")
-    j.add_argument("--seed", type=int, default=0, help="seed of the shuffled orders (default: %(default)s)")
-    j.add_argument("--max-parse-retries", type=int, default=2,
-                   help="new requests for a reply whose rank does not parse, before the record is failed")
-    j.add_argument("--no-system-prompt", action="store_true",
-                   help=f"send no system message (default: {PAPER_SYSTEM_PROMPT!r}, as the reference)")
-    j.add_argument("--metric", choices=("rougeL", "exact"), default="rougeL",
-                   help="metric judge: ROUGE-L F (stemmer on) or exact match (default: %(default)s)")
-    j.add_argument("--reference-field", default="output",
-                   help="metric judge: the record field with the reference answer (default: %(default)s)")
-    j.add_argument("--limit", type=int, default=None, help="only the first LIMIT records")
-    j.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_client_arguments(parser)
-    # The metric judge needs no endpoint: make --model optional there (checked in run()).
-    for a in parser._actions:
-        if a.dest == "model":
-            a.required = False
-            a.help += " (required for --kind llm)"
-
-
-def config_from_args(args) -> JudgeConfig:
-    return JudgeConfig(kind=args.kind, temperature=args.temperature, max_tokens=args.max_tokens, orders=args.orders,
-                       seed=args.seed, max_parse_retries=args.max_parse_retries,
-                       system_prompt=None if args.no_system_prompt else PAPER_SYSTEM_PROMPT, metric=args.metric,
-                       reference_field=args.reference_field)
-
-
-def run(args) -> int:
-    """`tuna-jax judge`: 0 done, 1 some records failed (see OUT.failed.jsonl), 2 stopped (budget or a fatal
-    endpoint error; rerun to continue)."""
-    cfg = config_from_args(args)
-    progress = not args.no_progress
-    if cfg.kind == "llm" and not args.model:
-        raise ValueError("--model is required with --kind llm (the judge endpoint's model name)")
-    items = read_candidates(args.input, cfg.reference_field, args.limit)  # before any store or request
-    if cfg.kind == "metric":
-        summary = run_judge(args.input, args.out, MetricJudge(cfg), concurrency=1, items=items, progress=progress)
-        print(f"judge: {summary.line()}", file=sys.stderr)
-        if summary.failed:
-            print(f"judge: {summary.failed} record(s) failed, listed in {summary.failed_path}", file=sys.stderr)
-        return 1 if summary.failed else 0
-    ccfg = client_config_from_args(args)
-    client = OpenAIClient(ccfg)  # checks --base-url before the store file is created
-    with store_from_args(args, args.out) as store:
-        client.store = store
-        judge = LLMJudge(client, cfg)
-        return report_run("judge", lambda: run_judge(args.input, args.out, judge, concurrency=ccfg.concurrency,
-                                                     items=items, progress=progress),
-                          store, "record(s) failed, listed with the judge's replies in")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli_main("tuna-jax judge", add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

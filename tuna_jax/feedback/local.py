@@ -37,7 +37,7 @@ the model *path*: after changing the weights at that path, use a new store.
 Throughput note: the teacher loop asks for one prompt at a time, so a device call holds N rows (4 by
 default); ``--local-batch-size`` >= N keeps them in one call.
 
-jax is imported inside functions: ``tuna-jax teacher --help`` builds this module's arguments.
+jax is imported inside functions: ``tuna-jax --help`` imports this module (``commands/teacher.py``: RESCORE).
 """
 from __future__ import annotations
 
@@ -45,10 +45,8 @@ import dataclasses
 import hashlib
 from typing import Any, Sequence
 
+from tuna_jax.llm_api.replies import ReplyError
 from tuna_jax.samples import Sample
-
-from .replies import ReplyError
-
 
 RESCORE = ("noncanonical", "always", "never")
 
@@ -88,7 +86,7 @@ class LocalTeacher:
       batch_size: sampler rows per device call; max_prompt_len: longer prompts fail the item.
       dtype: compute dtype when loading (float32 by default: teacher log-probs are compared across samples).
       rescore: "noncanonical" | "always" | "never" (module docstring).
-      store: a ``feedback.store.Store`` caching ``sample`` results (resumable runs), or None.
+      store: a ``llm_api.store.Store`` caching ``sample`` results (resumable runs), or None.
     """
 
     def __init__(self, model_path: str | None = None, *, model=None, tokenizer=None, policy=None, mesh=None,
@@ -141,7 +139,7 @@ class LocalTeacher:
         return ids + [int(token_ids[-1])] if finish_reason == "stop" else ids
 
     def _cache_key(self, prompt: str, n: int) -> str:
-        from .store import content_key
+        from tuna_jax.llm_api.store import content_key
 
         body = {"prompt": prompt, "n": n, "sampling": dataclasses.asdict(self.params), "rescore": self.rescore,
                 "add_bos": self.policy.add_bos, "bos_override": self.policy.bos_override}
@@ -192,7 +190,6 @@ class LocalTeacher:
         ``tuna-jax score``). An empty response gets an empty list (the teacher drops it as empty_response)."""
         prompt_ids = self._prompt_ids(prompt)
         from tuna_jax.data.templates import encode_response
-
         from tuna_jax.scoring import Group
 
         conts, where = [], []

@@ -20,49 +20,44 @@ output); each candidate gets its reward and the row is written as a ranking reco
 cannot be scored (no response tokens) and are dropped and listed; a row with none left goes to
 OUT.failed.jsonl. Prompts too long for ``max_len`` are cut from the left after the BOS, as in training.
 
-jax is imported inside functions: ``tuna-jax --help`` builds this module's parser and must stay instant.
+The command (its flags, ``PRMSettings``) is ``tuna_jax/commands/prm.py``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
 from tuna_jax.io import paths
+from tuna_jax.io.fields import arg
 from tuna_jax.io.jsonl import dumps
 from tuna_jax.io.lock import OutputLock
 
-if TYPE_CHECKING:
-    from tuna_jax.model.reward import ProxyRankingModel
 
+@dataclasses.dataclass(kw_only=True)
+class PRMSettings:
+    """Training settings (the trainer's ``train.mode=prm``, through :func:`train_config`). batch_size: prompts
+    per step (each with up to num_candidates responses); max_len: tokens per sequence (prompt cut from the left to
+    fit); pad_to_multiple: batch length = the batch's longest rounded up to this (0: always max_len, one compiled
+    shape); eval_fraction: held out of the training records when no eval file is given."""
 
-@dataclasses.dataclass
-class PRMConfig:
-    """Training settings. batch_size: prompts per step (each with up to num_candidates responses);
-    max_len: tokens per sequence (prompt cut from the left to fit); pad_to_multiple: batch length = the
-    batch's longest rounded up to this (0: always max_len, one compiled shape); eval_fraction: held out
-    of the training records when no eval file is given."""
-
-    max_len: int = 512
-    num_candidates: int = 4
-    batch_size: int = 8
-    epochs: int = 1
-    max_steps: int | None = None
-    lr: float = 1e-5
-    warmup_steps: int = 2
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    margin: float = 0.1
-    form: str = "paper"
-    seed: int = 0
-    pad_to_multiple: int = 64
-    eval_fraction: float = 0.0
-    on_error: str = "raise"
-    add_bos: bool = True
-    add_eos: bool = True
+    eval_fraction: float = arg(0.0, "held out of train when --eval is not given")
+    max_len: int = arg(512, "tokens per sequence; longer prompts are cut from the left")
+    num_candidates: int = arg(4, "most candidates per record")
+    batch_size: int = arg(8, "prompts per step")
+    epochs: int = arg(1, "passes over the data")
+    max_steps: int | None = arg(None, "stop after this many steps")
+    lr: float = arg(1e-5, "peak learning rate (AdamW)")
+    warmup_steps: int = arg(2, "linear warmup steps")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "global-norm gradient clip (0: off)")
+    margin: float = arg(0.1, "ranking-loss margin m (paper: 0.1)")
+    seed: int = arg(0, "data and head seed")
+    pad_to_multiple: int = arg(64, "batch length rounded up to this (0: always max_len)")
+    schedule: str = arg("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
+    form: str = arg("paper", "ranking loss form, see losses.ranking_loss", choices=("paper", "reference"))
+    on_error: str = arg("raise", "a bad record stops the run, or is skipped and counted", choices=("raise", "skip"))
 
     def __post_init__(self):
         if self.form not in ("paper", "reference"):
@@ -74,11 +69,9 @@ class PRMConfig:
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction={self.eval_fraction}: must be in [0, 1)")
 
-    def optim(self):
-        from tuna_jax.config import OptimConfig
 
-        return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, schedule=self.schedule,
-                           weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+if TYPE_CHECKING:
+    from tuna_jax.model.reward import ProxyRankingModel
 
 
 # ---------------------------------------------------------------------------- training
@@ -92,32 +85,31 @@ class PRMTrainResult:
     prm: "ProxyRankingModel"  # the trained model, as saved in out_dir
 
 
-def train_config(base_model: str | os.PathLike, train_path: str, out_dir: str | os.PathLike, cfg: PRMConfig,
+def train_config(base_model: str | os.PathLike, train_path: str, out_dir: str | os.PathLike, cfg: PRMSettings,
                  *, eval_path: str | None = None, tokenizer: str | None = None, mesh=None, dtype: str = "float32",
                  progress: bool = True, overrides: Sequence[str] = ()):
     """The trainer config (``train.mode=prm``) for these PRM settings; ``overrides`` go on top."""
     from tuna_jax.config import load_config
 
     mesh_spec = None if mesh is None else ",".join(str(mesh.shape[a]) for a in ("data", "fsdp", "tensor"))
-    o = cfg.optim()
     return load_config(None, [
         "train.mode=prm", f"model.path={base_model}", f"model.dtype={dtype}", f"data.train={train_path}",
         f"data.max_len={cfg.max_len}", f"data.num_candidates={cfg.num_candidates}",
         f"data.pad_to_multiple={cfg.pad_to_multiple}", f"data.eval_fraction={cfg.eval_fraction}",
-        f"data.on_error={cfg.on_error}", f"data.add_bos={cfg.add_bos}", f"data.add_eos={cfg.add_eos}",
+        f"data.on_error={cfg.on_error}",
         f"train.output_dir={out_dir}", f"train.epochs={cfg.epochs}", f"train.global_batch={cfg.batch_size}",
         f"train.seed={cfg.seed}", f"train.progress={progress}", "train.tensorboard=false",
-        f"optim.lr={o.lr}", f"optim.warmup_steps={o.warmup_steps}", f"optim.schedule={o.schedule}",
-        f"optim.weight_decay={o.weight_decay}", f"optim.grad_clip={o.grad_clip}",
+        f"optim.lr={cfg.lr}", f"optim.warmup_steps={cfg.warmup_steps}", f"optim.schedule={cfg.schedule}",
+        f"optim.weight_decay={cfg.weight_decay}", f"optim.grad_clip={cfg.grad_clip}",
         f"loss.margin={cfg.margin}", f"loss.form={cfg.form}",
         *([f"train.max_steps={cfg.max_steps}"] if cfg.max_steps else []),
         *([f"data.eval={eval_path}"] if eval_path else []), *([f"model.tokenizer={tokenizer}"] if tokenizer else []),
         *([f"train.mesh={mesh_spec}"] if mesh_spec else []), *overrides])
 
 
-def train_prm(base_model: str | os.PathLike, train_path: str, out_dir: str | os.PathLike, cfg: PRMConfig = PRMConfig(),
-              *, eval_path: str | None = None, tokenizer: str | None = None, mesh=None, dtype: str = "float32",
-              progress: bool = True, resume: bool = False) -> PRMTrainResult:
+def train_prm(base_model: str | os.PathLike, train_path: str, out_dir: str | os.PathLike,
+              cfg: PRMSettings | None = None, *, eval_path: str | None = None, tokenizer: str | None = None,
+              mesh=None, dtype: str = "float32", progress: bool = True, resume: bool = False) -> PRMTrainResult:
     """Train a PRM from ``base_model`` (HF folder or params checkpoint) on the ranking records of
     ``train_path`` with the project's one trainer (``train.mode=prm``: gradient accumulation, exact
     resume, SIGTERM checkpoints, metrics.jsonl), save it to ``out_dir`` and load it back; return the
@@ -125,6 +117,7 @@ def train_prm(base_model: str | os.PathLike, train_path: str, out_dir: str | os.
     from tuna_jax.model.reward import ProxyRankingModel, eval_summary
     from tuna_jax.train import train
 
+    cfg = cfg or PRMSettings()
     res = train(train_config(base_model, train_path, out_dir, cfg, eval_path=eval_path, tokenizer=tokenizer,
                              mesh=mesh, dtype=dtype, progress=progress), resume=resume)
     prm = ProxyRankingModel.load(res.output_dir, mesh, dtype)
@@ -237,100 +230,3 @@ def load_prm(path: str | os.PathLike, mesh=None, dtype: str = "float32") -> "Pro
     from tuna_jax.model.reward import ProxyRankingModel
 
     return ProxyRankingModel.load(path, mesh, dtype)
-
-
-# ---------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``tuna-jax prm train ...`` and ``tuna-jax prm rerank ...`` (sub-commands in ``args.prm_command``)."""
-    parser.description = ("Proxy ranking model: a LLaMA with a scalar head on the EOS hidden state, trained on "
-                          "judge rankings with the Tuna pairwise loss (train), then used to rank candidates of "
-                          "more data (rerank).")
-    sub = parser.add_subparsers(dest="prm_command", metavar="{train,rerank}", required=True)
-    t = sub.add_parser("train", help="train a PRM on ranking records", description=(
-        "Train a PRM from BASE (HF folder or params checkpoint) on ranking records (native, or any format "
-        "`tuna-jax train` reads; higher score = better) and save it to OUT_DIR (backbone/, head.safetensors, "
-        "prm.json, metrics.jsonl). Held-out pair accuracy is logged before and after training."))
-    t.add_argument("base", help="backbone: HF folder or tuna-jax params checkpoint (e.g. the Alpaca model)")
-    t.add_argument("train", help="ranking records JSON/JSONL (e.g. `tuna-jax judge` output)")
-    t.add_argument("out_dir", help="where the PRM is written")
-    t.add_argument("--eval", default=None, help="held-out ranking records (default: --eval-fraction of train)")
-    t.add_argument("--eval-fraction", type=float, default=0.0, help="held out of train when --eval is not given")
-    d = PRMConfig()
-    for name, typ, hlp in (("max_len", int, "tokens per sequence; longer prompts are cut from the left"),
-                           ("num_candidates", int, "most candidates per record"),
-                           ("batch_size", int, "prompts per step"), ("epochs", int, "passes over the data"),
-                           ("max_steps", int, "stop after this many steps"),
-                           ("lr", float, "peak learning rate (AdamW)"), ("warmup_steps", int, "linear warmup steps"),
-                           ("weight_decay", float, "AdamW weight decay"),
-                           ("grad_clip", float, "global-norm gradient clip (0: off)"),
-                           ("margin", float, "ranking-loss margin m (paper: 0.1)"), ("seed", int, "data and head seed"),
-                           ("pad_to_multiple", int, "batch length rounded up to this (0: always max_len)")):
-        t.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
-                       help=f"{hlp} (default: %(default)s)")
-    t.add_argument("--schedule", choices=("cosine", "linear", "constant"), default=d.schedule,
-                   help="learning-rate decay after warmup (default: %(default)s)")
-    t.add_argument("--form", choices=("paper", "reference"), default=d.form,
-                   help="ranking loss form, see losses.ranking_loss (default: %(default)s)")
-    t.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                   help="a bad record stops the run, or is skipped and counted (default: %(default)s)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR's last checkpoint (the trainer's "
-                   "exact resume; the default starts over)")
-    _common(t)
-    r = sub.add_parser("rerank", help="rank candidates with a trained PRM", description=(
-        "Score each candidate of INPUT ({id?, instruction, input?, output?, candidates: [str]}, e.g. "
-        "`tuna-jax sample-diverse` output) with the PRM and write ranking records, candidates best first, "
-        "scores = rewards."))
-    r.add_argument("prm", help="a PRM folder written by `tuna-jax prm train`")
-    r.add_argument("input", help="JSON/JSONL rows with candidates")
-    r.add_argument("out", help="output JSONL of ranking records (unscorable rows go to OUT.failed.jsonl)")
-    r.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: %(default)s)")
-    r.add_argument("--max-len", type=int, default=None, help="tokens per sequence (default: the PRM's training max_len)")
-    r.add_argument("--limit", type=int, default=None, help="only the first LIMIT rows")
-    _common(r)
-
-
-def _common(p) -> None:
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.model (default: the model's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                   help="device mesh sizes, one may be -1 (default: all devices on fsdp)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
-    """``tuna-jax prm train|rerank``: 0 done; 1 (rerank) some rows could not be scored; (train) 3 the loss
-    diverged (nothing saved), 128+N stopped by signal N (checkpoint saved)."""
-    import jax
-
-    from tuna_jax import parallel
-
-    parallel.initialize_distributed()
-    mesh = parallel.make_mesh(args.mesh)
-    if args.prm_command == "train":
-        cfg = PRMConfig(max_len=args.max_len, num_candidates=args.num_candidates, batch_size=args.batch_size,
-                        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps,
-                        schedule=args.schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                        margin=args.margin, form=args.form, seed=args.seed, pad_to_multiple=args.pad_to_multiple,
-                        eval_fraction=args.eval_fraction, on_error=args.on_error)
-        # A stop (SIGTERM: 143, a diverged loss: 3) is one line and its status (io.cli.run_command).
-        res = train_prm(args.base, args.train, args.out_dir, cfg, eval_path=args.eval, tokenizer=args.tokenizer,
-                        mesh=mesh, dtype=args.dtype, progress=not args.no_progress, resume=args.resume)
-        msg = f"prm train: {res.steps} steps, last batch {res.last_train.get('loss', float('nan')):.4f} loss"
-        if res.final_eval:
-            msg += (f"; held-out pair accuracy {res.start_eval['pair_accuracy']:.3f} -> "
-                    f"{res.final_eval['pair_accuracy']:.3f} ({res.final_eval['pairs']} pairs)")
-        print(f"{msg}; saved {res.out_dir}")
-        return 0
-    from tuna_jax.data.rows import read_candidates
-
-    items = read_candidates(args.input, limit=args.limit)  # checked before the PRM loads
-    prm = load_prm(args.prm, mesh, args.dtype)
-    with jax.set_mesh(mesh):
-        summary = rerank_file(prm, args.input, args.out, tokenizer=args.tokenizer, batch_rows=args.batch_size,
-                              max_len=args.max_len, limit=args.limit, progress=not args.no_progress, items=items)
-    print(f"prm rerank: {summary.line()} -> {args.out}", file=sys.stderr)
-    if summary.failed:
-        print(f"prm rerank: {summary.failed} row(s) could not be scored, listed in {args.out}.failed.jsonl",
-              file=sys.stderr)
-        return 1
-    return 0

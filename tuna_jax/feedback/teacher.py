@@ -37,29 +37,50 @@ budget stop) requests nothing already answered and writes a byte-identical outpu
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
-import sys
 from typing import Any, Protocol, Sequence
 
 from tuna_jax.data.records import identical_pairs
 from tuna_jax.data.rows import InstructionRow, read_instructions
 from tuna_jax.data.templates import format_prompt
-
-from tuna_jax.io.cli import cli_main, report_run
+from tuna_jax.io.fields import arg
 from tuna_jax.io.items import ItemOutcome, RunSummary, run_items
-
+from tuna_jax.llm_api.client import APIError, OpenAIClient
+from tuna_jax.llm_api.replies import ReplyError, check_choices
+from tuna_jax.llm_api.store import BudgetExceeded, FatalRunError
 from tuna_jax.samples import Sample
 
-from .client import APIError, OpenAIClient, add_client_arguments, client_config_from_args, store_from_args
-from .replies import ReplyError, check_choices
-from .store import BudgetExceeded, FatalRunError
+SCORING = "sampling and scoring"
+
+
+@dataclasses.dataclass(kw_only=True)
+class TeacherSettings:
+    """Sampling and scoring (paper: N=4, beta=1.3, temperature 1); the flags of `tuna-jax teacher`."""
+
+    api: str = arg("completions", "legacy /completions with logprobs (the paper's text-davinci-003 set-up) or "
+                   "/chat/completions with logprobs: true", choices=("completions", "chat"), group=SCORING)
+    n: int = arg(4, "responses per instruction (paper: 4)", group=SCORING)
+    n_per_request: int | None = arg(None, "responses per request (the `n` parameter); 1 for servers that ignore "
+                                    "`n`, such as llama.cpp (default: all N in one request)", group=SCORING)
+    beta: float = arg(1.3, "length exponent in s = logp / |r|^beta (paper: 1.3)", group=SCORING)
+    temperature: float = arg(1.0, "sampling temperature (paper: 1)", group=SCORING)
+    top_p: float = arg(1.0, "nucleus sampling", group=SCORING)
+    max_tokens: int = arg(512, "longest response in tokens", group=SCORING)
+    seed: int = arg(0, "sampling seed sent to the server (request j of an instruction uses seed+j); -1: none",
+                    group=SCORING)
+    top_logprobs: int | None = arg(None, "chat only: also ask for the top-k alternatives", group=SCORING)
+    min_candidates: int = arg(2, "fewer valid responses than this fails the item", group=SCORING)
+    drop_length_cut: bool = arg(False, "drop responses cut at --max-tokens (finish_reason 'length') instead of "
+                                "keeping them", group=SCORING)
+    no_strip: bool = arg(False, "keep the whitespace around responses (stripped by default)", group=SCORING)
+
 
 logger = logging.getLogger("tuna_jax.feedback")
 
 DEFAULT_SENTINEL = -9999.0
+LEGACY_LOGPROBS = 1  # /completions' ``logprobs`` (top-k alternatives); the sampled token's comes with any value >= 0
 
 
 class TeacherBackend(Protocol):
@@ -70,33 +91,6 @@ class TeacherBackend(Protocol):
 
     def score(self, prompt: str, responses: Sequence[str]) -> list[Sample]:
         """The log-probs of given ``responses`` after ``prompt`` (teacher forcing)."""
-
-
-@dataclasses.dataclass
-class TeacherConfig:
-    """Sampling and scoring settings (paper: N=4, beta=1.3, temperature 1).
-
-    api: "completions" (legacy /v1/completions, the paper's text-davinci-003 set-up) or "chat".
-    n_per_request: responses asked for in one request (``n``); 1 sends N requests with seeds seed+j
-      (for servers that ignore ``n``, e.g. llama.cpp).
-    logprobs: the legacy ``logprobs`` value (top-k alternatives; the sampled token's log-prob comes with
-      any value >= 0). top_logprobs: chat ``top_logprobs`` (None: not sent).
-    """
-
-    n: int = 4
-    beta: float = 1.3
-    api: str = "completions"
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 512
-    n_per_request: int = 4
-    seed: int | None = 0
-    logprobs: int = 1
-    top_logprobs: int | None = None
-    sentinel: float = DEFAULT_SENTINEL
-    min_candidates: int = 2
-    drop_length_cut: bool = False
-    strip: bool = True
 
 
 def _sample_from_choice(choice: dict, api: str) -> Sample:
@@ -115,31 +109,32 @@ def _sample_from_choice(choice: dict, api: str) -> Sample:
 class RemoteTeacher:
     """A TeacherBackend over an OpenAI-compatible endpoint (through the client, so cached and budgeted)."""
 
-    def __init__(self, client: OpenAIClient, config: TeacherConfig):
+    def __init__(self, client: OpenAIClient, config: TeacherSettings):
         if config.api not in ("completions", "chat"):
             raise ValueError(f"api must be 'completions' or 'chat', got {config.api!r}")
-        if config.n_per_request < 1 or config.n % config.n_per_request:
-            raise ValueError(f"n_per_request={config.n_per_request} must divide n={config.n}")
+        per = config.n_per_request or config.n
+        if per < 1 or config.n % per:
+            raise ValueError(f"n_per_request={per} must divide n={config.n}")
         self.client = client
         self.config = config
 
     def _params(self, n: int, group: int) -> dict:
         c = self.config
         p: dict[str, Any] = {"max_tokens": c.max_tokens, "temperature": c.temperature, "top_p": c.top_p, "n": n}
-        if c.seed is not None:
+        if c.seed >= 0:  # -1: no seed sent
             p["seed"] = c.seed + group
         if c.api == "chat":
             p["logprobs"] = True
             if c.top_logprobs is not None:
                 p["top_logprobs"] = c.top_logprobs
         else:
-            p["logprobs"] = c.logprobs
+            p["logprobs"] = LEGACY_LOGPROBS
         return p
 
     def _requests(self, prompt: str, n: int) -> list[tuple[str, dict, dict, int]]:
         """(path, body, cache-key extra, responses asked) of each request that samples ``n`` responses."""
         c = self.config
-        per = min(c.n_per_request, n)
+        per = min(c.n_per_request or c.n, n)
         out = []
         for group in range(math.ceil(n / per)):
             k = min(per, n - group * per)
@@ -225,7 +220,7 @@ def quality_score(logp: float, num_tokens: int, beta: float) -> float:
     return logp / num_tokens ** beta
 
 
-def rank_samples(samples: Sequence[Sample], cfg: TeacherConfig) -> tuple[dict, dict, list]:
+def rank_samples(samples: Sequence[Sample], cfg: TeacherSettings) -> tuple[dict, dict, list]:
     """Valid samples scored and sorted best first.
 
     Returns (columns, counters, dropped): columns has candidates/scores/logprobs/num_tokens/finish_reasons
@@ -235,8 +230,8 @@ def rank_samples(samples: Sequence[Sample], cfg: TeacherConfig) -> tuple[dict, d
     dropped = []
     rows = []
     for j, s in enumerate(samples):
-        reason = check_logprobs(s, cfg.sentinel)
-        text = s.text.strip() if cfg.strip else s.text
+        reason = check_logprobs(s)
+        text = s.text if cfg.no_strip else s.text.strip()
         if reason is None and not text.strip():
             reason = "empty_response"
         if reason is None and s.finish_reason == "length":
@@ -259,7 +254,7 @@ def rank_samples(samples: Sequence[Sample], cfg: TeacherConfig) -> tuple[dict, d
     return cols, counters, dropped
 
 
-def make_work(backend: TeacherBackend, cfg: TeacherConfig, meta: dict):
+def make_work(backend: TeacherBackend, cfg: TeacherSettings, meta: dict):
     """The per-item function for :func:`tuna_jax.io.items.run_items`."""
 
     def work(item: InstructionRow) -> ItemOutcome:
@@ -288,7 +283,7 @@ def make_work(backend: TeacherBackend, cfg: TeacherConfig, meta: dict):
     return work
 
 
-def run_teacher(input_path: str, out_path: str, backend: TeacherBackend, cfg: TeacherConfig, *,
+def run_teacher(input_path: str, out_path: str, backend: TeacherBackend, cfg: TeacherSettings, *,
                 meta: dict | None = None, concurrency: int = 4, limit: int | None = None,
                 progress: bool = True, items: list[InstructionRow] | None = None) -> RunSummary:
     """Sample, score and rank every instruction of ``input_path`` (or the already read ``items``); write
@@ -301,135 +296,3 @@ def run_teacher(input_path: str, out_path: str, backend: TeacherBackend, cfg: Te
     meta.update({"n": cfg.n, "beta": cfg.beta})
     return run_items(items, make_work(backend, cfg, meta), out_path, concurrency=concurrency,
                      desc="teacher", progress=progress)
-
-
-# ---------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `tuna-jax teacher INPUT OUT ...`."""
-    parser.description = (
-        "Probabilistic ranking data (Tuna_p): a teacher LLM samples N responses per instruction with token "
-        "log-probs; each response is scored s = logp / |r|^beta and the candidates are written best first as "
-        "ranking records (JSONL). Every request is cached in an append-only store, so rerunning the same "
-        "command after a crash or a budget stop pays for nothing twice and gives the same output.")
-    parser.add_argument("input", help="Alpaca-format instructions: JSON list or JSONL of {instruction, input, output}")
-    parser.add_argument("out", help="output JSONL of ranking records (failures go to OUT.failed.jsonl)")
-    t = parser.add_argument_group("sampling and scoring")
-    t.add_argument("--api", choices=("completions", "chat"), default="completions",
-                   help="legacy /completions with logprobs (the paper's text-davinci-003 set-up) or "
-                        "/chat/completions with logprobs: true (default: %(default)s)")
-    t.add_argument("--n", type=int, default=4, help="responses per instruction (paper: 4)")
-    t.add_argument("--n-per-request", type=int, default=None,
-                   help="responses per request (the `n` parameter); 1 for servers that ignore `n`, such as "
-                        "llama.cpp (default: all N in one request)")
-    t.add_argument("--beta", type=float, default=1.3, help="length exponent in s = logp / |r|^beta (paper: 1.3)")
-    t.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1)")
-    t.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s)")
-    t.add_argument("--max-tokens", type=int, default=512, help="longest response in tokens (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0,
-                   help="sampling seed sent to the server (request j of an instruction uses seed+j); -1: none")
-    t.add_argument("--top-logprobs", type=int, default=None, help="chat only: also ask for the top-k alternatives")
-    t.add_argument("--min-candidates", type=int, default=2,
-                   help="fewer valid responses than this fails the item (default: %(default)s)")
-    t.add_argument("--drop-length-cut", action="store_true",
-                   help="drop responses cut at --max-tokens (finish_reason 'length') instead of keeping them")
-    t.add_argument("--no-strip", action="store_true",
-                   help="keep the whitespace around responses (stripped by default)")
-    t.add_argument("--limit", type=int, default=None, help="only the first LIMIT instructions")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_client_arguments(parser)
-    add_local_arguments(parser)
-
-
-def add_local_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--local-*`` options: a tuna-jax model as the teacher (``local.LocalTeacher``). With
-    ``--local-model`` the endpoint's ``--model`` is not needed, so it is made optional here (``run`` asks for
-    it when there is no local model)."""
-    from .local import RESCORE
-
-    g = parser.add_argument_group(
-        "local teacher (a tuna-jax model on this machine instead of an endpoint; --n, --temperature, --top-p, "
-        "--max-tokens, --seed, --beta, --store apply; endpoint options are ignored)")
-    g.add_argument("--local-model", metavar="PATH", default=None,
-                   help="HF folder or tuna-jax params checkpoint of the teacher; sampled with tuna-jax, token "
-                        "log-probs exact (response tokens + EOS)")
-    g.add_argument("--local-tokenizer", metavar="PATH", default=None,
-                   help="tokenizer folder or tokenizer.model (default: the model's)")
-    g.add_argument("--local-top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--local-batch-size", type=int, default=8, help="sampler rows per device call (>= --n)")
-    g.add_argument("--local-max-prompt-len", type=int, default=None,
-                   help="longer prompts fail their item (default: only the model's context length limits)")
-    g.add_argument("--local-dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    g.add_argument("--local-mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                   help="device mesh sizes, one may be -1 (default: all devices on fsdp)")
-    g.add_argument("--local-rescore", default="noncanonical", choices=RESCORE,
-                   help="re-score samples by teacher forcing: 'noncanonical' (those whose sampled tokens are not "
-                        "the tokenizer's segmentation of their text; default), 'always' or 'never'")
-    action = parser._option_string_actions.get("--model")  # argparse keeps no public handle on an option
-    if action is not None:
-        action.required = False
-        action.help = "model name as the server knows it (required unless --local-model is given)"
-
-
-def config_from_args(args) -> TeacherConfig:
-    return TeacherConfig(n=args.n, beta=args.beta, api=args.api, temperature=args.temperature, top_p=args.top_p,
-                         max_tokens=args.max_tokens, n_per_request=args.n_per_request or args.n,
-                         seed=None if args.seed is not None and args.seed < 0 else args.seed,
-                         top_logprobs=args.top_logprobs, min_candidates=args.min_candidates,
-                         drop_length_cut=args.drop_length_cut, strip=not args.no_strip)
-
-
-def run(args) -> int:
-    """`tuna-jax teacher`: 0 done, 1 some items failed (see OUT.failed.jsonl), 2 stopped (budget or a fatal
-    endpoint error; rerun to continue). The input is read and checked before anything else happens: a bad
-    row costs no request, loads no model and leaves no store behind."""
-    local = getattr(args, "local_model", None)
-    if not local and not args.model:
-        raise ValueError("--model is required (the endpoint's model name), or give --local-model PATH")
-    cfg = config_from_args(args)
-    items = read_instructions(args.input, args.limit)
-    if local:
-        return _run_local(args, cfg, items)
-    ccfg = client_config_from_args(args)
-    client = OpenAIClient(ccfg)  # checks --base-url before the store file is created
-    with store_from_args(args, args.out) as store:
-        client.store = store
-        backend = RemoteTeacher(client, cfg)
-        meta = {"model": ccfg.model, "api": cfg.api, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
-        return report_run("teacher", lambda: run_teacher(args.input, args.out, backend, cfg, meta=meta,
-                                                         concurrency=ccfg.concurrency, items=items,
-                                                         progress=not args.no_progress),
-                          store, "item(s) failed, listed in")
-
-
-def _run_local(args, cfg: TeacherConfig, items: list[InstructionRow]) -> int:
-    """``tuna-jax teacher ... --local-model PATH``: 0 done, 1 some items failed (OUT.failed.jsonl); Ctrl-C
-    stops it (rerun the same command to continue from the store)."""
-    from tuna_jax import parallel
-
-    from .local import LocalTeacher
-
-    parallel.initialize_distributed()
-    mesh = parallel.make_mesh(args.local_mesh)
-    seed = 0 if cfg.seed is None else cfg.seed
-    with store_from_args(args, args.out) as store:
-        backend = LocalTeacher(args.local_model, tokenizer=args.local_tokenizer, mesh=mesh,
-                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=args.local_top_k,
-                               max_new_tokens=cfg.max_tokens, seed=seed, batch_size=args.local_batch_size,
-                               max_prompt_len=args.local_max_prompt_len, dtype=args.local_dtype,
-                               rescore=args.local_rescore, store=store)
-        meta = {"model": args.model or args.local_model, "api": "local", "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "top_k": args.local_top_k, "max_tokens": cfg.max_tokens, "seed": seed}
-        # One item at a time: the device is the bottleneck, threads would only queue on it.
-        status = report_run("teacher", lambda: run_teacher(args.input, args.out, backend, cfg, meta=meta,
-                                                           concurrency=1, items=items, progress=not args.no_progress),
-                            store, "item(s) failed, listed in")
-        print(f"teacher (local): {backend.stats.line()}", file=sys.stderr)
-        return status
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli_main("tuna-jax teacher", add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

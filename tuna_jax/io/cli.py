@@ -1,5 +1,5 @@
-"""What every ``tuna-jax`` command does around its own work: quiet logging, errors as one line, the
-``main()`` of a module run with ``python -m``, and the end-of-run report of the item-loop commands.
+"""What every ``tuna-jax`` command does around its own work: quiet logging, errors as one line, and
+the end-of-run report of the item-loop commands.
 
 Errors. A user who gives a bad file, a wrong path, a corrupt checkpoint or a store another run holds
 gets one line, ``tuna-jax COMMAND: error: FILE:LINE: field 'F': what is wrong``, and exit status 2 (no
@@ -13,14 +13,13 @@ so the switch must be set before transformers is imported).
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from tuna_jax.io.diskfull import DiskFull, HideWriterThreadTracebacks
 from tuna_jax.io.errors import InputError, RunStopped
@@ -134,17 +133,6 @@ def run_command(prog: str, func: Callable[[Any], int], args: Any, verbose: bool 
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-
-
-def cli_main(prog: str, add_arguments: Callable[[Any], None], run: Callable[[Any], int],
-             argv: Sequence[str] | None = None, description: str | None = None) -> int:
-    """The ``main()`` of a ``tuna-jax`` subcommand module: parse ``argv``, set up logging, run, map errors."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    return run_command(prog, run, args, args.verbose)
 
 
 def report_run(name: str, call: Callable[[], Any], store: Any, failed_note: str) -> int:

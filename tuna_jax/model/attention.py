@@ -86,7 +86,8 @@ def resolve(implementation: str, dtype, head_dim: int, platform: str | None = No
 
 
 def cudnn_supports(dtype, head_dim: int) -> bool:
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim <= 128 and head_dim % 8 == 0
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return half and head_dim <= 128 and head_dim % 8 == 0
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str, *,

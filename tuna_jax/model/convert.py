@@ -137,7 +137,8 @@ class SafetensorsIndex:
             if pickles:
                 hint = (f" It has {', '.join(pickles)}: PyTorch pickle files, which tuna-jax never loads "
                         "(unpickling can run arbitrary code). Re-save it as safetensors in an environment you "
-                        "trust: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True).")
+                        "trust: AutoModelForCausalLM.from_pretrained(DIR)"
+                        ".save_pretrained(OUT, safe_serialization=True).")
             raise ConversionError(f"{hf_dir}: no *.safetensors files.{hint}")
         self.where: dict[str, pathlib.Path] = {}
         if index.is_file():

@@ -1,7 +1,7 @@
-"""``tuna-jax pipeline CONFIG`` and ``tuna-jax demo`` (the packaged pipeline ``demo.yaml``)."""
+"""What ``tuna-jax pipeline CONFIG`` and ``tuna-jax demo`` (the packaged pipeline ``demo.yaml``) do; their flags:
+``commands/pipeline.py``, ``commands/demo.py``."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -11,17 +11,6 @@ from tuna_jax.io.errors import RunStopped
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO, DEMO_FAST, OBJECTIVES = (os.path.join(HERE, f) for f in ("demo.yaml", "demo_fast.yaml", "objectives.yaml"))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="pipeline YAML (configs/pipelines/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="e.g. output_dir=runs/x inputs.alpaca=data/a.json vars.seeds=[0,1]")
-    parser.add_argument("--until", action="append", default=[], metavar="STAGE",
-                        help="run only STAGE and the stages it needs (repeatable)")
-    parser.add_argument("--from", dest="start", action="append", default=[], metavar="STAGE",
-                        help="run STAGE and every stage after it again, even if finished (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run_and_report(config: str, overrides, until=(), start=(), progress: bool = True) -> int:
@@ -45,10 +34,6 @@ def run_and_report(config: str, overrides, until=(), start=(), progress: bool = 
     print(f"{len([s for s in steps if s.action != 'skipped'])} of {len(steps)} stages ran; "
           f"{summary['total_s']:.0f} s in all over every run ({paths.join(plan.output_dir, 'pipeline.json')})")
     return 0
-
-
-def run(args) -> int:
-    return run_and_report(args.config, args.overrides, args.until, args.start, not args.no_progress)
 
 
 def demo(out: str, fast: bool = False, objectives: bool = False) -> int:

@@ -30,7 +30,7 @@ from typing import Sequence
 from tuna_jax.config import ConfigError
 from tuna_jax.io import paths
 from tuna_jax.pipeline.manifest import FORMAT, VERSION, Attempt, Hasher, digest, read_manifest
-from tuna_jax.pipeline.spec import Plan, suggest, load_plan
+from tuna_jax.pipeline.spec import Plan, load_plan, suggest
 from tuna_jax.pipeline.stage import StageRun, input_paths
 
 

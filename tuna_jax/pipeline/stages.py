@@ -6,12 +6,12 @@ kind                keys                                                        
 convert             source, format (hf | llama2c), tokenizer, param_dtype         model: model/
 train               config (a training YAML, relative to the pipeline file),      model: final/
                     set (``section.key: value`` over it)
-teacher             the options of ``tuna-jax teacher`` (input, n, beta, ...)     data: ranked.jsonl
-sample-diverse      the options of ``tuna-jax sample-diverse``                    data: candidates.jsonl
-judge               the options of ``tuna-jax judge``; ``judge: llm | metric``    data: ranked.jsonl
-                    is its ``--kind``
-prm-train           the options of ``tuna-jax prm train``                         model: prm/
-prm-rerank          the options of ``tuna-jax prm rerank``                        data: ranked.jsonl
+teacher             the fields of ``tuna-jax teacher``'s Config: input, n, beta   data: ranked.jsonl
+sample-diverse      the fields of ``tuna-jax sample-diverse``'s Config            data: candidates.jsonl
+judge               the fields of ``tuna-jax judge``'s Config; ``judge: llm |     data: ranked.jsonl
+                    metric`` is its ``--kind``
+prm-train           the fields of ``tuna-jax prm train``'s Config                 model: prm/
+prm-rerank          the fields of ``tuna-jax prm rerank``'s Config                data: ranked.jsonl
 mix                 parts: [{path, select}] (a one-part mix is a selection)       data: data.jsonl
 reference-scores    model, data (``tuna-jax score`` + ``reference-scores``)       data: ranked_ref.jsonl
 eval                config (an eval YAML, ``eval/run.py``), set                   report: the stage folder
@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from tuna_jax.commands import judge, prm, sample_diverse, teacher
 from tuna_jax.config import ConfigError, load_config
 from tuna_jax.io import paths
 from tuna_jax.pipeline import heldout
@@ -270,21 +271,19 @@ def _kinds() -> dict[str, Kind]:
              cosmetic=_TRAIN_COSMETIC, resumes="continues from its last checkpoint (params, optimizer, step, RNG, "
                                                "data position)"),
         command_kind("teacher", "probabilistic ranking: N teacher samples per instruction, s = logp/|r|^beta",
-                     "tuna_jax.feedback.teacher", {"data": "ranked.jsonl"}, {"out": "data"}, store="store",
+                     teacher.Config, teacher.run, {"data": "ranked.jsonl"}, {"out": "data"}, store="store",
                      input_fields=("input", "local_model", "local_tokenizer"), resumes=_FEEDBACK),
         command_kind("sample-diverse", "N diverse samples per instruction from the model being tuned",
-                     "tuna_jax.feedback.diverse", {"data": "candidates.jsonl"}, {"out": "data"},
+                     sample_diverse.Config, sample_diverse.run, {"data": "candidates.jsonl"}, {"out": "data"},
                      input_fields=("model", "input", "tokenizer"), resumes="keeps the records already written"),
-        command_kind("judge", "contextual ranking by a judge LLM (or an offline metric)", "tuna_jax.feedback.judge",
+        command_kind("judge", "contextual ranking by a judge LLM (or an offline metric)", judge.Config, judge.run,
                      {"data": "ranked.jsonl"}, {"out": "data"}, store="store", input_fields=("input",),
-                     renamed={"judge": "kind"}, resumes=_FEEDBACK),
-        command_kind("prm-train", "train a proxy ranking model on judge rankings", "tuna_jax.feedback.prm",
-                     {"model": "prm"}, {"out_dir": "model"}, sub="train",
-                     input_fields=("base", "train", "eval", "tokenizer"),
+                     resumes=_FEEDBACK),
+        command_kind("prm-train", "train a proxy ranking model on judge rankings", prm.Train, prm.run_train,
+                     {"model": "prm"}, {"out_dir": "model"}, input_fields=("base", "train", "eval", "tokenizer"),
                      resumes="continues from its last checkpoint (the trainer's, train.mode=prm)"),
-        command_kind("prm-rerank", "rank candidates with a proxy ranking model", "tuna_jax.feedback.prm",
-                     {"data": "ranked.jsonl"}, {"out": "data"}, sub="rerank",
-                     input_fields=("prm", "input", "tokenizer")),
+        command_kind("prm-rerank", "rank candidates with a proxy ranking model", prm.Rerank, prm.run_rerank,
+                     {"data": "ranked.jsonl"}, {"out": "data"}, input_fields=("prm", "input", "tokenizer")),
         Kind("mix", "rows of several files (each selected) in one JSONL: data selection and mixing",
              {"data": "data.jsonl"}, _build_mix, dataclasses.asdict, _run_mix, input_fields=("parts",)),
         dataclass_kind("reference-scores", "attach a frozen reference model's candidate scores (loss.reference)",

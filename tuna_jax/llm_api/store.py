@@ -62,7 +62,7 @@ try:  # POSIX advisory lock: two processes appending to one store would interlea
 except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None
 
-logger = logging.getLogger("tuna_jax.feedback")
+logger = logging.getLogger("tuna_jax.llm_api")
 
 STORE_FORMAT = 1
 

@@ -55,7 +55,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .replies import ReplyError
 from .store import BudgetExceeded, FatalRunError, Store, content_key
 
-logger = logging.getLogger("tuna_jax.feedback")
+logger = logging.getLogger("tuna_jax.llm_api")
 
 
 @dataclasses.dataclass
@@ -224,6 +224,100 @@ def _proxy_for(url: str) -> str | None:
     return urllib.request.getproxies().get(parts.scheme)
 
 
+@dataclasses.dataclass
+class _Request:
+    """One distinct request: its cache key, URL and body, the ``meta`` of its store lines, the caller's check."""
+
+    key: str
+    url: str
+    body: dict
+    meta: dict
+    validate: Callable[[dict], None] | None
+
+    def rejection(self, response: Any) -> str | None:
+        """Why ``validate`` rejects ``response`` (its ReplyError's message), or None when the reply is usable."""
+        if self.validate is None:
+            return None
+        try:
+            self.validate(response)
+        except ReplyError as e:
+            return str(e)
+        return None
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """One attempt, classified by ``OpenAIClient._classify``.
+
+    counter: the retry counter it draws on ("transient", "bad_json", "invalid"); None for a usable reply
+      (``error`` None) or for a failure no retry mends (``error`` set).
+    error: what to raise once ``counter`` is past its limit, or at once when ``counter`` is None.
+    response: the 2xx JSON reply (usable, or rejected by ``validate``).
+    retry: this attempt's entry in the store line's "retries" (the ledger adds "attempt").
+    reason: the retry's log text; retry_after: the server's Retry-After in seconds.
+    """
+
+    counter: str | None = None
+    error: APIError | None = None
+    response: dict | None = None
+    retry: dict | None = None
+    reason: str = ""
+    retry_after: float | None = None
+
+
+class _Ledger:
+    """The store lines of one request's attempts: each line counts the attempts since the line before (the
+    store's request total is their sum) and lists their retries. Without a store it only counts attempts."""
+
+    def __init__(self, store: Store | None, req: _Request):
+        self.store, self.req = store, req
+        self.attempts = 0
+        self.recorded = 0  # attempts already on a store line (an "invalid" one)
+        self.retries: list[dict] = []
+
+    def reserve(self) -> None:
+        """Take one request from the budget or raise BudgetExceeded, after an error line for the attempts
+        made so far (they are on record, and a rerun retries this key)."""
+        if self.store is not None:
+            try:
+                self.store.reserve()
+            except BudgetExceeded:
+                if self.attempts:
+                    self._put_error("stopped by the budget while retrying", "budget", None)
+                raise
+        self.attempts += 1
+
+    def release(self) -> None:
+        """The reserved request was sent, whatever its outcome."""
+        if self.store is not None:
+            self.store.release()
+
+    def retried(self, entry: dict) -> None:
+        self.retries.append({"attempt": self.attempts, **entry})
+
+    def ok(self, response: dict) -> None:
+        if self.store is not None:
+            self.store.put_ok(self.req.key, response, meta=self.req.meta, attempts=self.attempts - self.recorded,
+                              retries=self.retries)
+
+    def invalid(self, response: dict, why: str) -> None:
+        """An unusable reply: paid for, so on the ledger, but never served as a good reply."""
+        if self.store is not None:
+            self.store.put_invalid(self.req.key, error=why, meta=self.req.meta,
+                                   attempts=self.attempts - self.recorded, retries=self.retries, response=response)
+            self.recorded, self.retries = self.attempts, []
+
+    def fail(self, exc: APIError) -> APIError:
+        """``exc``, after an error line for it (a rerun retries the key)."""
+        self._put_error(str(exc), exc.kind, exc.status)
+        return exc
+
+    def _put_error(self, error: str, kind: str, http_status: int | None) -> None:
+        if self.store is not None:
+            self.store.put_error(self.req.key, error=error, error_kind=kind, http_status=http_status,
+                                 meta=self.req.meta, attempts=self.attempts - self.recorded, retries=self.retries)
+
+
 class OpenAIClient:
     """Client for one endpoint + model. Thread-safe; share one instance between worker threads.
 
@@ -296,142 +390,128 @@ class OpenAIClient:
         allow.
         """
         body = dict(body)
-        key = content_key(self.base_url, path, body, extra_key)
-        url = f"{self.base_url}/{path.strip('/')}"
-        store = self.store
         meta = {"base_url": self.base_url, "path": path, "model": body.get("model")}
         if extra_key:
             meta["extra"] = dict(extra_key)
+        req = _Request(content_key(self.base_url, path, body, extra_key), f"{self.base_url}/{path.strip('/')}",
+                       body, meta, validate)
+        if self.store is not None:
+            stored = self._from_store(req, known_invalid)
+            if stored is not None:
+                return stored
+        return self._fetch(req, self.config.max_bad_json_retries if invalid_retries is None else invalid_retries)
 
-        def rejection(response) -> str | None:
-            if validate is None:
-                return None
-            try:
-                validate(response)
-            except ReplyError as e:
-                return str(e)
+    def _from_store(self, req: _Request, known_invalid: str) -> APIResult | None:
+        """The cache policy: the stored reply when it is usable now, else None (send the request).
+
+        A good reply that ``validate`` now rejects is marked invalid (unpaid) and sent again; an invalid one it
+        now accepts becomes good (unpaid) and is served. A reply still unusable raises InvalidReplyError
+        (cached=True) with ``known_invalid="raise"`` or retry_failed off; a stored error raises APIError with
+        retry_failed off.
+        """
+        store, key, url = self.store, req.key, req.url
+        hit = store.get(key)
+        if hit is not None:
+            why = req.rejection(hit["response"])
+            if why is None:
+                return APIResult(hit["response"], key, True)
+            store.put_invalid(key, error=why, meta=req.meta, attempts=0, response=None, paid=False)
+            logger.info("POST %s: the stored reply is unusable (%s); requesting it again", url, why)
             return None
+        bad = store.invalid(key)
+        if bad is not None:
+            why = req.rejection(bad.get("response")) if bad.get("response") is not None else bad.get("error")
+            if why is None:  # the check accepts it now: it was paid for already
+                store.put_ok(key, bad["response"], meta=req.meta, attempts=0, paid=False)
+                return APIResult(bad["response"], key, True)
+            if known_invalid == "raise" or not store.retry_failed:
+                raise InvalidReplyError(f"{url}: the reply stored by an earlier run is unusable: {why}", url=url,
+                                        attempts=0, response=bad.get("response"), reason=why, cached=True)
+            return None
+        err = None if store.retry_failed else store.error(key)
+        if err is not None:
+            raise APIError(f"{url}: failed in an earlier run (store line {err['line']}): {err['error']} "
+                           f"(not retried: retry_failed is off)", url=url, status=err["http_status"],
+                           kind=err["error_kind"] or "http", attempts=0)
+        return None
 
-        if store is not None:
-            hit = store.get(key)
-            if hit is not None:
-                why = rejection(hit["response"])
-                if why is None:
-                    return APIResult(hit["response"], key, True)
-                store.put_invalid(key, error=why, meta=meta, attempts=0, response=None, paid=False)
-                logger.info("POST %s: the stored reply is unusable (%s); requesting it again", url, why)
-            else:
-                bad = store.invalid(key)
-                if bad is not None:
-                    why = rejection(bad.get("response")) if bad.get("response") is not None else bad.get("error")
-                    if why is None:  # the check accepts it now: it was paid for already
-                        store.put_ok(key, bad["response"], meta=meta, attempts=0, paid=False)
-                        return APIResult(bad["response"], key, True)
-                    if known_invalid == "raise" or not store.retry_failed:
-                        raise InvalidReplyError(f"{url}: the reply stored by an earlier run is unusable: {why}",
-                                                url=url, attempts=0, response=bad.get("response"), reason=why,
-                                                cached=True)
-                elif not store.retry_failed:
-                    err = store.error(key)
-                    if err is not None:
-                        raise APIError(f"{url}: failed in an earlier run (store line {err['line']}): {err['error']} "
-                                       f"(not retried: retry_failed is off)", url=url, status=err["http_status"],
-                                       kind=err["error_kind"] or "http", attempts=0)
-        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    def _fetch(self, req: _Request, max_invalid: int) -> APIResult:
+        """Send ``req`` until its reply is usable, retrying while the outcome's counter is within its limit
+        (the module docstring's retry policy); the backoff grows with all retries together."""
         cfg = self.config
-        max_invalid = cfg.max_bad_json_retries if invalid_retries is None else invalid_retries
-        attempts = transient = bad_json = invalid = 0
-        recorded = 0  # attempts already on a store line (an "invalid" one): each line counts its own
-        retries: list[dict] = []
-
-        def fail(exc: APIError) -> APIError:
-            if store is not None:
-                store.put_error(key, error=str(exc), error_kind=exc.kind, http_status=exc.status, meta=meta,
-                                attempts=attempts - recorded, retries=retries)
-            return exc
-
+        limits = {"transient": cfg.max_retries, "bad_json": cfg.max_bad_json_retries, "invalid": max_invalid}
+        used = dict.fromkeys(limits, 0)
+        payload = json.dumps(req.body, ensure_ascii=False).encode("utf-8")
+        ledger = _Ledger(self.store, req)
         while True:
-            if store is not None:
-                try:
-                    store.reserve()
-                except BudgetExceeded:
-                    if attempts:  # the retries spent so far are on record, and a rerun retries this key
-                        store.put_error(key, error="stopped by the budget while retrying", error_kind="budget",
-                                        http_status=None, meta=meta, attempts=attempts - recorded, retries=retries)
-                    raise
-            attempts += 1
+            ledger.reserve()
             try:
-                status, headers, raw, exc_kind, exc_text = self._send(url, payload)
+                reply = self._send(req.url, payload)
             finally:
-                if store is not None:
-                    store.release()
-
-            # ---- classify
-            retry_after = None
-            if exc_kind is not None:  # no (complete) HTTP reply: timeout or connection error
-                what = (f"timed out after {cfg.timeout_s:g}s" if exc_kind == "timeout"
-                        else f"connection failed ({exc_text})")
-                transient += 1
-                if transient > cfg.max_retries:
-                    hint = ("Is the server up and reachable? Check --base-url." if exc_kind == "connection" else
-                            "The server is slow or overloaded: raise --timeout or lower --concurrency.")
-                    raise fail(APIError(f"POST {url} {what}; gave up after {attempts} attempts. {hint}",
-                                        url=url, status=None, kind=exc_kind, attempts=attempts))
-                retries.append({"attempt": attempts, "kind": exc_kind})
-                reason = what
-            elif 200 <= status < 300:
-                try:
-                    response = json.loads(raw.decode("utf-8"))
-                    if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
-                        raise ValueError("no 'choices' list in the reply")
-                except (ValueError, UnicodeDecodeError) as e:
-                    bad_json += 1
-                    snippet = self._redact(raw[:200].decode("utf-8", "replace"))
-                    text = f"HTTP {status} with a malformed body ({e}): {snippet!r}"
-                    if bad_json > cfg.max_bad_json_retries:
-                        raise fail(APIError(f"POST {url}: {text}; gave up after {attempts} attempts. Is "
-                                            f"--base-url an OpenAI-compatible API (it usually ends in /v1)?",
-                                            url=url, status=status, kind="bad_json", attempts=attempts))
-                    retries.append({"attempt": attempts, "kind": "bad_json", "http_status": status})
-                    reason = text
-                else:
-                    response = _compact(response)
-                    why = rejection(response)
-                    if why is None:
-                        if store is not None:
-                            store.put_ok(key, response, meta=meta, attempts=attempts - recorded, retries=retries)
-                        return APIResult(response, key, False)
-                    invalid += 1
-                    if store is not None:  # paid for: on the ledger, but never served as a good reply
-                        store.put_invalid(key, error=why, meta=meta, attempts=attempts - recorded, retries=retries,
-                                          response=response)
-                        recorded, retries = attempts, []
-                    if invalid > max_invalid:
-                        raise InvalidReplyError(f"POST {url}: the reply cannot be used: {why}", url=url,
-                                                attempts=attempts, response=response, reason=why, cached=False)
-                    retries.append({"attempt": attempts, "kind": "invalid_reply"})
-                    reason = f"unusable reply ({why})"
-            else:
-                detail = self._error_detail(raw)
-                if status == 429 or status >= 500:
-                    transient += 1
-                    retry_after = _retry_after_s(headers)
-                    if transient > cfg.max_retries:
-                        hint = ("rate limited: lower --concurrency, or raise your rate limit" if status == 429
-                                else "the server keeps failing: check its logs")
-                        raise fail(APIError(f"POST {url} -> HTTP {status}: {detail}; gave up after {attempts} "
-                                            f"attempts ({hint}).", url=url, status=status, kind="http",
-                                            attempts=attempts))
-                    retries.append({"attempt": attempts, "kind": "http", "http_status": status})
-                    reason = f"HTTP {status}"
-                else:
-                    raise fail(self._client_error(url, status, detail, attempts))
-
-            delay = self._backoff(transient + bad_json + invalid - 1, retry_after)
-            if retry_after is not None and retry_after > cfg.max_retry_after_s:
-                reason += f"; Retry-After {retry_after:g}s capped at {cfg.max_retry_after_s:g}s"
-            logger.warning("POST %s: %s; retry %d in %.2fs", url, reason, attempts, delay)
+                ledger.release()
+            out = self._classify(req, ledger.attempts, *reply)
+            if out.counter is None:  # usable, or a failure no retry mends
+                if out.error is not None:
+                    raise ledger.fail(out.error)
+                ledger.ok(out.response)
+                return APIResult(out.response, req.key, False)
+            if out.counter == "invalid":
+                ledger.invalid(out.response, out.error.reason)
+            used[out.counter] += 1
+            if used[out.counter] > limits[out.counter]:
+                # an unusable reply is on its "invalid" line already; any other failure gets an "error" line
+                raise out.error if out.counter == "invalid" else ledger.fail(out.error)
+            ledger.retried(out.retry)
+            delay = self._backoff(sum(used.values()) - 1, out.retry_after)
+            reason = out.reason
+            if out.retry_after is not None and out.retry_after > cfg.max_retry_after_s:
+                reason += f"; Retry-After {out.retry_after:g}s capped at {cfg.max_retry_after_s:g}s"
+            logger.warning("POST %s: %s; retry %d in %.2fs", req.url, reason, ledger.attempts, delay)
             self._sleep(delay)
+
+    def _classify(self, req: _Request, attempts: int, status: int, headers: Mapping[str, str] | None, raw: bytes,
+                  exc_kind: str | None, exc_text: str | None) -> _Outcome:
+        """What one attempt's reply (``_send``'s tuple) is: usable; "invalid" (``validate`` rejects it);
+        "bad_json" (2xx, not the expected JSON); "transient" (no reply, 429, 5xx); or final (any other status).
+        Builds the error to raise when its counter runs out; ``attempts`` (so far) goes into its message."""
+        url, cfg = req.url, self.config
+        if exc_kind is not None:  # no (complete) HTTP reply: timeout or connection error
+            what = (f"timed out after {cfg.timeout_s:g}s" if exc_kind == "timeout"
+                    else f"connection failed ({exc_text})")
+            hint = ("Is the server up and reachable? Check --base-url." if exc_kind == "connection" else
+                    "The server is slow or overloaded: raise --timeout or lower --concurrency.")
+            error = APIError(f"POST {url} {what}; gave up after {attempts} attempts. {hint}", url=url, status=None,
+                             kind=exc_kind, attempts=attempts)
+            return _Outcome("transient", error, retry={"kind": exc_kind}, reason=what)
+        if 200 <= status < 300:
+            try:
+                response = json.loads(raw.decode("utf-8"))
+                if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
+                    raise ValueError("no 'choices' list in the reply")
+            except (ValueError, UnicodeDecodeError) as e:
+                snippet = self._redact(raw[:200].decode("utf-8", "replace"))
+                text = f"HTTP {status} with a malformed body ({e}): {snippet!r}"
+                error = APIError(f"POST {url}: {text}; gave up after {attempts} attempts. Is --base-url an "
+                                 f"OpenAI-compatible API (it usually ends in /v1)?", url=url, status=status,
+                                 kind="bad_json", attempts=attempts)
+                return _Outcome("bad_json", error, retry={"kind": "bad_json", "http_status": status}, reason=text)
+            response = _compact(response)
+            why = req.rejection(response)
+            if why is None:
+                return _Outcome(response=response)
+            error = InvalidReplyError(f"POST {url}: the reply cannot be used: {why}", url=url, attempts=attempts,
+                                      response=response, reason=why, cached=False)
+            return _Outcome("invalid", error, response, retry={"kind": "invalid_reply"},
+                            reason=f"unusable reply ({why})")
+        detail = self._error_detail(raw)
+        if status == 429 or status >= 500:
+            hint = ("rate limited: lower --concurrency, or raise your rate limit" if status == 429
+                    else "the server keeps failing: check its logs")
+            error = APIError(f"POST {url} -> HTTP {status}: {detail}; gave up after {attempts} attempts ({hint}).",
+                             url=url, status=status, kind="http", attempts=attempts)
+            return _Outcome("transient", error, retry={"kind": "http", "http_status": status},
+                            reason=f"HTTP {status}", retry_after=_retry_after_s(headers))
+        return _Outcome(error=self._client_error(url, status, detail, attempts))
 
     def invalidate(self, path: str, body: Mapping[str, Any], *, extra_key: Mapping[str, Any] | None = None,
                    reason: str) -> None:
@@ -553,58 +633,3 @@ class OpenAIClient:
         msg = (f"POST {url} -> HTTP {status}: {detail}. The server rejected this request: check that it supports "
                f"the parameters sent (logprobs, top_logprobs, n, echo, seed, max_tokens) and the prompt length.")
         return APIError(msg, url=url, status=status, kind="http", attempts=attempts)
-
-
-# ---------------------------------------------------------------------------- argparse helpers
-def add_client_arguments(parser) -> None:
-    """Endpoint, retry, budget and store options shared by `tuna-jax teacher` and `tuna-jax judge`."""
-    g = parser.add_argument_group("endpoint (OpenAI-compatible: OpenAI, vLLM, SGLang, llama.cpp)")
-    g.add_argument("--base-url", default=ClientConfig.base_url,
-                   help="API base URL including the version, e.g. http://localhost:8000/v1 (default: %(default)s)")
-    g.add_argument("--model", required=True, help="model name as the server knows it")
-    g.add_argument("--api-key-env", default=ClientConfig.api_key_env,
-                   help="name of the environment variable that holds the API key; the key itself is never "
-                        "given on the command line, logged or stored (default: %(default)s)")
-    g.add_argument("--timeout", type=float, default=ClientConfig.timeout_s,
-                   help="seconds one request attempt may take in all (connect, wait, read the whole reply) "
-                        "before it is retried (default: %(default)s)")
-    g.add_argument("--max-retries", type=int, default=ClientConfig.max_retries,
-                   help="retries on 429, 5xx, timeouts and connection errors (default: %(default)s)")
-    g.add_argument("--backoff", type=float, default=ClientConfig.backoff_initial_s,
-                   help="first retry delay in seconds, doubled each retry up to --backoff-max (default: %(default)s)")
-    g.add_argument("--backoff-max", type=float, default=ClientConfig.backoff_max_s,
-                   help="longest retry delay in seconds (default: %(default)s)")
-    g.add_argument("--max-retry-after", type=float, default=ClientConfig.max_retry_after_s,
-                   help="longest wait in seconds a server's Retry-After header may impose before a retry "
-                        "(default: %(default)s)")
-    g.add_argument("--concurrency", type=int, default=ClientConfig.concurrency,
-                   help="requests in flight at once (default: %(default)s)")
-    s = parser.add_argument_group("cache and budget")
-    s.add_argument("--store", default=None,
-                   help="append-only JSONL cache of every request (default: OUT.store.jsonl); rerunning with "
-                        "the same store repeats no finished request")
-    s.add_argument("--no-retry-failed", action="store_true",
-                   help="do not retry requests that failed in an earlier run; report them as failed items")
-    s.add_argument("--max-usd", type=float, default=None,
-                   help="stop cleanly once the store's total spend reaches this many USD (all runs)")
-    s.add_argument("--max-requests", type=int, default=None,
-                   help="stop cleanly once the store has sent this many HTTP requests (all runs)")
-    s.add_argument("--price-input", type=float, default=0.0,
-                   help="USD per 1M prompt tokens, for cost accounting (default: %(default)s)")
-    s.add_argument("--price-output", type=float, default=0.0,
-                   help="USD per 1M completion tokens, for cost accounting (default: %(default)s)")
-
-
-def client_config_from_args(args) -> ClientConfig:
-    return ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                        timeout_s=args.timeout, max_retries=args.max_retries, backoff_initial_s=args.backoff,
-                        backoff_max_s=args.backoff_max, max_retry_after_s=args.max_retry_after,
-                        concurrency=args.concurrency)
-
-
-def store_from_args(args, out_path: str) -> Store:
-    from .store import Budget, Prices
-
-    return Store(args.store or (out_path + ".store.jsonl"),
-                 prices=Prices(args.price_input, args.price_output),
-                 budget=Budget(args.max_usd, args.max_requests), retry_failed=not args.no_retry_failed)

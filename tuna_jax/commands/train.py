@@ -1,0 +1,33 @@
+"""Train one stage. CONFIG is a YAML file (see configs/); overrides are section.key=value, e.g. optim.lr=1e-5
+train.global_batch=64 data.train=ranked.jsonl, or a YAML file merged where it stands (a topology preset:
+configs/topologies/v5e-16.yaml). Unknown keys are errors."""
+from __future__ import annotations
+
+import dataclasses
+
+from tuna_jax.io.fields import arg, pos
+
+HELP = "train a stage (SFT or ranking) from a YAML config"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Config:
+    config: str = pos("YAML config (configs/tuna_p.yaml, ...)")
+    overrides: list = pos("section.key=value, or a YAML file merged where it stands", nargs="*", metavar="KEY=VALUE")
+    resume: bool = arg(False, "continue from the latest checkpoint in train.output_dir (params, optimizer, step, RNG "
+                       "and data position)")
+
+
+def run(cfg: Config) -> int:
+    from tuna_jax.config import load_config
+    from tuna_jax.train import train
+
+    # A stop (signal, divergence) is one line and its status: io.cli.run_command.
+    result = train(load_config(cfg.config, cfg.overrides), resume=cfg.resume)
+    summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()}
+    print(f"finished at step {result.step}: {summary}")
+    if result.eval_metrics:
+        print(f"held-out: {result.eval_metrics}")
+    if result.export_dir:
+        print(f"params export: {result.export_dir}")
+    return 0
