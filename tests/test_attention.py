@@ -48,6 +48,7 @@ CASES = [(layout, impl) for layout in ("padded", "prefix_shared", "packed")
 
 
 @pytest.mark.parametrize("layout,impl", CASES)
+@pytest.mark.slow
 def test_matches_einsum_reference(layout, impl, monkeypatch):
     seg, br, kv = _rows("packed", mode="sft") if layout == "packed_sft" else _rows(layout)
     if layout == "packed_sft":
@@ -65,6 +66,7 @@ def test_matches_einsum_reference(layout, impl, monkeypatch):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_padding_rows_stay_finite_everywhere():
     seg = jnp.zeros((2, 16), jnp.int32).at[0, :5].set(1)  # row 1 is all padding
     q, k, v = _qkv(2, 16)

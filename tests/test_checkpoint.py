@@ -79,6 +79,7 @@ def test_no_good_step_is_one_line_naming_the_folder(three_steps, tmp_path):
     assert all((d / str(s)).is_dir() for s in (1, 2, 3))  # nothing renamed when nothing restores
 
 
+@pytest.mark.slow
 def test_train_resume_over_a_damaged_latest_step_is_exact(tmp_path, capsys, caplog):
     """A finished run whose last two checkpoints are damaged resumes from the one before, retrains the
     steps after it on the same data, and ends with the same parameters as the undamaged run."""

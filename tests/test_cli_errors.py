@@ -179,6 +179,7 @@ def _run(code, env_drop=()):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_library_noise_stays_out_of_normal_output(tmp_path):
     """With no JAX_PLATFORMS set, jax logs 'Unable to initialize backend tpu' at INFO; transformers prints
     an advisory when PyTorch is missing. Neither reaches a user of tuna-jax."""

@@ -16,6 +16,7 @@ def run_demo(out_dir):
                           env=env, capture_output=True, text=True, timeout=1200)
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_exports_loadable_hf_weights(tmp_path):
     out = tmp_path / "demo"
     proc = run_demo(out)

@@ -192,6 +192,7 @@ def test_resume_skips_finished_items_and_matches_an_uninterrupted_run(tmp_path):
                               model, progress=False)
 
 
+@pytest.mark.slow
 def test_end_to_end_real_sampler_then_metric_judge(tmp_path_factory, tmp_path):
     """The real sampler on a tiny model (the local-teacher fixture: same shapes, so its compilations are
     reused), then `judge --kind metric` of the output: ranking records."""

@@ -101,6 +101,7 @@ def write_config(world, out_dir, base_url, path):
     return path
 
 
+@pytest.mark.slow
 def test_eval_run_writes_table_and_chart_and_resumes(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = tmp_path / "out"

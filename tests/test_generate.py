@@ -226,6 +226,7 @@ def test_bad_arguments(sampler):
 
 # ---- stories260K golden -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_stories260k_greedy_reproduces_golden_text(shared_dir, tmp_path):
     llama2c = pytest.importorskip("tuna_jax.model.llama2c")
     from tuna_jax.data.templates import load_tokenizer
@@ -283,6 +284,7 @@ def _cli(args):
     return main(args)
 
 
+@pytest.mark.slow
 def test_cli_generate_end_to_end_and_resume(cli_model_dir, tmp_path, capsys):
     from tuna_jax.data.templates import SpecialTokenPolicy, encode_prompt, format_prompt, load_tokenizer
 

@@ -32,6 +32,7 @@ def test_logits_match_hf(tmp_path, case, scan):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.slow
 def test_padded_batch_equals_unpadded(tmp_path, side):
     hf = tiny_hf_model(num_kv_heads=2)
     model = load_hf_model(save_hf(hf, tmp_path / "hf"))

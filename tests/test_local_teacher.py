@@ -101,6 +101,7 @@ def tuna_score(model, model_dir, tmp_path, lines):
     return [json.loads(x) for x in out.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sampled_and_scored_logprobs_equal_tuna_jax_score(model, model_dir, tmp_path):
     # Seed 5 gives 11 stopped (one empty), 9 length-cut and 3 non-canonical samples of 20.
     never = teacher_for(model, model_dir, rescore="never", seed=5)
@@ -187,6 +188,7 @@ def test_teacher_run_writes_ranking_records_and_resumes(model, model_dir, tmp_pa
     assert _read(out) == first
 
 
+@pytest.mark.slow
 def test_teacher_cli_local_model(model_dir, tmp_path, capsys):
     """`tuna-jax teacher INPUT OUT --local-model PATH` (no --model, no endpoint) through commands/teacher.run."""
     data = tmp_path / "alpaca.json"

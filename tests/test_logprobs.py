@@ -11,6 +11,7 @@ from tuna_jax.model.llama import Llama, LlamaConfig
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+@pytest.mark.slow
 def test_chunked_equals_naive(chunk):
     rng = np.random.RandomState(0)
     h = jnp.asarray(rng.randn(3, 37, 16).astype(np.float32))
@@ -25,6 +26,7 @@ def test_chunked_equals_naive(chunk):
     assert np.abs(np.asarray(ga) - np.asarray(gb)).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_sequence_logprobs_match_numpy_brute_force():
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                       num_kv_heads=1, head_dim=8)
@@ -52,6 +54,7 @@ def test_sequence_logprobs_match_numpy_brute_force():
     assert abs(float(v[0, 0]) - expect[0, 0] / 4) <= 1e-5
 
 
+@pytest.mark.slow
 def test_16bit_logits_keep_float32_logprobs_and_give_16bit_gradients():
     """bfloat16 compute: the log-probs equal a float32 computation on the same bf16 inputs, and the
     gradients (rounded to bf16 at the logits, as every other matmul's) stay within bf16 error."""

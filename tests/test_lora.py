@@ -123,11 +123,12 @@ def _brute_force_model(binder, frozen, trainable, spec):
     return binder.bind(params)
 
 
+# One case per mode, the three layouts, both attentions and an unscanned stack among them (each case is a
+# compile of the LoRA step and of the merged model: ~30 s of CI time).
 @pytest.mark.parametrize("mode,layout,attention,scan", [
-    ("ranking", "packed", "xla", True),
-    *[pytest.param(*c, marks=pytest.mark.slow) for c in [
-        ("ranking", "padded", "einsum", True), ("ranking", "prefix_shared", "xla", False),
-        ("sft", "packed", "xla", True), ("prm", "prefix_shared", "xla", True)]]])
+    ("ranking", "packed", "xla", True), ("ranking", "padded", "einsum", False), ("sft", "packed", "xla", True),
+    ("prm", "prefix_shared", "xla", True)])
+@pytest.mark.slow
 def test_adapter_gradients_equal_the_merged_weight_brute_force(mode, layout, attention, scan):
     """d loss / d (A, B, trained norms) of the LoRA step = autodiff through W + s A B materialised, 1e-5."""
     cfg, binder, frozen, trainable, batch = _setup(mode, layout, attention, scan, train_also=("norms",))
@@ -156,6 +157,7 @@ def test_adapter_gradients_equal_the_merged_weight_brute_force(mode, layout, att
 
 # ---- what is trained, and where it lives ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_only_adapters_have_optimizer_state_and_they_follow_the_rules_table():
     """The train state of a LoRA run holds the adapters (and lora.train_also) only, AdamW's moments for them
     only, each placed by the rules table: A's input dim split like W's (embed on fsdp), B's output dim like
@@ -236,6 +238,7 @@ def _peft_name(key: str) -> str:
     ("llama", ALL, ("norms", "lm_head"), {}),
     pytest.param("qwen3", ALL, ("norms", "lm_head"), {"num_key_value_heads": 2}, marks=pytest.mark.slow),  # q/k norms
     pytest.param("gpt_neox", ("o_proj", "up_proj", "down_proj"), ("norms",), {}, marks=pytest.mark.slow)])  # HF names
+@pytest.mark.slow
 def test_peft_loads_the_adapter_folder_and_agrees_forward_and_backward(tmp_path, family, targets, extras, kw):
     """An adapter folder (adapters, trained norms and LM head) is what ``PeftModel.from_pretrained`` loads
     onto the HF base; PEFT's log-likelihoods and its gradients w.r.t. every lora_A / lora_B and saved

@@ -210,6 +210,7 @@ def committed_steps(run_dir):
     return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
 
 
+@pytest.mark.slow
 def test_killed_mid_stage_resumes_and_matches_an_uninterrupted_run(tmp_path):
     from tuna_jax.assets import stories260k_hf_dir
 

@@ -46,6 +46,7 @@ def tiny_plan(tmp_path_factory):
     return status, json.loads(out.read_text())["plan"], buf.getvalue()
 
 
+@pytest.mark.slow
 def test_plan_compiles_the_train_step_with_sane_figures(tiny_plan):
     status, p, report = tiny_plan
     assert status == 0 and p["fits"] is True and p["compiled"] is True
@@ -146,6 +147,7 @@ def test_model_flops_match_a_brute_force_count():
     assert got["parts"]["lm_head"] == 6 * d * lcfg.vocab_size * 8 * 3 * 48
 
 
+@pytest.mark.slow
 def test_search_returns_overrides_that_load_and_fit(tmp_path, capsys):
     """A chip with room for the step under full remat but not without remat: the default (no remat, one
     micro-batch) does not fit; the search (on an estimate target: no compile) finds settings that do, and
@@ -224,6 +226,7 @@ def lora_plans():
     return plan_config(TUNA_P, LORA, target), plan_config(TUNA_P, LORA_BASE, target)
 
 
+@pytest.mark.slow
 def test_lora_plan_holds_the_bf16_base_adapters_and_their_optimizer_only(lora_plans):
     p, full = lora_plans
     base, adapters = arch_counts()
@@ -245,6 +248,7 @@ def test_lora_plan_holds_the_bf16_base_adapters_and_their_optimizer_only(lora_pl
     assert not p.warnings, p.warnings
 
 
+@pytest.mark.slow
 def test_lora_plans_less_memory_than_full_fine_tuning(lora_plans):
     lora_p, full = lora_plans
     assert full.model["lora"] is None and "params" in full.memory and "frozen_base" not in full.memory
@@ -257,6 +261,7 @@ def test_lora_plans_less_memory_than_full_fine_tuning(lora_plans):
     assert estimate[0]["parts"]["optimizer"] == 2 * arch_counts()[1] * 4
 
 
+@pytest.mark.slow
 def test_lora_estimate_is_within_a_factor_of_the_compile(lora_plans):
     """The LoRA estimate (h100:8) against the same step compiled for cpu:8, held as the full step's is."""
     est = plan_config(TUNA_P, LORA, hardware.resolve("h100:8"))
@@ -370,6 +375,7 @@ def test_the_paper_stages_share_tuna_ps_step():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install -e '.[plan]'): no TPU topology to compile for")
+@pytest.mark.slow
 def test_compiles_for_a_real_tpu_topology(tmp_path):
     """The reduced tuna_p compiled by libtpu for a v5e-4 (2x2) slice on this CPU host."""
     out = tmp_path / "tpu.json"

@@ -45,6 +45,7 @@ def trained(tmp_path_factory):
     return res, tmp
 
 
+@pytest.mark.slow
 def test_training_raises_heldout_pair_accuracy(trained):
     res, tmp = trained
     start, final = res.start_eval, res.final_eval
@@ -62,6 +63,7 @@ def test_training_raises_heldout_pair_accuracy(trained):
     assert meta["train"]["train"]["mode"] == "prm"  # the trainer's resolved config: one trainer, one config
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(trained):
     res, tmp = trained
     loaded = P.load_prm(tmp / "prm")
@@ -89,6 +91,7 @@ def _expected_reward(prm, tok, row, cand):
     return prm.rewards([prompt + encode_response(tok, cand, policy)], max_len=MAX_LEN)[0]
 
 
+@pytest.mark.slow
 def test_rerank_writes_ranking_records(trained, tmp_path):
     res, tmp = trained
     prm = P.load_prm(tmp / "prm")
@@ -117,6 +120,7 @@ def test_rerank_writes_ranking_records(trained, tmp_path):
     assert [f["id"] for f in failed] == ["nothing"]
 
 
+@pytest.mark.slow
 def test_rerank_cli(trained, tmp_path, capsys):
     res, tmp = trained
     src = write_rows(tmp_path / "cands.jsonl", [{"instruction": "Name the first word.", "input": "cat dog sun",
@@ -137,6 +141,7 @@ def test_bad_settings_are_clear_errors():
         PRMSettings(margin=-1)
 
 
+@pytest.mark.slow
 def test_prm_training_resumes_exactly_through_the_one_trainer(tmp_path):
     """train.mode=prm runs in the project's one trainer: a run stopped after 2 steps and resumed ends
     with the parameters of an uninterrupted 4-step run (checkpoints hold the head too)."""
@@ -164,6 +169,7 @@ def test_prm_training_resumes_exactly_through_the_one_trainer(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_prm_train_sigterm_exits_143_and_resumes(tmp_path, monkeypatch, capsys):
     """`tuna-jax prm train` stopped by SIGTERM: one line, status 143 (as `train`), and --resume finishes it."""
     import os

@@ -168,6 +168,7 @@ def test_brute_force_gradients_match_finite_differences(form):
 
 
 @pytest.mark.parametrize("form", [f for f in RANKING_FORMS if f not in ("paper", "reference")])
+@pytest.mark.slow
 def test_non_finite_padding_in_masked_slots_stays_out(form):
     v = jnp.array([[0.3, jnp.nan, -0.2], [jnp.inf, jnp.nan, -jnp.inf]])
     v_ref = jnp.array([[0.1, jnp.inf, 0.0], [jnp.nan, 0.0, 0.0]])
@@ -180,6 +181,7 @@ def test_non_finite_padding_in_masked_slots_stays_out(form):
     assert not np.asarray(gv)[1].any() and float(gv[0, 1]) == 0.0
 
 
+@pytest.mark.slow
 def test_two_candidates_reduce_to_dpo():
     """With one counted pair, listmle, dpo_pairs and dpo_best are -log sigmoid(beta*(s_0 - s_1)),
     and lipo_lambda is that times |1 - 1/log2(3)| (gains 1 and 0, IDCG 1)."""

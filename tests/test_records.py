@@ -227,6 +227,7 @@ def test_reads_the_shared_demo_set(shared_dir):
     assert recs[0].instruction == "Describe a process of making crepes." and recs[0].output.startswith("Making crepes")
 
 
+@pytest.mark.slow
 def test_identical_candidates_are_ties_and_counted(tmp_path):
     """The same text with different scores (an API's log-probs of one text vary; a judge may rank copies apart)
     is one answer: tied at the mean of its scores, no pair between copies, in every loss form; counted."""

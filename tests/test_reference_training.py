@@ -36,12 +36,14 @@ def _first_step(tmp, model, name, *overrides):
 
 
 @pytest.mark.parametrize("score", ["mean", "sum"])
+@pytest.mark.slow
 def test_at_the_reference_every_pair_costs_log2(data, score):
     tmp, model = data
     m = _first_step(tmp, model, f"dpo-{score}", "loss.form=dpo_pairs", f"loss.score={score}", "loss.beta=0.5")
     assert m["rank_loss"] == pytest.approx(math.log(2), abs=2e-5)  # -log sigmoid(0) for every pair
 
 
+@pytest.mark.slow
 def test_listmle_at_the_reference_is_log_n_factorial(data):
     tmp, model = data
     m = _first_step(tmp, model, "listmle", "loss.form=listmle")

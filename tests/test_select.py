@@ -44,6 +44,7 @@ def _train_sources(cfg):
     return cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
 
 
+@pytest.mark.slow
 def test_tuna_cp_13k_and_39k_share_no_instruction(tmp_path):
     """The shipped configs, per-stage and pipeline, on a 52K-row file: first 13K and last 39K, disjoint."""
     data = str(write_jsonl(tmp_path / "ranked.jsonl", rows(52000)))

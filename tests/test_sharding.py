@@ -57,6 +57,7 @@ def run(model, ids, mask, seg, mesh=None):
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2), (2, 2, 2)])
+@pytest.mark.slow
 def test_mesh_matches_single_device(shape):
     need_8()
     ids, mask, seg = batch()
@@ -74,6 +75,7 @@ def test_mesh_matches_single_device(shape):
     assert np.all(out[2] == 10)
 
 
+@pytest.mark.slow
 def test_param_shardings_follow_rules_table():
     need_8()
     mesh = parallel.make_mesh((2, 2, 2))
@@ -91,6 +93,7 @@ def test_param_shardings_follow_rules_table():
     assert placed["layers"]["self_attn"]["q_proj"][...].sharding.spec == P(None, "fsdp", "tensor")
 
 
+@pytest.mark.slow
 def test_indivisible_dims_are_replicated_not_split():
     need_8()
     cfg = LlamaConfig(**{**CFG.__dict__, "num_kv_heads": 1})

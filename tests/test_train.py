@@ -17,6 +17,7 @@ from tuna_jax.train import train
 TINY_RANKING = str(REPO / "configs" / "tiny_ranking.yaml")
 
 
+@pytest.mark.slow
 def test_ranking_training_raises_heldout_pair_accuracy(tmp_path):
     cfg = load_config(TINY_RANKING, tiny_overrides(tmp_path, n_train=96, n_eval=32, train__epochs=2,
                                                    train__save_every=1000))
@@ -65,6 +66,7 @@ def _wait_for_step(proc, run_dir, step, timeout=240):
     pytest.fail("training did not reach the step in time")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     full = _launch(tmp_path, "full")
     killed = _launch(tmp_path, "killed")
@@ -85,6 +87,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert full_losses[-1] < full_losses[0]
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_before_exit(tmp_path):
     import orbax.checkpoint as ocp
 
@@ -100,6 +103,7 @@ def test_sigterm_writes_a_checkpoint_before_exit(tmp_path):
     assert mgr.latest_step() == last and last < 24
 
 
+@pytest.mark.slow
 def test_optimizer_state_starts_sharded_like_the_parameters():
     """AdamW's moments start on the parameters' shardings (FSDP), not replicated on every device, so
     the first step neither holds the whole optimizer state per device nor compiles twice."""
@@ -128,6 +132,7 @@ def test_optimizer_state_starts_sharded_like_the_parameters():
     assert adam.count.sharding.spec == jax.sharding.PartitionSpec() and adam.count.sharding.mesh.shape == mesh.shape
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_across_meshes(tmp_path):
     """A train state saved on (1,8,1) restores onto (2,2,2) and onto one device, values equal."""
     if jax.device_count() < 8:
@@ -171,6 +176,7 @@ def test_checkpoint_restores_across_meshes(tmp_path):
         assert all(jax.tree.leaves(same))
 
 
+@pytest.mark.slow
 def test_sft_on_stories260k_lowers_heldout_loss(tmp_path, shared_dir):
     """A few SFT steps of the real stories260K model on the shared Alpaca demo data."""
     from tuna_jax.assets import stories260k_hf_dir
@@ -186,6 +192,7 @@ def test_sft_on_stories260k_lowers_heldout_loss(tmp_path, shared_dir):
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.1, evals
 
 
+@pytest.mark.slow
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     from tuna_jax.train import TrainingDiverged
 
@@ -204,6 +211,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert bad_step not in logged
 
 
+@pytest.mark.slow
 def test_bad_training_data_is_a_clear_cli_error(tmp_path, capsys):
     from tuna_jax.cli import main as cli
 
