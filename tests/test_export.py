@@ -43,16 +43,16 @@ def test_export_has_the_alpaca_chat_template_and_normal_permissions(hf_and_ckpt,
 
 
 def test_readme_generation_from_an_export_runs(hf_and_ckpt, tmp_path):
-    """The README's transformers snippet, as written there, on an export."""
+    """The transformers snippet of docs/workflow.md ("Take it home"), as written there, on an export."""
     pytest.importorskip("torch")
     hf, ckpt = hf_and_ckpt
     out = tmp_path / "tuna-hf"
     assert cli(["convert", "orbax-to-hf", str(ckpt), str(out), "--like", str(hf)]) == 0
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "docs", "workflow.md")).read()
     snippet = readme.split("<!-- export-generate -->")[1].split("```python")[1].split("```")[0]
     snippet = snippet.replace('"out/tuna-7b-hf"', repr(str(out)))
     scope: dict = {}
-    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    exec(compile(snippet, "docs/workflow.md", "exec"), scope)  # noqa: S102 - our own docs
     assert isinstance(scope["answer"], str)
 
 

@@ -9,10 +9,8 @@ import sys
 
 from tuna_jax.commands import (
     convert,
-    demo,
     generate,
     judge,
-    pipeline,
     plan,
     prm,
     reference_scores,
@@ -23,6 +21,7 @@ from tuna_jax.commands import (
 )
 from tuna_jax.commands import eval as evaluate
 from tuna_jax.io.fields import add_arguments, config_from_args
+from tuna_jax.pipeline import commands as pipeline
 
 EPILOG = """The staged pipeline (see README.md):
   tuna-jax pipeline configs/pipelines/tuna.yaml   every stage below, resumable, one command
@@ -49,7 +48,7 @@ GROUPS = {
 
 # Every command: (its words, one-line help, Config, run, description (default: the help)), in --help's order.
 COMMANDS = [
-    (("demo",), demo.HELP, demo.Config, demo.run, demo.__doc__),
+    (("demo",), pipeline.DEMO_HELP, pipeline.Demo, pipeline.run_demo, pipeline.DEMO_DESCRIPTION),
     (("convert", "hf-to-orbax"), convert.HF_TO_ORBAX_HELP, convert.HfToOrbax, convert.run_hf_to_orbax, None),
     (("convert", "orbax-to-hf"), convert.ORBAX_TO_HF_HELP, convert.OrbaxToHf, convert.run_orbax_to_hf, None),
     (("convert", "llama2c-to-hf"), convert.LLAMA2C_TO_HF_HELP, convert.Llama2cToHf, convert.run_llama2c_to_hf, None),
@@ -64,7 +63,7 @@ COMMANDS = [
     (("judge",), judge.HELP, judge.Config, judge.run, judge.__doc__),
     (("prm", "train"), prm.TRAIN_HELP, prm.Train, prm.run_train, prm.TRAIN_DESCRIPTION),
     (("prm", "rerank"), prm.RERANK_HELP, prm.Rerank, prm.run_rerank, prm.RERANK_DESCRIPTION),
-    (("pipeline",), pipeline.HELP, pipeline.Config, pipeline.run, pipeline.__doc__),
+    (("pipeline",), pipeline.PIPELINE_HELP, pipeline.Pipeline, pipeline.run_pipeline, pipeline.Pipeline.__doc__),
     (("eval", "run"), evaluate.RUN_HELP, evaluate.Run, evaluate.run, evaluate.RUN_DESCRIPTION),
     (("eval", "superni"), evaluate.SUPERNI_HELP, evaluate.Superni, evaluate.run_superni, evaluate.Superni.__doc__),
     (("eval", "lmentry"), evaluate.LMENTRY_HELP, evaluate.Lmentry, evaluate.run_lmentry, evaluate.Lmentry.__doc__),

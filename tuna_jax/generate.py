@@ -39,7 +39,7 @@ run was resumed.
 What is returned per sample (:class:`tuna_jax.samples.Sample`)
 ---------------------------------------------
 * ``token_ids``: the generated ids, INCLUDING the stop token when ``finish_reason == "stop"`` (the
-  DESIGN's candidate score sums over response tokens plus EOS, so the teacher needs that token's
+  candidate score v_k of ``losses.py`` sums over response tokens plus EOS, so the teacher needs that token's
   log-prob too). ``text`` is ``tokenizer.decode_continuation`` of the ids WITHOUT the stop token,
   so ``encode_response(text)`` (= ``encode_continuation(text) + [EOS]``) gives ``token_ids`` back.
 * ``token_logprobs``: log p(token) under the MODEL's distribution at temperature 1, i.e. the

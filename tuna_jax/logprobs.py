@@ -17,8 +17,8 @@ Two ideas make it fast:
   stays flat in V; with ``chunk=0`` the chunk is sized from ``budget_mb`` and, when all tokens fit,
   there is a single pass with no recomputation at all.
 
-All log-probs are float32 whatever the compute dtype (DESIGN: "compute log-softmax in vocabulary or
-sequence chunks, in float32").
+All log-probs are float32 whatever the compute dtype (the log-softmax is computed in vocabulary or
+sequence chunks, in float32).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 ``ranking_loss``) and the MLE loss, on per-candidate log-likelihoods.
 
 The log-likelihoods themselves (float32, only scored tokens projected to the vocabulary) come
-from :mod:`tuna_jax.logprobs`. Conventions (see DESIGN.md "The equations, exactly"):
+from :mod:`tuna_jax.logprobs`. Conventions (docs/objectives.md gives the forms):
 
 * Every ranking tensor carries an explicit candidate axis: scores and masks are [B, N].
 * v_k = (1/|r_k|) sum_t log p(r_k,t | i, r_k,<t): the per-token mean over response + EOS.

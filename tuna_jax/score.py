@@ -3,7 +3,7 @@
 Input lines (JSONL), either
 
 * text: ``{"id"?, "instruction", "input"?, "candidates": [str, ...]}`` -- each candidate is
-  scored as the response to the Alpaca prompt, response tokens plus EOS (DESIGN's v_k), with
+  scored as the response to the Alpaca prompt, response tokens plus EOS (the score v_k of ``losses.py``), with
   the project's one BOS/EOS policy (``data/templates.py``);
 * pre-tokenised: ``{"id"?, "prompt_ids": [int, ...], "candidate_ids": [[int, ...], ...]}`` --
   no template, no BOS/EOS added; exactly the given candidate tokens are scored, each given

@@ -71,7 +71,7 @@ LAYOUTS = ("padded", "prefix_shared", "packed")
 
 def resolve_layout(layout: str, platform: str | None = None) -> str:
     """``auto``: ``prefix_shared`` on CPU and ``packed`` on GPU, the fastest layouts measured there
-    by ``bench/rank_step.py`` (README "Performance"; on an H200 at 8 prompts packed 1.73x padded,
+    by ``bench/rank_step.py`` (docs/performance.md; on an H200 at 8 prompts packed 1.73x padded,
     prefix_shared 1.70x): block-sparse attention makes one long row per example cheap on CPU,
     while cuDNN with a mask pays for the whole of a long row. TPU takes ``packed`` too, for the same
     reason and its few compiled shapes per run; that choice is not measured on a TPU."""

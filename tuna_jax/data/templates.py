@@ -228,7 +228,7 @@ class SpecialTokenPolicy:
     """One BOS/EOS policy for SFT, ranking, scoring and generation.
 
     add_bos: prepend BOS to every prompt. add_eos: append EOS after every response (it is part of
-    the scored/trained tokens, as in the DESIGN's equations). bos_override: the id to use as BOS
+    the scored/trained tokens, as in the scores of ``losses.py``). bos_override: the id to use as BOS
     instead of the tokenizer's. The Tuna reference code (microsoft/LMOps tuna/src/train_tuna.py)
     sets ``bos_token = "</s>"`` for LLaMA, so its sequences start with EOS (id 2); reproduce it with
     ``SpecialTokenPolicy.reference_quirk(tok)`` (= ``bos_override=tok.eos_id``).

@@ -11,10 +11,9 @@ The prompt. ``RANKING_PROMPT_N4`` is the contextual ranking prompt of the Tuna r
 byte for byte: microsoft/LMOps, ``tuna/src/gpt-eval.py`` (``GroupEval.group_eval``), the script whose
 output is the released ``gpt_data/gpt-4-ranking.json`` (its ``prompt`` field), with the system message
 "You are a professional and experienced data annotator." Its quirks (no space after "responses." and
-"steps.", "[i, j ,k, l, m]") are kept on purpose. NOT VERIFIED against the paper's Appendix E, Table 9:
-the paper's text could not be retrieved here (only the arXiv abstract pages were reachable), so whether
-Table 9 differs from the released code (typesetting, wording) is an open question -- diff against the PDF
-before relying on "word for word". For N != 4 the same text is used with the ids spelled for N
+"steps.", "[i, j ,k, l, m]") are kept on purpose. It is held to the released code only: it has not been
+compared with the paper's own listing of the prompt (Appendix E), which may differ in typesetting or wording.
+For N != 4 the same text is used with the ids spelled for N
 ("0/1/.../N-1", own response N); the format examples in the last sentence are left as they are.
 
 Parsing. :func:`parse_rank` is strict and never guesses: the list after ``rank:`` (case-insensitive; also

@@ -7,7 +7,7 @@ endpoint, no API key and exact log-probs:
 * ``sample(prompt, n)``: n responses from ``tuna_jax.generate.Sampler`` (temperature 1 by default, the
   paper's teacher setting), each with the log-prob of every sampled token under the model at temperature 1
   (the untempered log-softmax, whatever temperature / top-p / top-k sampled it), the EOS included when the
-  response stopped (``finish_reason == "stop"``). So ``sum(token_logprobs)`` is exactly the DESIGN's
+  response stopped (``finish_reason == "stop"``). So ``sum(token_logprobs)`` is exactly the
   ``log p(r | i)`` over response tokens plus EOS, and ``len(token_logprobs)`` is |r| in the same units the
   student's scorer counts.
 * ``score(prompt, responses)``: teacher forcing of given responses, ``encode_response`` (response tokens +

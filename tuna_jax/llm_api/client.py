@@ -2,9 +2,8 @@
 
 One idea: turn "POST this body to /v1/chat/completions or /v1/completions" into a JSON reply the caller
 can use, exactly once per distinct request, robustly. The store (store.py) is the cache and the ledger;
-this module is the wire. Split from store.py (DESIGN.md had both in one module) because the store is
-also read without any network (reports, resume checks) and because the retry policy is easier to read
-on its own.
+this module is the wire. They are apart because the store is also read without any network (reports,
+resume checks) and because the retry policy is easier to read on its own.
 
 Wire: the standard library's ``http.client``, one connection per attempt, HTTP/1.1. ``timeout_s`` is a
 TOTAL deadline per attempt: connecting, sending, waiting for the status line and reading the whole body.

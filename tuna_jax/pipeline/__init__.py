@@ -7,6 +7,6 @@ skipping finished stages, resuming interrupted ones and running again exactly th
 config changed, with a manifest in every stage folder (``manifest.py``). ``heldout.py`` holds the demo's
 data and evaluation stages; the demo itself is the pipeline file ``demo.yaml`` here.
 
-(A package rather than DESIGN.md's single ``pipeline.py``: the plan, the engine, the kinds and the demo's
-evaluation are four ideas, each read on its own.)
+(A package rather than one ``pipeline.py``: the plan, the engine, the kinds and the demo's evaluation are four
+ideas, each read on its own.)
 """
