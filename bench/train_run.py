@@ -22,7 +22,7 @@ Runs, in order: ``data.shape_buckets=1000`` without the persistent cache (every 
 own shape: what a run did before shapes were planned), ``data.shape_buckets=4`` with an empty cache,
 then the same again (the cache warm: a rerun or a resume). Data: the Alpaca-GPT4 records of
 ``../shared`` with the 32k LLaMA tokenizer (each prompt's 4 candidates the next records' responses,
-random scores, responses cut to ``--max-resp`` tokens), else ``tuna_jax.synthetic`` records with the
+random scores, responses cut to ``--max-resp`` tokens), else ``tuna_jax.data.synthetic`` records with the
 stories260K tokenizer.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def write_data(out: pathlib.Path, n_cand: int, max_resp: int) -> tuple[str, str,
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return str(path), str(tok_path), dict(CPU_MODEL)
     from tuna_jax.assets import stories260k_hf_dir
-    from tuna_jax.synthetic import ranking_records
+    from tuna_jax.data.synthetic import ranking_records
 
     path.write_text("".join(json.dumps(r) + "\n" for r in ranking_records(999, seed=0)))
     return str(path), str(stories260k_hf_dir(out / "assets")), dict(CPU_MODEL, vocab_size=512)

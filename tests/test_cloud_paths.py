@@ -21,9 +21,9 @@ from train_utils import REPO, write_jsonl
 from tuna_jax.assets import stories260k_hf_dir
 from tuna_jax.cli import main as cli
 from tuna_jax.config import load_config
+from tuna_jax.data.synthetic import ranking_records
 from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
-from tuna_jax.synthetic import ranking_records
 from tuna_jax.train import train
 
 TINY_RANKING = str(REPO / "configs" / "tiny_ranking.yaml")

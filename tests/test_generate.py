@@ -228,7 +228,7 @@ def test_bad_arguments(sampler):
 
 @pytest.mark.slow
 def test_stories260k_greedy_reproduces_golden_text(shared_dir, tmp_path):
-    llama2c = pytest.importorskip("tuna_jax.model.llama2c")
+    llama2c = pytest.importorskip("tuna_jax.assets.llama2c")
     from tuna_jax.data.templates import load_tokenizer
 
     src = shared_dir / "models" / "stories260K"

@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llama2c_ref as ref  # noqa: E402
 
-from tuna_jax.model.llama2c import (  # noqa: E402
+from tuna_jax.assets.llama2c import (  # noqa: E402
     convert_llama2c_to_hf,
     read_llama2c_checkpoint,
     read_llama2c_header,

@@ -29,7 +29,7 @@ from train_utils import REPO, write_jsonl  # noqa: E402
 from tuna_jax.assets import stories260k_hf_dir  # noqa: E402
 from tuna_jax.cli import main as cli  # noqa: E402
 from tuna_jax.data.records import read_records  # noqa: E402
-from tuna_jax.synthetic import ranking_records, sft_records  # noqa: E402
+from tuna_jax.data.synthetic import ranking_records, sft_records  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -92,7 +92,7 @@ def teacher_for(model, model_dir, **kw):
 
 def tuna_score(model, model_dir, tmp_path, lines):
     """`tuna-jax score` (its implementation, one device) of JSONL ``lines`` -> the output records."""
-    from tuna_jax.score import make_candidate_encoder, score_file
+    from tuna_jax.scoring import make_candidate_encoder, score_file
 
     src, out = tmp_path / "score_in.jsonl", tmp_path / "score_out.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))

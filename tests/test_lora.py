@@ -400,7 +400,7 @@ def test_reference_model_is_the_frozen_base_scored_in_the_step(tmp_path, base_di
     model) trains exactly as loss.reference=data with the base's scores from `tuna-jax score` (1e-5), at
     every step, also after the adapters have moved the model away from its base."""
     from tuna_jax.cli import main as cli
-    from tuna_jax.synthetic import ranking_records
+    from tuna_jax.data.synthetic import ranking_records
 
     ranked = write_jsonl(tmp_path / "ranked.jsonl", ranking_records(24, seed=3))
     assert cli(["score", str(base_dir), str(ranked), str(tmp_path / "scores.jsonl")]) == 0

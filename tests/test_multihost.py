@@ -23,7 +23,7 @@ import pytest
 from train_utils import REPO, final_params, max_param_diff, read_metrics, tiny_overrides
 
 from tuna_jax.assets import stories260k_hf_dir
-from tuna_jax.synthetic import ranking_records
+from tuna_jax.data.synthetic import ranking_records
 
 # Each test starts three to six JAX processes. One xdist worker runs them all (`--dist loadgroup`, the README's
 # test command), so the two-process runs trained once are shared (the SIGTERM test compares with the packed one).

@@ -14,9 +14,9 @@ from tuna_jax.cli import parse_config
 from tuna_jax.commands import prm as prm_cmd
 from tuna_jax.commands.prm import PRMSettings
 from tuna_jax.data.records import read_records
+from tuna_jax.data.synthetic import ranking_records
 from tuna_jax.data.templates import SpecialTokenPolicy, encode_prompt, encode_response, format_prompt, load_tokenizer
 from tuna_jax.feedback import prm as P
-from tuna_jax.synthetic import ranking_records
 
 MAX_LEN = 48
 

@@ -97,7 +97,7 @@ def test_score_then_attach_on_the_shipped_model(tmp_path):
     """The real `tuna-jax score` output for a ranking file attaches to it."""
     import pathlib
 
-    from tuna_jax.model.llama2c import convert_llama2c_to_hf
+    from tuna_jax.assets.llama2c import convert_llama2c_to_hf
 
     assets = pathlib.Path(__file__).resolve().parents[1] / "tuna_jax" / "assets" / "stories260K"
     hf = convert_llama2c_to_hf(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "hf")

@@ -11,7 +11,7 @@ from train_utils import REPO, read_metrics, write_jsonl
 from tuna_jax.assets import stories260k_hf_dir
 from tuna_jax.cli import main as cli
 from tuna_jax.config import load_config
-from tuna_jax.synthetic import ranking_records
+from tuna_jax.data.synthetic import ranking_records
 from tuna_jax.train import train
 
 

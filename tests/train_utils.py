@@ -3,7 +3,7 @@ import json
 import pathlib
 
 from tuna_jax.assets import stories260k_hf_dir
-from tuna_jax.synthetic import ranking_records, sft_records
+from tuna_jax.data.synthetic import ranking_records, sft_records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_HF = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

@@ -11,19 +11,47 @@ projected to the vocabulary.
 Multi-host: every host calls the scorer with the same input; each batch runs on the global mesh,
 each host placing its own shards of the batch (``parallel.put_global_batch``), and every host gets
 every result.
+
+Below the Scorer, files of candidates (what ``tuna-jax score`` runs): exact log-likelihoods of given
+candidates under a model.
+
+Input lines (JSONL), either
+
+* text: ``{"id"?, "instruction", "input"?, "candidates": [str, ...]}`` -- each candidate is
+  scored as the response to the Alpaca prompt, response tokens plus EOS (the score v_k of
+  ``losses.py``), with the project's one BOS/EOS policy (``data/templates.py``);
+* pre-tokenised: ``{"id"?, "prompt_ids": [int, ...], "candidate_ids": [[int, ...], ...]}`` --
+  no template, no BOS/EOS added; exactly the given candidate tokens are scored, each given
+  ``prompt_ids`` and the candidate's earlier tokens.
+
+Output lines: ``{"index", "id"?, "candidates": [{"logprob_sum", "num_tokens"}, ...],
+"logprob_sum": [...], "num_tokens": [...]}`` in input order; logprob_sum in nats (float32
+accumulation), num_tokens the number of scored tokens.
+
+The scoring itself is :class:`tuna_jax.scoring.Scorer`, shared with the local teacher: each line's
+candidates form one prefix-shared group (the prompt computed once) in the training layouts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import math
+import os
+import pathlib
+import sys
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from tuna_jax import parallel
 from tuna_jax.data.batching import TokenizedExample
 from tuna_jax.data.layouts import BatchShape, LayoutCollator, resolve_layout
 from tuna_jax.data.shapes import bucket_length
+from tuna_jax.io.errors import InputError
+from tuna_jax.io.jsonl import dumps, iter_jsonl
+from tuna_jax.io.lock import OutputLock
 
 TOKEN_KEYS = ("input_ids", "positions", "segment_ids", "branch_ids", "score_src", "score_tgt", "kv_blocks")
 
@@ -145,3 +173,160 @@ class Scorer:
                 length = -(-length // self.block) * self.block
         m = s.kv_blocks and min(_bucket(s.kv_blocks), length // self.block)
         return BatchShape(units, s.rows, length, min(_bucket(s.scored), s.rows * length), s.examples, m)
+
+
+# ---- files of candidates: `tuna-jax score` ----------------------------------------------------------
+
+
+def _int_list(value, where: str, field: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise InputError(where, field, "must be a list of integer token ids", reason="wrong_type")
+    return value
+
+
+def check_line(obj: dict, where: str) -> None:
+    """Structural checks of one input line, the same rules as training data: text fields are strings,
+    candidates a non-empty list of non-empty responses, token ids integers, ``id`` a string or integer.
+    Needs no model or tokenizer, so a whole file is checked before anything loads."""
+    if "id" in obj and (isinstance(obj["id"], bool) or not isinstance(obj["id"], (str, int))):
+        raise InputError(where, "id", f"expected a string or integer, got {type(obj['id']).__name__}",
+                         reason="wrong_type")
+    if "prompt_ids" in obj or "candidate_ids" in obj:
+        for field in ("prompt_ids", "candidate_ids"):
+            if field not in obj:
+                raise InputError(f"{where}: pre-tokenised line is missing field {field!r}")
+        if not _int_list(obj["prompt_ids"], where, "prompt_ids"):
+            raise InputError(f"{where}: 'prompt_ids' is empty; the first candidate token needs a context")
+        if not isinstance(obj["candidate_ids"], list) or not obj["candidate_ids"]:
+            raise InputError(f"{where}: 'candidate_ids' must be a non-empty list of token-id lists")
+        for k, cand in enumerate(obj["candidate_ids"]):
+            if not _int_list(cand, where, f"candidate_ids[{k}]"):
+                raise InputError(where, f"candidate_ids[{k}]", "empty candidate: there is no token to score",
+                                 reason="empty_response")
+        return
+    for field in ("instruction", "candidates"):
+        if field not in obj:
+            raise InputError(f"{where}: missing field {field!r} (or give prompt_ids/candidate_ids)")
+    if not isinstance(obj["instruction"], str):
+        raise InputError(where, "instruction", f"expected a string, got {type(obj['instruction']).__name__}",
+                         reason="wrong_type")
+    if obj.get("input") is not None and not isinstance(obj["input"], str):
+        raise InputError(where, "input", f"expected a string, got {type(obj['input']).__name__}", reason="wrong_type")
+    cands = obj["candidates"]
+    if not isinstance(cands, list) or not cands:
+        raise InputError(f"{where}: 'candidates' must be a non-empty list of strings")
+    for k, c in enumerate(cands):
+        if not isinstance(c, str):
+            raise InputError(where, f"candidates[{k}]", f"expected a string, got {type(c).__name__}",
+                             reason="wrong_type")
+        if not c.strip():
+            raise InputError(where, f"candidates[{k}]", "empty response", reason="empty_response")
+
+
+def read_lines(path: str) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a ``tuna-jax score`` input, each checked by
+    :func:`check_line`; the first bad line is an InputError naming file, line and field."""
+    lines = []
+    for lineno, where, obj in iter_jsonl(path, what="input file"):
+        check_line(obj, where)
+        lines.append((lineno, obj))
+    return lines
+
+
+def group_for_line(obj: dict, where: str, encoder, vocab_size: int, max_len: int) -> Group:
+    """One input line as a scoring group: the prompt's ids and each candidate's ids (pre-tokenised or
+    text under the Alpaca template and the shared BOS/EOS policy)."""
+    check_line(obj, where)
+    if "prompt_ids" in obj:
+        prompt, conts = obj["prompt_ids"], obj["candidate_ids"]
+    else:
+        if encoder is None:
+            raise InputError(f"{where}: text candidates need a tokenizer (none found with the model; "
+                             f"pass --tokenizer)")
+        seqs = [encoder(obj["instruction"], obj.get("input") or "", c) for c in obj["candidates"]]
+        prompt = seqs[0][0][:seqs[0][1]]  # every candidate follows the same prompt ids
+        conts = [ids[start:] for ids, start in seqs]
+    for k, cand in enumerate(conts):
+        ids = list(prompt) + list(cand)
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InputError(f"{where}: candidate {k}: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+        if len(ids) > max_len:
+            raise InputError(f"{where}: candidate {k} is {len(ids)} tokens with its prompt, over --max-len "
+                             f"{max_len}; shorten it or raise --max-len (the model allows "
+                             f"{max_len} positions here)")
+    return Group(list(prompt), [list(c) for c in conts])
+
+
+def make_candidate_encoder(tokenizer_path, policy=None):
+    """(instruction, input, response) -> (ids, response_start) under the Alpaca template and
+    the shared BOS/EOS policy. Raises FileNotFoundError when there is no tokenizer there."""
+    from tuna_jax.data.templates import SpecialTokenPolicy, encode_prompt_response, format_prompt, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    policy = policy or SpecialTokenPolicy()
+
+    def encode(instruction: str, input_text: str, response: str):
+        return encode_prompt_response(tok, format_prompt(instruction, input_text), response, policy)
+
+    return encode
+
+
+def _finite(x: float) -> float | None:
+    """A log-likelihood for the output: None (JSON null) when it is not finite, never NaN in a file."""
+    return x if math.isfinite(x) else None
+
+
+def score_file(model, data: str, out: str, encoder=None, mesh=None, batch_rows: int = 8, max_len: int | None = None,
+               examples_per_flush: int = 64, progress: bool = True,
+               lines: list[tuple[int, dict]] | None = None, layout: str = "auto") -> int:
+    """Score every line of ``data`` and write ``out``; returns the number of lines written.
+
+    ``lines``: ``read_lines(data)`` when the caller already read them (the CLI does, before loading the
+    model). A log-likelihood that is not finite (a numerical overflow, e.g. in bfloat16) is written as
+    null and counted in a warning.
+
+    Multi-host: every host runs this with the same arguments and scores every line on the global mesh
+    (:class:`tuna_jax.scoring.Scorer`, ``layout`` one of the training layouts); process 0 alone writes
+    ``out``, and no host returns before it is in place."""
+    from tqdm import tqdm
+
+    cfg = model.cfg
+    max_len = max_len or cfg.max_position_embeddings
+    lines = read_lines(data) if lines is None else lines
+    scorer = Scorer(model, mesh, layout=layout, batch_groups=batch_rows)
+    # Every line is encoded and checked (vocabulary, length) before any file is made: a refused run leaves nothing.
+    groups = [group_for_line(obj, f"{data}:{lineno}", encoder, cfg.vocab_size, max_len) for lineno, obj in lines]
+    non_finite = 0
+    written = 0
+    # One run per OUT (OUT.lock): two would write one OUT.partial at once; an earlier OUT is set aside.
+    writer = jax.process_index() == 0
+    with OutputLock(out, rewrites=True) if writer else contextlib.nullcontext() as lock:
+        tmp = pathlib.Path(str(out) + ".partial")
+        with open(tmp if writer else os.devnull, "w", encoding="utf-8") as f, \
+                tqdm(total=len(lines), desc="score", unit="ex", disable=not progress or not writer,
+                     file=sys.stderr) as bar:
+            for s in range(0, len(lines), examples_per_flush):
+                group = lines[s:s + examples_per_flush]
+                per_example = scorer.score(groups[s:s + examples_per_flush])
+                for e, (lineno, obj) in enumerate(group):
+                    rec = {"index": s + e}
+                    if "id" in obj:
+                        rec["id"] = obj["id"]
+                    sums = [_finite(lp) for lp, _ in per_example[e]]
+                    non_finite += sum(x is None for x in sums)
+                    rec["candidates"] = [{"logprob_sum": lp, "num_tokens": n}
+                                         for lp, (_, n) in zip(sums, per_example[e])]
+                    rec["logprob_sum"] = sums
+                    rec["num_tokens"] = [n for _, n in per_example[e]]
+                    f.write(dumps(rec) + "\n")
+                    written += 1
+                bar.update(len(group))
+        if writer:
+            tmp.replace(out)
+            lock.commit()
+    parallel.sync_hosts("tuna_jax_score_written")
+    if non_finite and writer:
+        print(f"score: WARNING: {non_finite} log-likelihood(s) were not finite (numerical overflow; try --dtype "
+              f"float32) and are written as null", file=sys.stderr)
+    return written

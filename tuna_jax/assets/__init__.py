@@ -16,7 +16,7 @@ def stories260k_hf_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Pa
     """The stories260K model as a Hugging Face folder (converted once, then cached).
 
     cache_dir: default ``$TUNA_JAX_CACHE`` or ``~/.cache/tuna-jax``."""
-    from tuna_jax.model.llama2c import convert_llama2c_to_hf
+    from tuna_jax.assets.llama2c import convert_llama2c_to_hf
 
     root = pathlib.Path(cache_dir or os.environ.get("TUNA_JAX_CACHE") or pathlib.Path.home() / ".cache" / "tuna-jax")
     out = root / "stories260K-hf"

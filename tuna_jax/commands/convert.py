@@ -89,7 +89,7 @@ class Llama2cToHf:
 
 
 def run_llama2c_to_hf(cfg: Llama2cToHf) -> int:
-    from tuna_jax.model.llama2c import convert_llama2c_to_hf
+    from tuna_jax.assets.llama2c import convert_llama2c_to_hf
 
     print(f"wrote {convert_llama2c_to_hf(cfg.model_bin, cfg.tokenizer_bin, cfg.out_dir)}")
     return 0

@@ -24,7 +24,7 @@ class Config(Runtime):
 
 def run(cfg: Config) -> int:
     from tuna_jax.model import load_model
-    from tuna_jax.score import make_candidate_encoder, read_lines, score_file
+    from tuna_jax.scoring import make_candidate_encoder, read_lines, score_file
 
     lines = read_lines(cfg.data)  # every line checked before the model loads
     mesh = cfg.make_mesh()

@@ -1,6 +1,6 @@
 """The demo's own stage kinds: its data (``synthetic``) and its evaluation on held-out prompts (``heldout``).
 
-``synthetic`` writes the synthetic instruction tasks of ``tuna_jax/synthetic.py``: the "Alpaca" SFT set, the
+``synthetic`` writes the synthetic instruction tasks of ``tuna_jax/data/synthetic.py``: the "Alpaca" SFT set, the
 teacher's larger SFT set (both from the training side of the prompt split), and, from the held-out side,
 prompts with their answers (``eval``) and prompts with four candidates of known quality (``ranking``).
 
@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 
-from tuna_jax import synthetic
+from tuna_jax.data import synthetic
 from tuna_jax.io import paths
 from tuna_jax.pipeline.manifest import read_manifest
 from tuna_jax.pipeline.stage import StageFailed, StageRun, dataclass_kind, input_paths
@@ -117,8 +117,7 @@ def evaluate_model(model_path: str, tokenizer_path: str, eval_rows: list[dict], 
     from tuna_jax.eval.superni import exact_match, rouge_l
     from tuna_jax.generate import Sampler, SamplingParams
     from tuna_jax.model import load_model
-    from tuna_jax.score import group_for_line, make_candidate_encoder
-    from tuna_jax.scoring import Scorer
+    from tuna_jax.scoring import Scorer, group_for_line, make_candidate_encoder
 
     model = load_model(model_path)
     sampler = Sampler(model, load_tokenizer(tokenizer_path), SpecialTokenPolicy(), batch_size=batch_size)

@@ -134,7 +134,7 @@ class ConvertStage:
 def _run_convert(p: ConvertStage, stage: StageRun) -> dict:
     out = stage.out("model")
     if p.format == "llama2c":
-        from tuna_jax.model.llama2c import convert_llama2c_to_hf
+        from tuna_jax.assets.llama2c import convert_llama2c_to_hf
 
         if not p.tokenizer:
             raise ConfigError(f"{stage.instance.where}: stages.{stage.instance.stage}.tokenizer: format llama2c "
@@ -239,7 +239,7 @@ def _run_reference_scores(p: ReferenceScoresStage, stage: StageRun) -> dict:
     from tuna_jax import parallel
     from tuna_jax.data.reference import attach_reference_scores
     from tuna_jax.model import load_model
-    from tuna_jax.score import make_candidate_encoder, read_lines, score_file
+    from tuna_jax.scoring import make_candidate_encoder, read_lines, score_file
 
     lines = read_lines(p.data)
     parallel.initialize_distributed()
