@@ -21,7 +21,7 @@ run() {  # run NAME SECONDS CMD...: log to $out/NAME.log, print the tail
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 $py -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
-run attention 60 env JAX_PLATFORMS=cuda $py -m pytest -q -p no:cacheprovider tests/test_attention.py -k "cudnn or padding_rows"
+run attention 60 env JAX_PLATFORMS=cuda $py -m pytest -q -p no:cacheprovider tests/unit/model/test_attention.py -k "cudnn or padding_rows"
 run rank_b8 230 $py bench/rank_step.py --gpu --batch 8 --layouts padded,packed --torch yes --batches 2 --rounds 2 \
     --pad-to-multiple 0 --logits-budget-mb 4096 --json "$out/rank_b8.json"
 # 48 prompts per step need about 94 GB (H200); 32 fit an H100's 80 GB. Unrolled layers: the scan's

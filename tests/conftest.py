@@ -34,9 +34,9 @@ def shared_dir() -> pathlib.Path:
 
 @pytest.fixture
 def server(monkeypatch, request):
-    """A real OpenAI-compatible server on 127.0.0.1 (tests/openai_server.py) that accepts only the test
+    """A real OpenAI-compatible server on 127.0.0.1 (tests/support/openai_server.py) that accepts only the test
     module's ``KEY``, which is also put in $OPENAI_API_KEY for the client."""
-    from openai_server import OpenAIServer
+    from tests.support.openai_server import OpenAIServer
 
     key = request.module.KEY
     monkeypatch.setenv("OPENAI_API_KEY", key)

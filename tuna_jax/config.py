@@ -208,7 +208,7 @@ CHOICES = {
 
 
 # Every number a config holds is range-checked against a table like this one (a field missing here is
-# still type-checked and, when a float, must be finite; ``tests/test_config.py`` asks every number of
+# still type-checked and, when a float, must be finite; ``tests/unit/test_config.py`` asks every number of
 # ``Config`` to have a row, so a new field states its range where it is added).
 LIMITS = {
     ("data", "max_examples"): at_least(1),

@@ -1,6 +1,6 @@
 """An analytic estimate of a train step's memory per device, for targets this machine cannot compile for
 (GPUs it does not have: ``--topology h100:8``). It is arithmetic over the architecture, the mesh and the
-planned batch, not a compile: ``tests/test_plan.py`` holds it to the compiled figure of small models on
+planned batch, not a compile: ``tests/unit/planning/test_plan.py`` holds it to the compiled figure of small models on
 ``cpu:8`` within a factor (see ``ESTIMATE_FACTOR`` there).
 
 Per device, with S = fsdp x tensor (parameters are replicated over ``data``):
