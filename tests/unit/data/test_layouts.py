@@ -331,12 +331,13 @@ def test_per_candidate_logprobs_equal_across_layouts_and_a_numpy_forward():
     from tuna_jax.logprobs import example_logprobs
 
     model = Llama(LlamaConfig(**CONFIGS["gqa2_untied"], attention="xla"), nnx.Rngs(2))
+    forward = nnx.jit(lambda m, x: m(x))  # one compile per length instead of an eager dispatch per operation
     ex = make_examples(5, 3, seed=6)
     want = {}
     for i, e in enumerate(ex):
         for k, r in enumerate(list(e.responses) + [e.mle]):
             seq = np.concatenate([e.prompt_ids, r])[None]
-            logits = np.asarray(model(jnp.asarray(seq)), np.float64)[0]
+            logits = np.asarray(forward(model, jnp.asarray(seq)), np.float64)[0]
             top = logits.max(-1, keepdims=True)
             logp = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
             p = len(e.prompt_ids)
@@ -344,7 +345,7 @@ def test_per_candidate_logprobs_equal_across_layouts_and_a_numpy_forward():
     for layout in LAYOUTS:
         coll = LayoutCollator(layout, "ranking", 24, PAD, 3, "original", pad_to_multiple=8, attention_block=8)
         b = coll(ex, coll.plan([ex]))
-        total, count = example_logprobs(model, jax.tree.map(jnp.asarray, b), 4)
+        total, count = nnx.jit(example_logprobs, static_argnums=2)(model, jax.tree.map(jnp.asarray, b), 4)
         total = np.asarray(total)
         for (i, k), v in want.items():
             assert abs(total[i, k] - v) <= 1e-4 * max(1.0, abs(v)), (layout, i, k)
