@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.support.train_utils import REPO
-from tests.unit.pipeline.test_pipeline import KILL, committed_steps, losses, pipeline_cmd
+from tests.unit.pipeline.test_pipeline import KILL, KILL_SFT_STEPS, committed_steps, losses, pipeline_cmd
 from tuna_jax.assets import stories260k_hf_dir
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def test_pipeline_sigterm_in_a_train_stage(tmp_path):
     assert last.startswith("tuna-jax pipeline: stopped by SIGTERM after step") and "checkpoint saved" in last
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stderr and len(losses(sft)) == 64
+    assert "resumed from" in again.stderr and len(losses(sft)) == KILL_SFT_STEPS
 
 
 def test_sample_diverse_sigterm(tmp_path):

@@ -177,6 +177,7 @@ stages:
 
 # ---- killed in the middle of a stage (SIGKILL), rerun: the same result as an uninterrupted run ---------
 
+KILL_SFT_STEPS = 32  # the sft stage of KILL: 64 examples, batch 8, 4 epochs
 KILL = """\
 output_dir: {out}
 stages:
@@ -236,7 +237,7 @@ def test_killed_mid_stage_resumes_and_matches_an_uninterrupted_run(tmp_path):
         time.sleep(0.02)
     assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-stage"
     checkpoint = committed_steps(sft)[-1]
-    assert read_manifest(str(sft))["status"] == "running" and 0 < checkpoint < len(losses(sft)) < 32
+    assert read_manifest(str(sft))["status"] == "running" and 0 < checkpoint < len(losses(sft)) < KILL_SFT_STEPS
     data_mtime = (tmp_path / "killed" / "data" / "sft.jsonl").stat().st_mtime_ns
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
