@@ -244,8 +244,11 @@ def _splash_causal_kernel(heads: int, length: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
-    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret,
-                              block_sizes=_splash_blocks(length))
+    # Cached and reused by every trace of this shape (train step, eval step, a retrace): its block tables must
+    # be concrete arrays, not tracers of whichever trace built it first (they would leak into the next one).
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret,
+                                  block_sizes=_splash_blocks(length))
 
 
 def _splash_blocks(length: int):

@@ -96,6 +96,20 @@ def test_cudnn_matches_einsum_in_bfloat16(layout):
     assert all(np.isfinite(g.astype(np.float32)).all() for g in grads)
 
 
+@pytest.mark.slow
+def test_splash_kernel_built_in_one_trace_serves_the_next():
+    """The kernel is cached per shape and built inside whichever jit traces it first: it must hold no tracer of
+    that trace, or the next trace of the same shape (an eval step, a retrace) fails with UnexpectedTracerError."""
+    from tuna_jax.model import attention
+
+    attention._splash_causal_kernel.cache_clear()
+    seg, _, _ = _rows("padded")
+    q, k, v = _qkv(seg.shape[0], seg.shape[1])
+    first, _ = _run("splash", q, k, v, seg, None, None)  # each _run jits a new function: two traces
+    second, _ = _run("splash", q, k, v, seg, None, None)
+    np.testing.assert_array_equal(first, second)
+
+
 @pytest.mark.parametrize("layout", ["prefix_shared", "packed"])
 def test_splash_refuses_rows_with_branches_in_one_line(layout):
     """Their mask changes every batch; splash builds its block metadata from a mask known at trace time."""
