@@ -275,23 +275,22 @@ class Store:
 
     def get(self, key: str) -> dict | None:
         """The "ok" record for ``key`` (a dict with "response", "usage", ...) or None. Counts a cache hit."""
-        with self._lock:
-            idx = self._index.get(key)
-            if idx is None or idx.status != "ok":
-                return None
-            self._rfh.seek(idx.offset)
-            line = self._rfh.readline()
-            self.run["cache_hits"] += 1
-        return json.loads(line)
+        return self._latest(key, "ok", count_hit=True)
 
     def invalid(self, key: str) -> dict | None:
         """For a key whose latest record is an unusable reply: that record ({"error", "response", ...})."""
+        return self._latest(key, "invalid")
+
+    def _latest(self, key: str, status: str, count_hit: bool = False) -> dict | None:
+        """``key``'s latest record when its status is ``status``, read back from the file; else None."""
         with self._lock:
             idx = self._index.get(key)
-            if idx is None or idx.status != "invalid":
+            if idx is None or idx.status != status:
                 return None
             self._rfh.seek(idx.offset)
             line = self._rfh.readline()
+            if count_hit:
+                self.run["cache_hits"] += 1
         return json.loads(line)
 
     def error(self, key: str) -> dict | None:
