@@ -6,7 +6,7 @@ import dataclasses
 import os
 import sys
 
-from tuna_jax.commands.shared import ENDPOINT, Budget, Endpoint, Progress
+from tuna_jax.commands.shared import ENDPOINT, Budget, Endpoint, Progress, endpoint_session
 from tuna_jax.eval.superni import DEFAULT_NUM_INSTANCES, DEFAULT_SPLIT
 from tuna_jax.eval.vicuna import ORDERS
 from tuna_jax.io.fields import arg, pos, req
@@ -221,13 +221,10 @@ def _review(cfg: Review, what: str, review) -> int:
     """``review(client, reviews_path)`` with the store at OUT.store.jsonl; the summary to ``--out``."""
     from tuna_jax.eval.common import emit_json, warn
     from tuna_jax.io.cli import report_stop
-    from tuna_jax.llm_api.client import OpenAIClient
     from tuna_jax.llm_api.store import BudgetExceeded, FatalRunError
 
     stem = cfg.out[:-5] if cfg.out.endswith(".json") else cfg.out  # the reviews and the store go beside it
-    client = OpenAIClient(cfg.client_config())  # checks --base-url before the store file is created
-    with cfg.open_store(stem) as store:
-        client.store = store
+    with endpoint_session(cfg, stem) as (client, store):
         try:
             result = review(client, stem + ".reviews.jsonl")
         except (BudgetExceeded, FatalRunError) as e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from tuna_jax.commands.shared import ENDPOINT, Budget, Endpoint, Progress
+from tuna_jax.commands.shared import ENDPOINT, Budget, Endpoint, Progress, endpoint_session
 from tuna_jax.feedback.judge import JUDGE, JudgeSettings
 from tuna_jax.io.fields import arg, pos
 
@@ -28,7 +28,6 @@ def run(cfg: Config) -> int:
     from tuna_jax.data.rows import read_candidates
     from tuna_jax.feedback.judge import LLMJudge, MetricJudge, run_judge
     from tuna_jax.io.cli import report_run
-    from tuna_jax.llm_api.client import OpenAIClient
 
     progress = not cfg.no_progress
     if cfg.judge == "llm" and not cfg.model:
@@ -40,9 +39,7 @@ def run(cfg: Config) -> int:
         if summary.failed:
             print(f"judge: {summary.failed} record(s) failed, listed in {summary.failed_path}", file=sys.stderr)
         return 1 if summary.failed else 0
-    client = OpenAIClient(cfg.client_config())  # checks --base-url before the store file is created
-    with cfg.open_store(cfg.out) as store:
-        client.store = store
+    with endpoint_session(cfg, cfg.out) as (client, store):
         judge = LLMJudge(client, cfg)
         return report_run("judge", lambda: run_judge(cfg.input, cfg.out, judge, concurrency=cfg.concurrency,
                                                      items=items, progress=progress),

@@ -2,10 +2,11 @@
 (``class Config(Runtime, Progress)``), so ``--mesh`` means the same, with the same help, everywhere."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from tuna_jax.io.fields import arg
-from tuna_jax.llm_api.client import ClientConfig
+from tuna_jax.llm_api.client import ClientConfig, OpenAIClient
 
 MESH_HELP = "device mesh sizes, one may be -1 (default: all devices on fsdp)"
 TOKENIZER_HELP = "tokenizer folder or tokenizer.model (default: the model's)"
@@ -106,3 +107,14 @@ class Sampling:
     seed: int = arg(0, "sampling seed")
     batch_size: int = arg(8, "rows (prompt x sample) per device call")
     max_prompt_len: int | None = arg(None, "longest prompt in tokens (longer: error)")
+
+
+@contextlib.contextmanager
+def endpoint_session(cfg, out_path: str):
+    """``(client, store)`` of a command with an ``Endpoint`` and a ``Budget``: the client is made first, so a bad
+    ``--base-url`` is refused before the request store (``--store``, else OUT.store.jsonl) is created; then it caches
+    in that store."""
+    client = OpenAIClient(cfg.client_config())
+    with cfg.open_store(out_path) as store:
+        client.store = store
+        yield client, store

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from tuna_jax.commands.shared import DTYPES, MESH_HELP, TOKENIZER_HELP, Budget, Endpoint, Progress
+from tuna_jax.commands.shared import DTYPES, MESH_HELP, TOKENIZER_HELP, Budget, Endpoint, Progress, endpoint_session
 from tuna_jax.feedback.local import RESCORE
 from tuna_jax.feedback.teacher import SCORING, TeacherSettings
 from tuna_jax.io.fields import arg, pos
@@ -46,16 +46,13 @@ def run(cfg: Config) -> int:
     from tuna_jax.data.rows import read_instructions
     from tuna_jax.feedback.teacher import RemoteTeacher, run_teacher
     from tuna_jax.io.cli import report_run
-    from tuna_jax.llm_api.client import OpenAIClient
 
     if not cfg.local_model and not cfg.model:
         raise ValueError("--model is required (the endpoint's model name), or give --local-model PATH")
     items = read_instructions(cfg.input, cfg.limit)
     if cfg.local_model:
         return _run_local(cfg, items)
-    client = OpenAIClient(cfg.client_config())  # checks --base-url before the store file is created
-    with cfg.open_store(cfg.out) as store:
-        client.store = store
+    with endpoint_session(cfg, cfg.out) as (client, store):
         backend = RemoteTeacher(client, cfg)
         meta = {"model": cfg.model, "api": cfg.api, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
         return report_run("teacher", lambda: run_teacher(cfg.input, cfg.out, backend, cfg, meta=meta,
