@@ -660,17 +660,17 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
                 signal.signal(s, h)
 
         export_dir = None
-        if tc.export and tc.mode == "prm":  # the PRM folder format (model/reward.py), in output_dir itself
+        first_eval = first_eval or _logged_eval(out_dir, 0)  # a resumed run's starting point is in its log
+        if tc.export and tc.mode == "prm":  # the PRM folder format (model/reward.py)
             from tuna_jax.model.reward import ProxyRankingModel, eval_summary
 
-            first_eval = first_eval or _logged_eval(out_dir, 0)
             meta = {"base_model": str(cfg.model.path), "max_len": cfg.data.max_len, "add_bos": cfg.data.add_bos,
                     "add_eos": cfg.data.add_eos, "train": cfg.to_dict(),
                     "metrics": {"start_eval": eval_summary(first_eval), "final_eval": eval_summary(eval_metrics),
                                 "last_train": last}}
             prm = ProxyRankingModel(state["params"] if lora_run is None else lora_run.merged_prm(state["params"]),
                                     binder.cfg, meta, mesh)
-            export_dir = str(prm.save(out_dir, tokenizer_src=_tokenizer_dir(cfg)))
+            export_dir = str(prm.save(out_dir / "final", tokenizer_src=_tokenizer_dir(cfg)))
         elif tc.export and lora_run is not None:  # a PEFT adapter folder that records its base
             export_dir = str(lora_run.save(out_dir / "final", state["params"], tokenizer_src=_tokenizer_dir(cfg)))
         elif tc.export:

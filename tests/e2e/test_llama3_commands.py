@@ -237,8 +237,8 @@ def test_prm_train_and_rerank(family):
     _, hf, _, root = family
     train = write_jsonl(root / "prm_train.jsonl", ranking_records(8, seed=3))
     prm = root / "prm"
-    assert cli(["prm", "train", str(hf), str(train), str(prm), "--max-steps", "2", "--batch-size", "8",
-                "--max-len", "192", "--no-progress"]) == 0
+    assert cli(["prm", "train", "configs/prm.yaml", f"model.path={hf}", f"data.train={train}",
+                f"train.output_dir={prm}", "train.max_steps=2", "data.max_len=192", "train.progress=false"]) == 0
     cands = write_jsonl(root / "cands.jsonl", [{"instruction": "Name the first word.", "input": "cat dog",
                                                  "candidates": ["cat.", "dog.", "The sun is big."]}])
     out = root / "reranked.jsonl"

@@ -1,34 +1,28 @@
-"""Proxy ranking model: a LLaMA with a scalar head on the EOS hidden state, trained on judge rankings with the Tuna
-pairwise loss (`prm train`), then used to rank candidates of more data (`prm rerank`); ``feedback/prm.py``."""
+"""Proxy ranking model: a backbone with a scalar reward head on the EOS hidden state, trained on judge rankings
+with the Tuna pairwise loss (`prm train`: `tuna-jax train` with a ``train.mode=prm`` config, configs/prm.yaml),
+then used to rank candidates of more data (`prm rerank`; ``feedback/prm.py``)."""
 from __future__ import annotations
 
 import dataclasses
 import sys
 
+from tuna_jax.commands import train as train_cmd
 from tuna_jax.commands.shared import Progress, Runtime
-from tuna_jax.feedback.prm import PRMSettings
 from tuna_jax.io.fields import arg, pos
 
 HELP = "proxy ranking model: train on judge rankings, re-rank more data"
-TRAIN_HELP = "train a PRM on ranking records"
+TRAIN_HELP = "train a PRM: `tuna-jax train` with a train.mode=prm config (configs/prm.yaml)"
 TRAIN_DESCRIPTION = (
-    "Train a PRM from BASE (HF folder or params checkpoint) on ranking records (native, or any format `tuna-jax "
-    "train` reads; higher score = better) and save it to OUT_DIR (backbone/, head.safetensors, prm.json, "
-    "metrics.jsonl). Held-out pair accuracy is logged before and after training.")
+    "Train a PRM with the project's one trainer: exactly `tuna-jax train CONFIG [KEY=VALUE ...]`, for a config with "
+    "train.mode=prm, e.g. `tuna-jax prm train configs/prm.yaml model.path=ALPACA data.train=judge_ranked.jsonl "
+    "train.output_dir=runs/prm`. The PRM folder (backbone/, head.safetensors, prm.json) is written to "
+    "train.output_dir/final; held-out pair accuracy is logged before and after training.")
 RERANK_HELP = "rank candidates with a trained PRM"
 RERANK_DESCRIPTION = (
     "Score each candidate of INPUT ({id?, instruction, input?, output?, candidates: [str]}, e.g. `tuna-jax "
     "sample-diverse` output) with the PRM and write ranking records, candidates best first, scores = rewards.")
 
-
-@dataclasses.dataclass(kw_only=True)
-class Train(PRMSettings, Runtime, Progress):
-    base: str = pos("backbone: HF folder or tuna-jax params checkpoint (e.g. the Alpaca model)")
-    train: str = pos("ranking records JSON/JSONL (e.g. `tuna-jax judge` output)")
-    out_dir: str = pos("where the PRM is written")
-    eval: str | None = arg(None, "held-out ranking records (default: --eval-fraction of train)")
-    resume: bool = arg(False, "continue from OUT_DIR's last checkpoint (the trainer's exact resume; the default "
-                       "starts over)")
+Train = train_cmd.Config  # one declaration: `prm train` takes exactly `train`'s arguments
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -42,18 +36,14 @@ class Rerank(Runtime, Progress):
 
 
 def run_train(cfg: Train) -> int:
-    """0 done; 3 the loss diverged (nothing saved), 128+N stopped by signal N (checkpoint saved): a stop is one
-    line and its status (``io.cli.run_command``)."""
-    from tuna_jax.feedback.prm import train_prm
+    """`tuna-jax train`'s run, for a PRM config only (another mode is refused before anything is read)."""
+    from tuna_jax.config import ConfigError, load_config
 
-    res = train_prm(cfg.base, cfg.train, cfg.out_dir, cfg, eval_path=cfg.eval, tokenizer=cfg.tokenizer,
-                    mesh=cfg.make_mesh(), dtype=cfg.dtype, progress=not cfg.no_progress, resume=cfg.resume)
-    msg = f"prm train: {res.steps} steps, last batch {res.last_train.get('loss', float('nan')):.4f} loss"
-    if res.final_eval:
-        msg += (f"; held-out pair accuracy {res.start_eval['pair_accuracy']:.3f} -> "
-                f"{res.final_eval['pair_accuracy']:.3f} ({res.final_eval['pairs']} pairs)")
-    print(f"{msg}; saved {res.out_dir}")
-    return 0
+    mode = load_config(cfg.config, cfg.overrides).train.mode
+    if mode != "prm":
+        raise ConfigError(f"{cfg.config}: train.mode={mode}; `prm train` trains a PRM (train.mode=prm, e.g. "
+                          f"configs/prm.yaml); use `tuna-jax train` for other stages")
+    return train_cmd.run(cfg)
 
 
 def run_rerank(cfg: Rerank) -> int:

@@ -7,7 +7,7 @@ import dataclasses
 
 from tuna_jax.io.fields import arg, pos
 
-HELP = "train a stage (SFT or ranking) from a YAML config"
+HELP = "train a stage (SFT, ranking or a PRM) from a YAML config"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -28,6 +28,9 @@ def run(cfg: Config) -> int:
     print(f"finished at step {result.step}: {summary}")
     if result.eval_metrics:
         print(f"held-out: {result.eval_metrics}")
+        if result.first_eval and "pair_accuracy" in result.first_eval:
+            print(f"held-out pair accuracy {result.first_eval['pair_accuracy']:.3f} -> "
+                  f"{result.eval_metrics['pair_accuracy']:.3f} ({result.eval_metrics.get('pairs')} pairs)")
     if result.export_dir:
         print(f"params export: {result.export_dir}")
     return 0

@@ -1,129 +1,28 @@
-"""Proxy ranking model (PRM): a LLaMA with a scalar head, trained on judge rankings, then used to rank
-more data without paying the judge (``tuna-jax prm train|rerank``; the paper's Tuna_c(PRM)).
-
-The model (``model/reward.py``): r(i, c) = w . h_last + b, h_last the backbone's final-norm hidden
-state at the EOS of ``[BOS] + prompt + response + [EOS]``; every token goes through the project's one
-template and BOS/EOS policy, exactly as in training. The saved folder format is described there.
-
-Training goes through the project's one trainer (``train.mode=prm``, ``tuna_jax/train.py``): each
-ranking record (instruction, N candidates, scores: higher is better, e.g. a judge's Borda scores)
-gives rewards r [N]; the loss is ``losses.ranking_loss(r, scores, mask, margin, form)`` averaged over
-prompts, backbone and head trained together with AdamW, in any candidate layout, with gradient
-accumulation, exact resume, SIGTERM checkpoints and metrics.jsonl like every other stage. The head
-starts random (std 1/sqrt(D), numpy-seeded), so the held-out pair accuracy at step 0 is a fair
-chance-level baseline, logged next to the final one. ``OUT_DIR`` holds the PRM folder (prm.json,
-head.safetensors, backbone/) beside the trainer's checkpoints/ and metrics.jsonl.
+"""Proxy ranking model (PRM): a backbone with a scalar reward head, trained on judge rankings, then used to
+rank more data without paying the judge (the paper's Tuna_c (PRM)). This module reranks; training is the
+project's one trainer with a ``train.mode=prm`` config (``configs/prm.yaml``; ``tuna-jax train`` or its alias
+``tuna-jax prm train``), which writes the PRM folder to ``train.output_dir/final`` (``model/reward.py``).
 
 Rerank. Input rows ``{id?, instruction, input?, output?, candidates: [str]}`` (e.g. ``sample-diverse``
-output); each candidate gets its reward and the row is written as a ranking record, candidates best first
-(stable on their input order), ``scores`` = rewards, plus ``prm: {model, dropped}``. Empty candidates
+output); each candidate gets its reward r = w . h_EOS + b and the row is written as a ranking record,
+candidates best first (stable on their input order), ``scores`` = rewards, plus ``prm: {model, dropped}``.
+Every token goes through the project's one template and BOS/EOS policy, as in training. Empty candidates
 cannot be scored (no response tokens) and are dropped and listed; a row with none left goes to
 OUT.failed.jsonl. Prompts too long for ``max_len`` are cut from the left after the BOS, as in training.
-
-The command (its flags, ``PRMSettings``) is ``tuna_jax/commands/prm.py``.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from tuna_jax.io import paths
-from tuna_jax.io.fields import arg
 from tuna_jax.io.jsonl import dumps
 from tuna_jax.io.lock import OutputLock
 
-
-@dataclasses.dataclass(kw_only=True)
-class PRMSettings:
-    """Training settings (the trainer's ``train.mode=prm``, through :func:`train_config`). batch_size: prompts
-    per step (each with up to num_candidates responses); max_len: tokens per sequence (prompt cut from the left to
-    fit); pad_to_multiple: batch length = the batch's longest rounded up to this (0: always max_len, one compiled
-    shape); eval_fraction: held out of the training records when no eval file is given."""
-
-    eval_fraction: float = arg(0.0, "held out of train when --eval is not given")
-    max_len: int = arg(512, "tokens per sequence; longer prompts are cut from the left")
-    num_candidates: int = arg(4, "most candidates per record")
-    batch_size: int = arg(8, "prompts per step")
-    epochs: int = arg(1, "passes over the data")
-    max_steps: int | None = arg(None, "stop after this many steps")
-    lr: float = arg(1e-5, "peak learning rate (AdamW)")
-    warmup_steps: int = arg(2, "linear warmup steps")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "global-norm gradient clip (0: off)")
-    margin: float = arg(0.1, "ranking-loss margin m (paper: 0.1)")
-    seed: int = arg(0, "data and head seed")
-    pad_to_multiple: int = arg(64, "batch length rounded up to this (0: always max_len)")
-    schedule: str = arg("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
-    form: str = arg("paper", "ranking loss form, see losses.ranking_loss", choices=("paper", "reference"))
-    on_error: str = arg("raise", "a bad record stops the run, or is skipped and counted", choices=("raise", "skip"))
-
-    def __post_init__(self):
-        if self.form not in ("paper", "reference"):
-            raise ValueError(f"form={self.form!r}: choose 'paper' or 'reference'")
-        if self.margin < 0:
-            raise ValueError(f"margin={self.margin}: must be >= 0")
-        if self.batch_size < 1 or self.epochs < 1 or self.num_candidates < 2:
-            raise ValueError("batch_size and epochs must be >= 1 and num_candidates >= 2")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction={self.eval_fraction}: must be in [0, 1)")
-
-
 if TYPE_CHECKING:
     from tuna_jax.model.reward import ProxyRankingModel
-
-
-# ---------------------------------------------------------------------------- training
-@dataclasses.dataclass
-class PRMTrainResult:
-    steps: int
-    start_eval: dict | None  # {"loss", "pair_accuracy", "pairs"} on the held-out set before training
-    final_eval: dict | None
-    last_train: dict
-    out_dir: str
-    prm: "ProxyRankingModel"  # the trained model, as saved in out_dir
-
-
-def train_config(base_model: str | os.PathLike, train_path: str, out_dir: str | os.PathLike, cfg: PRMSettings,
-                 *, eval_path: str | None = None, tokenizer: str | None = None, mesh=None, dtype: str = "float32",
-                 progress: bool = True, overrides: Sequence[str] = ()):
-    """The trainer config (``train.mode=prm``) for these PRM settings; ``overrides`` go on top."""
-    from tuna_jax.config import load_config
-
-    mesh_spec = None if mesh is None else ",".join(str(mesh.shape[a]) for a in ("data", "fsdp", "tensor"))
-    return load_config(None, [
-        "train.mode=prm", f"model.path={base_model}", f"model.dtype={dtype}", f"data.train={train_path}",
-        f"data.max_len={cfg.max_len}", f"data.num_candidates={cfg.num_candidates}",
-        f"data.pad_to_multiple={cfg.pad_to_multiple}", f"data.eval_fraction={cfg.eval_fraction}",
-        f"data.on_error={cfg.on_error}",
-        f"train.output_dir={out_dir}", f"train.epochs={cfg.epochs}", f"train.global_batch={cfg.batch_size}",
-        f"train.seed={cfg.seed}", f"train.progress={progress}", "train.tensorboard=false",
-        f"optim.lr={cfg.lr}", f"optim.warmup_steps={cfg.warmup_steps}", f"optim.schedule={cfg.schedule}",
-        f"optim.weight_decay={cfg.weight_decay}", f"optim.grad_clip={cfg.grad_clip}",
-        f"loss.margin={cfg.margin}", f"loss.form={cfg.form}",
-        *([f"train.max_steps={cfg.max_steps}"] if cfg.max_steps else []),
-        *([f"data.eval={eval_path}"] if eval_path else []), *([f"model.tokenizer={tokenizer}"] if tokenizer else []),
-        *([f"train.mesh={mesh_spec}"] if mesh_spec else []), *overrides])
-
-
-def train_prm(base_model: str | os.PathLike, train_path: str, out_dir: str | os.PathLike,
-              cfg: PRMSettings | None = None, *, eval_path: str | None = None, tokenizer: str | None = None,
-              mesh=None, dtype: str = "float32", progress: bool = True, resume: bool = False) -> PRMTrainResult:
-    """Train a PRM from ``base_model`` (HF folder or params checkpoint) on the ranking records of
-    ``train_path`` with the project's one trainer (``train.mode=prm``: gradient accumulation, exact
-    resume, SIGTERM checkpoints, metrics.jsonl), save it to ``out_dir`` and load it back; return the
-    held-out pair accuracy before and after. ``mesh``: its shape becomes ``train.mesh``."""
-    from tuna_jax.model.reward import ProxyRankingModel, eval_summary
-    from tuna_jax.train import train
-
-    cfg = cfg or PRMSettings()
-    res = train(train_config(base_model, train_path, out_dir, cfg, eval_path=eval_path, tokenizer=tokenizer,
-                             mesh=mesh, dtype=dtype, progress=progress), resume=resume)
-    prm = ProxyRankingModel.load(res.output_dir, mesh, dtype)
-    start = res.first_eval or prm.meta.get("metrics", {}).get("start_eval")
-    return PRMTrainResult(res.step, eval_summary(start), eval_summary(res.eval_metrics), res.metrics, res.output_dir,
-                          prm)
 
 
 # ---------------------------------------------------------------------------- rerank

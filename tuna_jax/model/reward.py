@@ -175,9 +175,12 @@ class ProxyRankingModel:
         from tuna_jax.model.checkpoint import load_params
 
         p = paths.resolve(path)
+        if not paths.is_file(p / "prm.json") and paths.is_file(p / "final" / "prm.json"):
+            p = p / "final"  # a PRM run's train.output_dir: its export
         meta_path = p / "prm.json"
         if not paths.is_file(meta_path):
-            raise FileNotFoundError(f"{path}: not a tuna-jax PRM folder (no prm.json; `tuna-jax prm train` writes one)")
+            raise FileNotFoundError(f"{path}: not a tuna-jax PRM folder (no prm.json; a train.mode=prm run writes one "
+                                    f"to train.output_dir/final)")
         meta = json.loads(paths.read_text(meta_path))
         if meta.get("format") != PRM_FORMAT or meta.get("version") != PRM_VERSION:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; expected "
@@ -190,7 +193,7 @@ class ProxyRankingModel:
                              f"{ {k: v.shape for k, v in head.items()} }")
         meta = {k: v for k, v in meta.items() if k not in ("format", "version", "hidden_size")}
         return cls.from_backbone(backbone, {k: np.asarray(v, np.float32) for k, v in head.items()}, meta, mesh,
-                                 str(path))
+                                 str(p))
 
 
 def _right_padded(rows: Sequence[Sequence[int]], batch_rows: int, length: int) -> dict:

@@ -2,7 +2,7 @@
 
 A :class:`Kind` says what a stage of that kind reads (``input_fields`` of its resolved config), writes
 (``outputs``, paths in its stage folder) and does (``run``). :func:`command_kind` makes a kind of an existing
-command (``teacher``, ``judge``, ``sample-diverse``, ``prm train|rerank``): the stage's keys are the fields of
+command (``teacher``, ``judge``, ``sample-diverse``, ``prm rerank``): the stage's keys are the fields of
 the command's ``Config`` dataclass (``--max-tokens`` is ``max_tokens``; ``tuna_jax/commands/``), checked by
 ``config.build`` like every config (types, choices, unknown keys with a suggestion, FILE:LINE), and the stage
 runs the command's own ``run(cfg)`` in this process, so a stage does exactly what the command documents and a
@@ -99,9 +99,8 @@ def input_paths(kind: Kind, config: dict) -> list[tuple[str, str]]:
 
 # ---- kinds made from a command's Config ---------------------------------------------------------------
 
-# The pipeline sets these: the store, the rows (`select`), its progress bars, and resuming (always: a stage
-# folder only holds an interrupted run of the same stage, see engine.py).
-_HIDDEN = ("store", "limit", "no_progress", "resume")
+# The pipeline sets these: the store, the rows (`select`) and its progress bars.
+_HIDDEN = ("store", "limit", "no_progress")
 
 
 def command_kind(name: str, summary: str, config: type, run: Callable, outputs: dict, filled: dict, *,
@@ -133,8 +132,6 @@ def command_kind(name: str, summary: str, config: type, run: Callable, outputs: 
             local = getattr(params, "local_model", None)
             given[store] = paths.join(stage.dir, "store.jsonl") if local else stage.store
         given["no_progress"] = not stage.progress
-        if "resume" in fields:
-            given["resume"] = True
         status = run(dataclasses.replace(params, **given))
         if status and not (status == 1 and stage.instance.allow_failures):
             raise StageFailed(f"tuna-jax {name} ended with exit status {status}" +

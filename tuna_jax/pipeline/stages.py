@@ -5,12 +5,12 @@ kind                keys                                                        
 ==================  ============================================================  ==========================
 convert             source, format (hf | llama2c), tokenizer, param_dtype         model: model/
 train               config (a training YAML, relative to the pipeline file),      model: final/
-                    set (``section.key: value`` over it)
+                    set (``section.key: value`` over it); a PRM is a train stage
+                    with a ``train.mode=prm`` config (configs/prm.yaml)
 teacher             the fields of ``tuna-jax teacher``'s Config: input, n, beta   data: ranked.jsonl
 sample-diverse      the fields of ``tuna-jax sample-diverse``'s Config            data: candidates.jsonl
 judge               the fields of ``tuna-jax judge``'s Config; ``judge: llm |     data: ranked.jsonl
                     metric`` is its ``--kind``
-prm-train           the fields of ``tuna-jax prm train``'s Config                 model: prm/
 prm-rerank          the fields of ``tuna-jax prm rerank``'s Config                data: ranked.jsonl
 mix                 parts: [{path, select}] (a one-part mix is a selection)       data: data.jsonl
 reference-scores    model, data (``tuna-jax score`` + ``reference-scores``)       data: ranked_ref.jsonl
@@ -23,8 +23,8 @@ What an interrupted stage keeps (``Kind.resumes``): ``train`` continues from its
 (``train(cfg, resume=True)``: params, optimizer, step, RNG and data position); ``teacher`` and ``judge``
 take every finished request from their store (``stores/STAGE.jsonl`` in the pipeline folder, kept across
 reruns with other settings: a request is keyed by its content); ``sample-diverse`` keeps the records
-already in its output; a command stage whose command has ``--resume`` (``prm train``: the PRM trains
-through the trainer) is run with it; the others start again (each takes seconds to minutes).
+already in its output; a command stage whose command has ``--resume`` is run with it; the others start
+again (each takes seconds to minutes).
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def _kinds() -> dict[str, Kind]:
         dataclass_kind("convert", "bring a HF LLaMA (or a llama2.c checkpoint) in", ConvertStage, {"model": "model"},
                        _run_convert, choices={"format": ("hf", "llama2c"), "param_dtype": ("float32", "bfloat16")},
                        input_fields=("source", "tokenizer")),
-        Kind("train", "SFT or ranking training from a training YAML", {"model": "final"}, _build_train,
+        Kind("train", "SFT, ranking or PRM training from a training YAML", {"model": "final"}, _build_train,
              lambda cfg: cfg.to_dict(), _run_train, input_fields=("model.path", "model.tokenizer", "data.train",
                                                                   "data.eval"),
              cosmetic=_TRAIN_COSMETIC, resumes="continues from its last checkpoint (params, optimizer, step, RNG, "
@@ -279,9 +279,6 @@ def _kinds() -> dict[str, Kind]:
         command_kind("judge", "contextual ranking by a judge LLM (or an offline metric)", judge.Config, judge.run,
                      {"data": "ranked.jsonl"}, {"out": "data"}, store="store", input_fields=("input",),
                      resumes=_FEEDBACK),
-        command_kind("prm-train", "train a proxy ranking model on judge rankings", prm.Train, prm.run_train,
-                     {"model": "prm"}, {"out_dir": "model"}, input_fields=("base", "train", "eval", "tokenizer"),
-                     resumes="continues from its last checkpoint (the trainer's, train.mode=prm)"),
         command_kind("prm-rerank", "rank candidates with a proxy ranking model", prm.Rerank, prm.run_rerank,
                      {"data": "ranked.jsonl"}, {"out": "data"}, input_fields=("prm", "input", "tokenizer")),
         Kind("mix", "rows of several files (each selected) in one JSONL: data selection and mixing",

@@ -14,8 +14,8 @@ from tuna_jax.pipeline.stages import KINDS
 
 COMMANDS = {" ".join(words): cls for words, _, cls, _, _ in cli.COMMANDS}
 PLACEHOLDER = {str: "x", int: "1", float: "1.5"}
-# What the pipeline sets for a stage, not its file: the outputs, the store, the rows, progress, resuming.
-PIPELINE_SETS = {"out", "out_dir", "store", "limit", "no_progress", "resume"}
+# What the pipeline sets for a stage, not its file: the outputs, the store, the rows, progress.
+PIPELINE_SETS = {"out", "store", "limit", "no_progress"}
 
 
 def _required(cls) -> tuple[list[str], dict]:
@@ -51,8 +51,7 @@ def test_every_verb_is_listed_once():
 
 
 @pytest.mark.parametrize("kind,command", [("teacher", "teacher"), ("sample-diverse", "sample-diverse"),
-                                          ("judge", "judge"), ("prm-train", "prm train"),
-                                          ("prm-rerank", "prm rerank")])
+                                          ("judge", "judge"), ("prm-rerank", "prm rerank")])
 def test_a_pipeline_stage_of_a_command_takes_its_fields(kind, command, tmp_path):
     """A stage's keys are the command's fields but for those the pipeline sets (outputs, store, progress);
     built from the same values, the stage's params equal the command's Config."""

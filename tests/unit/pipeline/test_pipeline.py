@@ -50,7 +50,9 @@ def test_paper_pipeline_data_flow(tmp_path):
     assert [_producer(plan, s if isinstance(s, str) else s["path"]).id for s in mix104.data.train] == \
         ["alpaca_ranked", "prm_ranked", "teacher"] and mix104.optim.lr == 5e-6
     # Tuna_c(PRM): the PRM learns from the 13K judge rankings and ranks Alpaca's samples of the last 39K.
-    assert _producer(plan, p["prm"].params.train).id == "alpaca_ranked"
+    prm = p["prm"].params  # a train stage with a train.mode=prm config, from Alpaca
+    assert prm.train.mode == "prm" and prm.data.eval_fraction == 0.05
+    assert _producer(plan, prm.data.train).id == "alpaca_ranked" and _producer(plan, prm.model.path).id == "alpaca"
     assert _producer(plan, p["prm_ranked"].params.input).id == "alpaca_samples_rest"
     assert p["alpaca_samples_rest"].select == "last:39000"
     assert [_producer(plan, s).id for s in p["tuna_c_prm"].params.data.train] == ["alpaca_ranked", "prm_ranked"]
