@@ -1,10 +1,6 @@
-"""Training: the train state, one jitted sharded step (SFT or ranking), the loop, checkpoints.
-
-Modes
-* ``sft``: token-mean negative log-likelihood of the responses (Alpaca stage).
-* ``ranking``: per prompt, L = L_rank(v, target) + lambda * L_MLE, averaged over prompts
-  (Tuna_p / Tuna_c / Tuna). v_k is the per-token mean log-likelihood of candidate k
-  (``losses.py``); candidates and the MLE target go through the model in one forward pass.
+"""Training: the train state, one jitted sharded step, and the run: :func:`setup` (data, model, state,
+steps), :func:`loop` (steps, evaluation, checkpoints, stops) and :func:`export`. What differs between SFT,
+ranking and the PRM is one row of ``objectives.OBJECTIVES``.
 
 The step sums losses and gradients over ``grad_accum`` micro-batches with ``lax.scan`` and
 divides by the global count at the end, so accumulation changes memory, never the result.
@@ -38,11 +34,10 @@ from tuna_jax.config import Config
 from tuna_jax.io import paths
 from tuna_jax.io.errors import RunStopped
 from tuna_jax.io.linelog import LineLog
-from tuna_jax.logprobs import example_logprobs
-from tuna_jax.losses import mle_loss, pair_accuracy, ranking_loss, sequence_scores
 from tuna_jax.model.checkpoint import TrainCheckpointer, save_params
 from tuna_jax.model.llama import Llama, LlamaConfig
 from tuna_jax.model.params import ParamBinder
+from tuna_jax.objectives import batch_sums, objective, summarize
 
 log = logging.getLogger(__name__)
 
@@ -103,70 +98,6 @@ def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh) -> Any:
     return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
-# ---- losses over a batch ---------------------------------------------------------------
-
-def batch_sums(model: Llama, batch: dict, cfg: Config, head: dict | None = None,
-               reference: Llama | None = None) -> dict[str, jax.Array]:
-    """Summed losses and counters of one (micro-)batch in any layout; dividing by ``count`` gives means.
-
-    ``batch`` is a :mod:`tuna_jax.data.layouts` batch (B examples, N candidates; every example has
-    N + 1 sequence slots, slot N the separate MLE target). The candidates and the MLE target go
-    through the model in one forward pass whatever the layout.
-    SFT: count = scored tokens. Ranking: count = real prompts (``example_mask``). PRM
-    (``head`` given): the ranking loss on the reward head's scores of the candidates, no MLE term.
-    ``reference``: the frozen model whose scores are v_ref when ``loss.reference=model`` (LoRA's base).
-    """
-    lc = cfg.loss
-    n = cfg.data.num_candidates if cfg.train.mode != "sft" else 0
-    ex = batch["example_mask"].astype(jnp.float32)  # [B]
-    if cfg.train.mode == "prm":
-        from tuna_jax.model.reward import layout_rewards
-
-        r, valid = layout_rewards(model, head, batch, n + 1)[:, :n], batch["candidate_mask"]  # [B, N]
-        rank = ranking_loss(r, batch["target"], valid, margin=lc.margin, form=lc.form, beta=lc.beta)
-        correct, counted = pair_accuracy(r, batch["target"], valid)
-        return {"loss": jnp.sum(rank * ex), "rank_loss": jnp.sum(rank * ex), "mle_loss": jnp.zeros(()),
-                "pairs_correct": jnp.sum(correct * ex), "pairs": jnp.sum(counted * ex), "count": jnp.sum(ex),
-                "tokens": jnp.sum(batch["real_tokens"])}
-    lp, cnt = example_logprobs(model, batch, n + 1, chunk=lc.chunk, budget_mb=lc.logits_budget_mb)  # [B, N+1]
-    tokens = jnp.sum(batch["real_tokens"])
-    if cfg.train.mode == "sft":
-        return {"loss": -jnp.sum(lp[:, 0] * ex), "count": jnp.sum(cnt[:, 0] * ex), "tokens": tokens}
-
-    target = batch["target"]  # [B, N]
-    power = 1.0 if lc.score == "mean" else 0.0  # per-token mean (Tuna) or summed log-probs (DPO)
-    v, valid = sequence_scores(lp[:, :n], cnt[:, :n], batch["candidate_mask"], length_power=power)
-    v_ref = None
-    if lc.reference == "data":  # a frozen model's scores, stored with the data (no second model in memory)
-        v_ref, _ = sequence_scores(batch["ref_logprob_sum"], batch["ref_num_tokens"], valid, length_power=power)
-    elif lc.reference == "model":  # the frozen base (LoRA, adapters off) scores the same batch; no gradient
-        ref_lp, ref_cnt = example_logprobs(reference, batch, n + 1, chunk=lc.chunk, budget_mb=lc.logits_budget_mb)
-        v_ref, _ = sequence_scores(jax.lax.stop_gradient(ref_lp[:, :n]), ref_cnt[:, :n], valid, length_power=power)
-    rank = ranking_loss(v, target, valid, margin=lc.margin, form=lc.form, beta=lc.beta, v_ref=v_ref)  # [B]
-    if lc.mle_target == "all":
-        mle = mle_loss(lp[:, :n], cnt[:, :n], valid)
-    else:  # the separate MLE sequence (original) or the best candidate's slot (best)
-        at = jnp.maximum(batch["mle_slot"], 0)[:, None]
-        mle = mle_loss(jnp.take_along_axis(lp, at, -1)[:, 0], jnp.take_along_axis(cnt, at, -1)[:, 0])
-    correct, counted = pair_accuracy(v, target, valid)
-    total = lc.rank_weight * rank + lc.mle_weight * mle  # rank_loss is logged unweighted
-    return {"loss": jnp.sum(total * ex), "rank_loss": jnp.sum(rank * ex), "mle_loss": jnp.sum(mle * ex),
-            "pairs_correct": jnp.sum(correct * ex), "pairs": jnp.sum(counted * ex), "count": jnp.sum(ex),
-            "tokens": tokens}
-
-
-def summarize(sums: dict) -> dict[str, float]:
-    """Turn summed counters into the logged means."""
-    sums = {k: float(v) for k, v in sums.items()}
-    count = max(sums.get("count", 0.0), 1.0)
-    out = {"loss": sums["loss"] / count}
-    if "rank_loss" in sums:
-        out.update(rank_loss=sums["rank_loss"] / count, mle_loss=sums["mle_loss"] / count,
-                   pair_accuracy=sums["pairs_correct"] / max(sums["pairs"], 1.0), pairs=sums["pairs"])
-    out["tokens"] = sums["tokens"]
-    return out
-
-
 # ---- the step ---------------------------------------------------------------------------
 
 def make_train_step(binder: ParamBinder, cfg: Config, tx: optax.GradientTransformation,
@@ -214,7 +145,7 @@ def make_eval_step(binder: ParamBinder, cfg: Config) -> Callable:
 
 def _sums(binder: ParamBinder, params: dict, batch: dict, cfg: Config) -> dict:
     """batch_sums of the model the params describe: a LLaMA, or (PRM) {"backbone", "head"}."""
-    if cfg.train.mode == "prm":
+    if objective(cfg).reward_head:
         return batch_sums(binder.bind(params["backbone"]), batch, cfg, head=params["head"])
     reference = binder.bind_reference() if cfg.loss.reference == "model" else None  # a LoraBinder's base
     return batch_sums(binder.bind(params), batch, cfg, reference=reference)
@@ -241,8 +172,8 @@ def tokenize_source(path, cfg: Config, tok, policy, report=None, max_examples: i
     from tuna_jax.data.batching import tokenize_ranking, tokenize_sft
     from tuna_jax.data.records import read_records
 
-    d = cfg.data
-    kind = "sft" if cfg.train.mode == "sft" else "ranking"
+    d, obj = cfg.data, objective(cfg)
+    kind = obj.records
     records = []
     for source in [path] if isinstance(path, str) else list(path):
         got, report = read_records(source, kind=kind, on_error=d.on_error, format=d.format, beta=d.beta, report=report)
@@ -252,14 +183,9 @@ def tokenize_source(path, cfg: Config, tok, policy, report=None, max_examples: i
         records = [records[i] for i in keep]
     if kind == "sft":
         return tokenize_sft(records, tok, policy, d.max_len, truncate=d.truncate, on_error=d.on_error, report=report)
-    return tokenize_ranking(records, tok, policy, d.max_len, d.num_candidates, mle_target=_mle_target(cfg),
+    return tokenize_ranking(records, tok, policy, d.max_len, d.num_candidates, mle_target=obj.mle_target(cfg),
                             truncate=d.truncate, on_error=d.on_error, report=report,
                             reference=cfg.loss.reference == "data")
-
-
-def _mle_target(cfg: Config) -> str:
-    """The PRM has no MLE term: its batches carry the candidates only."""
-    return "all" if cfg.train.mode == "prm" else cfg.loss.mle_target
 
 
 def make_collator(cfg: Config, pad_id: int, local_devices: int = 1, micro_batches: int = 1):
@@ -267,9 +193,8 @@ def make_collator(cfg: Config, pad_id: int, local_devices: int = 1, micro_batche
     data-parallel devices x ``micro_batches`` (the gradient-accumulation steps a batch is split into)."""
     from tuna_jax.data.layouts import LayoutCollator
 
-    d = cfg.data
-    return LayoutCollator(d.layout, "sft" if cfg.train.mode == "sft" else "ranking", d.max_len, pad_id,
-                          d.num_candidates, _mle_target(cfg),
+    d, obj = cfg.data, objective(cfg)
+    return LayoutCollator(d.layout, obj.records, d.max_len, pad_id, d.num_candidates, obj.mle_target(cfg),
                           pad_to_multiple=d.pad_to_multiple, row_len=d.row_len,
                           unit_multiple=local_devices * micro_batches, attention_block=d.attention_block,
                           micro_batches=micro_batches, shape_buckets=d.shape_buckets)
@@ -445,6 +370,100 @@ def _host(x):
     return jax.device_get(x)
 
 
+class StopSignals:
+    """SIGTERM/SIGINT during training, and the step every host stops at (a context manager: the handlers are
+    this run's only).
+
+    Every host must stop at the same step: the save is collective, so a host saving while another steps on
+    hangs both (gloo on CPU aborts). One host acts on its own signal at once. With several, each host feeds
+    the signal it caught (0: none) into its next step (:meth:`step_args`), which takes the largest over all
+    hosts (a scalar all-reduce beside the gradients', no extra host round trip), and every host stops when
+    it reads that step's metrics (:meth:`heard`): at the same step, one step later than one host would."""
+
+    def __init__(self, mesh):
+        self.mesh, self.caught = mesh, []  # the signals this host caught
+        self.agree = jax.process_count() > 1
+        self.acted = [] if self.agree else self.caught  # the signal every host acts on
+
+    def __enter__(self) -> "StopSignals":
+        self.previous = {s: signal.signal(s, lambda signum, _f: self.caught.append(signum))
+                         for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def step_args(self, abstract: bool = False) -> tuple:
+        """The step's arguments after the batch: this host's signal, when the hosts must agree."""
+        if not self.agree:
+            return ()
+        return (parallel.host_value(0 if abstract or not self.caught else self.caught[0], self.mesh),)
+
+    def heard(self, metrics: dict) -> None:
+        """Read the agreed signal out of a step's host metrics (``metrics["stop"]``, removed)."""
+        agreed = int(metrics.pop("stop", 0))
+        if agreed and not self.acted:
+            self.acted.append(agreed)
+
+    @property
+    def signum(self) -> int | None:
+        return self.acted[0] if self.acted else None
+
+
+class DelayedMetrics:
+    """A step's metrics fetched one step late: step n+1 is dispatched before step n's metrics come to the
+    host, so the device never waits for Python (logging, the next batch). ``on_ready(step, metrics, dt)``
+    gets each step's host metrics in order, dt the wall time between two consecutive steps' results
+    (steady-state throughput; the first step includes compilation). :meth:`drain` before checkpoints,
+    evaluation and stops, so a checkpoint is only written for a step whose loss and gradient were finite."""
+
+    def __init__(self, on_ready: Callable[[int, dict, float], None]):
+        self.on_ready, self.pending = on_ready, []
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.clock = time.perf_counter()
+
+    def push(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+        if len(self.pending) > 1:
+            self._one()
+
+    def drain(self) -> None:
+        while self.pending:
+            self._one()
+
+    def _one(self) -> None:
+        step, metrics = self.pending.pop(0)
+        metrics = _host(metrics)
+        now = time.perf_counter()
+        dt, self.clock = now - self.clock, now
+        self.on_ready(step, metrics, dt)
+
+
+@dataclasses.dataclass
+class Run:
+    """What :func:`setup` makes for :func:`loop` and :func:`export`: the data, the state, the jitted steps and
+    the run's writers."""
+
+    cfg: Config
+    mesh: Any
+    out_dir: Any
+    it: Any  # the BatchIterator of this host's training batches
+    eval_examples: list | None
+    eval_collator: Any
+    total_steps: int
+    start_step: int
+    binder: ParamBinder
+    lora_run: Any  # model.lora.LoraRun, or None
+    state: dict  # {"params", "opt_state", "step", "rng"}
+    step_fn: Callable
+    eval_fn: Callable
+    ckpt: TrainCheckpointer
+    writer: "MetricsWriter"
+
+
 def _load_or_init_model(cfg: Config, mesh) -> Llama:
     from tuna_jax.model import load_model
 
@@ -461,20 +480,33 @@ def _load_or_init_model(cfg: Config, mesh) -> Llama:
 
 def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Run the configured stage. ``on_step(step, metrics)`` is a hook for tests and tools."""
-    from tqdm import tqdm
-
-    tc = cfg.train
-    out_dir = paths.resolve(tc.output_dir)  # local or gs://...; made only once data and model are good
-    use_compile_cache(tc.compile_cache)  # before the first compile
+    use_compile_cache(cfg.train.compile_cache)  # before the first compile
     parallel.initialize_distributed()
-    mesh = parallel.make_mesh(tc.mesh)
+    mesh = parallel.make_mesh(cfg.train.mesh)
+    with jax.set_mesh(mesh):
+        run = setup(cfg, mesh, resume)
+        try:
+            step, last, eval_metrics, first_eval = loop(run, on_step)
+        finally:
+            run.ckpt.close()
+            run.writer.close()
+        first_eval = first_eval or _logged_eval(run.out_dir, 0)  # a resumed run's starting point is in its log
+        export_dir = export(run, last, first_eval, eval_metrics) if cfg.train.export else None
+    return TrainResult(step=step, metrics=last, eval_metrics=eval_metrics, output_dir=str(run.out_dir),
+                       export_dir=export_dir, first_eval=first_eval)
+
+
+def setup(cfg: Config, mesh, resume: bool) -> Run:
+    """Check the config, read and tokenise the data, plan every batch, then load the model, build (or
+    restore) the train state and jit the steps. Nothing is written before the data and model are good."""
+    tc, obj = cfg.train, objective(cfg)
+    out_dir = paths.resolve(tc.output_dir)  # local or gs://...
     n_data = mesh.shape["data"] * mesh.shape["fsdp"]
     if tc.global_batch % tc.grad_accum:
         raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by train.grad_accum={tc.grad_accum}")
     if (tc.global_batch // tc.grad_accum) % n_data:
         raise ValueError(f"a micro-batch of {tc.global_batch // tc.grad_accum} prompts does not divide over "
                          f"data x fsdp = {n_data} devices; change train.global_batch, train.grad_accum or train.mesh")
-
     if cfg.lora.rank or cfg.loss.reference == "model":
         from tuna_jax.model.lora import check_run_config
 
@@ -494,190 +526,173 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
     if report.num_skipped or getattr(report, "changed", None):
         print(report.summary(), file=sys.stderr)
 
-    from tuna_jax.data.batching import BatchIterator
-
     local_data = max(1, n_data // jax.process_count())
-    eval_collator = make_collator(cfg, tok.pad_id, local_data)  # evaluation batches are not split
     it = train_batches(cfg, train_examples, tok.pad_id, local_data, jax.process_index(), jax.process_count())
     it.planned_shapes()  # every batch's shape (host work), planned before the model is loaded
     total_steps = tc.epochs * it.steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
 
-    with jax.set_mesh(mesh):
-        model = _load_or_init_model(cfg, mesh)
-        binder = ParamBinder(model.cfg)
-        tx, schedule = make_optimizer(cfg.optim, total_steps)
-        params = binder.to_pure(model)
-        lora_run = None
-        if cfg.lora.rank:  # LoRA: the base is frozen; only adapters (and lora.train_also) are trained and saved
-            from tuna_jax.model.lora import LoraRun
+    model = _load_or_init_model(cfg, mesh)
+    binder = ParamBinder(model.cfg)
+    tx, schedule = make_optimizer(cfg.optim, total_steps)
+    params = binder.to_pure(model)
+    lora_run = None
+    if cfg.lora.rank:  # LoRA: the base is frozen; only adapters (and lora.train_also) are trained and saved
+        from tuna_jax.model.lora import LoraRun
 
-            lora_run = LoraRun(cfg, binder, params, mesh)
-            params = lora_run.trainable
-        if tc.mode == "prm":  # the backbone and a fresh reward head, trained together
-            from tuna_jax.model.reward import init_head
+        lora_run = LoraRun(cfg, binder, params, mesh, peft_export=not obj.reward_head)  # a PRM exports merged
+        params = lora_run.trainable
+    if obj.reward_head:  # the backbone and a fresh reward head, trained together
+        from tuna_jax.model.reward import init_head
 
-            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            head = {k: jax.device_put(v, replicated) for k, v in init_head(model.cfg.hidden_size, tc.seed).items()}
-            params = {"backbone": params, "head": head}
-        del model
-        on_mesh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # as the step returns them
-        state = {"params": params, "opt_state": init_opt_state(tx, params, mesh),
-                 "step": jax.device_put(jnp.zeros((), jnp.int32), on_mesh),
-                 "rng": jax.device_put(jax.random.key_data(jax.random.key(tc.seed)), on_mesh)}
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        head = {k: jax.device_put(v, replicated) for k, v in init_head(model.cfg.hidden_size, tc.seed).items()}
+        params = {"backbone": params, "head": head}
+    del model
+    on_mesh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # as the step returns them
+    state = {"params": params, "opt_state": init_opt_state(tx, params, mesh),
+             "step": jax.device_put(jnp.zeros((), jnp.int32), on_mesh),
+             "rng": jax.device_put(jax.random.key_data(jax.random.key(tc.seed)), on_mesh)}
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
-        start_step = 0
-        if resume and ckpt.latest_step() is not None:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            del state
-            state, meta = ckpt.restore(abstract)
-            it.restore(meta["data"])
-            start_step = int(_host(state["step"]))
-            print(f"resumed from {ckpt.directory} at step {start_step}", file=sys.stderr)
-        if jax.process_index() == 0:  # one writer: a bucket object takes about one write a second
-            paths.write_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
+    start_step = 0
+    if resume and ckpt.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        del state
+        state, meta = ckpt.restore(abstract)
+        it.restore(meta["data"])
+        start_step = int(_host(state["step"]))
+        print(f"resumed from {ckpt.directory} at step {start_step}", file=sys.stderr)
+    if jax.process_index() == 0:  # one writer: a bucket object takes about one write a second
+        paths.write_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-        if lora_run is None:
-            step_fn = jax.jit(make_train_step(binder, cfg, tx, schedule), donate_argnums=(0,))
-            eval_fn = jax.jit(make_eval_step(binder, cfg))
-        else:  # the same steps over a binder that puts the adapters on the frozen base, passed to every call
-            step_fn, eval_fn = lora_run.jit_steps(lambda b: make_train_step(b, cfg, tx, schedule),
-                                                  lambda b: make_eval_step(b, cfg))
-        writer = MetricsWriter(out_dir, start_step if resume else None, tc.tensorboard)
-        if not resume:  # what reading the data changed, as step 0 of the log (a resume keeps that line)
-            writer.write({"step": 0, "split": "data", "identical_pairs": report.changed["identical_candidates"],
-                          "rows_all_identical": report.changed["all_candidates_identical"]})
+    if lora_run is None:
+        step_fn = jax.jit(make_train_step(binder, cfg, tx, schedule), donate_argnums=(0,))
+        eval_fn = jax.jit(make_eval_step(binder, cfg))
+    else:  # the same steps over a binder that puts the adapters on the frozen base, passed to every call
+        step_fn, eval_fn = lora_run.jit_steps(lambda b: make_train_step(b, cfg, tx, schedule),
+                                              lambda b: make_eval_step(b, cfg))
+    writer = MetricsWriter(out_dir, start_step if resume else None, tc.tensorboard)
+    if not resume:  # what reading the data changed, as step 0 of the log (a resume keeps that line)
+        writer.write({"step": 0, "split": "data", "identical_pairs": report.changed["identical_candidates"],
+                      "rows_all_identical": report.changed["all_candidates_identical"]})
+    return Run(cfg, mesh, out_dir, it, eval_examples, make_collator(cfg, tok.pad_id, local_data), total_steps,
+               start_step, binder, lora_run, state, step_fn, eval_fn, ckpt, writer)
 
-        stop_signal: list[int] = []
-        previous = {s: signal.signal(s, lambda signum, _f: stop_signal.append(signum))
-                    for s in (signal.SIGTERM, signal.SIGINT)}
-        # Every host must stop at the same step: the save is collective, so a host saving while another
-        # steps on hangs both (gloo on CPU aborts). One host acts on its own signal at once. With several,
-        # each host feeds the signal it caught (0: none) into its next step, which takes the largest over
-        # all hosts (a scalar all-reduce beside the gradients', no extra host round trip), and every host
-        # stops when it reads that step's metrics: at the same step, one step later than one host would.
-        agree = jax.process_count() > 1
-        stop = [] if agree else stop_signal  # the signal this host acts on
+
+def evaluate(run: Run, step: int) -> dict | None:
+    """The held-out metrics of the current params (logged as step ``step``); None without an eval set.
+    Evaluation batches are not split into micro-batches."""
+    from tuna_jax.data.batching import BatchIterator
+
+    if not run.eval_examples:
+        return None
+    tc = run.cfg.train
+    ev = BatchIterator(run.eval_examples, run.eval_collator, tc.global_batch // tc.grad_accum, shuffle=False,
+                       num_epochs=1, drop_remainder=False, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+    totals: dict = {}
+    for batch in ev:
+        sums = _host(run.eval_fn(run.state["params"], parallel.shard_batch(batch, run.mesh)))
+        totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+    result = summarize(totals)
+    run.writer.write({"step": step, "split": "eval", **result})
+    return result
+
+
+def loop(run: Run, on_step: Callable[[int, dict], None] | None = None) -> tuple[int, dict, dict | None, dict | None]:
+    """Step from ``run.start_step`` to ``run.total_steps``, evaluating, checkpointing and stopping on a
+    signal (:class:`Interrupted`) or a non-finite step (:class:`TrainingDiverged`).
+    -> (last step, its metrics, the last held-out metrics, the held-out metrics before step 1)."""
+    from tqdm import tqdm
+
+    cfg, tc, it, ckpt = run.cfg, run.cfg.train, run.it, run.ckpt
+    last: dict = {}
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=cfg.name or tc.mode, unit="step",
+               disable=not tc.progress or jax.process_index() != 0, file=sys.stderr)
+
+    def record(done: int, metrics: dict, dt: float) -> None:
+        nonlocal last
+        stops.heard(metrics)
+        if not bool(metrics.pop("finite")):
+            ckpt.wait()
+            raise TrainingDiverged(
+                f"step {done}: loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} is not "
+                f"finite; stopped without applying it. The last good checkpoint is step "
+                f"{ckpt.latest_step()} in {ckpt.directory}. Try a lower optim.lr, optim.grad_clip, or "
+                f"model.dtype=float32, and check the data around this step.")
+        last = summarize(metrics)
+        last.update(step=done, lr=float(metrics["lr"]), grad_norm=float(metrics["grad_norm"]),
+                    step_time=dt, tokens_per_s=last["tokens"] / dt, epoch=it.epoch)
+        if done % tc.log_every == 0 or done == run.total_steps:
+            run.writer.write({"split": "train", **last})
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if on_step:
+            on_step(done, last)
+
+    with StopSignals(run.mesh) as stops:
         # The step compiled for each shape the rest of the run takes, on a thread, in the order it needs them.
-        ahead = CompileAhead(step_fn, state, [it.batch_at(e, i) for e, i in it.upcoming(total_steps - start_step)],
-                             mesh, (parallel.host_value(0, mesh),) if agree else ())
-
-        def run_eval(step: int) -> dict | None:
-            if not eval_examples:
-                return None
-            ev = BatchIterator(eval_examples, eval_collator, tc.global_batch // tc.grad_accum, shuffle=False,
-                               num_epochs=1, drop_remainder=False, process_index=jax.process_index(),
-                               process_count=jax.process_count())
-            totals: dict = {}
-            for batch in ev:
-                sums = _host(eval_fn(state["params"], parallel.shard_batch(batch, mesh)))
-                totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
-            result = summarize(totals)
-            writer.write({"step": step, "split": "eval", **result})
-            return result
-
-        last, eval_metrics, first_eval, step = {}, None, None, start_step
-        bar = tqdm(total=total_steps, initial=start_step, desc=cfg.name or tc.mode, unit="step",
-                   disable=not tc.progress or jax.process_index() != 0, file=sys.stderr)
-        # Metrics are fetched one step late: step n+1 is dispatched before step n's metrics are
-        # pulled to the host, so the device never waits for Python (logging, the next batch).
-        # step_time is the wall time between two consecutive steps' results (steady-state throughput;
-        # the first step includes compilation). Checkpoints, evaluation and stops sync first, so a
-        # checkpoint is only written for a step whose loss and gradient were finite.
-        pending: list = []  # [(step, metrics on device)]
-        clock = [time.perf_counter()]
-
-        def finish() -> None:
-            nonlocal last
-            done, dev_metrics = pending.pop(0)
-            metrics = _host(dev_metrics)
-            agreed = int(metrics.pop("stop", 0))
-            if agreed and not stop:
-                stop.append(agreed)
-            now = time.perf_counter()
-            dt, clock[0] = now - clock[0], now
-            if not bool(metrics.pop("finite")):
-                ckpt.wait()
-                raise TrainingDiverged(
-                    f"step {done}: loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} is not "
-                    f"finite; stopped without applying it. The last good checkpoint is step "
-                    f"{ckpt.latest_step()} in {ckpt.directory}. Try a lower optim.lr, optim.grad_clip, or "
-                    f"model.dtype=float32, and check the data around this step.")
-            last = summarize(metrics)
-            last.update(step=done, lr=float(metrics["lr"]), grad_norm=float(metrics["grad_norm"]),
-                        step_time=dt, tokens_per_s=last["tokens"] / dt, epoch=it.epoch)
-            if done % tc.log_every == 0 or done == total_steps:
-                writer.write({"split": "train", **last})
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if on_step:
-                on_step(done, last)
-
+        ahead = CompileAhead(run.step_fn, run.state, [it.batch_at(e, i) for e, i in
+                                                      it.upcoming(run.total_steps - run.start_step)],
+                             run.mesh, stops.step_args(abstract=True))
+        fetch = DelayedMetrics(record)
+        eval_metrics, first_eval, step = None, None, run.start_step
         try:
-            if eval_examples and step == 0:
-                first_eval = run_eval(0)  # the starting point, so a run's gain is visible in its own log
-            clock[0] = time.perf_counter()
-            while step < total_steps:
-                batch = parallel.shard_batch(next(it), mesh)
+            if run.eval_examples and step == 0:
+                first_eval = evaluate(run, 0)  # the starting point, so a run's gain is visible in its own log
+            fetch.restart_clock()
+            while step < run.total_steps:
+                batch = parallel.shard_batch(next(it), run.mesh)
                 if not ahead.ready(batch):  # a new shape still compiling: report the steps done meanwhile
-                    while pending:
-                        finish()
+                    fetch.drain()
                 ahead.wait(batch)
-                flag = (parallel.host_value(stop_signal[0] if stop_signal else 0, mesh),) if agree else ()
-                state, metrics = step_fn(state, batch, *flag)
+                run.state, metrics = run.step_fn(run.state, batch, *stops.step_args())
                 step += 1
-                pending.append((step, metrics))
-                if len(pending) > 1:
-                    finish()
+                fetch.push(step, metrics)
                 do_eval = bool(tc.eval_every and step % tc.eval_every == 0)
-                do_save = step % tc.save_every == 0 or step == total_steps
-                halt = bool(stop)  # read once: a signal landing later in this iteration stops the next one
+                do_save = step % tc.save_every == 0 or step == run.total_steps
+                halt = stops.signum  # read once: a signal landing later in this iteration stops the next one
                 if do_eval or do_save or halt:
-                    while pending:
-                        finish()
+                    fetch.drain()
                 if do_eval:
-                    eval_metrics = run_eval(step)
-                    clock[0] = time.perf_counter()
+                    eval_metrics = evaluate(run, step)
+                    fetch.restart_clock()
                 if halt:
-                    ckpt.save(step, state, {"data": it.state(), "step": step}, force=True)
+                    ckpt.save(step, run.state, {"data": it.state(), "step": step}, force=True)
                     ckpt.wait()
-                    raise Interrupted(stop[0], step)
+                    raise Interrupted(halt, step)
                 if do_save:
-                    ckpt.save(step, state, {"data": it.state(), "step": step})
-            while pending:
-                finish()
-            if eval_examples and (not tc.eval_every or step % tc.eval_every):
-                eval_metrics = run_eval(step)
+                    ckpt.save(step, run.state, {"data": it.state(), "step": step})
+            fetch.drain()
+            if run.eval_examples and (not tc.eval_every or step % tc.eval_every):
+                eval_metrics = evaluate(run, step)
         finally:
             ahead.close()
             bar.close()
-            ckpt.close()
-            writer.close()
-            for s, h in previous.items():
-                signal.signal(s, h)
+    return step, last, eval_metrics, first_eval
 
-        export_dir = None
-        first_eval = first_eval or _logged_eval(out_dir, 0)  # a resumed run's starting point is in its log
-        if tc.export and tc.mode == "prm":  # the PRM folder format (model/reward.py)
-            from tuna_jax.model.reward import ProxyRankingModel, eval_summary
 
-            meta = {"base_model": str(cfg.model.path), "max_len": cfg.data.max_len, "add_bos": cfg.data.add_bos,
-                    "add_eos": cfg.data.add_eos, "train": cfg.to_dict(),
-                    "metrics": {"start_eval": eval_summary(first_eval), "final_eval": eval_summary(eval_metrics),
-                                "last_train": last}}
-            prm = ProxyRankingModel(state["params"] if lora_run is None else lora_run.merged_prm(state["params"]),
-                                    binder.cfg, meta, mesh)
-            export_dir = str(prm.save(out_dir / "final", tokenizer_src=_tokenizer_dir(cfg)))
-        elif tc.export and lora_run is not None:  # a PEFT adapter folder that records its base
-            export_dir = str(lora_run.save(out_dir / "final", state["params"], tokenizer_src=_tokenizer_dir(cfg)))
-        elif tc.export:
-            model = binder.bind(state["params"])
-            export_dir = str(save_params(out_dir / "final", model, tokenizer_src=_tokenizer_dir(cfg)))
-    return TrainResult(step=step, metrics=last, eval_metrics=eval_metrics, output_dir=str(out_dir),
-                       export_dir=export_dir, first_eval=first_eval)
+def export(run: Run, last: dict, first_eval: dict | None, eval_metrics: dict | None) -> str:
+    """Write the trained model to ``output_dir/final``: a params checkpoint, a PEFT adapter folder (LoRA), or
+    a PRM folder (``model/reward.py``)."""
+    cfg, params = run.cfg, run.state["params"]
+    final = run.out_dir / "final"
+    if objective(cfg).reward_head:
+        from tuna_jax.model.reward import ProxyRankingModel, eval_summary
+
+        meta = {"base_model": str(cfg.model.path), "max_len": cfg.data.max_len, "add_bos": cfg.data.add_bos,
+                "add_eos": cfg.data.add_eos, "train": cfg.to_dict(),
+                "metrics": {"start_eval": eval_summary(first_eval), "final_eval": eval_summary(eval_metrics),
+                            "last_train": last}}
+        prm = ProxyRankingModel(params if run.lora_run is None else run.lora_run.merged_prm(params), run.binder.cfg,
+                                meta, run.mesh)
+        return str(prm.save(final, tokenizer_src=_tokenizer_dir(cfg)))
+    if run.lora_run is not None:  # a PEFT adapter folder that records its base
+        return str(run.lora_run.save(final, params, tokenizer_src=_tokenizer_dir(cfg)))
+    return str(save_params(final, run.binder.bind(params), tokenizer_src=_tokenizer_dir(cfg)))
 
 
 def _logged_eval(out_dir, step: int) -> dict | None:

@@ -35,7 +35,8 @@ from tuna_jax.data.layouts import LayoutCollator
 from tuna_jax.model.llama import REMAT_POLICIES, LlamaConfig, abstract_model
 from tuna_jax.model.params import ParamBinder
 from tuna_jax.model.reward import init_head
-from tuna_jax.train import batch_sums, init_opt_state, make_collator, make_optimizer, make_train_step, summarize, train
+from tuna_jax.objectives import batch_sums, summarize
+from tuna_jax.train import init_opt_state, make_collator, make_optimizer, make_train_step, train
 
 # LLVM's optimisation level only (XLA's HLO passes are the default's): compiles ~2.5x faster on CPU.
 # Both sides of every comparison are compiled the same way.

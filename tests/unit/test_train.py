@@ -150,12 +150,14 @@ def test_checkpoint_restores_across_meshes(tmp_path):
     binder = ParamBinder(lcfg)
     tx, _ = make_optimizer(OptimConfig(lr=1e-3), 10)
 
+    def moments(params):  # non-trivial optimizer moments; jitted: one compile per mesh, not one per eager op
+        g = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
+        return tx.update(g, tx.init(params), params)[1]
+
     def state_on(mesh):
         with jax.set_mesh(mesh):
             params = binder.to_pure(parallel.init_sharded(lambda: Llama(lcfg, nnx.Rngs(0)), mesh))
-            opt = jax.jit(tx.init)(params)
-            g = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
-            _, opt = tx.update(g, opt, params)  # non-trivial optimizer moments
+            opt = jax.jit(moments)(params)
             return {"params": params, "opt_state": opt, "step": jnp.array(5, jnp.int32),
                     "rng": jax.random.key_data(jax.random.key(7))}
 

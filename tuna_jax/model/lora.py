@@ -339,10 +339,10 @@ class LoraRun:
     ``trainable`` = {"adapters": {target: {"a", "b"}}, "params": the ``train_also`` parameters}: the
     train state's params, so the optimizer state and the checkpoints hold only these."""
 
-    def __init__(self, cfg, binder, params: dict, mesh, abstract: bool = False):
+    def __init__(self, cfg, binder, params: dict, mesh, abstract: bool = False, peft_export: bool = True):
         self.spec = LoraSpec.from_config(cfg.lora)
         self.binder, self.base = binder, cfg.model.path
-        if cfg.train.mode != "prm":  # the export's format, before any step (a PRM folder holds merged weights)
+        if peft_export:  # the export's format, before any step (a PRM folder holds merged weights)
             check_peft(binder.cfg, self.spec)
         if abstract:  # ShapeDtypeStruct params: the run's shapes and placements only (`tuna-jax plan`)
             self.frozen, self.trainable = abstract_split(binder.cfg, params, self.spec, mesh)

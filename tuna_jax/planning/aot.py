@@ -107,12 +107,14 @@ def worst_case_examples(cfg: Config, prompt_len: int) -> list:
     if not 1 <= prompt_len < d.max_len:
         raise PlanError(f"--prompt-len {prompt_len}: must be in [1, data.max_len={d.max_len})")
     from tuna_jax.data.batching import TokenizedExample
+    from tuna_jax.objectives import objective
 
+    obj = objective(cfg)
     prompt, resp = np.ones(prompt_len, np.int32), np.ones(d.max_len - prompt_len, np.int32)
-    if cfg.train.mode == "sft":
+    if not obj.candidates:
         return [TokenizedExample(prompt, [resp], None, None, f"plan-{i}") for i in range(cfg.train.global_batch)]
     n = d.num_candidates
-    mle = None if cfg.train.mode == "prm" or cfg.loss.mle_target == "all" else resp
+    mle = None if obj.mle_target(cfg) == "all" else resp
     scores = np.arange(n, 0, -1).astype(np.float32)
     return [TokenizedExample(prompt, [resp] * n, scores, mle, f"plan-{i}") for i in range(cfg.train.global_batch)]
 
@@ -122,6 +124,7 @@ def planned_batch(cfg: Config, n_data: int, prompt_len: int, platform: str, host
     the collator train makes, each of ``hosts`` hosts collating its own share of the global batch (as
     train's per-host iterators do; packed rows are packed per host), the hosts' arrays put end to end."""
     from tuna_jax.data.layouts import resolve_layout
+    from tuna_jax.objectives import objective
     from tuna_jax.train import make_collator
 
     layout = resolve_layout(cfg.data.layout, platform)
@@ -135,7 +138,7 @@ def planned_batch(cfg: Config, n_data: int, prompt_len: int, platform: str, host
     shape = collator.plan(host_rows)
     parts = [collator(host_rows[h], shape, h, hosts) for h in range(hosts)]
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    if cfg.loss.reference == "data" and cfg.train.mode == "ranking":  # the columns a reference run carries
+    if cfg.loss.reference == "data" and objective(cfg).reference:  # the columns a reference run carries
         b, n = len(rows), cfg.data.num_candidates
         batch.update(ref_logprob_sum=np.zeros((b, n), np.float32), ref_num_tokens=np.ones((b, n), np.float32))
     return batch, shape, layout
@@ -165,7 +168,10 @@ def lora_run(cfg: Config, lcfg, params: dict, mesh):
 
     if cfg.lora.rank or cfg.loss.reference == "model":
         check_run_config(cfg)  # train's refusals, same words
-    return LoraRun(cfg, ParamBinder(lcfg), params, mesh, abstract=True) if cfg.lora.rank else None
+    from tuna_jax.objectives import objective
+
+    return LoraRun(cfg, ParamBinder(lcfg), params, mesh, abstract=True,
+                   peft_export=not objective(cfg).reward_head) if cfg.lora.rank else None
 
 
 def abstract_state(cfg: Config, lcfg, mesh, tx, params: dict | None = None) -> dict:
@@ -177,9 +183,11 @@ def abstract_state(cfg: Config, lcfg, mesh, tx, params: dict | None = None) -> d
     import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from tuna_jax.objectives import objective
+
     params = abstract_params(lcfg, mesh) if params is None else params
     replicated = NamedSharding(mesh, PartitionSpec())
-    if cfg.train.mode == "prm":
+    if objective(cfg).reward_head:
         head = {"w": jax.ShapeDtypeStruct((lcfg.hidden_size,), jnp.float32, sharding=replicated),
                 "b": jax.ShapeDtypeStruct((1,), jnp.float32, sharding=replicated)}
         params = {"backbone": params, "head": head}

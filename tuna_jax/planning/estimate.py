@@ -50,12 +50,13 @@ def saved_bytes_per_token(lcfg, policy: str) -> int:
 
 
 def estimate_memory(cfg, lcfg, mesh_shape: dict, batch_shape, scored_per_unit: int,
-                    trainable: int | None = None) -> dict:
+                    trainable: int | None = None, lm_head: bool = True) -> dict:
     """Per-device bytes of one training step, by part (see the module docstring).
 
     ``mesh_shape``: {"data", "fsdp", "tensor"}; ``batch_shape``: the planned ``BatchShape`` of the
     global batch (U units of Q rows of L tokens); ``scored_per_unit``: S, tokens projected per unit;
-    ``trainable``: LoRA's trained parameters (None: full fine-tuning)."""
+    ``trainable``: LoRA's trained parameters (None: full fine-tuning); ``lm_head``: the objective projects
+    scored tokens onto the vocabulary (not a PRM)."""
     p_bytes, c_bytes = _BYTES[lcfg.param_dtype], _BYTES[lcfg.dtype]
     shard = mesh_shape["fsdp"] * mesh_shape["tensor"]
     n_data = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -70,7 +71,7 @@ def estimate_memory(cfg, lcfg, mesh_shape: dict, batch_shape, scored_per_unit: i
     policy = lcfg.remat_policy
     per_layer = saved_bytes_per_token(lcfg, policy)
     working = saved_bytes_per_token(lcfg, "none")
-    logits = min(scored * v * 4, cfg.loss.logits_budget_mb * 2**20) if cfg.train.mode != "prm" else 0
+    logits = min(scored * v * 4, cfg.loss.logits_budget_mb * 2**20) if lm_head else 0
     if trainable is None:
         parts = {"params": params * p_bytes / shard, "optimizer": 2 * params * p_bytes / shard,
                  "gradients": params * (4 + p_bytes) / shard,

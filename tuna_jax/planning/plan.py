@@ -139,6 +139,7 @@ def make_plan(cfg: Config, target: Target, *, prompt_len: int | None = None, min
     """Build the config's train step for ``target`` (compiled, or estimated where it cannot be) and
     gather its figures. Raises ``aot.PlanError`` for what train would refuse."""
     from tuna_jax import parallel
+    from tuna_jax.objectives import objective
 
     t0 = time.perf_counter()
     if prompt_len is None:
@@ -153,7 +154,7 @@ def make_plan(cfg: Config, target: Target, *, prompt_len: int | None = None, min
     n_data = mesh_shape["data"] * mesh_shape["fsdp"]
     aot.check_batch(cfg, n_data)
     batch_np, batch_shape, layout = aot.planned_batch(cfg, n_data, prompt_len, target.platform, target.hosts)
-    model_fl = flops.model_flops(batch_np, lcfg, lm_head=cfg.train.mode != "prm")
+    model_fl = flops.model_flops(batch_np, lcfg, lm_head=objective(cfg).lm_head)
     positions = int(batch_np["segment_ids"].size)
     real = int(batch_np["real_tokens"].sum())
 
@@ -173,8 +174,8 @@ def make_plan(cfg: Config, target: Target, *, prompt_len: int | None = None, min
     seconds["total"] = time.perf_counter() - t0
     micro = cfg.train.global_batch // cfg.train.grad_accum
     how = (f"worst case: {cfg.train.global_batch} prompts of {prompt_len} tokens, every "
-           + ("response" if cfg.train.mode == "sft" else
-              f"candidate ({cfg.data.num_candidates}){'' if cfg.train.mode == 'prm' else ' and the MLE target'}")
+           + ("response" if not objective(cfg).candidates else
+              f"candidate ({cfg.data.num_candidates}){' and the MLE target' if objective(cfg).mle else ''}")
            + f" {cfg.data.max_len - prompt_len} tokens (prompt + response = data.max_len {cfg.data.max_len}), "
            "laid out by train's collator")
     return Plan(
@@ -249,6 +250,8 @@ def _count(lora) -> int | None:
 def _estimated(cfg: Config, lcfg, batch_np: dict, batch_shape, mesh_shape: dict, target: Target):
     """The analytic memory estimate and the executed FLOPs of the step traced without devices:
     (memory, executed FLOPs, seconds, trained parameters: LoRA's count, else None)."""
+    from tuna_jax.objectives import objective
+
     t0 = time.perf_counter()
     # cuDNN's kernel cannot be traced without a GPU; its dense attention has the einsum path's matmuls.
     counted = dataclasses.replace(lcfg, attention="einsum") if lcfg.attention == "cudnn" else lcfg
@@ -256,7 +259,8 @@ def _estimated(cfg: Config, lcfg, batch_np: dict, batch_shape, mesh_shape: dict,
     traced = _traced(cfg, counted, state, _unsharded_batch(batch_np), None, target, lora)
     executed = flops.executed_flops(traced.jaxpr)
     trainable = _count(lora)
-    est = estimate.estimate_memory(cfg, lcfg, mesh_shape, batch_shape, batch_shape.scored, trainable)
+    est = estimate.estimate_memory(cfg, lcfg, mesh_shape, batch_shape, batch_shape.scored, trainable,
+                                   lm_head=objective(cfg).lm_head)
     return {"total": est["total"], "parts": est["parts"], "estimate": True}, executed, {
         "trace": time.perf_counter() - t0}, trainable
 

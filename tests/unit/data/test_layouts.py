@@ -15,7 +15,8 @@ from tuna_jax.data.batching import BatchIterator, TokenizedExample
 from tuna_jax.data.layouts import LAYOUTS, LayoutCollator
 from tuna_jax.model.attention import attention_mask
 from tuna_jax.model.llama import Llama, LlamaConfig
-from tuna_jax.train import ParamBinder, batch_sums
+from tuna_jax.objectives import batch_sums
+from tuna_jax.train import ParamBinder
 
 PAD = 0
 

@@ -140,7 +140,7 @@ def test_adapter_gradients_equal_the_merged_weight_brute_force(mode, layout, att
         return _sums(lb, {"backbone": t, "head": head} if mode == "prm" else t, batch, cfg)["loss"]
 
     def brute(t, f):
-        from tuna_jax.train import batch_sums
+        from tuna_jax.objectives import batch_sums
 
         model = _brute_force_model(binder, f, t, spec)
         return batch_sums(model, batch, cfg, head=head if mode == "prm" else None)["loss"]
