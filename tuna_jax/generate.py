@@ -1,61 +1,22 @@
 """The sampler: batched prefill + decode over a fixed-size, donated KV cache, with token log-probs.
 
-Used by the local teacher backend, diverse sampling, the PRM and evaluation (greedy), and by
-``tuna-jax generate MODEL PROMPTS.jsonl OUT.jsonl``.
+Used by the local teacher backend, diverse sampling, the PRM and evaluation (greedy), and by ``tuna-jax
+generate`` (:func:`generate_file`; the command and its flags: ``tuna_jax/commands/generate.py``).
 
-How one batch runs (B rows, P = bucketed prompt length, T = max_new_tokens)
--------------------------------------------------------------------------
-* Prompts are LEFT-padded to P, so every row's last prompt token sits in slot P-1 and the model's
-  single ``cache.index`` serves all rows. Padding has segment id 0 (masked as a key); positions
-  start at 0 on each row's first real token, exactly as ``llama.padded_inputs`` gives them, so a
-  row's tokens see the same positions as when it runs alone. P is bucketed
-  (``data.shapes.bucket_length``: 8, 16, 32, 64, then multiples of 64) and B is a power of two (at most
-  ``batch_size``) rounded up to a multiple of the mesh's data x fsdp axes, so a stream of prompts
-  compiles a handful of shapes, not one per length. Rows are sorted by prompt length before
-  batching to keep padding small.
-* ``prefill`` (one jitted call) runs the padded prompt, all but its last column, into a fresh
-  [N_l, B, P-1+T, K, Dh] cache in one forward pass. The last column (every row's last prompt token,
-  thanks to the left padding) is decode step 0, which yields the first token's logits: sampling is
-  then compiled once, inside the loop, not a second time after the prefill (compiles dominate on CPU),
-  and the prefill never projects to the vocabulary. The work is the same as prefilling all P columns.
-* ``decode`` (one jitted call, the cache DONATED so XLA updates it in place instead of allocating
-  a second one) runs a ``lax.while_loop``: step t feeds the previous token (the last prompt token at
-  t = 0) at slot P-1+t, samples token t, and the loop ends when every row has stopped or T tokens
-  were produced. Why a device loop rather than a Python loop of a jitted step: no host round trip
-  and no dispatch per token (on CPU and small models dispatch dominates; on GPUs it keeps the
-  device busy), and the early exit when all rows are finished costs one reduction, not a
-  device-to-host sync per token. The price is no per-token streaming, which no caller here needs.
-* Sampling parameters (temperature, top-p, top-k, seed) are traced values, not compile-time
-  constants: diverse sampling raises the temperature on every retry without recompiling. The
-  mode is picked on device with ``lax.cond`` (greedy / plain / top-k-top-p), so the Gumbel noise is
-  only drawn when sampling and the full-vocabulary sort only paid when top-k or top-p is active.
+:class:`Sampler` runs B rows at a time, prompts LEFT-padded to a bucketed length P so that one
+``cache.index`` serves all rows and few shapes compile: ``prefill`` writes all but the last prompt
+column into a fresh [N_l, B, P-1+T, K, Dh] cache (T = max_new_tokens), then ``decode``, one jitted
+``lax.while_loop`` over the donated cache, samples until every row stopped or T tokens were made (no
+host round trip per token). Temperature, top-p, top-k and seed are traced values, so a hotter retry
+does not recompile; filters apply in Hugging Face's and vLLM's order, and ``top_k=1`` is exactly
+greedy. A sample depends on (seed, prompt, rng_id, j) only: not on the batch, the order or the mesh.
 
-Randomness: every row has its own key, ``fold_in(fold_in(key(seed), rng_id), j)`` for sample j of
-the prompt whose ``rng_id`` is given (default: its position in the list; the CLI uses the input
-line's index), and step t uses ``fold_in(row_key, t)``. A sample therefore depends on (seed, prompt,
-rng_id, j) only: not on the batch size, the other prompts, their order, the mesh, or on whether a
-run was resumed.
+Per sample (:class:`tuna_jax.samples.Sample`): ``token_ids`` (with the stop token when it stopped),
+``text``, ``token_logprobs`` (float32, under the model at temperature 1, untempered and unfiltered:
+what a teacher score needs), ``sampling_logprobs`` (under the distribution sampled from) and
+``finish_reason`` ("stop" or "length"). jax/flax are imported inside functions.
 
-What is returned per sample (:class:`tuna_jax.samples.Sample`)
----------------------------------------------
-* ``token_ids``: the generated ids, INCLUDING the stop token when ``finish_reason == "stop"`` (the
-  candidate score v_k of ``losses.py`` sums over response tokens plus EOS, so the teacher needs that token's
-  log-prob too). ``text`` is ``tokenizer.decode_continuation`` of the ids WITHOUT the stop token,
-  so ``encode_response(text)`` (= ``encode_continuation(text) + [EOS]``) gives ``token_ids`` back.
-* ``token_logprobs``: log p(token) under the MODEL's distribution at temperature 1, i.e. the
-  untempered, unfiltered float32 log-softmax of the logits -- what a teacher score
-  log p(r | i) needs, and what a teacher-forced forward over prompt + generated tokens gives.
-* ``sampling_logprobs``: log q(token) under the distribution actually sampled from (tempered, top-k
-  and top-p filtered and renormalised); 0.0 for greedy decoding (a point mass).
-* ``finish_reason``: "stop" (a stop id was sampled: the config's eos ids and the tokenizer's EOS)
-  or "length" (max_new_tokens reached).
-
-Sampling order follows Hugging Face and vLLM: temperature, then top-k, then top-p on the
-renormalised top-k distribution (the smallest set of most likely tokens whose mass reaches top_p;
-the most likely token is always kept). Ties at the top-k boundary are broken by token id, as
-argmax does, so ``top_k=1`` is exactly greedy.
-
-jax/flax are imported inside functions. The command and its flags: ``tuna_jax/commands/generate.py``.
+How a batch runs, randomness and each returned field: docs/feedback.md#sampler.
 """
 from __future__ import annotations
 
@@ -83,7 +44,7 @@ FINISH_STOP, FINISH_LENGTH = "stop", "length"
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to sample. ``temperature=0`` is greedy (argmax); ``top_k=0`` and ``top_p=1`` disable
-    those filters. ``seed`` fixes the samples (see the module docstring for what they depend on)."""
+    those filters. ``seed`` fixes the samples (what they depend on: docs/feedback.md#sampler)."""
 
     temperature: float = 1.0
     top_p: float = 1.0

@@ -6,30 +6,15 @@ training layouts (:mod:`tuna_jax.data.layouts`): the continuations of one prompt
 prefix-shared group (the prompt computed once), and groups go to the device a batch at a time,
 sorted by length, with bucketed shapes so that few shapes compile. The numbers are the training
 step's numbers (:func:`tuna_jax.logprobs.scored_token_logprobs`): float32, only scored tokens
-projected to the vocabulary.
+projected to the vocabulary. Multi-host: every host calls the scorer with the same input, places
+its own shards of each batch, and gets every result.
 
-Multi-host: every host calls the scorer with the same input; each batch runs on the global mesh,
-each host placing its own shards of the batch (``parallel.put_global_batch``), and every host gets
-every result.
+Below the Scorer, files of candidates (what ``tuna-jax score`` runs, :func:`score_file`): exact
+log-likelihoods of given candidates under a model, text candidates scored as the response to the
+Alpaca prompt (response tokens plus EOS, the score v_k of ``losses.py``) or pre-tokenised ones as
+given; per candidate ``logprob_sum`` (nats) and ``num_tokens`` (scored tokens), in input order.
 
-Below the Scorer, files of candidates (what ``tuna-jax score`` runs): exact log-likelihoods of given
-candidates under a model.
-
-Input lines (JSONL), either
-
-* text: ``{"id"?, "instruction", "input"?, "candidates": [str, ...]}`` -- each candidate is
-  scored as the response to the Alpaca prompt, response tokens plus EOS (the score v_k of
-  ``losses.py``), with the project's one BOS/EOS policy (``data/templates.py``);
-* pre-tokenised: ``{"id"?, "prompt_ids": [int, ...], "candidate_ids": [[int, ...], ...]}`` --
-  no template, no BOS/EOS added; exactly the given candidate tokens are scored, each given
-  ``prompt_ids`` and the candidate's earlier tokens.
-
-Output lines: ``{"index", "id"?, "candidates": [{"logprob_sum", "num_tokens"}, ...],
-"logprob_sum": [...], "num_tokens": [...]}`` in input order; logprob_sum in nats (float32
-accumulation), num_tokens the number of scored tokens.
-
-The scoring itself is :class:`tuna_jax.scoring.Scorer`, shared with the local teacher: each line's
-candidates form one prefix-shared group (the prompt computed once) in the training layouts.
+The file formats: docs/objectives.md#scoring-candidates; the scorer: docs/feedback.md#scorer.
 """
 from __future__ import annotations
 

@@ -3,58 +3,17 @@
 Why a module of its own: the format is small, self-contained and needs no JAX; it is an importer that
 produces a standard HF LLaMA directory, which the HF <-> Orbax conversion then takes like any other model.
 
-The checkpoint (``export.py --version 0``, what ``run.c`` reads; e.g. ``stories260K.bin``)
-----------------------------------------------------------------------------------------
-All little-endian, no padding, no magic number::
-
-    int32[7]  dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len
-              vocab_size < 0 means the classifier is NOT shared with the token embedding (|vocab_size| is the size)
-    float32   token_embedding      [vocab, dim]
-              rms_att_weight       [n_layers, dim]
-              wq                   [n_layers, n_heads*head_size, dim]     (head_size = dim // n_heads)
-              wk                   [n_layers, n_kv_heads*head_size, dim]
-              wv                   [n_layers, n_kv_heads*head_size, dim]
-              wo                   [n_layers, dim, n_heads*head_size]
-              rms_ffn_weight       [n_layers, dim]
-              w1 (gate)            [n_layers, hidden_dim, dim]
-              w2 (down)            [n_layers, dim, hidden_dim]
-              w3 (up)              [n_layers, hidden_dim, dim]
-              rms_final_weight     [dim]
-              freq_cis_real        [max_seq_len, head_size // 2]   (RoPE cos table; run.c ignores it)
-              freq_cis_imag        [max_seq_len, head_size // 2]   (RoPE sin table)
-              wcls                 [vocab, dim]                    only when vocab_size < 0
-
-Every matrix is stored like a PyTorch ``nn.Linear.weight``: [out_features, in_features], the same
-orientation as Hugging Face. The file size must equal exactly 28 bytes + 4 bytes per float above; anything
-else (a truncated download, a llama2.c "version 1/2" file that starts with the magic ``ak42``) is refused
-with a ``ValueError`` naming the file. Files written by llama2.c's ``export.py --version 1/2`` (with a magic
-number and possibly int8 weights) are not this format.
-
-The RoPE permutation
---------------------
-llama2.c rotates *interleaved* pairs: within a head, dimensions (2i, 2i+1) form one complex number that is
-rotated by pos * theta^(-2i/head_size). Hugging Face's LlamaModel rotates *half-split* pairs: dimensions
-(i, i + head_size/2). Both compute the same attention scores if the rows of q_proj and k_proj are
-reordered inside every head so that the even rows come first and the odd rows second: for each head, new
-row j < head_size/2 is old row 2j and new row head_size/2 + j is old row 2j+1. That is exactly llama2.c's
-``export.py`` (hf export) and transformers' ``convert_llama_weights_to_hf.py`` ``permute``::
-
-    w.view(n_heads, head_size // 2, 2, dim).transpose(1, 2).reshape(n_heads * head_size, dim)
-
-with n_heads = num_key_value_heads for k_proj. v_proj, o_proj and the MLP are not permuted: the score
-q.k is invariant to a common reordering of q and k, and nothing else sees the rotated dimensions.
-
-The tokenizer (``tokenizer.py export`` in llama2.c; e.g. ``tok512.bin``)
------------------------------------------------------------------------
-``int32 max_token_length``, then for each piece ``float32 score, int32 n_bytes, n_bytes of UTF-8``. Ids 0, 1,
-2 are ``<unk>``, ``<s>``, ``</s>`` (llama2.c writes BOS/EOS as ``"\\n<s>\\n"``/``"\\n</s>\\n"``), ids 3..258
-the byte-fallback pieces ``<0x00>``..``<0xFF>``, then the BPE pieces with their scores (-merge rank). The
-export replaced sentencepiece's whitespace marker U+2581 by an ASCII space; since an escaped sentencepiece
-piece never contains a real space, every space is mapped back to U+2581. A sentencepiece ``ModelProto``
-(BPE, byte fallback, LLaMA's trainer and normalizer settings) is rebuilt from it so that
-``sentencepiece.SentencePieceProcessor`` and transformers' ``LlamaTokenizer`` load it.
+:func:`convert_llama2c_to_hf` reads a checkpoint of ``export.py --version 0`` (what ``run.c`` reads; e.g.
+``stories260K.bin``: an int32[7] header, then float32 tensors in llama2.c's order, every matrix
+[out_features, in_features]; any other size is refused with a ``ValueError`` naming the file) and a
+tokenizer of ``tokenizer.py export`` (e.g. ``tok512.bin``). q_proj and k_proj rows are permuted inside
+every head (:func:`permute_rotary_rows`), because llama2.c rotates interleaved pairs and Hugging Face
+half-split ones; the tokenizer is rebuilt as a sentencepiece ``ModelProto`` that sentencepiece and
+transformers' ``LlamaTokenizer`` load.
 
 No pickle and no ``torch.load`` anywhere: the weights are read with numpy and written with safetensors.
+
+The checkpoint and tokenizer formats and the RoPE permutation: docs/models.md#llama2c.
 """
 from __future__ import annotations
 
@@ -271,7 +230,7 @@ def iter_llama2c_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndar
     Yields (name, float32 array) in file order, with HF shapes:
       model.embed_tokens.weight                      [vocab, dim]
       model.layers.{i}.input_layernorm.weight        [dim]
-      model.layers.{i}.self_attn.q_proj.weight       [n_heads*head_size, dim]    rows permuted (module docstring)
+      model.layers.{i}.self_attn.q_proj.weight       [n_heads*head_size, dim]    rows permuted (docs/models.md#llama2c)
       model.layers.{i}.self_attn.k_proj.weight       [n_kv_heads*head_size, dim] rows permuted
       model.layers.{i}.self_attn.v_proj.weight       [n_kv_heads*head_size, dim]
       model.layers.{i}.self_attn.o_proj.weight       [dim, n_heads*head_size]

@@ -1,60 +1,21 @@
 """Candidate layouts: how tokenised examples become device batches (``data.layout``).
 
 Every layout gives the model the same per-sequence log-likelihoods (tested against ``padded`` at
-1e-5); they differ in how many token positions the device computes.
+1e-5); they differ in how many token positions the device computes. ``padded``: a sub-row per
+sequence (each candidate, and the MLE target), the prompt computed N + 1 times, as the reference code
+does. ``prefix_shared``: a row per example, the prompt once (branch 0), each sequence a branch that
+sees the prompt and itself. ``packed``: rows of ``row_len`` tokens filled with prefix-shared pieces of
+several examples, each piece its own segment.
 
-* ``padded``: one sub-row per sequence (each candidate, and the MLE target), all right-padded to
-  the batch's longest: the prompt is computed N + 1 times. What the reference code does.
-* ``prefix_shared``: one row per example: the prompt once (branch 0), then each candidate and
-  the MLE target as a branch (branch k sees branch 0 and itself; positions restart after the
-  prompt). The prompt is computed once and only the batch's longest *group* sets the padding.
-* ``packed``: rows of ``row_len`` tokens (default ``max_len``) filled with prefix-shared
-  *pieces*: a piece is a prompt and some of its example's sequences, so a group longer than the
-  room left is split over several pieces (each repeating the prompt) and short ones share a row
-  (best fit, see ``LayoutCollator._pack``), each piece in its own segment, never attending across
-  pieces. Rows are all ``row_len`` long, and a run's batches take at most ``shape_buckets`` row
-  counts, so few shapes compile and little is padding; short rows also keep attention kernels
-  that cannot skip masked blocks (cuDNN with a mask) from paying for long ones.
+:class:`LayoutCollator` turns B examples (per host) into U units of Q sub-rows of L tokens:
+``input_ids``, ``positions``, ``segment_ids`` (and ``branch_ids``) int32 [U, Q, L], the scored tokens'
+indices ``score_*`` int32 [U, S], ``unit_example`` int32 [U, E], the optional key-block table
+``kv_blocks`` int32 [U, Q, L/c, M], and per example the masks, ``real_tokens`` and, for ranking, the
+targets [B, N]. Log-likelihood sums are computed per unit and summed into their examples through
+``unit_example``. Shapes are agreed over the global batch (:meth:`LayoutCollator.plan`), at most
+``shape_buckets`` of them per run.
 
-A batch has B examples (per host) laid out in U units of Q sub-rows of L tokens::
-
-  input_ids, positions, segment_ids  int32 [U, Q, L]   segment 0 = padding
-  branch_ids                         int32 [U, Q, L]   prefix_shared / packed ranking only
-  score_src    int32 [U, S]     index into the unit's flattened [Q * L] positions of the hidden
-                                state that predicts the scored token
-  score_tgt    int32 [U, S]     the scored token (a response token or the EOS)
-  score_pos    int32 [U, S]     where that token itself sits in the unit's [Q * L] positions (a reward
-                                head reads the hidden state at a sequence's last token, its EOS)
-  score_slot   int32 [U, S]     e * (N + 1) + k: candidate k (k = N: the MLE target) of the unit's
-                                e-th example; -1 for unused entries
-  unit_example int32 [U, E]     which example (index into this micro-batch's examples) is the
-                                unit's e-th; -1 for none
-  kv_blocks    int32 [U, Q, L/c, M]  prefix_shared / packed with ``attention_block`` c > 0: for
-                                each block of c queries, the M blocks of c keys it may see
-                                (ascending, -1 = none); lets attention skip fully masked blocks
-  example_mask bool  [B]        a real example (False: padding of a last partial batch)
-  real_tokens  float32 [B]      prompt + response tokens of every sequence the loss reads,
-                                counted once per sequence: the layout-independent throughput unit
-  ranking only:
-  target         float32 [B, N]  candidate quality, higher is better (0 where masked)
-  candidate_mask bool    [B, N]
-  mle_slot       int32   [B]     the slot holding the MLE target: N (a separate sequence,
-                                 ``mle_target=original``), the best candidate (``best``, no extra
-                                 tokens), or -1 (``all``: every candidate)
-  ref_logprob_sum, ref_num_tokens  float32 [B, N]  a reference model's candidate scores, when the
-                                 examples carry them (0 where masked)
-
-``padded``: U = B, Q = N (+1 with a separate MLE target), E = 1. ``prefix_shared``: U = B, Q = 1,
-E = 1. ``packed``: U = rows, Q = 1, E = the most examples with a piece in one row. SFT batches are
-the same with N = 0 (slot 0 is the response). Log-likelihood sums are computed per unit and
-summed into their examples through ``unit_example``.
-
-Shapes are agreed over the global batch (:meth:`LayoutCollator.plan`), so every host builds the
-same shapes from its own rows, and a run's batches take at most ``shape_buckets`` of them, planned
-from the whole run's batches before the first step (:class:`tuna_jax.data.batching.BatchIterator`).
-With gradient accumulation the step splits every array into ``micro_batches`` equal parts along
-its first axis; packed hosts pack each part's examples into its own rows, so a part's rows hold
-exactly that part's examples.
+Every array, the units per layout, hosts and micro-batches: docs/data.md#layouts.
 """
 from __future__ import annotations
 
@@ -166,7 +127,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class LayoutCollator:
-    """Examples -> the layout batch described in the module docstring.
+    """Examples -> the layout batch described in docs/data.md#layouts.
 
     mode: ``sft`` or ``ranking``; ``pad_to_multiple``: L and S are the batch's longest rounded up
     to this (0: not rounded, and padded / prefix_shared runs take one shape); ``row_len``: packed row

@@ -1,43 +1,19 @@
 """Record schemas, readers, importers of the Tuna reference code's files, and validation.
 
-Records are plain text (no tokens). ``read_records(path, kind)`` returns ``(records, SkipReport)``.
+Records are plain text (no tokens). ``read_records(path, kind)`` returns ``(records, SkipReport)``, from
+``*.json``, ``*.jsonl``, ``hf:NAME[:SPLIT]`` and local ``*.parquet|*.csv|*.arrow`` (Hugging Face
+``datasets``, optional) or ``tfds:NAME[:SPLIT]`` (the ``tfds`` extra). Ranking rows come in four
+formats, told apart by the first row's keys (``format="auto"``, :func:`detect_ranking_format`): native
+(candidates with ``scores``, or ``ranks`` stored as ``score = -rank``; optional reference-model scores),
+and three of the reference code (microsoft/LMOps tuna): its training files, its released raw teacher
+file (scored ``s = logprob / length ** beta``, beta = 1.3) and its judge's output (``gpt-eval.py``). A
+templated instruction byte-identical to the Alpaca template is split back into (instruction, input);
+otherwise it is kept verbatim in ``prompt``.
 
-Sources: ``*.json`` (a JSON list; a ``.json`` file whose first character is ``{`` is read as JSONL),
-``*.jsonl``, ``hf:NAME[:SPLIT]`` and local ``*.parquet|*.csv|*.arrow`` through Hugging Face
-``datasets`` (optional), ``tfds:NAME[:SPLIT]`` through ``tensorflow_datasets`` (the ``tfds`` extra).
+Errors: ``DataError`` naming ``file:line`` and the field; with ``on_error="skip"`` the row is counted in
+the ``SkipReport`` instead (nothing is dropped without a count).
 
-Ranking row formats (``format="auto"`` decides from the first row's keys):
-
-* native: ``{instruction, input?, output?, candidates: [str], scores: [num] | ranks: [int], id?,
-  prompt?, ref_logprob_sum?: [num], ref_num_tokens?: [int]}``. ``output`` is the original response
-  ("" if none). ``ranks[i]`` is the rank of ``candidates[i]``, 1 = best; it is stored as
-  ``score = -rank`` (higher is better, ties kept). ``prompt``, when present, is the exact (already
-  templated) model prompt. ``ref_logprob_sum`` / ``ref_num_tokens`` (both or neither, one per
-  candidate, in candidate order): a frozen reference model's summed log-prob (nats) and scored token
-  count (response + EOS) of each candidate, from ``tuna-jax score`` attached by
-  ``tuna-jax reference-scores`` (``data/reference.py``).
-* reference (microsoft/LMOps tuna training files, e.g. train.davinci_003_w_prob.w_orig_alpaca.json):
-  ``{instruction (already templated), id, output: [N], score: [N]}``, higher score better (the
-  reference sorts descending). Every row must have the same N (the reference asserts it).
-* probabilistic (the released raw teacher file): ``{orig: {instruction, input, output}, text: [N],
-  logprob: [N], length: [N], avg_token_prob: [N]}``. Assumptions: ``logprob`` is the summed token
-  log-prob of ``text[k]`` under the teacher and ``length`` its token count; the score is
-  ``s = logprob / length ** beta`` (beta=1.3, the paper's). ``avg_token_prob`` is not used.
-  Candidates are stripped of surrounding whitespace by default: a completion API returns the text
-  after ``"### Response:"`` with its leading newline/space, which the model never generates there.
-* contextual (tuna/src/gpt-eval.py output): ``{prompt, instruct?, generation: [N], id?, ranks | rank,
-  response_4?, ...}``. ``ranks`` is the judge's ORDER, best first, of response indices
-  (0..N-1, and N for the judge's own ``response_4``), possibly a subset: the judge was told to keep
-  one of duplicate responses. The instruction is ``instruct`` (templated) or the part of ``prompt``
-  before the first ``"\\n\\n###Response k:"``. Candidates are the ranked generations (unranked ones are
-  counted in the report); ``response_4`` joins them only with ``include_judge_response=True``.
-  There is no original response in this format (``output=""``).
-
-A templated instruction is split back into (instruction, input) when it is byte-identical to the
-Alpaca template; otherwise it is kept verbatim in ``prompt``.
-
-Errors: ``DataError`` naming ``file:line`` and the field; with ``on_error="skip"`` the row is
-counted in the ``SkipReport`` instead (nothing is dropped without a count).
+The sources and the four formats, field by field: docs/data.md#records.
 """
 from __future__ import annotations
 
@@ -544,7 +520,7 @@ RANKING_FORMATS = ("native", "reference", "probabilistic", "contextual")
 
 
 def detect_ranking_format(row: Any) -> Optional[str]:
-    """Which ranking format a row is in, from its keys (see the module docstring); None if none."""
+    """Which ranking format a row is in, from its keys (see docs/data.md#records); None if none."""
     if isinstance(row, dict):
         if "candidates" in row:
             return "native"

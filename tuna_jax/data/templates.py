@@ -3,27 +3,16 @@
 Everything that turns text into model ids goes through here, so SFT, ranking, scoring and
 generation see byte-identical prompts and identical prompt ids.
 
-The template is tatsu-lab/stanford_alpaca's ``PROMPT_DICT`` byte for byte (microsoft/LMOps tuna/
-uses the same): it ends with ``"### Response:"`` and no newline or space; the response follows
-directly.
+The template (:func:`format_prompt`) is tatsu-lab/stanford_alpaca's ``PROMPT_DICT`` byte for byte: it
+ends with ``"### Response:"`` and no newline or space; the response follows directly. A (prompt,
+response) pair is ``[BOS] + encode(prompt) + encode_continuation(response) + [EOS]``
+(:func:`encode_prompt_response`): the two are tokenised SEPARATELY, because tokenising the joined text
+can merge tokens across the boundary, and the response as a *continuation* of the prompt (no
+sentencepiece dummy-prefix space), as the model sees and generates it after ``"Response:"``.
+Generated ids become text with ``Tokenizer.decode_continuation``, whose ``encode_continuation`` gives
+the same ids back, so responses the model generated are scored on the tokens it generated.
 
-Tokenisation of a (prompt, response) pair: the prompt and the response are tokenised SEPARATELY
-and concatenated, ``[BOS] + encode(prompt) + encode_continuation(response) + [EOS]``, because:
-
-* Tokenising the concatenated text can merge tokens across the boundary. With the LLaMA
-  sentencepiece vocabulary ``"...### Response:" + '"The'`` becomes ``[..., ':"', 'The']``: the
-  boundary falls inside a token and the first response token is lost from the loss mask (57 of the
-  999 shared demo examples). Separately, the prompt ids are exactly the ids a sampler is given,
-  so the response ids are exactly the ids the model would produce after them.
-* The response is tokenised as a *continuation* of the prompt: sentencepiece's dummy-prefix space
-  (``add_dummy_prefix``) is not added to it. ``encode("The answer")`` is ``['▁The', '▁answer']``,
-  but after ``"Response:"`` in running text the model sees and generates ``['The', '▁answer']``
-  (that is how stanford_alpaca and the Tuna reference, which tokenise the concatenated string,
-  trained the Alpaca model we start from). ``decode(ids)`` of those ids gives back the response.
-
-Generated ids should be turned into text with ``Tokenizer.decode_continuation`` (which keeps a
-leading space that the model chose to generate); ``encode_continuation`` of that text gives the
-same ids back, so responses the model generated are scored on the tokens it generated.
+Why, with the examples that made it so: docs/data.md#templates.
 """
 from __future__ import annotations
 
@@ -276,6 +265,6 @@ def encode_response(tok: Tokenizer, response: str, policy: SpecialTokenPolicy) -
 def encode_prompt_response(tok: Tokenizer, prompt: str, response: str,
                            policy: SpecialTokenPolicy) -> tuple[list[int], int]:
     """``(ids, response_start)``: ids[:response_start] == encode_prompt(prompt); the rest are the
-    response tokens (and EOS under the policy), tokenised separately (see the module docstring)."""
+    response tokens (and EOS under the policy), tokenised separately (see docs/data.md#templates)."""
     p = encode_prompt(tok, prompt, policy)
     return p + encode_response(tok, response, policy), len(p)

@@ -2,78 +2,18 @@
 Tasks"): rule-based scoring of the 25 tasks, accuracy, the four robustness aspects, the LMentry score,
 and the predictions readers of ``tuna-jax eval lmentry`` (``commands/eval.py``).
 
-Written from the paper and from reading the aviaefrat/lmentry repository (``lmentry/scorers``,
-``lmentry/analysis``, ``data``). That repository states no licence, so no code is taken from it:
-this is an independent implementation of the behaviour it describes, with its own structure.
-Its data is not shipped either; users clone the repository (or download its ``data`` folder).
+An independent implementation of what the aviaefrat/lmentry repository's scorers and analysis do: that
+repository states no licence, so no code is taken from it, and its data is not shipped (users clone it).
+:func:`load_data` reads its ``data/<task>.json`` files (the 25 tasks and 16 controlled-argument variants);
+a prediction line names task and id, ``{"id": "bigger_number/17", "prediction": "723"}``.
+:func:`score_prediction` scores one prediction: task-specific negative checks, then a direct answer, then
+the task's accepted phrasings, giving 1 or 0, certain or not (accuracy counts the 1s). :func:`aggregate`
+gives task accuracy, robustness (four aspects) and LMentry score = accuracy x robustness / 100, with the
+repository's rounding, so numbers match its tables. A few bugs of the repository's scorers are fixed (they
+only matter for unusual predictions). Missing predictions count as wrong and are reported; a task with none
+at all is an error unless ``allow_partial``.
 
-Data layout (``data/<task>.json``)::
-
-    {"settings": {"name", "num_examples_per_template", "input_templates": [t0, t1, t2], ...},
-     "examples": {"1": {"input": "Q: Which number is bigger, 101 or 723?\\nA:",
-                        "metadata": {"n1": 101, "n2": 723, "answer": 723, "answer_index": 1,
-                                     "distractor": 101, "template_id": 0, ...}}, ...}}
-
-41 files: the 25 tasks plus 16 variants of 6 of them with controlled arguments, used for the
-"argument content" robustness. Ids are only unique within a task, so a prediction line names both:
-``{"id": "bigger_number/17", "prediction": "723"}`` (or ``{"task": "bigger_number", "id": "17", ...}``).
-The prompt is the example's ``input`` verbatim (LMentry is zero-shot).
-
-Scoring a prediction (``score_prediction``). The prediction is normalised (strip, lower-case, runs of
-spaces -> one, "_" -> space; optionally cut at the first newline and then the first "." for models
-that do not stop). An argument (a word, letter, number or sentence) may be wrapped in quotes/periods/
-commas and preceded by "the word"/"the letter"/"the number"/"the sentence"; a number may also be
-spelled out ("seven hundred and twenty-three"). Then, per task:
-
-1. task-specific *negative* checks give a certain 0 (e.g. the answer word is absent, the only word
-   given is the distractor, the wrong yes/no, a stated letter difference that is wrong);
-2. a *direct* answer -- the whole prediction is the answer (optionally followed by "."), or every
-   alphanumeric token of it is (a model repeating its answer) -- gives a certain 1;
-3. otherwise the prediction is matched against the task's accepted phrasings (e.g. "the answer is X",
-   "X is bigger than Y", "Y is smaller than X", "of the numbers A and B, X is larger"): a phrasing that
-   is the whole prediction gives a certain 1, one found inside it an uncertain 1, none a 0.
-
-Accuracy counts the 1s; "certain" is reported but, as in the paper, does not change accuracy.
-
-Aggregates (``aggregate``), as the repository's analysis computes them (including its rounding of
-intermediate figures, so numbers match its tables): task accuracy = 100 x correct / examples (2
-decimals), per-template accuracy (1 decimal); accuracy = mean over the 25 tasks; robustness = mean of
-four aspects, each 100 - (largest accuracy gap) averaged over its items:
-
-* argument order -- 7 two-argument tasks, gap between accuracy when the answer is the first vs the
-  second argument, each over the predictions present (the analysis counts the predictions there, not
-  the examples, so a run with missing predictions is not penalised twice);
-* argument content -- 6 tasks, gap among the accuracies of their controlled-argument variants;
-* template -- the 25 tasks, gap among the accuracies of their 3 input templates;
-* adjacent tasks -- 17 pairs of closely related tasks (e.g. bigger/smaller number), gap between them.
-
-Robustness is rounded to 1 decimal; LMentry score = accuracy x robustness / 100.
-
-Deviations from the repository's scorers, each a bug fix that only matters for unusual predictions:
-
-* arguments are regex-escaped (the repository inserts words and sentences into patterns raw, so a
-  sentence with "?" or "(" changes the pattern or fails to compile);
-* a prediction whose only letters are non-ASCII is not a "direct" answer (the repository's
-  every-token rule is vacuously true when it finds no ASCII tokens, scoring e.g. "日本" as correct);
-* "the sentence" alone no longer satisfies sentence_containing (a pattern alternative meant for
-  phrasings like "the first word of the sentence is X" leaked into that task);
-* patterns use ``\\W`` where intended (the repository lower-cases its patterns, turning ``\\W`` into
-  ``\\w`` in "first word: X"); last_word accepts "last word: X" (it had "first word" copied over);
-  ends_with_letter's "whose last letter is L" and "how about W" are two phrasings (a missing comma
-  had glued them into one); homophones accepts "X sounds like A, but not like D" with "," or "." (the
-  pattern had ".," as one literal);
-* word_after/word_before also accept "Q precedes A" / "Q succeeds A" (their second mirroring step
-  tested for the wrong verb and added nothing), and spot a prediction that repeats the sentence with
-  punctuation dropped on both sides (only the prediction's was); a list of options need not end in
-  punctuation; more/less_letters read "a single" as one.
-
-A differential run against the repository's scorers (outside this project, on the test table plus
-thousands of random phrase combinations for 13 of the tasks) found no other difference.
-
-Missing predictions count as wrong (the repository divides by the number of examples of a task),
-and are counted and reported. A task with no predictions at all is *absent*: an error, since the
-robustness aspects would silently change meaning, unless ``allow_partial`` (then the aspects use
-only complete items and the result says ``"partial": true``).
+Data layout, scoring rules, aggregates and the deviations: docs/evaluation.md#lmentry.
 """
 from __future__ import annotations
 
@@ -1029,7 +969,7 @@ def score_predictions(predictions: Mapping[tuple[str, str], str] | Mapping[str, 
     with tqdm(total=total, desc="lmentry", unit="ex", disable=not progress, file=sys.stderr) as bar:
         for name, task in loaded.items():
             if name not in by_task:
-                no_predictions.append(name)  # absent: not scored as all-wrong, see module doc
+                no_predictions.append(name)  # absent: not scored as all-wrong, see docs/evaluation.md#lmentry
                 continue
             results[name] = score_task(task, by_task[name], truncate, progress=bar.update)
     if not results:

@@ -1,30 +1,14 @@
 """The evaluation report: one table per run, a row per model, in Markdown and JSON, and a PNG chart.
 
-Columns follow the Tuna paper's Table 1 -- Super-NI 0-shot and 2-shot ROUGE-L, the LMentry score, Vicuna QA
-win / lose / tie against a baseline, in percent of the judged questions as the paper reports them (the
-counts beside them) -- plus the AlpacaEval win rate when it was run. Only the benchmarks a run configured
-get a column. A cell without a number (not run, stopped, everything failed) is "-" in Markdown and null in
-JSON; failures and missing items are never folded into the numbers, they are reported beside them (the
-Vicuna cell shows "(k failed)"). The notes say which review protocol each column used: one order with the
-model as Assistant 1 (the paper's) or both orders (a win or loss only when they agree; not the paper's).
+Columns follow the Tuna paper's Table 1 (Super-NI 0-shot and 2-shot ROUGE-L, the LMentry score, Vicuna QA
+win / lose / tie against a baseline, in percent of the judged questions) plus the AlpacaEval win rate when
+it was run; only the benchmarks a run configured get a column. Failures and missing items are never folded
+into the numbers, they are reported beside them; the notes say which review protocol each column used.
+The JSON table is the source of truth: :func:`write_report` renders the Markdown and the chart from it,
+:func:`render_report` re-renders them from a saved JSON. matplotlib is imported only when a chart is drawn
+(Agg backend, no display needed).
 
-The JSON table is the source of truth (``write_report`` renders the Markdown and the chart from it, and
-``render_report`` re-renders them from a saved JSON):
-
-    {"name": str, "created": ISO time, "columns": [column keys], "rows": [
-        {"model": str, "path": str | null,
-         "superni_0shot": float | null, "superni_2shot": float | null, "lmentry": float | null,
-         "vicuna": {"win", "lose", "tie", "win_pct", "tie_pct", "lose_pct", "failed", "missing", "baseline",
-                    "judge", "orders": "one" | "both"} | null,
-         "alpaca_eval": {"win_rate", "win_rate_stderr", "win", "lose", "tie", "failed", "missing",
-                         "baseline", "judge"} | null,
-         "details": {column: {...the scorer's bookkeeping: files, counts...}}}, ...],
-     "notes": [str], "settings": {...}}
-
-The chart has one panel of grouped bars (one group per 0-100 metric, one bar per model, in the config's
-order -- typically the stages Alpaca, Tuna_p, Tuna_c, Tuna) and, when Vicuna QA was run, a panel of
-stacked win / tie / lose bars per model. matplotlib is imported only when a chart is drawn, with the Agg
-backend (no display needed).
+The JSON table's fields, the cells and the chart: docs/evaluation.md#report.
 """
 from __future__ import annotations
 
@@ -119,7 +103,7 @@ def to_markdown(table: Mapping[str, Any]) -> str:
 
 
 def plot_table(table: Mapping[str, Any], path: str | os.PathLike) -> str:
-    """Draws the chart (see the module docstring) to ``path`` (PNG); returns the path."""
+    """Draws the chart (see docs/evaluation.md#report) to ``path`` (PNG); returns the path."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)

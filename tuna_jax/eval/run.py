@@ -1,100 +1,22 @@
 """The evaluation driver of ``tuna-jax eval run CONFIG`` / ``tuna-jax eval CONFIG.yaml`` (the command and the
 scoring-only subcommands ``eval superni|lmentry|vicuna|alpaca-eval``: ``commands/eval.py``).
 
-The driver, for a YAML config listing models and benchmarks (format below):
+For a YAML config listing models and benchmarks (:func:`load_eval_config`, checked against
+:data:`EVAL_LIMITS` and :data:`EVAL_CHOICES`), :func:`run_eval` builds every benchmark's prompts with each
+model's tokenizer and prompt template (``alpaca`` by default: the benchmark prompt is the Alpaca
+instruction; ``raw``: as it is), generates the ones not yet cached with the sampler (greedy unless
+configured), scores them with ``superni`` / ``lmentry``, runs the pairwise reviews of ``vicuna`` through the
+judge endpoint, and writes the table (Markdown + JSON) and the chart (PNG) with ``report``.
 
-1. builds every benchmark's prompts (Super-NI 0/2-shot, LMentry, Vicuna QA questions, AlpacaEval
-   instructions) with the model's tokenizer, wraps them in the prompt template, and generates the ones not
-   yet in the predictions cache with the sampler (``tuna_jax.generate``; greedy unless configured);
-2. scores them with ``superni`` / ``lmentry`` (the same functions as the scoring-only subcommands, so the
-   table equals what ``tuna-jax eval superni --predictions <the cache file>`` prints);
-3. runs the pairwise reviews (``vicuna``) through the judge endpoint, cached in one request store;
-4. writes the table (Markdown + JSON) and the chart (PNG) with ``report``.
+Everything is cached under ``output_dir``: predictions in ``predictions/<model>/<benchmark>.jsonl``, a line
+per prompt, appended as generated and dropped when the hash of its prompt ids changes (the generation
+settings beside it; a rerun with others is an error), judge requests in ``judge.store.jsonl``: a killed
+run resumes, a rerun loads no model. A prompt over ``max_prompt_tokens`` keeps BOS and its last tokens.
 
-Caching and resuming. Predictions live in ``OUTPUT_DIR/predictions/<model>/<benchmark>.jsonl``, one line
-``{"id", "prediction", "finish_reason", "num_tokens", "prompt_tokens", "prompt_truncated", "prompt_sha1"}``
-per prompt, appended and flushed as they are generated, so a killed run resumes where it stopped and a
-rerun loads no model at all. ``prompt_sha1`` hashes the prompt's token ids: a line whose prompt changed
-(another template, tokenizer, truncation or data) is dropped and generated again. The generation settings
-and the model path are in ``<benchmark>.jsonl.params.json``; a rerun with other settings is an error (the
-file would mix two models or two decoding set-ups): use another ``output_dir`` or delete the file. Judge
-requests are cached in ``OUTPUT_DIR/judge.store.jsonl``.
-
-Prompt template (``template: alpaca | raw``; default alpaca). Tuna and Alpaca models are instruction-tuned
-on the Alpaca prompt, so by default every benchmark prompt -- the Super-NI source text ("Definition: ...
-Now complete the following example - Input: ... Output: "), the LMentry input, the Vicuna question, the
-AlpacaEval instruction -- is the *instruction* of the Alpaca template (no input field), verbatim. ``raw``
-gives the benchmark prompt to the model as it is (base LLaMA). Precedence: ``models[i].template``, then
-the benchmark's ``template``, then ``generation.template``.
-
-Prompt length. A prompt may use ``max_prompt_tokens`` tokens (default: the model's context minus the
-benchmark's ``max_new_tokens``). Super-NI 2-shot prompts first drop positive examples that do not fit (the
-Tk-Instruct collator's rule, counting the templated prompt); a prompt still too long keeps BOS and its
-LAST tokens (a decoder-only model must see the end, "Output: " / "### Response:"), and is counted
-(``prompts_truncated`` in the table's details).
-
-Config (YAML, read and checked by ``tuna_jax.config`` like every config of the project: an unknown key, a
-value of the wrong type or out of range (:data:`EVAL_LIMITS`, :data:`EVAL_CHOICES`) is one error naming
-file:line and key; relative paths are relative to the current directory, like the training configs)::
-
-    name: tuna-stages                 # table title and file stem (default: the config file's name)
-    output_dir: runs/eval             # required
-    models:                           # required: one row each, in this order in the table and chart
-      - {name: alpaca-7b, path: ckpt/alpaca-7b, tokenizer: null, template: null}
-    generation:                       # shared by every benchmark (a benchmark may override marked keys)
-      template: alpaca                # alpaca | raw                                 (per benchmark too)
-      temperature: 0.0                # 0 = greedy (the papers' setting)
-      top_p: 1.0
-      top_k: 0
-      seed: 0
-      max_new_tokens: 256             #                                              (per benchmark too)
-      max_prompt_tokens: null         # default: context - max_new_tokens
-      batch_size: 8                   # rows per device call
-      dtype: float32                  # compute dtype: float32 | bfloat16
-      mesh: null                      # "DATA,FSDP,TENSOR"
-      add_bos: true
-    superni:                          # omit a section to skip the benchmark
-      tasks: PATH                     # natural-instructions checkout, or shared/data/superni
-      shots: [0, 2]
-      num_instances: 100              # first N instances per task
-      num_tasks: null                 # first N test tasks (null: all available in full)
-      task_names: null                # or an explicit list
-    lmentry: {data: PATH, tasks: null, truncate_predictions: false, allow_partial: false}
-    vicuna:
-      data: ../shared/data/vicuna     # question.jsonl, prompt.jsonl, reviewer.jsonl (or give each file)
-      baseline: null                  # a FastChat answer file (e.g. answer_alpaca-13b.jsonl), or
-      baseline_model: alpaca-7b       # the name of a model of this config (its generated answers)
-      orders: one                     # one: the paper's protocol (model as Assistant 1); both: not the paper's,
-                                      # both orders, win/lose only when they agree, else tie (eval/vicuna.py)
-      review: true                    # false: only write the answer files
-      limit: null                     # first N questions
-      max_parse_retries: 2
-      temperature: null               # judge; null = the reviewer's (0.2)
-      max_tokens: null                # judge; null = the reviewer's (1024)
-    alpaca_eval:
-      reference: ../shared/data/alpaca_eval/model_outputs_text_davinci_003.json
-      prompt_template: ../shared/data/alpaca_eval/judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt
-      review: true
-      limit: null
-      max_parse_retries: 2
-    judge:                            # needed when a review runs
-      base_url: https://api.openai.com/v1
-      model: gpt-4
-      api_key_env: OPENAI_API_KEY     # the NAME of the variable; the key is never in a config
-      concurrency: 4
-      timeout_s: 120                  # one request in all: connect, wait, read the whole reply
-      max_retry_after_s: 60           # the longest wait a server's Retry-After may impose
-      max_retries: 6
-      store: null                     # default OUTPUT_DIR/judge.store.jsonl
-      max_usd: null
-      max_requests: null
-      price_input: 0.0                # USD per 1M tokens, for the cost accounting
-      price_output: 0.0
-
-Exit status: 0 done; 1 some review items failed (listed, not counted as W/L/T); 2 a review stopped (budget
-or a fatal endpoint error: the table is written with what was finished; rerun to continue).
-
+Exit status: 0 done; 1 some review items failed; 2 a review stopped (the table holds what finished).
 Single host only: every process would generate and write the same files.
+
+The config's keys, caching, templates and prompt lengths: docs/evaluation.md#run.
 """
 from __future__ import annotations
 
@@ -273,7 +195,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> EvalConfig:
-    """Reads and checks an eval config (see the module docstring); ``overrides``: ``section.key=value``."""
+    """Reads and checks an eval config (see docs/evaluation.md#run); ``overrides``: ``section.key=value``."""
     path = os.fspath(path)
     cfg, raw = load_dataclass(EvalConfig, path, overrides, limits=EVAL_LIMITS, choices=EVAL_CHOICES,
                               hidden=("source",))
@@ -358,7 +280,7 @@ def _context_length(model_path: str) -> int:
 
 
 class _Prompter:
-    """Text -> prompt ids for one model: template, BOS policy, length limit (see the module docstring)."""
+    """Text -> prompt ids for one model: template, BOS policy, length limit (see docs/evaluation.md#run)."""
 
     def __init__(self, cfg: EvalConfig, spec: ModelSpec):
         from tuna_jax.data.templates import SpecialTokenPolicy, load_tokenizer
@@ -470,7 +392,7 @@ def _jobs(cfg: EvalConfig, data: _Data, p: _Prompter) -> dict[str, list[_Job]]:
 
 # ================================================================================================ predictions cache
 class _Cache:
-    """One benchmark's predictions file for one model (see the module docstring)."""
+    """One benchmark's predictions file for one model (see docs/evaluation.md#run)."""
 
     def __init__(self, path: str, settings: dict):
         self.path, self.settings = path, settings

@@ -1,60 +1,18 @@
 """Super-NaturalInstructions (Super-NI) evaluation: prompts, ROUGE-L / exact match (the command:
 ``tuna-jax eval superni``, ``commands/eval.py``).
 
-What it reproduces, and from where (both sources are Apache-2.0; nothing here is a verbatim copy):
+The benchmark as allenai/natural-instructions and Tk-Instruct define it (both Apache-2.0; nothing here is
+a verbatim copy): the 119 English test tasks, the first 100 instances of each (11,810 in all,
+:func:`load_source`, :func:`iter_eval_instances`); the prompts of Tk-Instruct's ``DataCollatorForNI``,
+definition only (0-shot) or definition + 2 positive examples (2-shot) (:func:`build_prompt`); exact match
+and ROUGE-L as natural-instructions' ``eval/automatic/evaluation.py`` computes them (:func:`exact_match`,
+:func:`rouge_l`, :func:`score_predictions`): each instance the max over its references, a figure 100 x the
+mean over instances, overall, per task and per category. Deviations from the official script, none with an
+effect on the numbers: a faster longest common subsequence giving the same floats, no rounding, missing
+predictions left out of the means and reported (``missing="zero"``: the official behaviour), categories
+named as in the data.
 
-* **Test set** -- the 119 English test tasks of ``splits/default/test_tasks.txt`` in
-  allenai/natural-instructions, the first 100 instances of each task file (the repository puts its
-  label-balanced evaluation instances first; ``eval/leaderboard/create_reference_file.py`` and the
-  Tk-Instruct dataset loader both take ``Instances[:100]``). Two tasks have fewer (26 and 84), so the
-  set has 11,810 instances. The category of a task is its first ``Categories`` entry.
-
-* **Prompts** -- Tk-Instruct's ``DataCollatorForNI`` (yizhongw/Tk-Instruct ``src/ni_collator.py``)
-  with ``add_task_name=False, add_task_definition=True, num_neg_examples=0, add_explanation=False``
-  and ``num_pos_examples`` 0 ("definition only", 0-shot) or 2 ("definition + 2 positive examples",
-  2-shot). With ``D`` the first definition string, ``x`` the instance input, ``(a_k, b_k)`` the
-  positive examples, every piece ``.strip()``-ed, and ``<.>`` meaning "append '.' unless the text so
-  far already ends in a character of ``string.punctuation``"::
-
-      Definition: D<.>\\n\\n
-       Positive Example 1 -\\nInput: a_1<.>\\n Output: b_1<.>\\n\\n        (2-shot only)
-       Positive Example 2 -\\nInput: a_2<.>\\n Output: b_2<.>\\n\\n        (2-shot only)
-      Now complete the following example -\\nInput: x<.>\\nOutput:
-
-  Note the leading space before "Positive Example" and before "Output:" inside examples, and the
-  trailing space after the final "Output:" -- all as in the collator. The collator also drops a
-  positive example when ``definition + examples so far + example + input`` exceeds
-  ``max_source_length`` tokens (1024 in the official eval script); pass ``count_tokens`` and
-  ``max_source_length`` to get the same rule. Its final hard cut of the encoded source to
-  ``max_source_length`` tokens is left to the generator, which owns the tokenizer and, for a
-  decoder-only model, must not cut off the trailing "Output: ".
-
-* **Metrics** -- ``eval/automatic/evaluation.py`` of natural-instructions: exact match compares
-  ``normalize_answer`` (lower-case, drop ``string.punctuation``, collapse whitespace; articles are
-  kept) of prediction and reference; ROUGE-L is the F-measure of google-research ``rouge_score``'s
-  ``rougeL`` with ``use_stemmer=True`` and its default tokenizer (lower-case, non-alphanumerics ->
-  space, Porter stem for tokens longer than 3 characters) for the English ("default") track, and the
-  GPT-2 byte-level BPE tokens with the leading "Ġ" stripped for the cross-lingual ("xlingual")
-  track. ROUGE-L is computed on the raw texts (``normalize_answer`` is only for exact match). Each
-  instance scores the max over its references; a figure is 100 x the mean over instances: overall
-  over all scored instances, per task and per category over that group's instances (the
-  benchmark's ``compute_metrics`` / ``compute_grouped_metrics``).
-
-Deviations, all without effect on the numbers:
-
-* ROUGE-L's longest common subsequence is computed with a bit-parallel algorithm on the
-  ``rouge_score`` tokens instead of ``rouge_score``'s O(n*m) Python table, and Porter stems are
-  cached; precision, recall and F are then formed exactly as ``rouge_score`` forms them, so the
-  value is the same float (the tests compare against ``rouge_score`` itself). This makes scoring the
-  11,810 instances take about a second instead of ten.
-* Figures are not rounded (the official script rounds to 4 decimals).
-* Missing predictions: the official script scores a missing prediction as the empty string (a 0 in
-  the mean). Here the default (``missing="skip"``) leaves it out of the means and reports the count
-  loudly (``missing``, ``missing_per_task``, and a warning on stderr); ``missing="zero"`` gives the
-  official behaviour. With complete predictions both agree. Prediction ids that are not in the
-  reference set are counted (``unknown``) and never scored.
-* ``per_category`` keys are the category names as written in the data ("Textual Entailment"), not
-  the official script's lower_snake_case metric names.
+The test set, the prompt format, the metrics and the deviations: docs/evaluation.md#superni.
 """
 from __future__ import annotations
 
@@ -169,7 +127,7 @@ def build_prompt(definition: str | Sequence[str], positive_examples: Sequence[Ma
                  instance_input: str, *, num_pos_examples: int = 0, add_task_definition: bool = True,
                  count_tokens: Callable[[str], int] | None = None,
                  max_source_length: int | None = None) -> str:
-    """The Super-NI evaluation source text (Tk-Instruct ``DataCollatorForNI``; format in the module doc).
+    """The Super-NI evaluation source text (Tk-Instruct ``DataCollatorForNI``; format in docs/evaluation.md#superni).
 
     ``definition`` may be the task file's list of definitions (the first one is used, as the
     collator does). ``num_pos_examples`` is 0 for the 0-shot and 2 for the 2-shot setting; a task with
@@ -532,7 +490,7 @@ class _GPT2Tokenizer:
 
 
 class RougeL:
-    """ROUGE-L F-measure as Super-NI computes it (rouge_score ``rougeL``; see the module doc).
+    """ROUGE-L F-measure as Super-NI computes it (rouge_score ``rougeL``; see docs/evaluation.md#superni).
 
     ``xlingual=False``: rouge_score's default tokenizer with the Porter stemmer. ``xlingual=True``:
     GPT-2 tokens, no stemming (the official cross-lingual scorer). Scores are in [0, 1].

@@ -2,63 +2,19 @@
 win rate (805 instructions, the ``alpaca_eval_gpt4`` annotator prompt), through the OpenAI-compatible client.
 
 One idea: show a judge two answers to the same question, parse its verdict strictly, and count per question
-a win, a loss or a tie for the model under test. Two protocols (``ReviewConfig.orders`` / ``--orders`` /
-``vicuna.orders``), for Vicuna QA:
+a win, a loss or a tie for the model under test. :func:`review_vicuna` follows FastChat's ``fastchat/eval``
+(the version the Tuna paper used): ``orders="one"`` (the default) is the paper's protocol, the model under
+test as Assistant 1, win / tie / lose by the judge's two scores; ``"both"`` is NOT the paper's: both orders
+are asked, and a question is a win or a loss only when they agree, else a tie (against position bias, twice
+the requests). :func:`review_alpaca_eval` judges both orders of every instruction against the reference
+outputs; win rate = 100 x (wins + ties / 2) / judged. Replies are parsed strictly, never guessed
+(:func:`parse_score_pair`, :func:`parse_alpaca_eval_ranking`); one that does not parse is asked again, then
+the question is failed, never a win, loss or tie. Results are counts and percentages of the judged
+questions. Everything is cached in the store (``tuna_jax.llm_api.store``): a rerun with the same store
+makes no request that already succeeded, and writes the same files.
 
-* ``one`` (the default): the Tuna paper's protocol, FastChat's: one request per question, the model under
-  test as Assistant 1 and the baseline as Assistant 2; win / tie / lose by the judge's two scores (higher,
-  equal, lower). Cheap, but a judge that favours the first position favours the model.
-* ``both``: NOT the paper's protocol -- an option of this project against that position bias: both orders
-  are asked, and a question is a win only when both orders prefer the model, a loss only when both prefer
-  the baseline, else a tie (the orders disagree, or one or both call it even). Twice the requests.
-
-Results are counts and, as the paper reports them, percentages of the judged questions (``win_pct``,
-``tie_pct``, ``lose_pct``); failed and missing questions are in neither.
-
-Vicuna QA (lm-sys/FastChat ``fastchat/eval``, the version the Vicuna blog post and the Tuna paper used)
--------------------------------------------------------------------------------------------------------
-* Data: ``question.jsonl`` ({question_id, text, category}), ``prompt.jsonl`` ({prompt_id, system_prompt,
-  prompt_template, defaults, category}), ``reviewer.jsonl`` ({reviewer_id, prompt_id, metadata:
-  {temperature, max_tokens}, category}), and answer files ({question_id, text, answer_id, model_id}).
-* The reviewer of a question is the one whose category equals the question's (coding, math), else the
-  "general" one (FastChat's ``gen_prompt`` falls back to the first reviewer, which is the general one).
-  The request is FastChat's: system = the prompt's system_prompt, user = ``prompt_template.format(question,
-  answer_1, answer_2, **defaults)``, temperature and max_tokens from the reviewer's metadata (0.2, 1024).
-* Answers are generated with the Alpaca template, the question as the instruction (``run.py``), and
-  written like FastChat's: {question_id, text, answer_id, model_id, metadata}. ``answer_id`` is a hash of
-  (model_id, question_id, text) instead of FastChat's random shortuuid, so a rerun writes the same file.
-
-Parsing the score line (:func:`parse_score_pair`), strict, never guessed. FastChat's ``parse_score`` takes
-the reply's first line, replaces "," by " ", splits on " " and needs exactly two floats; anything else is
-a failure ([-1, -1]) it leaves to be "manually fixed". Here the first non-blank line must be exactly two
-non-negative numbers separated by spaces and/or one comma ("8 7", "8.5 7", "8,7", "8, 7"; FastChat itself
-rejects "8, 7" -- its split leaves an empty field -- which is why this is a regex and not its split), each
-in [0, 10] (the prompts' scale is 1-10; 0 is kept for "no answer"). "Score: 8 7", "8/10 7/10",
-"Assistant 1: 8" and prose are failures. One exception, because FastChat's parser fails on nearly every
-math review: the math prompt asks for "a Python tuple containing two numerical scores" at the END, so for
-the math reviewer a reply whose first line is not a score pair is read from its LAST "(a, b)" tuple.
-A reply that does not parse is asked again (a new request: the attempt number is in the cache key) at most
-``max_parse_retries`` times; then the question is counted as failed, with every reply kept in the
-``.failed.jsonl`` file. Failed questions are never counted as wins, losses or ties.
-
-AlpacaEval (tatsu-lab/alpaca_eval, annotator ``alpaca_eval_gpt4``)
-------------------------------------------------------------------
-* The prompt file (``judge_prompts/alpaca_eval_gpt4/alpaca_eval.txt``) is ChatML: ``<|im_start|>role\\n
-  ...<|im_end|>`` blocks become chat messages (content stripped, as alpaca_eval's ``prompt_to_chatml``),
-  ``{instruction}``, ``{output_1}``, ``{output_2}`` are filled in one pass (so an output containing
-  "{output_2}" is not filled again). Request: temperature 0, max_tokens 100 (its configs.yaml).
-* The reply must be a Python literal (``ast.literal_eval`` of the stripped reply, as alpaca_eval's
-  ``ranking_parser``): a list of two dicts {'model': 'model_1'|'model_2', 'rank': 1|2}, both models, ranks
-  1 and 2. Stricter than alpaca_eval (which only reads model_1's rank): a reply that names a model twice
-  or gives both rank 1 fails. Code fences or prose around the list are failures (the prompt forbids them).
-* Model outputs are matched to the reference outputs (``model_outputs_text_davinci_003.json``) by the
-  instruction text. Per instruction both orders are judged (whatever ``orders`` says; it is Vicuna QA's
-  setting) and combined by the both-orders rule above; win rate = 100 x (wins + ties / 2) / judged,
-  with its standard error (of the per-instruction 1 / 0.5 / 0 scores). alpaca_eval itself judges one
-  random order per instruction; both orders cost twice as much and remove the position bias.
-
-Everything is cached in the store (``tuna_jax.llm_api.store``): a rerun with the same store makes no
-request that already succeeded, and writes the same files.
+Data, requests, the parsing rules and where they differ from FastChat and alpaca_eval:
+docs/evaluation.md#vicuna.
 """
 from __future__ import annotations
 
@@ -289,7 +245,7 @@ def _check_range(a: float, b: float, what: str) -> tuple[float, float]:
 
 
 def parse_score_pair(reply: str, *, tuple_fallback: bool = False) -> tuple[float, float]:
-    """(score of assistant 1, score of assistant 2) from a Vicuna review reply; see the module docstring.
+    """(score of assistant 1, score of assistant 2) from a Vicuna review reply; see docs/evaluation.md#vicuna.
 
     ``tuple_fallback``: for the math reviewer, read the LAST "(a, b)" tuple when the first line is not a
     score pair. Raises :class:`ScoreParseError` for anything else.
@@ -343,7 +299,7 @@ def _sign(x: float) -> int:
 class ReviewConfig:
     """temperature / max_tokens: None = the reviewer's metadata (Vicuna: 0.2, 1024) or the annotator's
     config (AlpacaEval: 0, 100). max_parse_retries: new requests for a reply without a verdict. orders: the
-    Vicuna QA protocol, "one" (the paper's) or "both" (module docstring)."""
+    Vicuna QA protocol, "one" (the paper's) or "both" (docs/evaluation.md#vicuna)."""
 
     orders: str = "one"
     max_parse_retries: int = 2
@@ -455,7 +411,7 @@ def review_vicuna(answers: str | os.PathLike | Mapping[int, Any], baseline: str 
                   out_path: str, client: OpenAIClient, data: VicunaData, config: ReviewConfig = ReviewConfig(), *,
                   model_name: str = "model", baseline_name: str = "baseline") -> dict:
     """Reviews the model's answers against the baseline's, in one order (``config.orders="one"``, the paper's
-    protocol: the model as Assistant 1) or both (``"both"``, agreement or tie; see the module docstring).
+    protocol: the model as Assistant 1) or both (``"both"``, agreement or tie; see docs/evaluation.md#vicuna).
 
     Writes one record per reviewed question to ``out_path`` (JSONL: outcome, both orders' scores and
     replies) and failures to ``out_path + ".failed.jsonl"``; returns the summary dict (win, lose, tie,
@@ -545,7 +501,7 @@ def load_alpaca_eval_template(path: str | os.PathLike) -> AlpacaEvalTemplate:
 
 
 def parse_alpaca_eval_ranking(reply: str) -> int:
-    """1 if the judge ranks model_1 first, 2 if model_2; ScoreParseError otherwise (see module docstring)."""
+    """1 if the judge ranks model_1 first, 2 if model_2; ScoreParseError otherwise (see docs/evaluation.md#vicuna)."""
     text = (reply or "").strip()
     if not text:
         raise ScoreParseError("empty reply")

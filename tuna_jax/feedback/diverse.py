@@ -1,51 +1,21 @@
 """Contextual-ranking candidates: N diverse samples per instruction from the model being tuned
 (``tuna-jax sample-diverse MODEL INPUT OUT``), ready for ``tuna-jax judge``.
 
-Two resampling modes (``DiverseSettings.mode`` / ``--mode``); both start and end the same way:
+Trial 1 samples N responses at ``temperature`` (1.0); a set is accepted when every pair has ROUGE-L F
+< ``tau`` (0.8; two responses equal after stripping whitespace count as 1.0); each further trial samples
+``temperature_step`` (0.1) hotter, for at most ``max_trials`` (3); if no set is accepted, the one with
+the lowest mean pairwise ROUGE-L is kept and marked ``fallback``. What a further trial resamples is
+``DiverseSettings.mode`` / ``--mode``: ``similar`` (the default, the paper's description, Sec. 3.1)
+removes only the responses too similar to an earlier kept one and samples replacements; ``set`` (what
+the reference code, microsoft/LMOps tuna, does) samples the whole set again.
 
-* trial 1 samples N responses at ``temperature`` (1.0);
-* a set is accepted when every pair has ROUGE-L F < ``tau`` (0.8; rouge_score ``rougeL``, stemmer on);
-* each further trial samples at temperature + ``temperature_step`` (0.1) more, for at most ``max_trials``
-  trials in all (3: temperatures 1.0, 1.1, 1.2);
-* if no trial's set is accepted, the set with the lowest MEAN pairwise ROUGE-L is kept (the first such
-  trial on a tie) and the record is marked ``fallback``.
+Output (:func:`sample_diverse_file`): one JSON line per instruction, in input order, the candidates as
+sampled plus a ``diversity`` record of trials, temperatures and pairwise ROUGE-L. A sample depends on
+(seed, id, trial, prompt) only (``rng_id = sha256(id, trial)``), so a resumed run (lines already in OUT
+are skipped, a torn last line regenerated, other settings refused) writes what an uninterrupted one
+would. The sampling function is injectable (:data:`SampleFn`; the real sampler: :func:`sampler_fn`).
 
-What a further trial resamples:
-
-* ``similar`` (the default) -- the paper's description (Sec. 3.1): only the responses that are too similar
-  are removed and sampled again. Responses are taken in order and one whose ROUGE-L F with an earlier kept
-  response is >= tau is removed (so of two near-copies the first stays); the removed slots are filled by
-  new samples and the whole set is judged again. Which of a similar pair to remove is not stated in the
-  paper; keeping the earlier one is this module's choice.
-* ``set`` -- what the reference code (microsoft/LMOps tuna) does: the WHOLE set is sampled again.
-
-Similarity of a pair is ROUGE-L F, except that two responses equal after stripping whitespace count as 1.0:
-rouge_score's tokenizer keeps only ``[a-z0-9]`` words, so two identical empty, punctuation-only or non-Latin
-responses would otherwise score 0 and pass as "diverse".
-
-Output, one JSON line per instruction, in input order (what ``tuna-jax judge`` reads):
-
-    {"id", "instruction", "input", "output" (only when the input row had one), "candidates": [N str],
-     "diversity": {"mode": "similar" | "set", "trials": int (1..max_trials), "resampled": int (responses
-                   sampled after trial 1), "temperature": float (of the kept set's newest samples),
-                   "kept_trial": int, "max_pairwise_rougeL": float, "mean_pairwise_rougeL": float (of the kept
-                   set), "fallback": bool}}
-
-Candidates are the texts as sampled (``Tokenizer.decode_continuation``: a leading space the model chose is
-kept, so the student later scores exactly the tokens it generated). Empty responses are kept and counted
-(``empty_candidates``): a ranking record cannot train on them, so the judge output's reader will report them.
-
-Randomness: trial t of the item with id I samples (the whole set, or its removed slots) with the sampler's
-``rng_id = sha256(I, t)``, so every trial draws fresh noise (the same noise at a slightly higher temperature
-would mostly give the same samples) and a sample depends on (seed, id, trial, prompt) only. A resumed run
-therefore writes what an uninterrupted one would.
-
-Resume: lines already in OUT (by id) are skipped; a torn last line (a killed write) is cut off and
-regenerated; OUT.params.json records the settings and resuming with different ones is an error (the file
-would mix two procedures). Ids must be unique in the input (default: the row number).
-
-The sampling function is injectable (:data:`SampleFn`), so the procedure is tested with scripted "models"
-and runs with the real sampler through :func:`sampler_fn`.
+The procedure, the output's fields and resuming in full: docs/feedback.md#diverse.
 """
 from __future__ import annotations
 
@@ -69,7 +39,7 @@ DIVERSITY = "diversity (the paper's settings by default)"
 
 @dataclasses.dataclass(kw_only=True)
 class DiverseSettings:
-    """The procedure (the module docstring; the flags of `tuna-jax sample-diverse`); checked when made."""
+    """The procedure (docs/feedback.md#diverse; the flags of `tuna-jax sample-diverse`); checked when made."""
 
     n: int = arg(4, "samples per instruction", group=DIVERSITY)
     tau: float = arg(0.8, "a pair with ROUGE-L F >= tau is too similar", group=DIVERSITY)
@@ -102,7 +72,7 @@ class DiverseSettings:
 logger = logging.getLogger("tuna_jax.feedback")
 
 #: sample_fn(prompts, n, temperature, rng_ids) -> texts [len(prompts)][n]. ``prompts`` are full Alpaca prompts;
-#: ``rng_ids`` [len(prompts)] ints in [0, 2**31) name each prompt's random stream (see the module docstring).
+#: ``rng_ids`` [len(prompts)] ints in [0, 2**31) name each prompt's random stream (see docs/feedback.md#diverse).
 SampleFn = Callable[[Sequence[str], int, float, Sequence[int]], list]
 
 

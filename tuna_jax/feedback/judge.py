@@ -1,48 +1,20 @@
 """Contextual ranking data: a judge ranks N candidate responses per instruction.
 
-(a) LLM judge (``--kind llm``): an OpenAI-compatible chat model is shown the Alpaca prompt and the N
-    candidates as "###Response 0..N-1" with the Tuna contextual ranking prompt, and replies with
+(a) LLM judge (``--kind llm``, :class:`LLMJudge`): an OpenAI-compatible chat model is shown the Alpaca
+    prompt and the N candidates as "###Response 0..N-1" with the Tuna contextual ranking prompt
+    (``RANKING_PROMPT_N4``, microsoft/LMOps ``tuna/src/gpt-eval.py`` byte for byte), and replies with
     per-response scores, its own best response ("###Response N"), and ``rank: [...]``.
-(b) Metric judge (``--kind metric``): ROUGE-L F (rouge_score ``rougeL``, stemmer on) or exact match of
-    each candidate against a reference answer (the record's original ``output`` by default), for offline
-    runs without an LLM.
+(b) Metric judge (``--kind metric``, :class:`MetricJudge`): ROUGE-L F or exact match of each candidate
+    against a reference answer (the record's original ``output`` by default), for offline runs.
 
-The prompt. ``RANKING_PROMPT_N4`` is the contextual ranking prompt of the Tuna reference implementation,
-byte for byte: microsoft/LMOps, ``tuna/src/gpt-eval.py`` (``GroupEval.group_eval``), the script whose
-output is the released ``gpt_data/gpt-4-ranking.json`` (its ``prompt`` field), with the system message
-"You are a professional and experienced data annotator." Its quirks (no space after "responses." and
-"steps.", "[i, j ,k, l, m]") are kept on purpose. It is held to the released code only: it has not been
-compared with the paper's own listing of the prompt (Appendix E), which may differ in typesetting or wording.
-For N != 4 the same text is used with the ids spelled for N
-("0/1/.../N-1", own response N); the format examples in the last sentence are left as they are.
+:func:`parse_rank` is strict and never guesses: the LAST ``rank:`` followed by digits decides, and its
+list must be a permutation of a subset of the ids shown; a reply that does not parse is asked again, then
+recorded as failed. The judge's own response is kept in the record and removed from the ranking.
+``orders=K`` shows K presentation orders (K=1, the given order, reproduces the paper) and aggregates
+them by Borda count (:func:`borda`). Records (:func:`run_judge`) are native ranking JSONL
+(``tuna_jax.data.records``), candidates best first, with a ``judge`` field.
 
-Parsing. :func:`parse_rank` is strict and never guesses: the list after ``rank:`` (case-insensitive; also
-``ranking:``) must be a permutation of a subset of the ids shown (a judge told to keep one of duplicate
-responses may return fewer), with no repeats, no ids out of range, no ties; forms "[2, 1, 3, 4]",
-"2 > 1 > 3 > 4", "2, 1, 4, 3", "[Response 2, Response 1]" are accepted; an unbracketed list must end its
-line. The LAST ``rank:`` followed by digits decides: the prompt asks for the ranking as the final step,
-and a judge reasoning aloud may write "rank:" with digits before it ("I would rank: 2 above 1 because
-...") -- those earlier mentions are ignored, never guessed from. A ``rank:`` with no digits after it (an
-echo of the format "rank: [i, j, k]") is not a ranking. A reply whose final ranking does not parse is
-stored as unusable and asked again (a new request, ``max_parse_retries`` times, see replies.py), then
-recorded as failed with every reply.
-
-Judge's own response. The prompt asks the judge to write "###Response N" (N=4 in the paper) and to rank
-it with the others; the ids parsed are therefore 0..N. The own response is kept whole in the record
-(``judge.response_own``, plus the full reply), and removed from the candidates' ranking (its position is
-kept in ``judge.own_rank``).
-
-Position bias. ``orders=K`` presentation orders per item: order 0 is the given order (K=1 reproduces the
-paper, which did not shuffle), orders 1..K-1 are seeded permutations (distinct when N! allows). Each
-order's ranking is mapped back to candidate indices and aggregated by Borda count: in an order, the
-candidate at position p (0 = best) of the ranking gets N-1-p points; a candidate the judge left out (a
-duplicate) gets no points in that order and that order does not count for it; its score is the mean of
-its points. Candidates never ranked are dropped from the record (counted; listed in ``judge.dropped``).
-With K=1 and a full ranking, scores are N-1, N-2, ..., 0 in the judge's order.
-
-Records (JSONL, the native ranking format of tuna_jax.data.records), candidates best first:
-    {"id", "instruction", "input", "output", "candidates", "scores", [aligned input fields "logprobs",
-     "num_tokens", "finish_reasons" when the input had them], "judge": {...}}
+The prompt, the accepted rank forms, the own response, Borda and the records: docs/feedback.md#judge.
 """
 from __future__ import annotations
 
@@ -93,7 +65,7 @@ logger = logging.getLogger("tuna_jax.feedback")
 # --------------------------------------------------------------------------------------------- prompt
 PAPER_SYSTEM_PROMPT = "You are a professional and experienced data annotator."
 
-# microsoft/LMOps tuna/src/gpt-eval.py, byte for byte (see the module docstring).
+# microsoft/LMOps tuna/src/gpt-eval.py, byte for byte (see docs/feedback.md#judge).
 RANKING_PROMPT_N4 = (
     "\n\nWe would like you to rate Response 0/1/2/3 in reply to the given instruction displayed above.\n"
     "First, identify if the instruction requires open-ended or close-ended responses."
@@ -221,7 +193,7 @@ def parse_rank(reply: str, shown_ids: list[int]) -> list[int]:
     shown_ids: the ids the judge may rank (e.g. [0, 1, 2, 3, 4] for 4 shown responses plus its own). The
     result, read from the reply's last ``rank:`` list, is a permutation of a non-empty subset of shown_ids:
     fewer ids are allowed (a judge that removed duplicates), repeats, ids not in shown_ids and ties are
-    errors. See the module docstring for the accepted forms.
+    errors. See docs/feedback.md#judge for the accepted forms.
     """
     if not isinstance(reply, str):
         raise RankParseError(f"reply is {type(reply).__name__}, not text")
@@ -319,7 +291,7 @@ def presentation_orders(n: int, k: int, seed: int, item_id: Any) -> list[list[in
 
 
 def borda(rankings: Sequence[Sequence[int]], n: int) -> list[float | None]:
-    """Mean Borda points per candidate (N-1-p for position p; None if never ranked). See module docstring."""
+    """Mean Borda points per candidate (N-1-p for position p; None if never ranked). See docs/feedback.md#judge."""
     pts: list[list[int]] = [[] for _ in range(n)]
     for r in rankings:
         for p, c in enumerate(r):

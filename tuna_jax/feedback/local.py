@@ -2,42 +2,21 @@
 
 :class:`LocalTeacher` implements ``teacher.TeacherBackend`` with a model on this machine (a HF folder or a
 tuna-jax params checkpoint), so Tuna_p data can come from any LLaMA-family teacher you can run, with no
-endpoint, no API key and exact log-probs:
+endpoint, no API key and exact log-probs. ``sample(prompt, n)`` draws n responses from
+``tuna_jax.generate.Sampler``, each token's log-prob under the model at temperature 1, the EOS included
+when the response stopped, so ``sum(token_logprobs)`` is ``log p(r | i)`` over response tokens plus EOS
+in the units the student's scorer counts. ``score(prompt, responses)`` teacher-forces given responses
+with ``tuna_jax.scoring.Scorer``. A sample whose tokens are not the tokenizer's own segmentation of its
+text is re-scored on the canonical tokens (``rescore``: ``"noncanonical"``, the default, ``"always"`` or
+``"never"``), so the teacher's number for a text is always what ``tuna-jax score`` gives for it.
 
-* ``sample(prompt, n)``: n responses from ``tuna_jax.generate.Sampler`` (temperature 1 by default, the
-  paper's teacher setting), each with the log-prob of every sampled token under the model at temperature 1
-  (the untempered log-softmax, whatever temperature / top-p / top-k sampled it), the EOS included when the
-  response stopped (``finish_reason == "stop"``). So ``sum(token_logprobs)`` is exactly the
-  ``log p(r | i)`` over response tokens plus EOS, and ``len(token_logprobs)`` is |r| in the same units the
-  student's scorer counts.
-* ``score(prompt, responses)``: teacher forcing of given responses, ``encode_response`` (response tokens +
-  EOS, the project's one BOS/EOS policy), with ``tuna_jax.scoring.Scorer``, the scorer of ``tuna-jax
-  score``; per-token values, so the teacher can count and sum them.
-
-Why responses are re-scored when their tokens are not canonical (``rescore="noncanonical"``, the default):
-a sampler can emit a token sequence that is not the tokenizer's own segmentation of the text it decodes to
-(sentencepiece "th"+"e" instead of "the": 2 of 8 samples of stories260K at temperature 1). The record keeps
-the *text*; the student trains and scores ``encode_continuation(text)``. So for such a sample the log-probs
-returned are those of the canonical tokens of its text (+ the stop token), computed by teacher forcing: the
-teacher's number for a text is then always what ``tuna-jax score`` gives for that text, never a value for a
-different token sequence. ``rescore="always"`` re-scores every sample (slower; equal results up to float
-round-off), ``"never"`` keeps the sampled tokens' log-probs (how many were non-canonical is counted in
-``stats``). Samples cut at ``max_new_tokens`` (``finish_reason == "length"``) have no EOS: their log-probs
-cover the generated tokens only, and the teacher counts them (``length_cut``).
-
-Randomness: every prompt samples from its own stream, ``rng_id = sha256(prompt)`` (31 bits) and the
-configured seed, so a sample depends on (seed, prompt, j) only -- not on the order of the instructions or
-on whether the run was resumed. Equal prompts (duplicate instructions) get equal samples.
-
-Resumability: with a ``store`` (the teacher's append-only JSONL cache, ``--store``, default
-``OUT.store.jsonl``) every ``sample`` result is cached under a content key of (model path, prompt, n,
-sampling settings), so a killed run restarts where it stopped and ends with the same output. The key holds
-the model *path*: after changing the weights at that path, use a new store.
-
-Throughput note: the teacher loop asks for one prompt at a time, so a device call holds N rows (4 by
-default); ``--local-batch-size`` >= N keeps them in one call.
+A sample depends on (seed, prompt, j) only (``rng_id = sha256(prompt)``). With a ``store`` every
+``sample`` result is cached under (model path, prompt, n, sampling settings), so a killed run restarts
+where it stopped; the key holds the model *path*: after changing the weights there, use a new store.
 
 jax is imported inside functions: ``tuna-jax --help`` imports this module (``commands/teacher.py``: RESCORE).
+
+Why re-score, randomness, resuming and throughput: docs/feedback.md#local.
 """
 from __future__ import annotations
 
@@ -85,7 +64,7 @@ class LocalTeacher:
       temperature, top_p, top_k, max_new_tokens, seed: sampling (paper teacher: temperature 1, no filters).
       batch_size: sampler rows per device call; max_prompt_len: longer prompts fail the item.
       dtype: compute dtype when loading (float32 by default: teacher log-probs are compared across samples).
-      rescore: "noncanonical" | "always" | "never" (module docstring).
+      rescore: "noncanonical" | "always" | "never" (docs/feedback.md#local).
       store: a ``llm_api.store.Store`` caching ``sample`` results (resumable runs), or None.
     """
 

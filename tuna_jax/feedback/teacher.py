@@ -3,37 +3,19 @@
 For each instruction i (the Alpaca prompt, ``tuna_jax.data.templates.format_prompt``) the teacher
 samples N responses r_k and returns the log-prob of every sampled token. Then
 
-    logp_k = sum_t log p(r_k,t | i, r_k,<t)        (nats; over the tokens the endpoint returned)
-    |r_k|  = number of log-prob entries             (tokens)
-    s_k    = logp_k / |r_k| ** beta                  (beta = 1.3, the paper's)
+    s_k = logp_k / |r_k| ** beta       (logp_k summed in nats, |r_k| in tokens; beta = 1.3, the paper's)
 
-and the candidates are written best first (stable sort on s, ties keep sampling order) as one ranking
-record per instruction (JSONL; the native format of ``tuna_jax.data.records``):
+and the candidates are written best first (stable sort on s) as one ranking record per instruction,
+the native format of ``tuna_jax.data.records`` (:func:`run_teacher`, :func:`rank_samples`). Guards,
+each counted, nothing silently dropped: a missing log-prob (the -9999 sentinel, None, non-finite), a
+reply without log-probs or an empty response drops the candidate; a length cut is kept and counted;
+fewer than ``min_candidates`` fails the item. Candidates are stripped of surrounding whitespace by
+default. Backends, through :class:`TeacherBackend`: :class:`RemoteTeacher` (an OpenAI-compatible
+endpoint, completions or chat completions with log-probs) and :class:`tuna_jax.feedback.local.LocalTeacher`
+(a local tuna-jax model, ``--local-model PATH``). Every request goes through the store
+(``llm_api/store.py``), so a rerun requests nothing already answered and writes a byte-identical output.
 
-    {"id", "instruction", "input", "output" (the original response), "candidates": [K str],
-     "scores": [K float, descending], "logprobs": [K float, summed], "num_tokens": [K int],
-     "finish_reasons": [K str], "teacher": {"model", "api", "n", "beta", "dropped": [...]}}
-
-Guards (each counted in the run summary, nothing silently dropped):
-  - The -9999 sentinel: vLLM (and some OpenAI replies) put -9999.0 where a log-prob is missing. Any
-    log-prob <= ``sentinel`` (default -9999), None, or non-finite makes the candidate's logp unknown: the
-    candidate is dropped (``missing_logprob``), never summed.
-  - A reply with no log-probs at all (the server ignored ``logprobs``): dropped (``no_logprobs``).
-  - An empty response (0 tokens): |r|=0 would give 0/0: dropped (``empty_response``).
-  - ``finish_reason == "length"``: the response was cut at max_tokens; kept and counted (``length_cut``),
-    or dropped with ``drop_length_cut``.
-  - Fewer than ``min_candidates`` valid candidates: the item is failed (written to OUT.failed.jsonl).
-
-Candidates are stripped of surrounding whitespace by default (a completion API returns the text after
-"### Response:" with its leading newline, which the student never generates there -- the same policy as
-the records importer); ``logprobs``/``num_tokens`` are those of the text as sampled.
-
-Backends: :class:`RemoteTeacher` (OpenAI-compatible endpoint, ``/v1/completions`` with ``logprobs`` or
-``/v1/chat/completions`` with ``logprobs: true``) and :class:`tuna_jax.feedback.local.LocalTeacher` (a local
-tuna-jax model, ``--local-model PATH``), both through the :class:`TeacherBackend` protocol.
-
-Resumability: every request goes through the store (store.py); a rerun (after a crash, a SIGKILL, a
-budget stop) requests nothing already answered and writes a byte-identical output.
+The record's fields and the guards in full: docs/feedback.md#teacher.
 """
 from __future__ import annotations
 

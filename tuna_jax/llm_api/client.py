@@ -1,36 +1,20 @@
 """OpenAI-compatible HTTP client (OpenAI, vLLM, SGLang, llama.cpp server) with retries, cache and budget.
 
 One idea: turn "POST this body to /v1/chat/completions or /v1/completions" into a JSON reply the caller
-can use, exactly once per distinct request, robustly. The store (store.py) is the cache and the ledger;
-this module is the wire. They are apart because the store is also read without any network (reports,
-resume checks) and because the retry policy is easier to read on its own.
+can use, exactly once per distinct request, robustly (:class:`OpenAIClient`). The store (store.py) is the
+cache and the ledger; this module is the wire. They are apart because the store is also read without any
+network (reports, resume checks) and because the retry policy is easier to read on its own.
 
-Wire: the standard library's ``http.client``, one connection per attempt, HTTP/1.1. ``timeout_s`` is a
-TOTAL deadline per attempt: connecting, sending, waiting for the status line and reading the whole body.
-A watchdog shuts the socket down when the deadline passes, so a server that trickles its reply (one
-byte every half second) cannot hold a request longer than ``timeout_s``. Why not httpx or the openai
-SDK: their timeouts, like urllib's, apply to each network operation, not to the request, so the same
-deadline would still be ours to write; the SDK also parses replies into its own types and retries on
-its own, both of which the store's exact ledger and our validation must control. Environment proxies
-(HTTP(S)_PROXY, NO_PROXY) are honoured as urllib honours them; loopback hosts never use a proxy.
+Wire: the standard library's ``http.client``, one connection per attempt; ``timeout_s`` is a TOTAL
+deadline per attempt (connect, send, wait, read the whole body), enforced by a watchdog, which is why not
+httpx or the openai SDK (their timeouts apply per network operation). Retries are bounded, with
+exponential backoff and jitter: 429, 5xx, timeouts and connection errors; bodies that are not JSON; and
+replies the caller's ``validate`` rejects (recorded ``invalid``, paid for, never served as good). Other 4xx
+are not retried; 401/403/404 raise :class:`FatalAPIError`. The API key is read from the environment
+variable ``api_key_env`` names, sent only in the Authorization header, and never part of a cache key,
+a store line, a log line or an exception; a base URL with credentials in it is refused.
 
-Retry policy (bounded, exponential backoff with jitter):
-  - HTTP 429 and 5xx, timeouts, connection errors: retried up to ``max_retries`` times; the delay is
-    ``min(backoff_max_s, backoff_initial_s * backoff_factor**i)`` times a jitter factor in
-    ``[1 - jitter, 1]``, and at least the server's ``Retry-After`` / ``retry-after-ms`` -- but never more
-    than ``max_retry_after_s`` (a server asking for an hour gets ``max_retry_after_s``).
-  - HTTP 200 with a body that is not JSON, or JSON without a "choices" list: retried up to
-    ``max_bad_json_retries`` times, then recorded as an error.
-  - HTTP 200 with JSON the caller's ``validate`` rejects (see replies.py): recorded as ``invalid`` (paid
-    for, never served from the cache as good) and retried up to ``invalid_retries`` times.
-  - Any other 4xx: not retried, recorded as an error. 401/403/404 raise :class:`FatalAPIError` (a subclass
-    of store.FatalRunError) because every further request would fail the same way.
-
-The API key is read from the environment variable named by ``api_key_env`` (default OPENAI_API_KEY) when
-the client is created; it is kept in a wrapper whose str/repr is "<redacted>", sent only in the
-Authorization header, and scrubbed from every message this module builds (server error bodies may echo
-it). It is never part of a cache key, a store line, a log line or an exception. A base URL with
-credentials in it (``https://user:sk-...@host/v1``) is refused: they would end up in logs and the store.
+The wire, each retry rule and the key's handling in full: docs/feedback.md#client.
 """
 from __future__ import annotations
 
@@ -436,7 +420,7 @@ class OpenAIClient:
 
     def _fetch(self, req: _Request, max_invalid: int) -> APIResult:
         """Send ``req`` until its reply is usable, retrying while the outcome's counter is within its limit
-        (the module docstring's retry policy); the backoff grows with all retries together."""
+        (the retry policy in docs/feedback.md#client); the backoff grows with all retries together."""
         cfg = self.config
         limits = {"transient": cfg.max_retries, "bad_json": cfg.max_bad_json_retries, "invalid": max_invalid}
         used = dict.fromkeys(limits, 0)

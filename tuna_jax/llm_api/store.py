@@ -3,44 +3,20 @@
 One idea: *every* remote call is cached by a content hash, so a crashed, killed or budget-stopped run
 resumes without paying twice, and a rerun produces byte-identical outputs from the cached replies.
 
-The store file holds one JSON object per line (units in the field names):
+:class:`Store` is a file of JSON lines, each with a ``status``: "ok", "error" (a failure a rerun
+retries) or "invalid" (a reply paid for that the caller could not use; never served as good), under a
+key that hashes (base URL, endpoint path, request body, an optional ``extra``) -- never the API key.
+Later lines win. The index keeps (offset, status, small fields) per key and re-reads a line on demand,
+because a 52K-instruction run with token log-probs is gigabytes of JSON. A torn last line is saved to
+``<path>.torn`` and cut off; any other unreadable line is a :class:`StoreError` naming file and line.
 
-    {"key": "<sha256 hex>", "status": "ok", "time": "...", "meta": {...}, "attempts": 1,
-     "retries": [...], "usage": {"prompt_tokens": int, "completion_tokens": int},
-     "cost_usd": float, "response": {... the server's JSON body ...}}
-    {"key": "<sha256 hex>", "status": "error", "time": "...", "meta": {...}, "attempts": 3,
-     "retries": [...], "http_status": int | null, "error_kind": "http|timeout|connection|bad_json|budget",
-     "error": "readable message"}
-    {"key": "<sha256 hex>", "status": "invalid", "time": "...", "meta": {...}, "attempts": 1, "retries": [...],
-     "error": "why the caller cannot use it", "usage": {...}, "cost_usd": float, "response": {...} | null}
+Budget: limits apply to the store's totals (all runs that used this file): "this dataset may cost at
+most $X". A request starts only after :meth:`Store.reserve` succeeds; at the limit :class:`BudgetExceeded`
+is raised with everything fetched so far on disk (the USD limit may be overshot by the requests in
+flight; the request limit is exact). The budget and the fatal endpoint errors raised here are the
+``StopRun`` stops of the item loop that drives the store's callers, ``tuna_jax.io.items.run_items``.
 
-The key hashes (endpoint base URL, endpoint path, request body = model + messages/prompt + sampling
-parameters, and an optional `extra` dict such as a sample index) -- never the API key, which is not part of
-any of these. Later lines win: an "ok" line for a key makes the key finished; an "error" line for a key
-without an "ok" line records a failure that a rerun retries (or reports, with ``retry_failed=False``). An
-"invalid" line records a reply the server sent (and that was paid for: its usage counts) but that the
-caller could not use -- choices that are not objects, fewer than asked, no log-probs, a judge ranking that
-does not parse; it overrides an earlier "ok" line for its key (a reply found unusable later), so the key
-is never served as good again until a new "ok" line follows. ``response`` is kept so a rerun can show
-what was wrong, or use it when a newer check accepts it (that "ok" line then costs nothing).
-
-Why offsets and not the replies in memory: a probabilistic-ranking run over 52K instructions with token
-log-probs is gigabytes of JSON; the index keeps (offset, status, small fields) per key and re-reads a line
-on demand.
-
-A torn last line (a process killed mid-write: no trailing newline) is reported, saved to ``<path>.torn``
-and cut off, so the next append starts on a clean line. Any other unreadable line is corruption: a
-:class:`StoreError` naming file and line.
-
-Budget: limits apply to the *store's* totals (all runs that used this file), because the point of a
-budget is "this dataset may cost at most $X", however many times the run is restarted. A request is only
-started after :meth:`Store.reserve` succeeds; a run that hits the limit raises :class:`BudgetExceeded`
-with everything fetched so far already on disk. The USD limit is checked before each request, so it can be
-overshot by at most the cost of the requests already in flight (<= the concurrency); the request limit is
-exact (in-flight requests are reserved).
-
-The item loop that drives the store's callers is ``tuna_jax.io.items.run_items``; the budget and the
-fatal endpoint errors raised here are its ``StopRun`` stops.
+The line formats, which line wins, and the budget's rules: docs/feedback.md#store.
 """
 from __future__ import annotations
 
@@ -154,7 +130,7 @@ class Store:
     Args:
       path: the JSONL file (created with its directory if absent).
       prices: USD per 1M prompt/completion tokens, for cost accounting.
-      budget: limits on the store's totals (see module docstring).
+      budget: limits on the store's totals (see docs/feedback.md#store).
       retry_failed: if False, keys whose last record is an error are reported by :meth:`error` and the
         client does not request them again.
       fsync: fsync after every line (survives power loss, not only a killed process; slower).

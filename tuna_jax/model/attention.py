@@ -3,38 +3,19 @@
 The mask is the single source of truth: :func:`attention_mask` turns per-token ``segment_ids``
 (0 = padding), ``branch_ids`` (0 = shared prefix) and indices into "query i may see key j".
 Padded rows, several examples packed in a row, and prefix-shared candidates are all expressed by
-those arrays; every implementation below computes softmax(q k^T / sqrt(Dh)) v under that mask.
+those arrays; every implementation computes softmax(q k^T / sqrt(Dh)) v under that mask.
 
-``model.attention`` chooses the implementation:
-
-* ``einsum``: the reference. Float32 scores ``[B, K, G, L, S]``, a dense boolean mask. Tests
-  compare every other path against it.
-* ``xla``: plain XLA ops, portable. With a key-block table (``kv_blocks``, made by the
-  prefix_shared and packed layouts) each block of queries attends only to the key blocks that hold
-  a key it may see, gathered by a one-hot block matmul: exact, and the scores shrink from
-  [L, L] to [L, M * c] per row (the XLA counterpart of splash's block mask). Without a table,
-  ``jax.nn.dot_product_attention(implementation="xla")`` with the dense mask.
-* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention on
-  NVIDIA GPUs (bfloat16/float16, head_dim <= 128 and a multiple of 8). cuDNN's own mask types
-  cover causal + padding only, so the dense mask goes in as an additive bias (that is how jax
-  passes a boolean mask to cuDNN), which covers packed and prefix-shared rows exactly.
-* ``splash``: Pallas splash attention on TPU, for rows without branches (padded rows, packed SFT
-  rows): its causal mask with segment ids, fully masked blocks skipped. Under a mesh it runs in
-  ``shard_map`` over the batch and head axes of the rules table (XLA cannot partition a Mosaic
-  kernel itself). Rows with branches (the prefix_shared and packed ranking layouts) are refused:
-  their mask differs per batch, and splash builds its block metadata from a mask known when the
-  step is traced. Runs on CPU in Pallas interpret mode (slow; for tests).
-* ``auto``: cudnn on GPU when the dtype allows; on TPU splash for rows without branches and the
-  blocked xla path for rows with them; xla elsewhere.
-
-A query with no visible key (a padding token) attends to itself only, so no implementation ever
-normalises over an empty set: padding stays finite and never reaches a real token, because real
-tokens never see padding keys.
-
-Decoding with a KV cache always uses ``einsum`` (one or a few queries against a cache; the fused
-kernels are for training and scoring).
+``model.attention`` chooses the implementation (:func:`resolve`, :func:`attend`): ``einsum`` (the
+reference every path is tested against), ``xla`` (portable; with the layouts' key-block table
+``kv_blocks`` each query block sees only the key blocks it may, :func:`blocked_attention`),
+``cudnn`` (cuDNN flash attention on NVIDIA GPUs, the mask as an additive bias), ``splash`` (Pallas
+splash on TPU, rows without branches only, :func:`splash_attention`), or ``auto``. A query with no
+visible key (padding) attends to itself only, so no softmax is over an empty set. Decoding with a
+KV cache (:func:`attend_with_cache`) always uses ``einsum``.
 
 Shapes: B batch, L queries, S keys, H query heads, K kv heads, G = H // K, Dh head dim.
+
+Each implementation's limits, and what ``auto`` picks: docs/models.md#attention.
 """
 from __future__ import annotations
 

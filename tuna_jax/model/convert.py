@@ -1,37 +1,19 @@
 """Hugging Face safetensors <-> tuna-jax parameters, streaming one tensor at a time.
 
-Each family's table (HF name, shape, our path, transforms) is in ``model/families.py``; the
-LLaMA one, for example (per layer i; ours is stacked on a leading ``layers`` axis):
+Each family's table (HF name, shape, our path, transforms) is in ``model/families.py``; every
+transform only moves data (transpose, reshape, split; ours are stacked on a leading ``layers`` axis),
+and there is no q/k permutation: the model uses HF's half-split rotary layout. :func:`load_hf_model`
+reads a HF folder into the model, :func:`hf_param_blocks` streams its pieces for ``convert
+hf-to-orbax``, :func:`save_hf_model` writes sharded safetensors and a complete ``config.json`` (with
+:func:`write_chat_template`: the Alpaca prompt as the chat template).
 
-=========================================  ==============================  =====================
-HF tensor                                  ours                            transform
-=========================================  ==============================  =====================
-model.embed_tokens.weight [V, D]           embed_tokens [V, D]             -
-model.norm.weight [D]                      norm.weight [D]                 -
-lm_head.weight [V, D] (untied only)        lm_head [D, V]                  transpose
-layers.i.input_layernorm.weight [D]        layers.input_layernorm.weight   stack
-layers.i.self_attn.q_proj.weight [H*Dh,D]  layers.self_attn.q_proj [D,H,Dh] transpose, reshape
-layers.i.self_attn.k/v_proj.weight         layers.self_attn.k/v_proj       [D, K, Dh]
-layers.i.self_attn.o_proj.weight [D,H*Dh]  layers.self_attn.o_proj [H,Dh,D] transpose, reshape
-layers.i.mlp.gate/up_proj.weight [F, D]    layers.mlp.gate/up_proj [D, F]  transpose
-layers.i.mlp.down_proj.weight [D, F]       layers.mlp.down_proj [F, D]     transpose
-=========================================  ==============================  =====================
+Host memory: reading holds one stacked parameter group at a time and writing one output shard plus
+one stacked parameter, so a 7B model never needs twice its size in host memory. Only
+``*.safetensors`` files are read: pickle can execute code on load. HF folders in cloud storage are
+copied into the local cache first (safetensors are opened by file name); an export to a bucket is
+staged locally and uploaded.
 
-No q/k permutation: the model uses HF's half-split rotary layout.
-
-Host memory: reading holds one stacked parameter group (e.g. all q_proj of every layer) at a
-time, placed on the mesh and dropped before the next; writing holds one output shard plus one
-stacked parameter. A 7B model never needs twice its size in host memory. ``convert hf-to-orbax``
-holds far less: each piece (one layer's tensor, a 64 MB row range of the embedding or the head) goes
-straight into the checkpoint (``hf_param_blocks``, ``model.checkpoint.convert_hf_to_params``).
-
-Only ``*.safetensors`` files are read. A folder with only ``pytorch_model.bin`` (pickle) is
-refused with instructions: pickle can execute code on load.
-
-Cloud storage (``gs://...``, :mod:`tuna_jax.io.paths`): safetensors are opened by file name, so a HF folder
-read from a bucket is first copied into the local cache (``paths.local_copy``); a ``--like`` folder in a
-bucket gives only its small files (config, tokenizer), never its weights, and the export dtype then comes
-from its config.json; an export to a bucket is written to a local staging folder and uploaded.
+The LLaMA table, host memory and cloud storage in full: docs/models.md#convert.
 """
 from __future__ import annotations
 
@@ -332,7 +314,7 @@ def save_hf_model(state: nnx.State, cfg: LlamaConfig, out_dir: str | os.PathLike
     """Write a HF folder transformers loads: sharded safetensors + index (one file when it
     fits), a complete config.json (``like``'s config updated with our architecture fields and
     the dtype), and the tokenizer files copied from ``like``. ``out_dir`` and ``like`` may be in cloud
-    storage (module docstring). Returns the folder's ``etils.epath.Path``.
+    storage (docs/models.md#convert). Returns the folder's ``etils.epath.Path``.
 
     dtype: storage dtype; default the ``like`` checkpoint's (bf16 stays bf16), else param_dtype.
     """

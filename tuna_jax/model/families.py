@@ -1,7 +1,8 @@
 """The Hugging Face families the decoder runs, and how each maps onto it.
 
-One decoder (``model/llama.py``); a family is a set of its options plus a naming scheme. For
-each family this module holds:
+One decoder (``model/llama.py``); a family (``LlamaConfig.family``, the HF architecture: ``llama``,
+``mistral``, ``qwen2``, ``qwen3``, ``stablelm``, ``gpt_neox``) is a set of its options plus a naming
+scheme. For each family this module holds:
 
 * ``read``: its ``config.json`` -> ``LlamaConfig`` fields. What the decoder does not run (another
   ``rope_scaling`` type, alternating sliding-window layers, StableLM's per-head q/k LayerNorm, ...)
@@ -9,26 +10,12 @@ each family this module holds:
 * ``write``: ``LlamaConfig`` -> a complete ``config.json`` of the family (rope keys in the legacy
   style, which transformers 4.x and 5.x both read).
 * ``tensors``: the table of its HF tensors: name, HF shape, our parameter path, and the two
-  transforms. Pure data movement (transpose, reshape, split), so HF -> ours -> HF is bitwise.
-
-The families (``LlamaConfig.family``, the HF architecture) and what each sets:
-
-* ``llama`` (LlamaForCausalLM): the defaults; ``attention_bias`` (q/k/v/o), ``mlp_bias``.
-* ``mistral`` (MistralForCausalLM): ``sliding_window`` (rows longer than it are refused).
-* ``qwen2`` (Qwen2ForCausalLM: Qwen2, Qwen2.5): q/k/v biases.
-* ``qwen3`` (Qwen3ForCausalLM): RMSNorm on each q and k head; ``attention_bias`` (q/k/v/o).
-* ``stablelm`` (StableLmForCausalLM): LayerNorm, partial rotary (default 0.25), ``use_qkv_bias``,
-  ``use_parallel_residual`` (one norm shared by attention and MLP).
-* ``gpt_neox`` (GPTNeoXForCausalLM: Pythia, StableLM-Alpha): LayerNorm, partial rotary
-  (``rotary_pct``), fused qkv, a plain GELU MLP with biases, ``use_parallel_residual``.
-
-The first five name their tensors as LLaMA does, so they share one table (``llama_tensors``: its
-optional rows are the options); GPT-NeoX has its own (``neox_tensors``). NeoX's fused
-``query_key_value`` is interleaved per head: rows ``[H, 3, Dh]`` (head, then q/k/v, then dim), as
-``GPTNeoXAttention`` views it; it appears in the table once per part (q, k, v), each part with its
-own ``to_ours``, and the parts share one ``to_hf`` that joins their arrays in table order.
+  transforms. Pure data movement (transpose, reshape, split), so HF -> ours -> HF is bitwise. The
+  LLaMA-named families share :func:`llama_tensors`; GPT-NeoX has :func:`neox_tensors`.
 
 Shapes: D hidden, H query heads, K kv heads, Dh head dim, F MLP width, V vocabulary.
+
+What each family sets, NeoX's fused qkv and what is refused: docs/models.md#families.
 """
 from __future__ import annotations
 

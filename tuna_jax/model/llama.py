@@ -1,45 +1,23 @@
 """The decoder of LLaMA 1/2/3.x and its relatives, in Flax NNX, readable top to bottom.
 
-One pre-norm decoder; what the supported Hugging Face families do differently is an option of
-the same blocks, named for what it is (``LlamaConfig``): LayerNorm with a bias instead of
-RMSNorm (StableLM, GPT-NeoX), biases on the q/k/v (and output) projections (Qwen2, StableLM 2,
-NeoX), an RMSNorm over each query/key head before RoPE (Qwen3), RoPE on the first part of each
-head only (StableLM, NeoX), attention and MLP side by side on the residual (NeoX, some
-StableLM), a plain GELU MLP instead of the gated SiLU one (NeoX), a sliding attention window
-(Mistral; rows longer than the window are refused). Every default is LLaMA's. Which HF
-architecture a config converts to and from, and how its config.json and tensor names map here,
-is ``model/families.py``. The class keeps the name ``Llama``: every command holds one.
+One pre-norm decoder; what the supported Hugging Face families do differently is an option of the
+same blocks, named for what it is (``LlamaConfig``; every default is LLaMA's). Which HF architecture a
+config converts to and from, and how its config.json and tensor names map here, is
+``model/families.py``. The class keeps the name ``Llama``: every command holds one.
 
-Layout decisions (why they are what they are):
-
-* HF's half-split rotary layout (``rotate_half``), so Hugging Face weights load with no q/k
-  permutation; ``convert.py`` only transposes and reshapes.
-* Decoder layers are stored *stacked*: every layer parameter has a leading ``layers`` axis.
-  One parameter tree serves both execution modes: ``scan_layers=True`` runs a ``lax.scan``
-  (fast compiles on deep models), ``scan_layers=False`` fully unrolls the same scan.
-  Checkpoints therefore never depend on the mode.
-* Every parameter carries logical axis names in its ``logical_axes`` metadata. The single
-  rules table in :mod:`tuna_jax.parallel` maps them to mesh axes.
-* Parameters live in ``param_dtype`` (float32 by default); matmuls run in ``dtype``
-  (bfloat16 for training on accelerators); norm statistics, RoPE tables and the softmax
-  always run in float32, as in HF.
-* The attention mask is built once per forward pass, from per-token ``segment_ids`` (0 =
-  padding; tokens attend only within their segment, causally by index) and optional
-  ``branch_ids`` (0 = shared prefix; a token with branch b > 0 sees the shared prefix and its own
-  branch only). Plain padded batches, several examples packed in one row, and prefix-shared
-  candidates (instruction once, then N candidates with positions restarting after the
-  instruction) are all expressed by these two arrays, without touching the model. The mask
-  semantics and the attention implementations (einsum reference, XLA, cuDNN, splash) live in
-  ``model/attention.py``; ``attention`` in the config picks one.
-* A fixed-size KV cache (``KVCache``) is an explicit input/output of the forward pass: the
-  sampler owns it, donates it, and the model writes the new keys/values at ``cache.index``.
-  Inside the layer scan the cache is only read: a query attends to the cached keys and to this
-  call's keys as two score blocks under one softmax, and all layers' new keys are written into
-  the donated cache once, after the scan, in place. (Carrying the cache through the scan as
-  xs/ys would copy all of it on every decode step.)
+Layer parameters are stacked on a leading ``layers`` axis (one tree whether the layers run as a
+``lax.scan`` or unrolled, ``scan_layers``) and carry logical axis names that the rules table of
+:mod:`tuna_jax.parallel` maps to mesh axes. Parameters live in ``param_dtype``, matmuls run in
+``dtype``; norm statistics, RoPE tables (HF's half-split layout: HF weights load unpermuted) and the
+softmax run in float32. The mask comes from per-token ``segment_ids`` (0 = padding) and
+``branch_ids`` (0 = shared prefix), so padded, packed and prefix-shared rows need nothing of the model
+(``model/attention.py``). The sampler's fixed-size ``KVCache`` is a donated input/output, read inside
+the layer scan and written once after it, in place.
 
 Shapes: B batch, L query length, S cache length, D hidden, H query heads, K kv heads,
 G = H // K, Dh head dim, F MLP width, V vocabulary, N_l layers.
+
+The layout decisions and why: docs/models.md#llama.
 """
 from __future__ import annotations
 

@@ -4,42 +4,18 @@ Each targeted projection W of every layer runs as
 
     W' = W + (alpha / r) * A @ B,    A [in, r], B [r, out]
 
-with ``in`` / ``out`` W's input and output dims flattened (q_proj: D -> H*Dh, o_proj: H*Dh -> D, as
-Hugging Face's [out, in] matrix has them), the scale PEFT's ``lora_alpha / r``. A starts as PEFT's
-(uniform in +-1/sqrt(in)), B at zero, so a fresh adapter leaves the model exactly as it was.
+with ``in`` / ``out`` W's input and output dims flattened (q_proj: D -> H*Dh), the scale PEFT's
+``lora_alpha / r``; B starts at zero, so a fresh adapter leaves the model exactly as it was.
 
-How it runs. The adapters are merged one layer at a time, inside the layer scan: a targeted
-parameter's value is a :class:`LoraWeight` (W, A, B), a pytree the scan slices like any stacked
-parameter, and its ``[...]`` -- how ``model/llama.py`` reads every parameter -- returns that layer's
-W + s A B. So the model code, every layout, attention path and the scanned or unrolled loop run
-unchanged, and W is an argument of the train step that is never differentiated: gradients and AdamW
-moments exist for the adapters (and ``lora.train_also``) only, and checkpoints hold only those.
-What merging costs: the projections' weight-gradient matmul (x^T dy, one layer at a time) still runs
-before it is contracted to dA and dB, so a LoRA step saves memory but not the layers' FLOPs (only the
-embedding's and LM head's gradients and most of the optimizer update); without rematerialisation the
-step keeps each layer's merged weight for the backward pass; and the per-token dropout of LoRA's input
-(``lora_dropout``) cannot be applied to a merged weight, so it is not offered.
+The adapters are merged one layer at a time, inside the layer scan: a targeted parameter's value is
+a :class:`LoraWeight` (W, A, B) whose ``[...]`` -- how ``model/llama.py`` reads every parameter --
+returns that layer's W + s A B. So the model code runs unchanged, and W is never differentiated:
+gradients, AdamW moments and checkpoints exist for the adapters (and ``lora.train_also``) only
+(:class:`LoraRun`). A LoRA step therefore saves memory but not the layers' FLOPs, and offers no
+dropout. :func:`save_adapter` writes what PEFT's ``save_pretrained`` writes; every command that
+takes a model takes that folder (:func:`load_adapter_model` merges the adapters at load time).
 
-Why not ``qwix`` (Tunix's LoRA): it creates the adapters inside the module at call time, by
-intercepting the einsum a module runs; our layers are one stacked module scanned with
-``lax.scan`` over merged per-layer copies, so the adapters would be created on a copy that is
-discarded each step (``qwix.apply_lora_to_model`` on ``Llama`` fails inside the scan), and its
-adapters would be per-layer module attributes, not the pure stacked dicts the train step, the rules
-table and the checkpoints use.
-
-An adapter folder is what PEFT's ``save_pretrained`` writes, so ``PeftModel.from_pretrained(base, DIR)``
-loads it onto the Hugging Face base::
-
-    adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, base_model_name_or_path
-                                (the base this was trained on: a HF folder or params checkpoint)
-    adapter_model.safetensors   base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight [r, in],
-                                ...lora_B.weight [out, r] (float32); trained norms / LM head in full
-                                under their HF names (PEFT's modules_to_save)
-    config.json                 the base's architecture (what tools that read a model folder's config read)
-    tokenizer files
-
-Every command that takes a model takes this folder: :func:`load_adapter_model` loads the base and
-merges the adapters at load time (``tuna_jax.model.load_model``).
+The costs of merging, why not ``qwix``, and the adapter folder's files: docs/models.md#lora.
 """
 from __future__ import annotations
 
@@ -460,7 +436,7 @@ def check_peft(cfg, spec: LoraSpec) -> None:
 
 def save_adapter(out: str | os.PathLike, trainable: dict, spec: LoraSpec, cfg, base: str | None,
                  tokenizer_src: str | os.PathLike | None = None):
-    """Write ``trainable`` ({"adapters", "params"}) as a PEFT adapter folder (module docstring) recording
+    """Write ``trainable`` ({"adapters", "params"}) as a PEFT adapter folder (docs/models.md#lora) recording
     ``base`` (the HF folder or params checkpoint trained on) as ``base_model_name_or_path``. Every host
     joins the gathers; host 0 writes. Returns the folder's resolved path."""
     from safetensors.numpy import save_file
