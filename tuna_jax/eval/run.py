@@ -126,19 +126,12 @@ class AlpacaEvalSettings:
     max_tokens: int | None = None
 
 
-@dataclasses.dataclass
-class JudgeSettings:
-    """The ``judge`` section: the client's settings (defaults: ``ClientConfig``'s) and the request store's."""
+@dataclasses.dataclass(kw_only=True)
+class JudgeSettings(ClientConfig):
+    """The ``judge`` section: the client's settings (``llm_api.client.ClientConfig``'s fields, declared there
+    once: base_url, model, api_key_env, timeout_s, retries, backoff, concurrency) and the request store's."""
 
-    model: str
-    base_url: str = ClientConfig.base_url
-    api_key_env: str = ClientConfig.api_key_env
-    timeout_s: float = ClientConfig.timeout_s
-    max_retries: int = ClientConfig.max_retries
-    backoff_initial_s: float = ClientConfig.backoff_initial_s
-    backoff_max_s: float = ClientConfig.backoff_max_s
-    max_retry_after_s: float = ClientConfig.max_retry_after_s
-    concurrency: int = ClientConfig.concurrency
+    model: str = dataclasses.field(default=dataclasses.MISSING)  # required here: a judge has no default model
     store: str | None = None
     retry_failed: bool = True
     max_usd: float | None = None
@@ -604,11 +597,7 @@ def _judge_client(cfg: EvalConfig):
     from tuna_jax.llm_api.store import Budget, Prices, Store
 
     j = cfg.judge
-    ccfg = ClientConfig(base_url=j.base_url, model=j.model, api_key_env=j.api_key_env, timeout_s=j.timeout_s,
-                        max_retries=j.max_retries, backoff_initial_s=j.backoff_initial_s,
-                        backoff_max_s=j.backoff_max_s, max_retry_after_s=j.max_retry_after_s,
-                        concurrency=j.concurrency)
-    client = OpenAIClient(ccfg)  # checks base_url before the store file is created
+    client = OpenAIClient(j)  # a JudgeSettings is a ClientConfig; base_url is checked before the store is created
     client.store = Store(j.store or os.path.join(cfg.output_dir, "judge.store.jsonl"),
                          prices=Prices(j.price_input, j.price_output), budget=Budget(j.max_usd, j.max_requests),
                          retry_failed=j.retry_failed)
