@@ -354,7 +354,8 @@ class LLMJudge:
                 raise
             except APIError as e:
                 counters["request_failed"] = 1
-                return ItemOutcome(failure={"id": item.id, "where": item.where, "error": str(e)}, counters=counters)
+                return ItemOutcome(failure={"id": item.id, "where": item.where, "error": str(e), "cause": e.cause},
+                                   counters=counters)
             for k, v in got.counters.items():
                 counters[k] = counters.get(k, 0) + v
             for t in got.tries:
@@ -364,7 +365,7 @@ class LLMJudge:
                 counters["parse_failed"] = 1
                 return ItemOutcome(failure={"id": item.id, "where": item.where, "order": perm,
                                             "error": f"no parseable ranking in {len(got.tries)} replies",
-                                            "replies": got.tries}, counters=counters)
+                                            "replies": got.tries, "cause": "parse_failed"}, counters=counters)
             labels = got.value
             rankings.append([perm[l] for l in labels if l != n])
             reply = got.tries[-1]["reply"]

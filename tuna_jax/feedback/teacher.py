@@ -30,7 +30,7 @@ from tuna_jax.data.templates import format_prompt
 from tuna_jax.io.fields import arg
 from tuna_jax.io.items import ItemOutcome, RunSummary, run_items
 from tuna_jax.llm_api.client import APIError, OpenAIClient
-from tuna_jax.llm_api.replies import ReplyError, check_choices
+from tuna_jax.llm_api.replies import SERVER_CAUSES, ReplyError, check_choices
 from tuna_jax.llm_api.store import BudgetExceeded, FatalRunError
 from tuna_jax.samples import Sample
 
@@ -246,7 +246,7 @@ def make_work(backend: TeacherBackend, cfg: TeacherSettings, meta: dict):
         except (BudgetExceeded, FatalRunError):
             raise
         except (APIError, ReplyError) as e:
-            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": str(e)},
+            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": str(e), "cause": e.cause},
                                counters={"request_failed": 1})
         cols, counters, dropped = rank_samples(samples, cfg)
         if len(cols["candidates"]) < cfg.min_candidates:
@@ -256,8 +256,8 @@ def make_work(backend: TeacherBackend, cfg: TeacherSettings, meta: dict):
             forget = getattr(backend, "forget", None)
             if forget is not None:  # the item could not use these replies: a rerun asks again
                 forget(prompt, cfg.n, error)
-            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": error, "dropped": dropped},
-                               counters=counters)
+            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": error, "dropped": dropped,
+                                        "cause": "too_few_candidates"}, counters=counters)
         rec = {"id": item.id, "instruction": item.instruction, "input": item.input, "output": item.output, **cols,
                "teacher": {**meta, "dropped": dropped}}
         return ItemOutcome(record=rec, counters=counters)
@@ -277,4 +277,4 @@ def run_teacher(input_path: str, out_path: str, backend: TeacherBackend, cfg: Te
     meta = dict(meta or {})
     meta.update({"n": cfg.n, "beta": cfg.beta})
     return run_items(items, make_work(backend, cfg, meta), out_path, concurrency=concurrency,
-                     desc="teacher", progress=progress)
+                     desc="teacher", progress=progress, stop_causes=SERVER_CAUSES)

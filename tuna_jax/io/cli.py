@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from tuna_jax.io.diskfull import DiskFull, HideWriterThreadTracebacks
 from tuna_jax.io.errors import InputError, RunStopped
-from tuna_jax.io.items import StopRun
+from tuna_jax.io.items import ServerFault, StopRun
 from tuna_jax.io.lock import OutputBusyError
 
 
@@ -153,11 +153,12 @@ def report_run(name: str, call: Callable[[], Any], store: Any, failed_note: str)
 
 
 def report_stop(name: str, e: BaseException, store: Any) -> int:
-    """The report of a run stopped by a budget or a fatal endpoint error (``e``, with the item loop's
+    """The report of a run stopped by a budget, a fatal endpoint error or a server fault (``e``, with the item loop's
     ``.summary`` when it has one); returns exit status 2."""
     print(error_line(f"{name}: stopped: ", e), file=sys.stderr)
     s = getattr(e, "summary", None)
     if s is not None:
         print(f"{name}: {s.line()}", file=sys.stderr)
-    print(f"{name}: {store.summary()}; rerun the same command to continue", file=sys.stderr)
+    again = "rerun with the fix above" if isinstance(e, ServerFault) else "rerun the same command to continue"
+    print(f"{name}: {store.summary()}; {again}", file=sys.stderr)
     return 2

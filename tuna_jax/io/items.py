@@ -13,10 +13,11 @@ Files of a run writing ``OUT``:
 
 Any exception an item raises is a counted failed item (``item_error``, with its type and message in
 the failed file), never the end of the run: one strange reply must not cost the other items. Only a
-stop that concerns every item ends the loop: :class:`StopRun` subclasses (a budget, a bad key or URL)
-and KeyboardInterrupt. Then nothing more is submitted, the items in flight finish (their replies are
-cached by the caller's store), the ordered prefix is written to ``OUT.partial`` and the exception is
-re-raised with ``.summary`` attached.
+stop that concerns every item ends the loop: :class:`StopRun` subclasses (a budget, a bad key or URL;
+:class:`ServerFault`: the same fault of the server failed ``stop_after`` items in a row, so the rest would
+fail alike) and KeyboardInterrupt. Then nothing more is submitted, the items in flight finish (their
+replies are cached by the caller's store), the ordered prefix is written to ``OUT.partial`` and the
+exception is re-raised with ``.summary`` attached. Failed items are counted by their ``cause``.
 """
 from __future__ import annotations
 
@@ -38,9 +39,17 @@ class StopRun(RuntimeError):
     URL): the loop stops cleanly. Subclassed by the feedback store's BudgetExceeded and FatalRunError."""
 
 
+class ServerFault(StopRun):
+    """Several items in a row failed with the same fault of the server (e.g. it ignores ``n``): the message
+    names the fault, the count and the fix."""
+
+    stop_kind = "server fault"
+
+
 @dataclasses.dataclass
 class ItemOutcome:
-    """What one work item produced: a record for the output file, or a failure for the failed file.
+    """What one work item produced: a record for the output file, or a failure for the failed file (its
+    ``cause``, a short name such as ``timeout`` or ``server_ignores_n``, is counted in the run's summary).
 
     counters: named counts summed over the run (e.g. {"length_cut": 1}).
     """
@@ -56,13 +65,16 @@ class RunSummary:
     written: int = 0
     failed: int = 0
     counters: dict[str, int] = dataclasses.field(default_factory=dict)
-    stopped: str | None = None  # "budget" | "fatal" | "interrupted" | None
+    causes: dict[str, int] = dataclasses.field(default_factory=dict)  # failed items by their failure's cause
+    stopped: str | None = None  # "budget" | "fatal" | "server fault" | "interrupted" | None
     out_path: str = ""
     failed_path: str = ""
 
     def line(self) -> str:
         c = ", ".join(f"{k}={v}" for k, v in sorted(self.counters.items()) if v)
         s = f"items: {self.items}, written: {self.written}, failed: {self.failed}"
+        if self.causes:
+            s += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.causes.items(), key=lambda kv: -kv[1])) + ")"
         if c:
             s += f" | {c}"
         if self.stopped:
@@ -75,8 +87,14 @@ def _item_error(item: Any, index: int, exc: Exception) -> ItemOutcome:
     logger.warning("item %d (%r) failed: %s: %s", index, getattr(item, "id", index), type(exc).__name__, exc,
                    exc_info=logger.isEnabledFor(logging.DEBUG))
     failure = {"id": getattr(item, "id", index), "where": getattr(item, "where", None),
-               "error": f"{type(exc).__name__}: {exc}"}
+               "error": f"{type(exc).__name__}: {exc}", "cause": "item_error"}
     return ItemOutcome(failure=failure, counters={"item_error": 1})
+
+
+def _server_fault(o: ItemOutcome, streak: list) -> None:
+    """Count ``o`` into ``streak`` = [cause, n]: the cause of the items in a row that failed alike."""
+    cause = o.failure.get("cause") if o.failure is not None else None
+    streak[:] = [cause, streak[1] + 1 if cause is not None and cause == streak[0] else int(cause is not None)]
 
 
 def _stop_kind(exc: BaseException) -> str:
@@ -88,8 +106,12 @@ def _stop_kind(exc: BaseException) -> str:
 
 
 def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path: str, *,
-              concurrency: int = 4, desc: str = "items", progress: bool = True) -> RunSummary:
+              concurrency: int = 4, desc: str = "items", progress: bool = True,
+              stop_causes: dict[str, str] | None = None, stop_after: int = 3) -> RunSummary:
     """Run ``work`` over ``items`` with a thread pool; write records in input order (module docstring).
+
+    ``stop_causes``: failure causes that are the server's (cause -> the fix, one line): when ``stop_after``
+    items in a row (input order) fail with one of them, the run stops with :class:`ServerFault`.
 
     Returns the RunSummary; raises the StopRun / KeyboardInterrupt that stopped the run, with its
     ``.summary``. A second run on the same ``out_path`` fails with OutputBusyError.
@@ -105,6 +127,7 @@ def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path
     next_write = 0
     stop_exc: BaseException | None = None
     window = max(1, concurrency) * 2  # bounded look-ahead keeps the reorder buffer small
+    streak: list = [None, 0]  # (the server fault of the last items written, how many in a row)
 
     with OutputLock(out_path, rewrites=True) as lock:
         if os.path.exists(failed_path):
@@ -125,7 +148,10 @@ def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path
                     if o.failure is not None:
                         bad.write(dumps(o.failure) + "\n")
                         summary.failed += 1
+                        cause = o.failure.get("cause", "error")
+                        summary.causes[cause] = summary.causes.get(cause, 0) + 1
                     next_write += 1
+                    _server_fault(o, streak)
                 out.flush()
                 bad.flush()
 
@@ -156,6 +182,9 @@ def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path
                             results[i] = _item_error(items[i], i, e)
                         bar.update(1)
                     flush_ready()
+                    if stop_exc is None and stop_causes and streak[0] in stop_causes and streak[1] >= stop_after:
+                        stop_exc = ServerFault(f"{streak[1]} items in a row failed the same way ({streak[0]}): "
+                                               f"{stop_causes[streak[0]]}")
             except KeyboardInterrupt as e:
                 stop_exc = e
                 for fut in pending:

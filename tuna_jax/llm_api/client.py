@@ -95,7 +95,8 @@ class APIError(RuntimeError):
     """A request that failed for good. Message and attributes never contain the API key.
 
     Attributes: url (str), status (int | None, HTTP status), kind ("http" | "timeout" | "connection" |
-    "bad_json" | "invalid_reply"), attempts (int).
+    "bad_json" | "invalid_reply"), attempts (int), cause (a short name for the failure: the kind, ``http_429``
+    for an HTTP status, or an unusable reply's ``ReplyError.cause``).
     """
 
     def __init__(self, message: str, *, url: str, status: int | None, kind: str, attempts: int):
@@ -104,6 +105,7 @@ class APIError(RuntimeError):
         self.status = status
         self.kind = kind
         self.attempts = attempts
+        self.cause = f"http_{status}" if kind == "http" and status else kind
 
 
 class FatalAPIError(APIError, FatalRunError):
@@ -118,9 +120,9 @@ class InvalidReplyError(APIError):
     """
 
     def __init__(self, message: str, *, url: str, attempts: int, response: dict | None, reason: str,
-                 cached: bool):
+                 cached: bool, cause: str = "unusable_reply"):
         super().__init__(message, url=url, status=200, kind="invalid_reply", attempts=attempts)
-        self.response, self.reason, self.cached = response, reason, cached
+        self.response, self.reason, self.cached, self.cause = response, reason, cached, cause
 
 
 @dataclasses.dataclass
@@ -217,14 +219,14 @@ class _Request:
     meta: dict
     validate: Callable[[dict], None] | None
 
-    def rejection(self, response: Any) -> str | None:
-        """Why ``validate`` rejects ``response`` (its ReplyError's message), or None when the reply is usable."""
+    def rejection(self, response: Any) -> ReplyError | None:
+        """Why ``validate`` rejects ``response`` (its ReplyError), or None when the reply is usable."""
         if self.validate is None:
             return None
         try:
             self.validate(response)
         except ReplyError as e:
-            return str(e)
+            return e
         return None
 
 
@@ -398,18 +400,19 @@ class OpenAIClient:
             why = req.rejection(hit["response"])
             if why is None:
                 return APIResult(hit["response"], key, True)
-            store.put_invalid(key, error=why, meta=req.meta, attempts=0, response=None, paid=False)
+            store.put_invalid(key, error=str(why), meta=req.meta, attempts=0, response=None, paid=False)
             logger.info("POST %s: the stored reply is unusable (%s); requesting it again", url, why)
             return None
         bad = store.invalid(key)
         if bad is not None:
-            why = req.rejection(bad.get("response")) if bad.get("response") is not None else bad.get("error")
+            why = req.rejection(bad["response"]) if bad.get("response") is not None else ReplyError(bad.get("error"))
             if why is None:  # the check accepts it now: it was paid for already
                 store.put_ok(key, bad["response"], meta=req.meta, attempts=0, paid=False)
                 return APIResult(bad["response"], key, True)
             if known_invalid == "raise" or not store.retry_failed:
                 raise InvalidReplyError(f"{url}: the reply stored by an earlier run is unusable: {why}", url=url,
-                                        attempts=0, response=bad.get("response"), reason=why, cached=True)
+                                        attempts=0, response=bad.get("response"), reason=str(why), cached=True,
+                                        cause=why.cause)
             return None
         err = None if store.retry_failed else store.error(key)
         if err is not None:
@@ -483,7 +486,7 @@ class OpenAIClient:
             if why is None:
                 return _Outcome(response=response)
             error = InvalidReplyError(f"POST {url}: the reply cannot be used: {why}", url=url, attempts=attempts,
-                                      response=response, reason=why, cached=False)
+                                      response=response, reason=str(why), cached=False, cause=why.cause)
             return _Outcome("invalid", error, response, retry={"kind": "invalid_reply"},
                             reason=f"unusable reply ({why})")
         detail = self._error_detail(raw)

@@ -16,7 +16,23 @@ from typing import Any, Mapping
 
 
 class ReplyError(ValueError):
-    """A reply (or a sample) the item cannot use; the message says why."""
+    """A reply (or a sample) the item cannot use; the message says why. ``cause``: a short name for the kind of
+    fault; the causes of :data:`SERVER_CAUSES` are the server's, the same for every item."""
+
+    def __init__(self, message: str, cause: str = "unusable_reply"):
+        super().__init__(message)
+        self.cause = cause
+
+
+# Faults that are the server's, not the item's: every item fails the same way, so the item loops stop after a
+# few in a row (``io.items.run_items``) with this fix instead of paying for every item. Measured: llama.cpp's
+# server and `transformers serve` ignore `n`; llama.cpp's chat API returns log-probs only when top_logprobs is
+# sent; `transformers serve` returns none.
+SERVER_CAUSES = {
+    "server_ignores_n": "the server returns fewer responses than `n` asks for: rerun with --n-per-request 1",
+    "no_logprobs": "the server returns no token log-probs: with --api chat add --top-logprobs 1 (llama.cpp "
+                   "needs it), or use a server that returns them (see the server table in docs/feedback.md)",
+}
 
 
 def chat_content(response: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -46,7 +62,7 @@ def check_choices(response: Mapping[str, Any], n: int, api: str, logprobs: bool)
             raise ReplyError(f"choices[{k}] is a {type(c).__name__}, not an object")
     if len(choices) != n:
         raise ReplyError(f"asked for n={n} responses, the server returned {len(choices)}; if it ignores `n`, "
-                         f"use --n-per-request 1")
+                         f"use --n-per-request 1", cause="server_ignores_n" if len(choices) < n else "extra_choices")
     choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c.get("index", 0), int) else 0)
     for k, c in enumerate(choices):
         if api == "chat":
@@ -61,5 +77,5 @@ def check_choices(response: Mapping[str, Any], n: int, api: str, logprobs: bool)
             if not isinstance(toks, list):
                 where = "logprobs.content" if api == "chat" else "logprobs.token_logprobs"
                 raise ReplyError(f"choices[{k}] has no {where} although log-probs were asked for (does the "
-                                 f"server support them for this model?)")
+                                 f"server support them for this model?)", cause="no_logprobs")
     return choices

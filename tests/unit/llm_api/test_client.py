@@ -143,6 +143,35 @@ def test_teacher_fault(server, data, tmp_path, capsys, name, fault, times, rc1):
     assert_no_secret(err + err2, out, store)
 
 
+@pytest.mark.parametrize("fault,kw,cause,fix", [
+    ("drop_choices", {"at": 3}, "server_ignores_n", "rerun with --n-per-request 1"),  # llama.cpp, transformers serve
+    ("no_logprobs", {}, "no_logprobs", "add --top-logprobs 1"),
+], ids=["ignores_n", "no_logprobs"])
+def test_a_server_fault_stops_the_run_with_its_fix(server, tmp_path, capsys, fault, kw, cause, fix):
+    """A server that drops `n` or the log-probs fails every item the same way: the run stops after three items
+    in a row with the fix in one line, instead of paying three requests for each of all 12 items."""
+    rows = [{"id": f"q{k}", "instruction": f"Question {k}?", "input": "", "output": "a"} for k in range(12)]
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server.add_fault(fault, times=10_000, **kw)
+    out = str(tmp_path / "out.jsonl")
+    rc, err = run_cli("teacher", [str(data), out, "--base-url", server.base_url, "--model", "m", "--n", "4", *FAST,
+                                  "--concurrency", "1"], capsys)
+    assert rc == 2, err
+    assert f"stopped: 3 items in a row failed the same way ({cause})" in err and fix in err
+    # the items in flight when it stopped finish: 3 or 4 failed, every one for the same cause
+    assert re.search(rf"written: 0, failed: ([34]) \({cause}: \1\)", err) and "rerun with the fix above" in err
+    assert server.count() <= 4 * 3  # 3 attempts for each item stopped on, and one more item in flight at most
+
+
+def test_failed_items_are_counted_by_cause(server, data, tmp_path, capsys):
+    server.add_fault("status", match=HIT, status=503, times=10)
+    out = str(tmp_path / "out.jsonl")
+    rc, err = run_cli("teacher", [data, out, "--base-url", server.base_url, "--model", "m", *FAST], capsys)
+    assert rc == 1 and "written: 2, failed: 1 (http_503: 1)" in err
+    assert json.loads(open(out + ".failed.jsonl").read())["cause"] == "http_503"
+
+
 def test_retry_after_is_capped_and_said(server, data, tmp_path, capsys, caplog):
     server.add_fault("status", match=HIT, status=429, retry_after="3600")
     out = str(tmp_path / "out.jsonl")
