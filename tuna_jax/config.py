@@ -90,7 +90,8 @@ class ModelConfig:
 @dataclasses.dataclass
 class DataConfig:
     train: str | list | None = None  # JSON/JSONL/hf:/tfds: source, or a list of them (concatenated)
-    max_examples: int | None = None  # a seeded random subset of the training records (Tuna_cp-13K ...)
+    max_examples: int | None = None  # a seeded random subset of the training records (the paper's Tuna_cp-13K / 39K
+    # are the first / last instructions: `select:` in the pipeline, data/select.py)
     eval: str | None = None  # held-out set; or eval_fraction of train
     eval_fraction: float = 0.0
     format: str = "auto"  # ranking formats: auto | native | reference | probabilistic | contextual

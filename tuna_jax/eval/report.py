@@ -29,9 +29,10 @@ COLUMNS: dict[str, str] = {
     "alpaca_eval": "AlpacaEval win %",
 }
 SCALAR_COLUMNS = ("superni_0shot", "superni_2shot", "lmentry")
-_PROTOCOLS = {"one": "in one order, the model as Assistant 1 (the Tuna paper's protocol)",
-              "both": "in both orders, a win or loss only when the orders agree, else a tie (not the paper's "
-                      "protocol)"}
+_PROTOCOLS = {"one": "in one order, the model as Assistant 1 (FastChat's default; the Tuna paper does not say "
+                     "which order it used)",
+              "both": "in both orders, a win or loss only when the orders agree, else a tie (ours, not the "
+                      "paper's)"}
 _DASH = "-"
 
 

@@ -1,17 +1,17 @@
 """Pairwise LLM review: Vicuna QA (80 questions, the published GPT-4 review prompts) and an AlpacaEval-style
 win rate (805 instructions, the ``alpaca_eval_gpt4`` annotator prompt), through the OpenAI-compatible client.
 
-One idea: show a judge two answers to the same question, parse its verdict strictly, and count per question
-a win, a loss or a tie for the model under test. :func:`review_vicuna` follows FastChat's ``fastchat/eval``
-(the version the Tuna paper used): ``orders="one"`` (the default) is the paper's protocol, the model under
-test as Assistant 1, win / tie / lose by the judge's two scores; ``"both"`` is NOT the paper's: both orders
-are asked, and a question is a win or a loss only when they agree, else a tie (against position bias, twice
-the requests). :func:`review_alpaca_eval` judges both orders of every instruction against the reference
-outputs; win rate = 100 x (wins + ties / 2) / judged. Replies are parsed strictly, never guessed
-(:func:`parse_score_pair`, :func:`parse_alpaca_eval_ranking`); one that does not parse is asked again, then
-the question is failed, never a win, loss or tie. Results are counts and percentages of the judged
-questions. Everything is cached in the store (``tuna_jax.llm_api.store``): a rerun with the same store
-makes no request that already succeeded, and writes the same files.
+One idea: show a judge two answers to the same question, parse its verdict strictly, and count per question a
+win, a loss or a tie for the model under test. :func:`review_vicuna` follows FastChat's ``fastchat/eval`` (the
+version the Tuna paper used): ``orders="one"`` (the default) is FastChat's default order (the paper does not say
+which it used), the model under test as Assistant 1, win / tie / lose by the judge's two scores; ``"both"`` is
+ours: both orders are asked, and a question is a win or a loss only when they agree, else a tie (against position
+bias, twice the requests). :func:`review_alpaca_eval` judges both orders of every instruction against the
+reference outputs; win rate = 100 x (wins + ties / 2) / judged. Replies are parsed strictly, never guessed
+(:func:`parse_score_pair`, :func:`parse_alpaca_eval_ranking`); one that does not parse is asked again, then the
+question is failed, never a win, loss or tie. Results are counts and percentages of the judged questions.
+Everything is cached in the store (``tuna_jax.llm_api.store``): a rerun with the same store makes no request that
+already succeeded, and writes the same files.
 
 Data, requests, the parsing rules and where they differ from FastChat and alpaca_eval:
 docs/evaluation.md#vicuna.
@@ -39,7 +39,7 @@ from tuna_jax.llm_api.store import BudgetExceeded, FatalRunError
 
 logger = logging.getLogger("tuna_jax.eval")
 
-ORDERS = ("one", "both")  # Vicuna QA: the paper's protocol (model as Assistant 1) | both orders, agreement or tie
+ORDERS = ("one", "both")  # Vicuna QA: FastChat's default (model as Assistant 1) | both orders, agreement or tie
 
 __all__ = [
     "Question", "Answer", "ReviewPrompt", "Reviewer", "VicunaData", "read_questions", "read_answers",
@@ -272,7 +272,7 @@ def build_review_messages(prompt: ReviewPrompt, question: str, answer_1: str, an
 
 
 def combine_orders(model_first: int, baseline_first: int) -> str:
-    """The both-orders rule (not the paper's): per-question outcome from the two orders' preferences FOR THE
+    """The both-orders rule (ours): per-question outcome from the two orders' preferences FOR THE
     MODEL (+1 better, -1 worse, 0 even): "win" when both say better, "lose" when both say worse, else "tie"
     (disagreement or both even)."""
     if model_first > 0 and baseline_first > 0:
@@ -283,7 +283,7 @@ def combine_orders(model_first: int, baseline_first: int) -> str:
 
 
 def outcome(prefs: Mapping[str, int]) -> str:
-    """The outcome of the orders asked: one order (the paper's protocol) is decided by its own preference
+    """The outcome of the orders asked: one order (FastChat's default) is decided by its own preference
     (+1 win, -1 lose, 0 tie), two by :func:`combine_orders`."""
     if set(prefs) == {MODEL_FIRST}:
         return {1: "win", -1: "lose", 0: "tie"}[prefs[MODEL_FIRST]]
@@ -299,7 +299,7 @@ def _sign(x: float) -> int:
 class ReviewConfig:
     """temperature / max_tokens: None = the reviewer's metadata (Vicuna: 0.2, 1024) or the annotator's
     config (AlpacaEval: 0, 100). max_parse_retries: new requests for a reply without a verdict. orders: the
-    Vicuna QA protocol, "one" (the paper's) or "both" (docs/evaluation.md#vicuna)."""
+    Vicuna QA protocol, "one" (FastChat's default order) or "both" (docs/evaluation.md#vicuna)."""
 
     orders: str = "one"
     max_parse_retries: int = 2

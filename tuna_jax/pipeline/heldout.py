@@ -261,9 +261,11 @@ def markdown(report: dict) -> str:
               f"- **Held out**: no evaluation prompt (instruction + input) appears in any of the "
               f"{len(report['checked_disjoint_from'])} files the stages before the evaluation read (checked in "
               f"code before evaluating; the tasks with few inputs hold some inputs out entirely).",
-              "- Each method row stands next to a **control** trained from the same start, for the same steps, on "
-              "the same files (the same instructions and reference answers), with `loss.rank_weight=0`: MLE on "
-              "the reference answer only, no ranking term.", "", "## The ranking data", ""]
+              "- Each method row stands next to a **control** trained for the same steps, on the same files (the "
+              "same instructions and reference answers), with `loss.rank_weight=0`: MLE on the reference answer "
+              "only, no ranking term. Tuna_p's control starts from Alpaca as Tuna_p does; Tuna's control starts "
+              "from Tuna_p's control (Tuna from Tuna_p), so that row compares two ranking stages with none.", "",
+              "## The ranking data", ""]
     for path, q in report["ranking_data"].items():
         lines.append(f"- `{path}` ({q['prompts']} prompts): the best-ranked candidate is the reference answer for "
                      f"{100 * q['best_is_reference']:.0f}% of the prompts; {100 * q['candidates_reference']:.0f}% of "

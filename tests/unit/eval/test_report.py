@@ -33,9 +33,9 @@ def test_table_and_markdown():
     assert lines[5] == "| tuna-7b | 33.50 | - | 23.46 | 51.3 / 25.6 / 23.1 (40 / 20 / 18) (2 failed) | - |"
     assert "- Greedy decoding." in md
     assert ("- Vicuna QA win / lose / tie %: against alpaca-7b, judged by gpt-4 in one order, the model as "
-            "Assistant 1 (the Tuna paper's protocol).") in md
+            "Assistant 1 (FastChat's default; the Tuna paper does not say which order it used).") in md
     assert ("- AlpacaEval win %: against text_davinci_003, judged by gpt-4 in both orders, a win or loss only when "
-            "the orders agree, else a tie (not the paper's protocol).") in md
+            "the orders agree, else a tie (ours, not the paper's).") in md
     json.dumps(t)  # JSON-serialisable as it is
 
 

@@ -106,7 +106,7 @@ def test_eval_run_writes_table_and_chart_and_resumes(world, tmp_path, monkeypatc
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = tmp_path / "out"
     with OpenAIServer(api_key=KEY) as server:
-        # Vicuna (one order, the paper's protocol): "8 7" with the model shown first, a win; the baseline is
+        # Vicuna (one order, FastChat's default): "8 7" with the model shown first, a win; the baseline is
         # never shown first. AlpacaEval: model_1 always ranked first -> the orders disagree, a tie (win rate 50).
         server.add_fault("reply", match=first("BASE ONE"), times=10**6, content="3 9")
         server.add_fault("reply", match="[System]", times=10**6, content="8 7")
@@ -133,7 +133,7 @@ def test_eval_run_writes_table_and_chart_and_resumes(world, tmp_path, monkeypatc
         assert row["alpaca_eval"]["win_rate"] == 50.0
         assert row["vicuna"]["win_pct"] == 100.0 and row["vicuna"]["orders"] == "one"
         assert "| alpaca | " in md and " 100.0 / 0.0 / 0.0 (1 / 0 / 0) | 50.00 |" in md
-        assert "in one order, the model as Assistant 1 (the Tuna paper's protocol)" in md
+        assert "in one order, the model as Assistant 1 (FastChat's default; the Tuna paper does not say" in md
 
         # The table's numbers are what the scoring-only subcommands print for the files the run wrote.
         pred = out / "predictions" / "alpaca"
