@@ -7,7 +7,9 @@ import os
 import pathlib
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests.support.xla import xla_flags  # plain Python: jax is not imported yet
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))  # and fast compiles: tests/support/xla.py
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # `tuna-jax train` keeps JAX's persistent compilation cache (train.compile_cache, default on) in the user's
 # ~/.cache: tests use one of their own, new each session, so they neither read nor fill the user's.

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.support.train_utils import REPO, tiny_overrides
+from tests.support.xla import xla_flags
 
 # Runs `train` as `tuna-jax train` does and prints, for every XLA compile request, the function and
 # whether the persistent cache answered it (JAX's monitoring events: the cache-hit event comes inside
@@ -46,7 +47,7 @@ def _run(tmp_path, name, cache):
                                data__attention_block=8, data__shape_buckets=2, train__export="false",
                                train__save_every=100) + [f"train.output_dir={tmp_path / name}",
                                                          f"train.compile_cache={cache}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": xla_flags(2),
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", CHILD, str(REPO / "configs/tiny_ranking.yaml"), *overrides],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

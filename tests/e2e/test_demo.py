@@ -7,11 +7,13 @@ import sys
 import numpy as np
 import pytest
 
+from tests.support.xla import xla_flags
+
 
 def run_demo(out_dir):
     """The README's command, as a user runs it: a fresh process on one (real) device, not this
     test worker with its 8 emulated devices and the state earlier tests left in it."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags())  # one device; fast compiles (tests/support/xla.py)
     return subprocess.run([sys.executable, "-m", "tuna_jax.cli", "demo", "--fast", "--out", str(out_dir)],
                           env=env, capture_output=True, text=True, timeout=1200)
 

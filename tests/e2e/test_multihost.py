@@ -22,6 +22,7 @@ import time
 import pytest
 
 from tests.support.train_utils import REPO, final_params, max_param_diff, read_metrics, tiny_overrides
+from tests.support.xla import xla_flags
 from tuna_jax.assets import stories260k_hf_dir
 from tuna_jax.data.synthetic import ranking_records
 
@@ -54,7 +55,7 @@ def hosts(compile_cache):
         for i, cmd in enumerate(cmds):
             env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_", "SLURM_", "OMPI_"))}
             env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(compile_cache),
-                       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                       XLA_FLAGS=xla_flags(devices))
             if len(cmds) > 1:
                 env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(len(cmds)),
                            JAX_PROCESS_ID=str(i))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.support.train_utils import REPO, final_params, max_param_diff, read_metrics, tiny_overrides
+from tests.support.xla import xla_flags
 from tuna_jax.config import load_config
 from tuna_jax.train import train
 
@@ -39,7 +40,7 @@ def _launch(tmp_path, name, extra=(), resume=False):
     cmd = [sys.executable, "-m", "tuna_jax.cli", "train", TINY_RANKING, *overrides, *extra]
     if resume:
         cmd.append("--resume")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(), PYTHONUNBUFFERED="1")
     # A file, not a pipe: a pipe nobody reads fills up and blocks the child.
     log = open(tmp_path / f"{name}{'-resume' if resume else ''}.log", "w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)

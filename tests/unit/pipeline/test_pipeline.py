@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.support.train_utils import REPO, write_jsonl
+from tests.support.xla import xla_flags
 from tuna_jax.config import ConfigError
 from tuna_jax.pipeline.engine import run_pipeline
 from tuna_jax.pipeline.manifest import read_manifest
@@ -199,7 +200,7 @@ stages:
 
 
 def pipeline_cmd(path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as users run it
+    env = dict(os.environ, XLA_FLAGS=xla_flags())  # one device, as users run it
     return [sys.executable, "-m", "tuna_jax.cli", "pipeline", str(path), "--no-progress"], env
 
 
