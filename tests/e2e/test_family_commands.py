@@ -1,16 +1,19 @@
-"""Every command that takes a model, run through the CLI on tiny Llama-3.x-style checkpoints.
+"""Every command that takes a model, run through the CLI on a tiny checkpoint of every supported family.
 
 The parity suites call the model class directly, so a config that the model accepts but a command
 cannot carry slipped through: a Llama-3.1 config (``rope_scaling`` a dict, ``eos_token_id`` a list)
 crashed ``score`` and ``generate``, whose jitted kernels take the config as a static (hashed)
-argument. Here each command runs end to end on two HF folders as users bring them:
+argument. Here each command runs end to end on HF folders as users bring them:
 
 * ``llama3.1``: GQA (4 query / 2 kv heads), ``rope_scaling`` of type llama3, untied embeddings,
-  ``eos_token_id`` a list (as Llama-3.1-Instruct ships it);
-* ``llama3.2``: the same with tied embeddings (Llama-3.2-1B/3B).
+  ``eos_token_id`` a list (as Llama-3.1-Instruct ships it); ``llama3.2``: the same, tied (Llama-3.2-1B/3B);
+* ``mistral`` (GQA, a sliding window longer than every row), ``qwen2`` (q/k/v biases, tied), ``qwen3``
+  (q/k RMSNorm, one kv head, attention biases), ``stablelm`` (partial rotary, qkv biases, LayerNorm),
+  ``neox`` (GPT-NeoX: fused qkv, parallel residual, partial rotary).
 
 Outputs are compared with HF PyTorch where an independent answer exists (log-likelihoods, greedy
 tokens, converted and exported weights); the other commands must finish and write what they claim.
+The SFT run is LLaMA's only: it shares every family-dependent path with the ranking run.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.support.hf_utils import LLAMA3_SCALING  # noqa: E402
+from tests.support.hf_utils import LLAMA3_SCALING, tiny_family_model  # noqa: E402
 from tests.support.train_utils import REPO, write_jsonl  # noqa: E402
 from tests.unit.eval.test_run import ni_checkout  # noqa: E402
 from tuna_jax.assets import stories260k_hf_dir  # noqa: E402
@@ -33,6 +36,15 @@ from tuna_jax.data.synthetic import ranking_records, sft_records  # noqa: E402
 pytestmark = pytest.mark.slow
 
 EOS = [2, 3]  # a list, as Llama-3.1-Instruct's config.json has it; 2 is the tokenizer's EOS
+# The other families (tests/unit/model/test_families.py holds each option to HF on its own): vocab and
+# positions sized for the stories260K tokenizer and the tiny configs' 192-token rows.
+OTHERS = {
+    "mistral": ("mistral", dict(num_key_value_heads=2, sliding_window=4096)),
+    "qwen2": ("qwen2", dict(num_key_value_heads=2, tie=True)),
+    "qwen3": ("qwen3", dict(num_key_value_heads=1, head_dim=16, attention_bias=True)),
+    "stablelm": ("stablelm", dict(hidden=64, num_key_value_heads=2, use_qkv_bias=True, partial_rotary_factor=0.25)),
+    "neox": ("gpt_neox", dict(hidden=64, rotary_pct=0.25)),
+}
 INSTRUCTIONS = [{"id": "a", "instruction": "Name the first word.", "input": "cat dog"},
                 {"id": "b", "instruction": "Say something short."}]
 
@@ -55,11 +67,15 @@ def _hf_model(tied: bool):
     return model
 
 
-@pytest.fixture(scope="module", params=["llama3.1", "llama3.2"])
+@pytest.fixture(scope="module", params=["llama3.1", "llama3.2", *OTHERS])
 def family(request, tmp_path_factory):
-    """(name, HF folder with the stories260K tokenizer, the PyTorch model)."""
+    """(name, HF folder with the stories260K tokenizer, the PyTorch model, a scratch folder)."""
     root = tmp_path_factory.mktemp(request.param.replace(".", "_"))
-    model = _hf_model(tied=request.param == "llama3.2")
+    if request.param in OTHERS:
+        kind, kw = OTHERS[request.param]
+        model = tiny_family_model(kind, vocab=512, max_position_embeddings=256, **kw)
+    else:
+        model = _hf_model(tied=request.param == "llama3.2")
     hf = root / "hf"
     model.save_pretrained(str(hf), safe_serialization=True)
     tok = stories260k_hf_dir(root / "cache")
@@ -67,8 +83,13 @@ def family(request, tmp_path_factory):
         if (tok / name).exists():
             shutil.copy(tok / name, hf / name)
     cfg = json.loads((hf / "config.json").read_text())
-    assert cfg["eos_token_id"] == EOS and _rope(cfg)["rope_type"] == "llama3"
+    assert request.param in OTHERS or (cfg["eos_token_id"] == EOS and _rope(cfg)["rope_type"] == "llama3")
     return request.param, hf, model, root
+
+
+def _eos(hf) -> list[int]:
+    eos = json.loads((hf / "config.json").read_text())["eos_token_id"]
+    return eos if isinstance(eos, list) else [eos]
 
 
 def _rope(hf_config: dict) -> dict:
@@ -103,12 +124,13 @@ def test_convert_both_ways_is_bitwise(family):
     assert cli(["convert", "orbax-to-hf", str(ckpt), str(back), "--like", str(hf), "--overwrite"]) == 0
     a, b = _safetensors(hf), _safetensors(back)
     assert sorted(a) == sorted(b)
-    assert ("lm_head.weight" in a) == (name == "llama3.1")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    cfg = json.loads((back / "config.json").read_text())
-    assert cfg["eos_token_id"] == EOS and _rope(cfg)["rope_type"] == "llama3"
-    assert cfg["tie_word_embeddings"] == (name == "llama3.2")
+    cfg, orig = (json.loads((d / "config.json").read_text()) for d in (back, hf))
+    for key in ("model_type", "architectures", "eos_token_id", "tie_word_embeddings", "num_key_value_heads"):
+        assert cfg.get(key) == orig.get(key), key
+    if name.startswith("llama3"):
+        assert ("lm_head.weight" in a) == (name == "llama3.1") and _rope(cfg)["rope_type"] == "llama3"
 
 
 def test_score_matches_hf(family):
@@ -137,12 +159,13 @@ def test_generate_greedy_equals_hf_generate(family):
         assert cli(["generate", str(src), str(data), str(out), "--max-new-tokens", "12", "--temperature", "0"]) == 0
         for row, p in zip(_jsonl(out), prompts):
             with torch.no_grad():
-                ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
-                                     eos_token_id=EOS, pad_token_id=0)[0, len(p):].tolist()
+                ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                     max_new_tokens=12, do_sample=False, eos_token_id=_eos(hf),
+                                     pad_token_id=0)[0, len(p):].tolist()
             sample = row["samples"][0]
             assert sample["token_ids"] == ref[:len(sample["token_ids"])] and len(sample["token_ids"]) == len(ref)
             if sample["finish_reason"] == "stop":
-                assert sample["token_ids"][-1] in EOS
+                assert sample["token_ids"][-1] in _eos(hf)
 
 
 def test_teacher_local_model_logprobs_match_hf(family):
@@ -200,15 +223,17 @@ def _train(root, hf, mode, tag, extra=()):
 
 def test_train_sft_ranking_and_export(family):
     name, hf, model, root = family
-    _train(root, hf, "sft", "sft")
+    if name.startswith("llama3"):
+        _train(root, hf, "sft", "sft")
     run = _train(root, hf, "ranking", "rank", ("train.mesh=2,4,1",))  # data x fsdp over the 8 test devices
     # The trained model exported to HF loads in transformers, tied or untied as it came, with the config it came with.
     out = root / "export"
     assert cli(["convert", "orbax-to-hf", str(run / "final"), str(out), "--like", str(hf), "--overwrite"]) == 0
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    back = LlamaForCausalLM.from_pretrained(str(out)).eval()
-    assert back.config.tie_word_embeddings == (name == "llama3.2") and list(back.config.eos_token_id) == EOS
+    back = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(back) is type(model) and back.config.tie_word_embeddings == model.config.tie_word_embeddings
+    assert _eos(out) == _eos(hf)
     trained = _safetensors(out)
     assert any(not np.array_equal(trained[k], v.numpy()) for k, v in model.state_dict().items() if k in trained)
     ours = _hf_logprob(back, [1, 5], [9, 300, 7])
@@ -251,11 +276,11 @@ def test_prm_train_and_rerank(family):
 def test_eval_generation(family):
     import yaml
 
-    _, hf, _, root = family
+    name, hf, _, root = family
     ni = ni_checkout(root, [("task001_animals", "Keyword Tagging", "Name the animal", 2)])
     cfg = root / "eval.yaml"
     out = root / "eval_out"
-    cfg.write_text(yaml.safe_dump({"name": "llama3", "output_dir": str(out),
+    cfg.write_text(yaml.safe_dump({"name": name, "output_dir": str(out),
                                    "models": [{"name": "m", "path": str(hf)}],
                                    "generation": {"max_new_tokens": 6, "batch_size": 4},
                                    "superni": {"tasks": str(ni), "shots": [0], "num_instances": 2}}))
