@@ -10,6 +10,9 @@ never share an instruction. A seeded random subset would overlap (a random 39K h
   not rows, a malformed line is one.
 * A selection asking for rows the file does not have is an error, never a shorter result: ``last:39000``
   of a 38,000-row file is a different experiment, and with ``first:13000`` it would overlap.
+* A positional selection of a file that lost rows is an error too: a stage run with ``allow_failures``
+  writes its failed items to ``FILE.failed.jsonl``, and its rows no longer stand where its input's did
+  (``last:39000`` of 51,990 rows would reach into the first 13K).
 
 Training configs name a selection with the file, ``data.train: [{path: ranked.jsonl, select: last:39000}]``
 (``split_source``); pipeline stages record it in their manifest.
@@ -20,6 +23,7 @@ import dataclasses
 import re
 from typing import Any, Mapping, Sequence
 
+from tuna_jax.io import paths
 from tuna_jax.io.errors import InputError
 
 _SPEC = re.compile(r"(all)|(first|last):(\d+)|range:(\d+):(\d+)")
@@ -69,6 +73,12 @@ class Selection:
         return self.a, self.b
 
     def apply(self, rows: Sequence, where: str | None = None) -> list:
+        """The selected ``rows`` of the file ``where`` (its path, for the errors and the failed-items check)."""
+        if self.kind != "all" and where and paths.is_file(where + ".failed.jsonl"):
+            raise InputError(where, None, f"select {self}: the stage that wrote this file left items out (listed "
+                             f"in {where}.failed.jsonl), so its rows no longer line up with its input's and a "
+                             f"positional selection would take other instructions; rerun that stage to finish "
+                             f"them", reason="select")
         start, stop = self.bounds(len(rows), where)
         return list(rows[start:stop])
 

@@ -33,6 +33,19 @@ def test_selection_forms_and_bounds():
         split_source({"path": "x.jsonl", "selct": "first:1"})
 
 
+def test_a_file_that_lost_rows_refuses_a_positional_selection(tmp_path):
+    """A stage run with allow_failures leaves FILE.failed.jsonl: its rows no longer stand where its input's did, so
+    first/last/range would take other instructions (last:39000 of 51,990 rows reaches into the first 13K)."""
+    data = str(write_jsonl(tmp_path / "ranked.jsonl", rows(5)))
+    (tmp_path / "ranked.jsonl.failed.jsonl").write_text('{"id": "i2", "error": "timed out", "cause": "timeout"}\n')
+    for spec in ("first:2", "last:2", "range:1:3"):
+        with pytest.raises(InputError, match=r"left items out .*ranked.jsonl.failed.jsonl.*rerun that stage"):
+            read_records({"path": data, "select": spec}, kind="ranking")
+    assert len(read_records({"path": data, "select": "all"}, kind="ranking")[0]) == 5  # all rows: nothing shifts
+    (tmp_path / "ranked.jsonl.failed.jsonl").unlink()  # the stage rerun finished every item
+    assert [r.instruction for r in read_records({"path": data, "select": "last:2"}, kind="ranking")[0]] == ["i3", "i4"]
+
+
 def test_training_reads_only_the_selected_rows(tmp_path):
     path = str(write_jsonl(tmp_path / "r.jsonl", rows(10)))
     got, _ = read_records({"path": path, "select": "last:4"}, kind="ranking")
