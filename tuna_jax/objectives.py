@@ -96,9 +96,6 @@ class Objective:
     reference: bool
     sums: Callable[..., dict]
 
-    def num_candidates(self, cfg) -> int:
-        return cfg.data.num_candidates if self.candidates else 0
-
     def mle_target(self, cfg) -> str:
         """Where the MLE term reads (``loss.mle_target``); without one, batches carry the candidates only."""
         return cfg.loss.mle_target if self.mle else "all"

@@ -490,7 +490,8 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, dict], None
         finally:
             run.ckpt.close()
             run.writer.close()
-        first_eval = first_eval or _logged_eval(run.out_dir, 0)  # a resumed run's starting point is in its log
+        if first_eval is None and run.eval_examples and run.start_step:  # a resumed run's starting point: its log
+            first_eval = _logged_eval(run.out_dir, 0)
         export_dir = export(run, last, first_eval, eval_metrics) if cfg.train.export else None
     return TrainResult(step=step, metrics=last, eval_metrics=eval_metrics, output_dir=str(run.out_dir),
                        export_dir=export_dir, first_eval=first_eval)

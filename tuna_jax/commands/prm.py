@@ -39,11 +39,11 @@ def run_train(cfg: Train) -> int:
     """`tuna-jax train`'s run, for a PRM config only (another mode is refused before anything is read)."""
     from tuna_jax.config import ConfigError, load_config
 
-    mode = load_config(cfg.config, cfg.overrides).train.mode
-    if mode != "prm":
-        raise ConfigError(f"{cfg.config}: train.mode={mode}; `prm train` trains a PRM (train.mode=prm, e.g. "
-                          f"configs/prm.yaml); use `tuna-jax train` for other stages")
-    return train_cmd.run(cfg)
+    config = load_config(cfg.config, cfg.overrides)
+    if config.train.mode != "prm":
+        raise ConfigError(f"{cfg.config}: train.mode={config.train.mode}; `prm train` trains a PRM (train.mode=prm, "
+                          f"e.g. configs/prm.yaml); use `tuna-jax train` for other stages")
+    return train_cmd.run_loaded(config, cfg.resume)
 
 
 def run_rerank(cfg: Rerank) -> int:

@@ -20,10 +20,16 @@ class Config:
 
 def run(cfg: Config) -> int:
     from tuna_jax.config import load_config
+
+    return run_loaded(load_config(cfg.config, cfg.overrides), cfg.resume)
+
+
+def run_loaded(config, resume: bool) -> int:
+    """Train the loaded training ``config`` and print what it did (`prm train` checks its mode first)."""
     from tuna_jax.train import train
 
     # A stop (signal, divergence) is one line and its status: io.cli.run_command.
-    result = train(load_config(cfg.config, cfg.overrides), resume=cfg.resume)
+    result = train(config, resume=resume)
     summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()}
     print(f"finished at step {result.step}: {summary}")
     if result.eval_metrics:

@@ -91,12 +91,6 @@ def _item_error(item: Any, index: int, exc: Exception) -> ItemOutcome:
     return ItemOutcome(failure=failure, counters={"item_error": 1})
 
 
-def _server_fault(o: ItemOutcome, streak: list) -> None:
-    """Count ``o`` into ``streak`` = [cause, n]: the cause of the items in a row that failed alike."""
-    cause = o.failure.get("cause") if o.failure is not None else None
-    streak[:] = [cause, streak[1] + 1 if cause is not None and cause == streak[0] else int(cause is not None)]
-
-
 def _stop_kind(exc: BaseException) -> str:
     for cls in type(exc).__mro__:
         kind = getattr(cls, "stop_kind", None)
@@ -127,7 +121,7 @@ def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path
     next_write = 0
     stop_exc: BaseException | None = None
     window = max(1, concurrency) * 2  # bounded look-ahead keeps the reorder buffer small
-    streak: list = [None, 0]  # (the server fault of the last items written, how many in a row)
+    streak_cause, streak = None, 0  # the cause of the last items written, and how many in a row failed with it
 
     with OutputLock(out_path, rewrites=True) as lock:
         if os.path.exists(failed_path):
@@ -137,7 +131,7 @@ def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path
                 cf.ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
 
             def flush_ready() -> None:
-                nonlocal next_write
+                nonlocal next_write, streak_cause, streak
                 while next_write in results:
                     o = results.pop(next_write)
                     for k, v in o.counters.items():
@@ -145,13 +139,14 @@ def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path
                     if o.record is not None:
                         out.write(dumps(o.record) + "\n")
                         summary.written += 1
+                    cause = o.failure.get("cause") if o.failure is not None else None
                     if o.failure is not None:
                         bad.write(dumps(o.failure) + "\n")
                         summary.failed += 1
-                        cause = o.failure.get("cause", "error")
-                        summary.causes[cause] = summary.causes.get(cause, 0) + 1
+                        summary.causes[cause or "error"] = summary.causes.get(cause or "error", 0) + 1
+                    streak = streak + 1 if cause is not None and cause == streak_cause else int(cause is not None)
+                    streak_cause = cause
                     next_write += 1
-                    _server_fault(o, streak)
                 out.flush()
                 bad.flush()
 
@@ -182,9 +177,9 @@ def run_items(items: Sequence[Any], work: Callable[[Any], ItemOutcome], out_path
                             results[i] = _item_error(items[i], i, e)
                         bar.update(1)
                     flush_ready()
-                    if stop_exc is None and stop_causes and streak[0] in stop_causes and streak[1] >= stop_after:
-                        stop_exc = ServerFault(f"{streak[1]} items in a row failed the same way ({streak[0]}): "
-                                               f"{stop_causes[streak[0]]}")
+                    if stop_exc is None and stop_causes and streak_cause in stop_causes and streak >= stop_after:
+                        stop_exc = ServerFault(f"{streak} items in a row failed the same way ({streak_cause}): "
+                                               f"{stop_causes[streak_cause]}")
             except KeyboardInterrupt as e:
                 stop_exc = e
                 for fut in pending:
