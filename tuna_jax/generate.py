@@ -312,6 +312,16 @@ class Sampler:
             raise ValueError(f"{where}: {n_prompt} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
                              f"model's max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens")
 
+    @property
+    def gives_text(self) -> bool:
+        """Whether samples carry their text (only with a tokenizer)."""
+        return self.tokenizer is not None
+
+    def settings(self) -> dict:
+        """What else defines the samples: the stop ids and the BOS policy (OUT.params.json)."""
+        return {"stop_ids": list(self.stop_ids), "add_bos": self.policy.add_bos,
+                "bos_override": self.policy.bos_override}
+
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams | None = None,
                  n: int = 1, rng_ids: Sequence[int] | None = None) -> list[list[Sample]]:
@@ -492,17 +502,17 @@ def read_done(out_path: str, prompts: list[PromptLine], fix: bool = True) -> set
     return done
 
 
-def generate_file(sampler: Sampler, prompts_path: str, out_path: str, params: SamplingParams, n: int = 1,
+def generate_file(sampler, prompts_path: str, out_path: str, params: SamplingParams, n: int = 1,
                   sampling_logprobs: bool = False, progress: bool = True, lines_per_call: int | None = None,
                   meta: dict | None = None, prompts: list[PromptLine] | None = None) -> int:
     """Generate for every line of ``prompts_path`` not yet in ``out_path`` and append them; returns
-    the number of lines written by this call.
+    the number of lines written by this call. ``sampler``: a :class:`Sampler`, or ``serving.ServedSampler``.
 
     Everything is validated before anything is generated. Lines are written in input order, flushed
     and fsynced after every group of ``lines_per_call``, each seeded by its index, so a killed and
     resumed run writes the same samples as an uninterrupted one (token ids and text exactly; log-probs
     to float rounding, since resumed lines may run in a batch of another shape). The settings
-    (sampling, n, stop ids, BOS policy, ``meta``) go to OUT.params.json and must match on resume.
+    (sampling, n, ``sampler.settings()``, ``meta``) go to OUT.params.json and must match on resume.
     Multi-host: every process generates (the batch is global), process 0 alone writes.
     """
     from tqdm import tqdm
@@ -519,8 +529,7 @@ def generate_file(sampler: Sampler, prompts_path: str, out_path: str, params: Sa
         except ValueError as e:
             raise InputError(str(e)) from None
         encoded.append(ids)
-    settings = {"n": n, **dataclasses.asdict(params), "stop_ids": list(sampler.stop_ids),
-                "add_bos": sampler.policy.add_bos, "bos_override": sampler.policy.bos_override, **(meta or {})}
+    settings = {"n": n, **dataclasses.asdict(params), **sampler.settings(), **(meta or {})}
     writer = is_main_process()
     # One run per OUT: a second one would append the same lines again (OUT.lock, released at the end).
     with OutputLock(out_path) if writer else contextlib.nullcontext():

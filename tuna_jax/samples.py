@@ -18,6 +18,8 @@ class Sample:
     token_ids: [T] the generated ids (stop token included), None when unknown (a remote endpoint).
     sampling_logprobs: [T] log q(token) under the distribution actually sampled from (tempered, filtered);
       0.0 for greedy decoding; None when not recorded.
+    reported_tokens: the response's length in tokens as a serving engine reported it (``usage``), where neither
+      token_ids nor token_logprobs are known.
     """
 
     text: str | None
@@ -25,6 +27,7 @@ class Sample:
     finish_reason: str | None = None
     token_ids: list[int] | None = None
     sampling_logprobs: list[float] | None = None
+    reported_tokens: int | None = None
 
     @property
     def logprob_sum(self) -> float:
@@ -36,6 +39,8 @@ class Sample:
         """Tokens in the response (the stop token included when present)."""
         if self.token_ids is not None:
             return len(self.token_ids)
+        if self.token_logprobs is None and self.reported_tokens is not None:
+            return self.reported_tokens
         return len(self.token_logprobs or ())
 
     def to_json(self, sampling_logprobs: bool = False) -> dict:

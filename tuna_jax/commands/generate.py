@@ -5,17 +5,18 @@ token when finish_reason is 'stop'; token_logprobs are log p under the model at 
 already in OUT."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 
-from tuna_jax.commands.shared import Runtime, Sampling
+from tuna_jax.commands.shared import Runtime, Sampling, Served
 from tuna_jax.io.fields import arg, pos
 
 HELP = "sample responses (greedy, temperature, top-p/top-k) with token log-probs"
 
 
 @dataclasses.dataclass(kw_only=True)
-class Config(Sampling, Runtime):
+class Config(Sampling, Runtime, Served):
     model: str = pos("HF folder or tuna-jax params checkpoint")
     prompts: str = pos("input JSONL")
     out: str = pos("output JSONL (appended to; a rerun resumes)")
@@ -35,6 +36,8 @@ def run(cfg: Config) -> int:
     if cfg.n < 1:
         raise ValueError(f"--n {cfg.n}: must be >= 1")
     prompts = read_prompts(cfg.prompts)  # every line checked before the model loads
+    if cfg.base_url:
+        return _run_served(cfg, params, prompts)
     mesh = cfg.make_mesh()
     tokenizer = None
     try:
@@ -51,5 +54,27 @@ def run(cfg: Config) -> int:
     sampler = Sampler(model, tokenizer, mesh=mesh, batch_size=cfg.batch_size, max_prompt_len=cfg.max_prompt_len)
     n = generate_file(sampler, cfg.prompts, cfg.out, params, n=cfg.n, sampling_logprobs=cfg.sampling_logprobs,
                       progress=is_main_process(), meta={"dtype": cfg.dtype}, prompts=prompts)
+    print(f"generated {n} lines ({cfg.n} samples each) -> {cfg.out}")
+    return 0
+
+
+def _run_served(cfg: Config, params, prompts) -> int:
+    """``--base-url``: the serving engine generates; 0 done, 2 stopped (budget or a fatal endpoint error)."""
+    from tuna_jax.generate import generate_file
+    from tuna_jax.io.cli import report_stop
+    from tuna_jax.io.items import StopRun
+
+    if cfg.sampling_logprobs:
+        raise ValueError("--sampling-logprobs: a serving engine does not report the sampling distribution's "
+                         "log-probs; drop the flag or generate locally")
+    with contextlib.ExitStack() as stack:
+        sampler = cfg.served_sampler(cfg.model, cfg.out, stack)
+        store = sampler.client.store
+        try:
+            n = generate_file(sampler, cfg.prompts, cfg.out, params, n=cfg.n, progress=True,
+                              prompts=prompts)
+        except StopRun as e:
+            return report_stop("generate", e, store)
+        print(f"generate: {store.summary()}", file=sys.stderr)
     print(f"generated {n} lines ({cfg.n} samples each) -> {cfg.out}")
     return 0

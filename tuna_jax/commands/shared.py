@@ -43,12 +43,9 @@ _CLIENT = ClientConfig()  # the client's defaults are the flags' (llm_api import
 
 
 @dataclasses.dataclass(kw_only=True)
-class Endpoint:
-    """An OpenAI-compatible endpoint and its retry policy (``llm_api/client.py``; times in seconds)."""
+class Retry:
+    """How requests to an endpoint are sent and retried (``llm_api/client.py``; times in seconds)."""
 
-    base_url: str = arg(_CLIENT.base_url, "API base URL including the version, e.g. http://localhost:8000/v1",
-                        group=ENDPOINT)
-    model: str | None = arg(None, "model name as the server knows it", group=ENDPOINT)
     api_key_env: str = arg(_CLIENT.api_key_env, "name of the environment variable that holds the API key; the key "
                            "itself is never given on the command line, logged or stored", group=ENDPOINT)
     timeout: float = arg(_CLIENT.timeout_s, "seconds one request attempt may take in all (connect, wait, read the "
@@ -62,12 +59,25 @@ class Endpoint:
                                  "may impose before a retry", group=ENDPOINT)
     concurrency: int = arg(_CLIENT.concurrency, "requests in flight at once", group=ENDPOINT)
 
-    def client_config(self):
-        """The client's ``ClientConfig`` for these settings."""
-        return ClientConfig(base_url=self.base_url, model=self.model or "", api_key_env=self.api_key_env,
-                            timeout_s=self.timeout, max_retries=self.max_retries, backoff_initial_s=self.backoff,
+    def retry_config(self, base_url: str, model: str):
+        """The client's ``ClientConfig`` for ``base_url`` and ``model`` with these settings."""
+        return ClientConfig(base_url=base_url, model=model, api_key_env=self.api_key_env, timeout_s=self.timeout,
+                            max_retries=self.max_retries, backoff_initial_s=self.backoff,
                             backoff_max_s=self.backoff_max, max_retry_after_s=self.max_retry_after,
                             concurrency=self.concurrency)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Endpoint(Retry):
+    """An OpenAI-compatible endpoint and its retry policy."""
+
+    base_url: str = arg(_CLIENT.base_url, "API base URL including the version, e.g. http://localhost:8000/v1",
+                        group=ENDPOINT)
+    model: str | None = arg(None, "model name as the server knows it", group=ENDPOINT)
+
+    def client_config(self):
+        """The client's ``ClientConfig`` for these settings."""
+        return self.retry_config(self.base_url, self.model or "")
 
 
 BUDGET = "cache and budget"
@@ -107,6 +117,33 @@ class Sampling:
     seed: int = arg(0, "sampling seed")
     batch_size: int = arg(8, "rows (prompt x sample) per device call")
     max_prompt_len: int | None = arg(None, "longest prompt in tokens (longer: error)")
+
+
+SERVED = "serving engine (generate with an OpenAI-compatible server instead of on this machine)"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Served(Retry, Budget):
+    """Generation through a serving engine that serves MODEL's exported HF folder (``tuna_jax/serving.py``); the
+    local-sampler settings (dtype, mesh, batch size, tokenizer, top-k aside) do not apply then."""
+
+    base_url: str | None = arg(None, "the server's API base URL including the version, e.g. "
+                               "http://127.0.0.1:8000/v1 (vLLM, SGLang, TGI, llama.cpp, transformers serve); "
+                               "requests are cached in --store", group=SERVED)
+    served_model: str | None = arg(None, "model name as the server knows it (default: MODEL as given)",
+                                   group=SERVED)
+    n_per_request: int | None = arg(None, "responses per request; 1 for servers that ignore `n` (llama.cpp, "
+                                    "transformers serve) (default: all of a prompt's in one request)",
+                                    group=SERVED)
+
+    def served_sampler(self, model: str, out_path: str, stack: contextlib.ExitStack):
+        """A ``ServedSampler`` for ``model`` whose request store (``--store``, else OUT.store.jsonl) ``stack``
+        closes."""
+        from tuna_jax.serving import ServedSampler
+
+        client = OpenAIClient(self.retry_config(self.base_url, self.served_model or model))
+        client.store = stack.enter_context(self.open_store(out_path))
+        return ServedSampler(client, n_per_request=self.n_per_request)
 
 
 @contextlib.contextmanager

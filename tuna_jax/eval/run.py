@@ -57,6 +57,8 @@ class ModelSpec:
     path: str
     tokenizer: str | None = None
     template: str | None = None
+    base_url: str | None = None  # a serving engine that serves `path` (default: generation.base_url)
+    served_model: str | None = None  # its name for the model (default: path)
 
 
 @dataclasses.dataclass
@@ -72,6 +74,8 @@ class GenerationSettings:
     dtype: str = "float32"
     mesh: str | None = None
     add_bos: bool = True
+    base_url: str | None = None  # generate with this OpenAI-compatible server (tuna_jax/serving.py)
+    concurrency: int = 4  # its requests in flight
 
 
 @dataclasses.dataclass
@@ -166,6 +170,7 @@ EVAL_LIMITS = {
     ("generation", "max_new_tokens"): at_least(1),
     ("generation", "max_prompt_tokens"): at_least(1),
     ("generation", "batch_size"): at_least(1),
+    ("generation", "concurrency"): at_least(1),
     ("superni", "num_instances"): at_least(1),
     ("superni", "num_tasks"): at_least(1),
     **{(s, "max_new_tokens"): at_least(1) for s in ("superni", "lmentry", "vicuna", "alpaca_eval")},
@@ -247,6 +252,7 @@ class _Job:
     ids: list[int]
     truncated: int
     max_new_tokens: int
+    text: str  # what a serving engine is sent: the prompt, or the text of the tokens kept when it was cut
 
     @property
     def sha1(self) -> str:
@@ -309,7 +315,8 @@ class _Prompter:
             cut = len(ids) - limit
             head = ids[:1] if self.cfg.generation.add_bos else []
             ids = head + ids[len(ids) - (limit - len(head)):]
-        return _Job(benchmark, id_, ids, cut, max_new_tokens)
+            text = self.tokenizer.decode(ids[len(head):])
+        return _Job(benchmark, id_, ids, cut, max_new_tokens, text)
 
 
 def _mnt(cfg: EvalConfig, bench) -> int:
@@ -430,14 +437,39 @@ class _Cache:
         return kept
 
 
+def _served(cfg: EvalConfig, spec: ModelSpec) -> tuple[str, str] | None:
+    """(base_url, model name) of the serving engine that generates for ``spec``, or None (the local sampler)."""
+    url = spec.base_url or cfg.generation.base_url
+    return (url, spec.served_model or spec.path) if url else None
+
+
 class _Generator:
-    """The model and sampler, loaded on first use (a rerun with every prediction cached loads nothing)."""
+    """The model and sampler, loaded on first use (a rerun with every prediction cached loads nothing); or the
+    serving engine's client, whose request store is ``predictions/<model>/requests.store.jsonl``."""
 
     def __init__(self, cfg: EvalConfig, spec: ModelSpec, prompter: _Prompter):
         self.cfg, self.spec, self.prompter = cfg, spec, prompter
         self.sampler = None
+        self.store = None
 
     def _load(self):
+        served = _served(self.cfg, self.spec)
+        if served is not None:
+            return self._connect(*served)
+        self._load_model()
+
+    def _connect(self, base_url: str, model: str):
+        from tuna_jax.llm_api.client import OpenAIClient
+        from tuna_jax.llm_api.store import Store
+        from tuna_jax.serving import ServedSampler
+
+        client = OpenAIClient(ClientConfig(base_url=base_url, model=model,
+                                           concurrency=self.cfg.generation.concurrency))
+        self.store = Store(os.path.join(self.cfg.output_dir, "predictions", self.spec.name, "requests.store.jsonl"))
+        client.store = self.store
+        self.sampler = ServedSampler(client, n_per_request=1)
+
+    def _load_model(self):
         from tuna_jax import parallel
         from tuna_jax.generate import Sampler
         from tuna_jax.model import load_model
@@ -461,11 +493,14 @@ class _Generator:
         g = self.cfg.generation
         params = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                 max_new_tokens=max_new_tokens, seed=g.seed)
-        out = self.sampler.generate([j.ids for j in jobs], params, n=1, rng_ids=[j.rng_id for j in jobs])
+        prompts = [j.text for j in jobs] if self.store is not None else [j.ids for j in jobs]
+        out = self.sampler.generate(prompts, params, n=1, rng_ids=[j.rng_id for j in jobs])
         return [o[0] for o in out]
 
     def close(self):
         self.sampler = None
+        if self.store is not None:
+            self.store.close()
 
 
 def _settings(cfg: EvalConfig, spec: ModelSpec, max_new_tokens: int) -> dict:
@@ -473,7 +508,13 @@ def _settings(cfg: EvalConfig, spec: ModelSpec, max_new_tokens: int) -> dict:
     return {"model": str(io_paths.resolve(spec.path)),
             "tokenizer": str(io_paths.resolve(spec.tokenizer)) if spec.tokenizer else None,
             "dtype": g.dtype, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "seed": g.seed,
-            "max_new_tokens": max_new_tokens}
+            "max_new_tokens": max_new_tokens, **_served_settings(cfg, spec)}
+
+
+def _served_settings(cfg: EvalConfig, spec: ModelSpec) -> dict:
+    """The serving engine in a predictions file's settings: switching engines generates again."""
+    served = _served(cfg, spec)
+    return {} if served is None else {"base_url": served[0], "served_model": served[1]}
 
 
 def _predict(cfg: EvalConfig, spec: ModelSpec, prompter: _Prompter, jobs: dict[str, list[_Job]],

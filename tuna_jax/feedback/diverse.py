@@ -343,7 +343,7 @@ def sampler_fn(sampler, max_new_tokens: int = 256, top_p: float = 1.0, top_k: in
     """A :data:`SampleFn` over ``tuna_jax.generate.Sampler`` (which needs a tokenizer for text)."""
     from tuna_jax.generate import SamplingParams
 
-    if sampler.tokenizer is None:
+    if not sampler.gives_text:
         raise ValueError("diverse sampling needs the model's tokenizer (texts are compared and judged)")
 
     def sample(prompts: Sequence[str], n: int, temperature: float, rng_ids: Sequence[int]) -> list[list[str]]:
@@ -359,26 +359,21 @@ def run_diverse(model_path: str, input_path: str, out_path: str, cfg: DiverseSet
                 tokenizer: str | None = None, max_new_tokens: int = 256, top_p: float = 1.0, top_k: int = 0,
                 seed: int = 0, batch_size: int = 8, max_prompt_len: int | None = None,
                 items_per_call: int | None = None, mesh=None, dtype: str = "float32", limit: int | None = None,
-                progress: bool = True) -> DiverseReport:
+                progress: bool = True, sampler=None) -> DiverseReport:
     """Load ``model_path`` (HF folder or params checkpoint) and its tokenizer (or ``tokenizer``), run the
     procedure over ``input_path`` into ``out_path`` (resuming), write OUT.report.json; returns the report
-    (``str(report)`` is its one-line summary). mesh: None = one device."""
-    from tuna_jax.data.templates import load_tokenizer
-    from tuna_jax.generate import Sampler, SamplingParams
-    from tuna_jax.model import load_model
+    (``str(report)`` is its one-line summary). mesh: None = one device. ``sampler``: a ``serving.ServedSampler``
+    that samples instead (nothing is loaded; tokenizer, batch_size, max_prompt_len, mesh and dtype do not apply)."""
+    from tuna_jax.generate import SamplingParams
 
     SamplingParams(temperature=cfg.temperature_of(cfg.max_trials - 1), top_p=top_p, top_k=top_k,
                    max_new_tokens=max_new_tokens, seed=seed)  # validate before loading anything
     items = read_items(input_path, limit)  # the input too: a bad line fails in a second, not after the model
-    tok = load_tokenizer(tokenizer or model_path)
-    model = load_model(model_path, mesh, dtype=dtype, param_dtype="float32")
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's vocabulary "
-                         f"is {model.cfg.vocab_size}: they do not belong together")
-    sampler = Sampler(model, tok, mesh=mesh, batch_size=batch_size, max_prompt_len=max_prompt_len)
+    if sampler is None:
+        sampler = _local_sampler(model_path, tokenizer, mesh, dtype, batch_size, max_prompt_len)
     fn = sampler_fn(sampler, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, seed=seed)
     settings = {"model": str(model_path), "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-                "seed": seed, "add_bos": sampler.policy.add_bos, "stop_ids": list(sampler.stop_ids)}
+                "seed": seed, **sampler.settings()}
 
     def check_prompt(prompt: str, where: str) -> None:
         sampler.check_length(len(sampler.encode(prompt, where)), max_new_tokens, where)
@@ -391,6 +386,21 @@ def run_diverse(model_path: str, input_path: str, out_path: str, cfg: DiverseSet
     if main:
         write_json(out_path + ".report.json", report.to_json(), indent=1)
     return report
+
+
+def _local_sampler(model_path: str, tokenizer: str | None, mesh, dtype: str, batch_size: int,
+                   max_prompt_len: int | None):
+    """``generate.Sampler`` over the model at ``model_path`` and its tokenizer (or ``tokenizer``)."""
+    from tuna_jax.data.templates import load_tokenizer
+    from tuna_jax.generate import Sampler
+    from tuna_jax.model import load_model
+
+    tok = load_tokenizer(tokenizer or model_path)
+    model = load_model(model_path, mesh, dtype=dtype, param_dtype="float32")
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's vocabulary "
+                         f"is {model.cfg.vocab_size}: they do not belong together")
+    return Sampler(model, tok, mesh=mesh, batch_size=batch_size, max_prompt_len=max_prompt_len)
 
 
 def jax_main_process() -> bool:

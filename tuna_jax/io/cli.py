@@ -49,7 +49,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The error classes users meet. InputError covers bad files, stores (StoreError) and checkpoints;
     ValueError bad options; OSError missing files, full disks, permissions; SafetensorError a damaged
     weights file."""
-    errors: list[type[BaseException]] = [InputError, ValueError, OSError, KeyError, OutputBusyError, StopRun]
+    from tuna_jax.llm_api.client import APIError  # an endpoint that failed after its retries: the message says why
+
+    errors: list[type[BaseException]] = [InputError, ValueError, OSError, KeyError, OutputBusyError, StopRun,
+                                         APIError]
     try:  # imported here, not at module level: safetensors is not needed for `--help`
         from safetensors import SafetensorError
         errors.append(SafetensorError)
