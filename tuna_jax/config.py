@@ -158,6 +158,9 @@ class TrainConfig:
     export: bool = True  # write a params-only export to output_dir/final at the end
     progress: bool = True
     tensorboard: bool = True  # when tensorboardX is installed
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb; WANDB_MODE=offline logs to disk only)
+    wandb_project: str = "tuna-jax"  # the W&B project (WANDB_ENTITY picks the team)
+    run_name: str | None = None  # the W&B run's name (default: output_dir's last folder)
     compile_cache: str | bool = True  # XLA's persistent cache: a folder; true: JAX's if set, else ~/.cache/tuna-jax/xla
 
 

@@ -14,6 +14,8 @@ every step appears exactly once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -308,10 +310,11 @@ class CompileAhead:
 # ---- metrics ---------------------------------------------------------------------------
 
 class MetricsWriter:
-    """metrics.jsonl (one object per logged step; a LineLog, so it may be in cloud storage) and TensorBoard
-    when tensorboardX is there."""
+    """metrics.jsonl (one object per logged step; a LineLog, so it may be in cloud storage), TensorBoard when
+    tensorboardX is there, and Weights & Biases with ``wandb`` (a ``WandbRun``): the same records, each number
+    as SPLIT/KEY at its step."""
 
-    def __init__(self, out_dir, resume_step: int | None, tensorboard: bool):
+    def __init__(self, out_dir, resume_step: int | None, tensorboard: bool, wandb: "WandbRun | None" = None):
         self.path = out_dir / "metrics.jsonl"
         self.log = LineLog(self.path)
         self.active = jax.process_index() == 0
@@ -330,21 +333,53 @@ class MetricsWriter:
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:
                 pass
+        self.wandb = wandb if self.active else None
 
     def write(self, record: dict) -> None:
         if not self.active:
             return
         self.log.append(json.dumps(record))
+        scalars = {f"{record.get('split', 'train')}/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, record["step"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, record["step"])
 
     def close(self):
         if self.active:
             self.log.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class WandbRun:
+    """A Weights & Biases run for ``train.wandb``: named ``train.run_name`` (default: output_dir's last folder),
+    with the run's config.yaml as its config. Its id is a hash of output_dir, so a resumed run logs to the same W&B
+    run; W&B keeps the steps the killed run logged after its last checkpoint (metrics.jsonl drops them), and
+    ignores them when they are logged again."""
+
+    def __init__(self, cfg, out_dir):
+        import wandb
+
+        tc = cfg.train
+        name = tc.run_name or str(out_dir).rstrip("/").rsplit("/", 1)[-1]
+        run_id = hashlib.sha256(str(out_dir).encode("utf-8")).hexdigest()[:16]
+        self.run = wandb.init(project=tc.wandb_project, name=name, id=run_id, resume="allow",
+                              config=cfg.to_dict(), dir=os.environ.get("WANDB_DIR"))
+        self.last_step = -1
+
+    def log(self, scalars: dict, step: int) -> None:
+        if step < self.last_step:
+            return  # already logged by the run that was killed (W&B steps only go forward)
+        self.last_step = step
+        self.run.log(scalars, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
 
 
 def _step_of(line: str) -> int | None:
@@ -512,6 +547,8 @@ def setup(cfg: Config, mesh, resume: bool) -> Run:
         from tuna_jax.model.lora import check_run_config
 
         check_run_config(cfg)  # LoRA's settings, before any data or model is read
+    if tc.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError("train.wandb=true needs Weights & Biases: pip install wandb (or set train.wandb=false)")
     tok, policy = load_tokenizer_and_policy(cfg)
     if not cfg.data.train:
         raise ValueError("data.train is not set: give the training data (a JSON/JSONL file, hf:NAME or tfds:NAME)")
@@ -575,7 +612,8 @@ def setup(cfg: Config, mesh, resume: bool) -> Run:
     else:  # the same steps over a binder that puts the adapters on the frozen base, passed to every call
         step_fn, eval_fn = lora_run.jit_steps(lambda b: make_train_step(b, cfg, tx, schedule),
                                               lambda b: make_eval_step(b, cfg))
-    writer = MetricsWriter(out_dir, start_step if resume else None, tc.tensorboard)
+    wandb = WandbRun(cfg, out_dir) if tc.wandb and jax.process_index() == 0 else None
+    writer = MetricsWriter(out_dir, start_step if resume else None, tc.tensorboard, wandb)
     if not resume:  # what reading the data changed, as step 0 of the log (a resume keeps that line)
         writer.write({"step": 0, "split": "data", "identical_pairs": report.changed["identical_candidates"],
                       "rows_all_identical": report.changed["all_candidates_identical"]})
