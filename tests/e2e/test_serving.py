@@ -3,10 +3,13 @@
 `generate --base-url` at temperature 0 writes what `tuna-jax generate` writes, token for token (the server counts the
 same prompt and completion tokens, and the texts are equal); `sample-diverse --base-url` writes the local sampler's
 record format and counters, and a rerun sends nothing; a server that ignores `n` (this one does) stops at the first
-prompt with the fix in one line; `eval run` with ``generation.base_url`` writes the local sampler's predictions."""
+prompt with the fix in one line; `eval run` with ``generation.base_url`` writes the local sampler's predictions;
+`judge` goes through the chat API end to end (a 260K-parameter story model cannot rank, so every record fails, by
+cause, with the replies kept)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -27,7 +30,7 @@ PROMPTS = [{"id": "a", "instruction": "Tell me a story about a cat."},
 
 @pytest.fixture(scope="module")
 def served():
-    with TransformersServer(stories260k_hf_dir()) as srv:
+    with TransformersServer() as srv:  # serves the folder each request names
         yield srv
 
 
@@ -143,3 +146,28 @@ def test_eval_run_served_writes_the_local_predictions(served, tmp_path):
                    (a["prediction"], a["num_tokens"], a["finish_reason"], a["prompt_sha1"])
     assert json.loads((tmp_path / "local" / "local.json").read_text())["rows"][0]["superni_0shot"] == \
            json.loads((tmp_path / "served" / "served.json").read_text())["rows"][0]["superni_0shot"]
+
+
+def test_judge_through_the_chat_api(served, tmp_path, capsys):
+    # stories260K with a chat template (its messages one per line) and the context the judge prompt needs
+    model = tmp_path / "chat-model"
+    shutil.copytree(stories260k_hf_dir(), model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 4096}))
+    tok = json.loads((model / "tokenizer_config.json").read_text())
+    tok["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(tok))
+    records = _write(tmp_path / "c.jsonl", [{"id": 1, "instruction": "Tell me about a dog.",
+                                             "candidates": ["A dog is a pet.", "Dogs bark.", "The dog sat."]},
+                                            {"id": 2, "instruction": "Name a color.",
+                                             "candidates": ["Red.", "Blue is a color.", "Green"]}])
+    out = str(tmp_path / "ranked.jsonl")
+    status = cli(["judge", records, out, "--base-url", served.base_url, "--model", str(model), "--max-tokens", "24",
+                  "--max-parse-retries", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 1 and "failed: 2 (parse_failed: 2)" in err
+    store = [json.loads(x) for x in open(out + ".store.jsonl")]
+    assert len(store) == 4 and {s["meta"]["path"] for s in store} == {"chat/completions"}
+    assert all(s["status"] == "invalid" and s["response"]["choices"][0]["message"]["content"] for s in store)
+    failed = _read(out + ".failed.jsonl")
+    assert [f["id"] for f in failed] == [1, 2] and all(len(f["replies"]) == 2 for f in failed)

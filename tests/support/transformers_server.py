@@ -1,5 +1,6 @@
 """`transformers serve` on 127.0.0.1: a real OpenAI-compatible serving engine that `pip install
-"transformers[serving]"` brings (no compile), serving one HF folder on the CPU."""
+"transformers[serving]"` brings (no compile), on the CPU. It serves any local HF folder a request names as its
+``model`` (loaded on first use), or only ``folder`` when one is given."""
 from __future__ import annotations
 
 import os
@@ -21,10 +22,10 @@ def _free_port() -> int:
 
 
 class TransformersServer:
-    """``with TransformersServer(folder) as srv:`` starts the server and waits until it lists the model;
-    ``srv.base_url`` is its ``.../v1``; ``srv.log()`` what it printed."""
+    """``with TransformersServer() as srv:`` starts the server and waits until it answers; ``srv.base_url`` is its
+    ``.../v1``; ``srv.log()`` what it printed."""
 
-    def __init__(self, folder: str, startup_s: float = 180.0):
+    def __init__(self, folder: str | None = None, startup_s: float = 180.0):
         if shutil.which("transformers") is None:
             pytest.skip("the serving-engine tests start `transformers serve`: pip install -e '.[test]'")
         try:
@@ -33,14 +34,15 @@ class TransformersServer:
             is_serve_available = lambda: False  # noqa: E731
         if not is_serve_available():
             pytest.skip("`transformers serve` needs fastapi, uvicorn and openai: pip install -e '.[test]'")
-        self.folder, self.startup_s = str(folder), startup_s
+        self.folder, self.startup_s = folder, startup_s
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
     def __enter__(self) -> "TransformersServer":
         self._log = tempfile.TemporaryFile("w+")
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen([shutil.which("transformers"), "serve", self.folder, "--host", "127.0.0.1",
+        forced = [str(self.folder)] if self.folder else []
+        self.proc = subprocess.Popen([shutil.which("transformers"), "serve", *forced, "--host", "127.0.0.1",
                                       "--port", str(self.port), "--device", "cpu"],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_s
@@ -71,7 +73,7 @@ class TransformersServer:
         self._log.close()
 
 
-if __name__ == "__main__":  # pragma: no cover - by hand: python -m tests.support.transformers_server FOLDER
-    with TransformersServer(sys.argv[1]) as srv:
+if __name__ == "__main__":  # pragma: no cover - by hand: python -m tests.support.transformers_server [FOLDER]
+    with TransformersServer(sys.argv[1] if len(sys.argv) > 1 else None) as srv:
         print(srv.base_url)
         time.sleep(3600)

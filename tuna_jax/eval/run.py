@@ -87,6 +87,7 @@ class SuperNISettings:
     task_names: list[str] | None = None
     max_new_tokens: int | None = None
     template: str | None = None
+    max_source_length: int | None = 1024  # Tk-Instruct's eval script (docs/evaluation.md#prompt-length); null: none
 
 
 @dataclasses.dataclass
@@ -173,6 +174,7 @@ EVAL_LIMITS = {
     ("generation", "concurrency"): at_least(1),
     ("superni", "num_instances"): at_least(1),
     ("superni", "num_tasks"): at_least(1),
+    ("superni", "max_source_length"): at_least(2),
     **{(s, "max_new_tokens"): at_least(1) for s in ("superni", "lmentry", "vicuna", "alpaca_eval")},
     **{(s, "limit"): at_least(1) for s in ("vicuna", "alpaca_eval")},
     **{(s, "max_parse_retries"): at_least(0) for s in ("vicuna", "alpaca_eval")},
@@ -307,12 +309,22 @@ class _Prompter:
 
         return encode_prompt(self.tokenizer, text, self.policy)
 
-    def job(self, benchmark: str, id_: str, text: str, max_new_tokens: int) -> _Job:
+    def cut_source(self, text: str, max_source_length: int) -> tuple[str, int]:
+        """(source, tokens cut): a source over ``max_source_length`` tokens (BOS counted, as Tk-Instruct's
+        collator counts its special token) keeps its last tokens; the collator keeps the first ones, which
+        for a decoder-only model would cut off the instance and the "Output: " it answers."""
+        ids = self.tokenizer.encode(text)
+        keep = max_source_length - (1 if self.cfg.generation.add_bos else 0)
+        if len(ids) <= keep:
+            return text, 0
+        return self.tokenizer.decode(ids[len(ids) - keep:]), len(ids) - keep
+
+    def job(self, benchmark: str, id_: str, text: str, max_new_tokens: int, cut: int = 0) -> _Job:
+        """The job of prompt ``text``; ``cut``: tokens its source already lost."""
         ids = self.encode(text)
         limit = self.limit(max_new_tokens)
-        cut = 0
         if len(ids) > limit:
-            cut = len(ids) - limit
+            cut += len(ids) - limit
             head = ids[:1] if self.cfg.generation.add_bos else []
             ids = head + ids[len(ids) - (limit - len(head)):]
             text = self.tokenizer.decode(ids[len(head):])
@@ -369,13 +381,19 @@ def _jobs(cfg: EvalConfig, data: _Data, p: _Prompter) -> dict[str, list[_Job]]:
     if cfg.superni:
         s = cfg.superni
         mnt, tpl = _mnt(cfg, s), p.template(s.template)
-        limit = p.limit(mnt)
+        # Tk-Instruct's collator: examples must keep the source (untemplated) within max_source_length tokens,
+        # and a longer source is cut to it; without a limit, the prompt's (templated) room in the context.
+        if s.max_source_length is not None:
+            msl, count = s.max_source_length, (lambda text: len(p.encode(text)))
+        else:
+            msl, count = p.limit(mnt), (lambda text: len(p.encode(_wrap(tpl, text))))
         for k in s.shots:
-            count = (lambda text: len(p.encode(_wrap(tpl, text)))) if k else None
-            out[f"superni_{k}shot"] = [
-                p.job(f"superni_{k}shot", inst.id,
-                      _wrap(tpl, inst.prompt(k, count_tokens=count, max_source_length=limit if k else None)), mnt)
-                for inst in data.superni[1]]
+            bench, jobs = f"superni_{k}shot", []
+            for inst in data.superni[1]:
+                source = inst.prompt(k, count_tokens=count if k else None, max_source_length=msl if k else None)
+                source, cut = p.cut_source(source, msl) if s.max_source_length is not None else (source, 0)
+                jobs.append(p.job(bench, inst.id, _wrap(tpl, source), mnt, cut))
+            out[bench] = jobs
     if cfg.lmentry:
         mnt, tpl = _mnt(cfg, cfg.lmentry), p.template(cfg.lmentry.template)
         out["lmentry"] = [p.job("lmentry", inst.id, _wrap(tpl, inst.prompt), mnt)

@@ -248,3 +248,31 @@ def test_example_config_is_valid():
     cfg = R.load_eval_config(pathlib.Path(__file__).resolve().parents[3] / "configs" / "eval_example.yaml")
     assert [m.name for m in cfg.models][:1] == ["alpaca-7b"] and cfg.superni.shots == [0, 2]
     assert cfg.vicuna.review and cfg.judge.model
+
+
+def _superni_jobs(world, tmp_path, max_source_length):
+    cfg_path = tmp_path / "s.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "o"), "models": [{"name": "m", "path": str(world["model"])}],
+        "generation": {"max_new_tokens": 8},
+        "superni": {"tasks": str(world["ni"]), "num_instances": 1, "max_source_length": max_source_length}}))
+    cfg = R.load_eval_config(cfg_path)
+    p = R._Prompter(cfg, cfg.models[0])
+    return p, R._jobs(cfg, R._Data(cfg), p)
+
+
+def test_superni_sources_are_held_to_tk_instructs_max_source_length(world, tmp_path):
+    p, roomy = _superni_jobs(world, tmp_path, 1024)
+    zero, two = roomy["superni_0shot"][0], roomy["superni_2shot"][0]
+    assert "Positive Example 2 -" in two.text and zero.truncated == two.truncated == 0
+    source = zero.text.split("### Instruction:\n", 1)[1].split("\n\n### Response:", 1)[0]
+    # a limit that holds the 0-shot source exactly: the collator's rule keeps no example for the 2-shot one
+    n0 = len(p.encode(source))
+    _, exact = _superni_jobs(world, tmp_path, n0)
+    assert exact["superni_2shot"][0].text == zero.text and exact["superni_2shot"][0].truncated == 0
+    # a limit under it: the source keeps BOS and its last tokens, the instance and "Output:" among them
+    _, tight = _superni_jobs(world, tmp_path, n0 - 5)
+    job = tight["superni_0shot"][0]
+    cut = job.text.split("### Instruction:\n", 1)[1].split("\n\n### Response:", 1)[0]
+    assert job.truncated == 5 and source.endswith(cut) and cut.endswith("Output: ")
+    assert len(p.encode(cut)) <= n0 - 5 and job.text.endswith("### Response:")
