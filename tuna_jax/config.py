@@ -134,7 +134,7 @@ class LossConfig:
     # "model" (with LoRA): v_ref from the frozen base, adapters off, in the same step (no file, no second model)
     mle_weight: float = 1.0  # lambda
     rank_weight: float = 1.0  # the ranking term's weight; 0 trains the MLE-only control of an experiment
-    mle_target: str = "original"  # original | best | all
+    mle_target: str = "original"  # original | best | all (the candidates) | every (original + candidates: Alpaca-Mul)
     chunk: int = 0  # tokens per vocabulary-projection chunk; 0: all at once if they fit logits_budget_mb
     # float32 logits one projection pass may hold (memory stays flat in V); raise on big GPUs
     logits_budget_mb: int = 256
@@ -204,7 +204,7 @@ CHOICES = {
     ("loss", "form"): ("paper", "reference", "listmle", "infonca", "dpo_pairs", "dpo_best", "lipo_lambda"),
     ("loss", "score"): ("mean", "sum"),
     ("loss", "reference"): (None, "data", "model"),
-    ("loss", "mle_target"): ("original", "best", "all"),
+    ("loss", "mle_target"): ("original", "best", "all", "every"),
     ("train", "mode"): ("sft", "ranking", "prm"),
     ("lora", "targets"): ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     ("lora", "train_also"): ("norms", "lm_head"),

@@ -51,6 +51,8 @@ def ranking_sums(model, batch: dict, cfg, head=None, reference=None) -> dict[str
     rank = ranking_loss(v, target, valid, margin=lc.margin, form=lc.form, beta=lc.beta, v_ref=v_ref)  # [B]
     if lc.mle_target == "all":
         mle = mle_loss(lp[:, :n], cnt[:, :n], valid)
+    elif lc.mle_target == "every":  # the candidates and the original (slot n; absent sequences have no tokens)
+        mle = mle_loss(lp, cnt, jnp.concatenate([valid, jnp.ones_like(valid[:, :1])], axis=-1))
     else:  # the separate MLE sequence (original) or the best candidate's slot (best)
         at = jnp.maximum(batch["mle_slot"], 0)[:, None]
         mle = mle_loss(jnp.take_along_axis(lp, at, -1)[:, 0], jnp.take_along_axis(cnt, at, -1)[:, 0])

@@ -25,7 +25,8 @@ from tuna_jax.data.records import DataError, RankingRecord, SFTRecord, SkipRepor
 from tuna_jax.data.shapes import bucket_shapes
 from tuna_jax.data.templates import SpecialTokenPolicy, Tokenizer, encode_prompt, encode_response
 
-MLE_TARGETS = ("original", "best", "all")
+MLE_TARGETS = ("original", "best", "all", "every")
+WITH_ORIGINAL = ("original", "every")  # the targets that read the original response as a sequence of its own
 TRUNCATE = ("left_prompt", "drop")
 
 
@@ -145,9 +146,9 @@ def tokenize_ranking(records: Iterable[RankingRecord], tok: Tokenizer, policy: S
             resps = [_encode_resp(tok, c, policy, where, f"candidates[{k}]") for k, c in enumerate(rec.candidates)]
             scores = np.asarray(rec.scores, dtype=np.float32)
             mle = None
-            if mle_target == "original":
+            if mle_target in WITH_ORIGINAL:
                 if not rec.output.strip():
-                    raise DataError(where, "output", "no original response for mle_target='original'",
+                    raise DataError(where, "output", f"no original response for mle_target={mle_target!r}",
                                     reason="no_original_response")
                 mle = _encode_resp(tok, rec.output, policy, where, "output")
             elif mle_target == "best":

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tuna_jax.data.batching import MLE_TARGETS, TokenizedExample
+from tuna_jax.data.batching import MLE_TARGETS, WITH_ORIGINAL, TokenizedExample
 
 LAYOUTS = ("padded", "prefix_shared", "packed")
 
@@ -172,9 +172,10 @@ class LayoutCollator:
         if len(e.responses) > self.n:
             raise ValueError(f"{e.source or e.id}: {len(e.responses)} candidates > num_candidates {self.n}")
         seqs = [(k, np.asarray(r, np.int32)) for k, r in enumerate(e.responses)]
-        if self.mle_target == "original":
+        if self.mle_target in WITH_ORIGINAL:
             if e.mle is None:
-                raise ValueError(f"{e.source or e.id}: tokenised without an MLE target but mle_target='original'")
+                raise ValueError(f"{e.source or e.id}: tokenised without an MLE target but "
+                                 f"mle_target={self.mle_target!r}")
             seqs.append((self.n, np.asarray(e.mle, np.int32)))
         return seqs
 
@@ -241,7 +242,7 @@ class LayoutCollator:
             for i, e in enumerate(rows):
                 pieces = [] if e is None else self._groups(i, e)
                 if self.layout == "padded" and self.mode == "ranking":
-                    q = self.n + (self.mle_target == "original")
+                    q = self.n + (self.mle_target in WITH_ORIGINAL)
                     units.append([(pc.seqs[0][0] if pc.seqs[0][0] < self.n else q - 1, pc) for pc in pieces])
                 else:
                     units.append([(0, pc) for pc in pieces])
@@ -281,7 +282,7 @@ class LayoutCollator:
             units = self._units(rows)
             length = max([pc.length for u in units for _, pc in u] + [1])
             count = len(rows)
-        q = self.n + (self.mle_target == "original") if self.layout == "padded" and self.mode == "ranking" else 1
+        q = self.n + (self.mle_target in WITH_ORIGINAL) if self.layout == "padded" and self.mode == "ranking" else 1
         scored = max([sum(pc.scored for _, pc in u) for u in units] + [1])
         per_unit = max([len({pc.example for _, pc in u}) for u in units] + [1])
         if self.layout == "prefix_shared":
@@ -401,7 +402,7 @@ class LayoutCollator:
                 if e is not None:
                     k = len(e.responses)
                     target[i, :k], cmask[i, :k] = e.scores, True
-                    mle_slot[i] = {"original": self.n, "all": -1}.get(self.mle_target, _best(e))
+                    mle_slot[i] = {"original": self.n, "all": -1, "every": -1}.get(self.mle_target, _best(e))
             out.update(target=target, candidate_mask=cmask, mle_slot=mle_slot)
             if any(e is not None and e.ref_logprob_sum is not None for e in rows):
                 ref_sum, ref_n = np.zeros((b, self.n), np.float32), np.zeros((b, self.n), np.float32)
@@ -417,7 +418,7 @@ class LayoutCollator:
         """Prompt + response tokens of every sequence the loss reads, counted once per sequence."""
         p = len(e.prompt_ids)
         n = sum(p + len(r) for r in e.responses)
-        if mode == "ranking" and mle_target == "original" and e.mle is not None:
+        if mode == "ranking" and mle_target in WITH_ORIGINAL and e.mle is not None:
             n += p + len(e.mle)
         return n
 

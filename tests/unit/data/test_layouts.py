@@ -72,7 +72,7 @@ def expected_contexts(examples, n, mode, mle_target):
     out = {}
     for i, e in enumerate(examples):
         seqs = [(0, e.responses[0])] if mode == "sft" else list(enumerate(e.responses))
-        if mode == "ranking" and mle_target == "original":
+        if mode == "ranking" and mle_target in ("original", "every"):
             seqs.append((n, e.mle))
         for slot, r in seqs:
             full = list(e.prompt_ids) + list(r)
@@ -83,7 +83,7 @@ def expected_contexts(examples, n, mode, mle_target):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode,mle_target", [("ranking", "original"), ("ranking", "best"), ("ranking", "all"),
-                                             ("sft", "original")])
+                                             ("ranking", "every"), ("sft", "original")])
 def test_every_layout_shows_each_scored_token_its_prompt_and_prefix(layout, mode, mle_target):
     n = 3
     ex = make_examples(9, n, seed=1)
@@ -310,6 +310,17 @@ def test_layouts_give_the_padded_losses_and_gradients(name, mle_target):
             np.testing.assert_allclose(sums[k], ref_sums[k], rtol=1e-5, atol=1e-5, err_msg=f"{layout} {k}")
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=layout)
+
+
+def test_mle_target_every_is_the_mean_over_the_original_and_the_candidates():
+    """Alpaca-Mul's MLE (``every``): with 3 candidates per example, (3 x the candidates' mean + the original's) / 4,
+    from the padded batches of ``all`` and ``original`` (same model, same examples)."""
+    model = Llama(LlamaConfig(**CONFIGS["gqa2_untied"], attention="xla"), nnx.Rngs(2))
+    ex = make_examples(5, 3, seed=6, variable=False)
+    sums = {t: _sums_and_grads(model, _cfg("padded", mle_target=t), ex)[0]["mle_loss"]
+            for t in ("every", "all", "original")}
+    np.testing.assert_allclose(sums["every"], (3 * sums["all"] + sums["original"]) / 4, rtol=1e-6)
+    assert sums["every"] != sums["all"] != sums["original"]
 
 
 @pytest.mark.slow

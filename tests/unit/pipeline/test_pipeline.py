@@ -49,18 +49,43 @@ def test_paper_pipeline_data_flow(tmp_path):
     assert _producer(plan, mix52.data.train[1]["path"]).id == "teacher"
     mix104 = p["mix_tuna_104k"].params
     assert [_producer(plan, s if isinstance(s, str) else s["path"]).id for s in mix104.data.train] == \
-        ["alpaca_ranked", "prm_ranked", "teacher"] and mix104.optim.lr == 5e-6
-    # Tuna_c(PRM): the PRM learns from the 13K judge rankings and ranks Alpaca's samples of the last 39K.
-    prm = p["prm"].params  # a train stage with a train.mode=prm config, from Alpaca
-    assert prm.train.mode == "prm" and prm.data.eval_fraction == 0.05
-    assert _producer(plan, prm.data.train).id == "alpaca_ranked" and _producer(plan, prm.model.path).id == "alpaca"
-    assert _producer(plan, p["prm_ranked"].params.input).id == "alpaca_samples_rest"
+        ["alpaca_ranked", "prm_3b_rest", "teacher"] and mix104.optim.lr == 5e-6
+    # The PRMs learn from the 13K judge rankings: the paper's on StableLM-3B (GPT-NeoX), App. D's on Alpaca-7B;
+    # each ranks Alpaca's samples of the first 13K and of the last 39K.
+    for prm, backbone in (("prm_3b", "stablelm"), ("prm_7b", "alpaca")):
+        params = p[prm].params
+        assert params.train.mode == "prm" and params.data.eval_fraction == 0.05
+        assert _producer(plan, params.data.train).id == "alpaca_ranked"
+        assert _producer(plan, params.model.path).id == backbone
+        for part, samples in (("first", "alpaca_samples"), ("rest", "alpaca_samples_rest")):
+            assert _producer(plan, p[f"{prm}_{part}"].params.input).id == samples
+            assert _producer(plan, p[f"{prm}_{part}"].params.prm).id == prm
+    assert p["prm_3b"].params.model.hf_config["model_type"] == "gpt_neox" and p["stablelm"].kind.name == "convert"
     assert p["alpaca_samples_rest"].select == "last:39000"
-    assert [_producer(plan, s).id for s in p["tuna_c_prm"].params.data.train] == ["alpaca_ranked", "prm_ranked"]
-    for name in ("tuna_p", "tuna_c", "mix_tuna_52k", "tuna_c_prm"):
+    # Table 1's Tuna_c (PRM) is PRM-3B-52K (all 52K ranked by the 3B PRM); Table 8's 39K rows add the judge's 13K.
+    for name, parts in (("tuna_c_prm", ["prm_3b_first", "prm_3b_rest"]),
+                        ("tuna_c_prm_3b_39k", ["alpaca_ranked", "prm_3b_rest"]),
+                        ("tuna_c_prm_7b_39k", ["alpaca_ranked", "prm_7b_rest"]),
+                        ("tuna_c_prm_7b_52k", ["prm_7b_first", "prm_7b_rest"])):
+        assert [_producer(plan, s).id for s in p[name].params.data.train] == parts, name
+    for name in ("tuna_p", "tuna_c", "mix_tuna_52k", "tuna_c_prm", "tuna_c_prm_7b_52k"):
         assert p[name].params.optim.lr == 1e-5 and _producer(plan, p[name].params.model.path).id == "alpaca"
     for name in ("tuna_cp_13k", "tuna_cp_39k", "tuna_cp_52k"):
         assert p[name].params.optim.lr == 1e-6 and _producer(plan, p[name].params.model.path).id == "tuna_c"
+    # Alpaca-Mul: the teacher's records (original + 4 responses), MLE only, Alpaca's recipe from LLaMA.
+    mul = p["alpaca_mul"].params
+    assert (mul.train.mode, mul.loss.rank_weight, mul.loss.mle_target) == ("ranking", 0.0, "every")
+    assert _producer(plan, mul.data.train).id == "teacher" and _producer(plan, mul.model.path).id == "llama"
+    assert (mul.optim.lr, mul.train.epochs) == (p["alpaca"].params.optim.lr, p["alpaca"].params.train.epochs)
+    # Figure 2: lambda on Tuna_c; everything else is Tuna_c's.
+    lambdas = {i: p[i].params for i in p if i.startswith("tuna_c_lambda@")}
+    assert sorted(c.loss.mle_weight for c in lambdas.values()) == [0.0, 0.1, 5.0, 10.0]
+    assert all(c.data.train == tuna_c.data.train and c.optim.lr == tuna_c.optim.lr for c in lambdas.values())
+    figure = p["figure_2"].params
+    assert [m.name for m in figure.models] == ["alpaca-7b", "lambda-0", "lambda-0.1", "lambda-1", "lambda-5",
+                                               "lambda-10"]
+    assert [m.name for m in p["table_8"].params.models][2:] == ["prm-3b-39k", "prm-7b-39k", "prm-3b-52k",
+                                                                "prm-7b-52k"]
     # Each variant's file runs just what its model needs.
     variant = load_plan(str(PIPELINES / "tuna_cp_39k.yaml"))
     assert variant.until == ["tuna_cp_39k_hf"]
