@@ -70,6 +70,8 @@ COMMANDS = [
     (("eval", "vicuna"), evaluate.VICUNA_HELP, evaluate.Vicuna, evaluate.run_vicuna, evaluate.VICUNA_DESCRIPTION),
     (("eval", "alpaca-eval"), evaluate.ALPACA_EVAL_HELP, evaluate.AlpacaEval, evaluate.run_alpaca_eval,
      evaluate.ALPACA_EVAL_DESCRIPTION),
+    (("eval", "rankings"), evaluate.RANKINGS_HELP, evaluate.Rankings, evaluate.run_rankings, evaluate.Rankings.__doc__),
+    (("eval", "costs"), evaluate.COSTS_HELP, evaluate.Costs, evaluate.run_costs, evaluate.Costs.__doc__),
 ]
 
 

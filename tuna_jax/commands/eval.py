@@ -244,3 +244,55 @@ def _model_id(path: str, given: str | None) -> str:
         return given
     ids = {a.model_id for a in read_answers(path).values() if a.model_id}
     return ids.pop() if len(ids) == 1 else os.path.splitext(os.path.basename(path))[0]
+
+
+# ---- eval rankings / costs: the paper's data tables ---------------------------------------------------
+RANKINGS_HELP = "Table 4: mean response length at each rank of ranking files"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Rankings:
+    """Table 4 of the paper: the mean length of the responses at each rank (1 = best) of each ranking file, in
+    words, or in tokens with --tokenizer; prints the Markdown table, writes --out (JSON)."""
+
+    sources: list[str] = pos("ranking records: NAME=FILE (the teacher's, the judge's, a PRM's)", nargs="+",
+                        metavar="NAME=FILE")
+    tokenizer: str | None = arg(None, "count tokens of this tokenizer (a model folder or tokenizer.model)")
+    out: str | None = arg(None, "also write the JSON table here", metavar="OUT.json")
+
+
+def run_rankings(cfg: Rankings) -> int:
+    from tuna_jax.data.templates import load_tokenizer
+    from tuna_jax.eval.common import emit_json
+    from tuna_jax.eval.tables import parse_sources, ranking_lengths, to_markdown
+
+    table = ranking_lengths(parse_sources(cfg.sources), load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
+    print(to_markdown(table), file=sys.stderr)
+    emit_json(table, cfg.out)
+    return 0
+
+
+COSTS_HELP = "Table 6: requests, tokens and USD of request stores"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Costs:
+    """Table 6 of the paper: what each stage's request store paid for (requests, prompt and completion tokens, the USD
+    recorded when they were made, and the USD at --price-input/--price-output); prints the Markdown table, writes
+    --out (JSON)."""
+
+    sources: list[str] = pos("request stores: NAME=STORE (OUT.store.jsonl, or a pipeline's stores/STAGE.jsonl)",
+                        nargs="+", metavar="NAME=STORE")
+    price_input: float | None = arg(None, "USD per 1M prompt tokens, to price every store alike")
+    price_output: float | None = arg(None, "USD per 1M completion tokens")
+    out: str | None = arg(None, "also write the JSON table here", metavar="OUT.json")
+
+
+def run_costs(cfg: Costs) -> int:
+    from tuna_jax.eval.common import emit_json
+    from tuna_jax.eval.tables import api_costs, parse_sources, to_markdown
+
+    table = api_costs(parse_sources(cfg.sources), cfg.price_input, cfg.price_output)
+    print(to_markdown(table), file=sys.stderr)
+    emit_json(table, cfg.out)
+    return 0

@@ -33,6 +33,7 @@ import json
 
 from tuna_jax.commands import judge, prm, sample_diverse, teacher
 from tuna_jax.config import ConfigError, load_config
+from tuna_jax.eval.tables import Source
 from tuna_jax.io import paths
 from tuna_jax.pipeline import heldout
 from tuna_jax.pipeline.stage import Kind, StageFailed, StageRun, command_kind, dataclass_kind
@@ -252,6 +253,52 @@ def _run_reference_scores(p: ReferenceScoresStage, stage: StageRun) -> dict:
     return {"scored": n}
 
 
+@dataclasses.dataclass
+class RankingsTableStage:
+    """Table 4 (``tuna-jax eval rankings``): the mean response length at each rank of each ranking file."""
+
+    sources: list[Source]
+    tokenizer: str | None = None
+
+
+def _run_rankings_table(p: RankingsTableStage, stage: StageRun) -> dict:
+    from tuna_jax.data.templates import load_tokenizer
+    from tuna_jax.eval.tables import ranking_lengths
+
+    return _write_table(ranking_lengths(p.sources, load_tokenizer(p.tokenizer) if p.tokenizer else None), stage)
+
+
+@dataclasses.dataclass
+class CostsTableStage:
+    """Table 6 (``tuna-jax eval costs``): what the request store of the stage that made each file paid for (a file no
+    stage of this pipeline made is read as a store itself)."""
+
+    sources: list[Source]
+    price_input: float | None = None
+    price_output: float | None = None
+
+
+def _run_costs_table(p: CostsTableStage, stage: StageRun) -> dict:
+    from tuna_jax.eval.tables import api_costs
+
+    stores = []
+    for src in p.sources:
+        made_by = stage.plan.produced.get(src.path)
+        path = paths.join(stage.plan.output_dir, "stores", f"{made_by[0]}.jsonl") if made_by else src.path
+        stores.append(Source(src.name, path))
+    return _write_table(api_costs(stores, p.price_input, p.price_output), stage)
+
+
+def _write_table(table: dict, stage: StageRun) -> dict:
+    from tuna_jax.eval.tables import to_markdown
+    from tuna_jax.io.jsonl import dumps
+
+    paths.write_atomic(stage.out("report"), to_markdown(table))
+    paths.write_atomic(paths.join(stage.dir, "table.json"), dumps(table) + "\n")
+    stage.say("\n" + to_markdown(table))
+    return {"rows": len(table["rows"])}
+
+
 # ---- the registry ----------------------------------------------------------------------------------
 
 _TRAIN_COSMETIC = ("name", "description", "train.output_dir", "train.progress", "train.tensorboard",
@@ -290,6 +337,11 @@ def _kinds() -> dict[str, Kind]:
              _build_eval, dataclasses.asdict, _run_eval, input_fields=("models",), cosmetic=("output_dir", "source")),
         dataclass_kind("export", "a checkpoint as a Hugging Face folder", ExportStage, {"model": "hf"}, _run_export,
                        choices={"dtype": (None, "float32", "bfloat16", "float16")}, input_fields=("model", "like")),
+        dataclass_kind("rankings-table", "Table 4: mean response length at each rank of ranking files",
+                       RankingsTableStage, {"report": "table.md"}, _run_rankings_table,
+                       input_fields=("sources", "tokenizer")),
+        dataclass_kind("costs-table", "Table 6: requests, tokens and USD of the stages that made these files",
+                       CostsTableStage, {"report": "table.md"}, _run_costs_table, input_fields=("sources",)),
         *heldout.KINDS,
     ]
     return {k.name: k for k in kinds}

@@ -26,9 +26,11 @@ def _required(cls) -> tuple[list[str], dict]:
     for f in dataclasses.fields(cls):
         if default_of(f) is not MISSING:
             continue
-        tp = next(a for a in (*typing.get_args(hints[f.name]), hints[f.name]) if a in PLACEHOLDER)
+        hint = hints[f.name]
+        many = typing.get_origin(hint) is list  # nargs="+": one value
+        tp = next(a for a in (*typing.get_args(hint), hint) if a in PLACEHOLDER)
         text = f.metadata["choices"][0] if "choices" in f.metadata else PLACEHOLDER[tp]
-        given[f.name] = tp(text)
+        given[f.name] = [tp(text)] if many else tp(text)
         flag = f.metadata.get("flags", ("--" + f.name.replace("_", "-"),))[0]
         argv += [text] if f.metadata.get("positional") else [flag, text]
     return argv, given

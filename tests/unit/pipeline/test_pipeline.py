@@ -341,3 +341,32 @@ def test_objectives_pipeline_trains_every_form_like_its_control(tmp_path):
     evaluation = plan.instances["objectives"].params
     assert all(control_row == "control-p" for _, control_row in evaluation.compare)
     assert {m for m, _ in evaluation.compare} == set(evaluation.models) - {"alpaca", "control-p"}
+
+
+def test_data_tables_of_a_run_with_a_paid_stage(tmp_path, monkeypatch):
+    """Table 4 and Table 6 as stages: the teacher (a real HTTP server on 127.0.0.1) ranks 3 instructions; the
+    rankings table counts its records, the costs table reads the teacher stage's request store."""
+    from tests.support.openai_server import OpenAIServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-tables-0123456789")
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": f"say {w}", "input": "", "output": w}
+                                                      for w in ("a", "b", "c")])
+    with OpenAIServer(api_key="sk-test-tables-0123456789") as srv:
+        text = f"""\
+output_dir: {tmp_path / "out"}
+stages:
+  teacher: {{kind: teacher, input: "{alpaca}", base_url: "{srv.base_url}", model: m, n: 2, max_tokens: 8,
+            price_input: 1.0, price_output: 2.0}}
+  table_4: {{kind: rankings-table, sources: [{{name: teacher, path: "${{teacher.data}}"}}]}}
+  table_6: {{kind: costs-table, sources: [{{name: teacher, path: "${{teacher.data}}"}}]}}
+"""
+        _, steps, _ = run_pipeline(write_pipeline(tmp_path / "p.yaml", text), progress=False)
+        sent = srv.count()
+    assert [s.id for s in steps] == ["teacher", "table_4", "table_6"]
+    t4 = json.loads((tmp_path / "out" / "table_4" / "table.json").read_text())
+    assert t4["rows"][0]["records"] == 3 and t4["rows"][0]["n"] == [3, 3]
+    t6 = json.loads((tmp_path / "out" / "table_6" / "table.json").read_text())
+    (row,) = t6["rows"]
+    assert row["path"] == str(tmp_path / "out" / "stores" / "teacher.jsonl") and row["requests"] == sent == 3
+    assert row["usd_recorded"] == pytest.approx((row["prompt_tokens"] + 2 * row["completion_tokens"]) / 1e6)
+    assert (tmp_path / "out" / "table_6" / "table.md").read_text().startswith("| stage | requests")

@@ -1,0 +1,140 @@
+"""The paper's data tables from the files a run made: the length of the responses at each rank of each ranking source
+(Table 4: do rankers prefer longer answers?) and the API cost of each stage that called a paid endpoint (Table 6),
+read from its request store. `tuna-jax eval rankings NAME=FILE ...` and `tuna-jax eval costs NAME=STORE ...`; the
+pipeline's `table_4` / `table_6` stages. Each table is Markdown and JSON, every number with its n.
+
+What is counted, and the units: docs/evaluation.md#data-tables.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Sequence
+
+from tuna_jax.io.errors import InputError
+
+
+@dataclasses.dataclass
+class Source:
+    """One row of a table: its label and its file (ranking records, or a request store)."""
+
+    name: str
+    path: str
+
+
+def parse_sources(items: Sequence[str]) -> list[Source]:
+    """``NAME=PATH`` arguments (a bare PATH is named by itself)."""
+    out = []
+    for item in items:
+        name, eq, path = item.partition("=")
+        out.append(Source(name, path) if eq else Source(item, item))
+    if not out:
+        raise InputError("give at least one NAME=FILE")
+    return out
+
+
+def _ranked(where: str, row) -> list[str]:
+    """The candidates of one ranking record, best first (by ``scores`` when given: stable, so ties keep file order)."""
+    if not isinstance(row, dict) or not isinstance(row.get("candidates"), list) or not row["candidates"]:
+        raise InputError(f"{where}: not a ranking record (a non-empty 'candidates' list)")
+    cands, scores = row["candidates"], row.get("scores")
+    if not all(isinstance(c, str) for c in cands):
+        raise InputError(f"{where}: field 'candidates' must be a list of strings")
+    if scores is None:
+        return list(cands)
+    if not isinstance(scores, list) or len(scores) != len(cands) or \
+            not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+        raise InputError(f"{where}: field 'scores' must be one number per candidate")
+    order = sorted(range(len(cands)), key=lambda k: -scores[k])
+    return [cands[k] for k in order]
+
+
+def ranking_lengths(sources: Sequence[Source], tokenizer=None) -> dict:
+    """Table 4: for each source, the mean length of its rank-k responses (k = 1 best), in words (whitespace) and,
+    with a ``data.templates.Tokenizer``, in tokens; ``n`` at each rank is the number of records with a k-th one."""
+    from tuna_jax.data.records import iter_rows
+
+    rows = []
+    for src in sources:
+        words: list[list[int]] = []
+        tokens: list[list[int]] = []
+        records = 0
+        for where, row in iter_rows(src.path):
+            if isinstance(row, Exception):
+                raise row
+            ranked = _ranked(where, row)
+            records += 1
+            for k, text in enumerate(ranked):
+                while len(words) <= k:
+                    words.append([])
+                    tokens.append([])
+                words[k].append(len(text.split()))
+                if tokenizer is not None:
+                    tokens[k].append(len(tokenizer.encode(text)))
+        if not records:
+            raise InputError(f"{src.path}: no ranking records")
+        row = {"name": src.name, "path": src.path, "records": records, "n": [len(w) for w in words],
+               "words": [sum(w) / len(w) for w in words]}
+        if tokenizer is not None:
+            row["tokens"] = [sum(t) / len(t) for t in tokens]
+        rows.append(row)
+    return {"table": "ranking lengths", "unit": "tokens" if tokenizer is not None else "words", "rows": rows}
+
+
+def api_costs(sources: Sequence[Source], price_input: float | None = None, price_output: float | None = None) -> dict:
+    """Table 6: for each request store, the HTTP requests it paid for (every line: answered, unusable or failed),
+    their prompt and completion tokens, the USD recorded when they were made and, with prices (USD per 1M tokens),
+    the USD at those prices."""
+    rows = []
+    for src in sources:
+        counts = {"ok": 0, "invalid": 0, "error": 0}
+        pt = ct = 0
+        usd = 0.0
+        try:
+            lines = open(src.path, encoding="utf-8").read().splitlines()
+        except FileNotFoundError:
+            raise InputError(f"{src.path}: no such request store") from None
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                status, usage = rec["status"], rec.get("usage") or {}
+            except (ValueError, KeyError, TypeError):
+                if n == len(lines):  # a torn last line: the store itself skips it
+                    continue
+                raise InputError(f"{src.path}:{n}: not a request-store line") from None
+            counts[status] = counts.get(status, 0) + 1
+            pt += int(usage.get("prompt_tokens") or 0)
+            ct += int(usage.get("completion_tokens") or 0)
+            usd += float(rec.get("cost_usd") or 0.0)
+        row = {"name": src.name, "path": src.path, "requests": sum(counts.values()), **counts, "prompt_tokens": pt,
+               "completion_tokens": ct, "usd_recorded": usd}
+        if price_input is not None or price_output is not None:
+            row["usd_at_prices"] = (pt * (price_input or 0.0) + ct * (price_output or 0.0)) / 1e6
+        rows.append(row)
+    return {"table": "api costs", "rows": rows}
+
+
+def to_markdown(table: dict) -> str:
+    """The table in Markdown, each number with its n."""
+    rows = table["rows"]
+    if table["table"] == "ranking lengths":
+        unit = table["unit"]
+        ranks = max(len(r["n"]) for r in rows)
+        head = "| source | records | " + " | ".join(f"rank {k + 1} ({unit})" for k in range(ranks)) + " |"
+        lines = [head, "|" + "---|" * (ranks + 2)]
+        for r in rows:
+            means = r.get("tokens", r["words"])
+            cells = [f"{means[k]:.1f} (n={r['n'][k]})" if k < len(means) else "" for k in range(ranks)]
+            lines.append(f"| {r['name']} | {r['records']} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+    priced = any("usd_at_prices" in r for r in rows)
+    head = "| stage | requests (ok / unusable / failed) | prompt tokens | completion tokens | USD recorded |"
+    lines = [head + (" USD at the given prices |" if priced else ""),
+             "|---|---|---|---|---|" + ("---|" if priced else "")]
+    for r in rows:
+        line = (f"| {r['name']} | {r['requests']} ({r['ok']} / {r['invalid']} / {r['error']}) | {r['prompt_tokens']} | "
+                f"{r['completion_tokens']} | {r['usd_recorded']:.4f} |")
+        lines.append(line + (f" {r.get('usd_at_prices', 0.0):.4f} |" if priced else ""))
+    return "\n".join(lines) + "\n"
