@@ -22,7 +22,7 @@ import threading
 from typing import Any, Callable
 
 from tuna_jax.io.diskfull import DiskFull, HideWriterThreadTracebacks
-from tuna_jax.io.errors import InputError, RunStopped
+from tuna_jax.io.errors import InputError, RunStopped, ServiceError
 from tuna_jax.io.items import ServerFault, StopRun
 from tuna_jax.io.lock import OutputBusyError
 
@@ -46,13 +46,12 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """The error classes users meet. InputError covers bad files, stores (StoreError) and checkpoints;
+    """The error classes users meet. InputError covers bad files, stores (StoreError) and checkpoints; ServiceError
+    an endpoint that failed after its retries;
     ValueError bad options; OSError missing files, full disks, permissions; SafetensorError a damaged
     weights file."""
-    from tuna_jax.llm_api.client import APIError  # an endpoint that failed after its retries: the message says why
-
     errors: list[type[BaseException]] = [InputError, ValueError, OSError, KeyError, OutputBusyError, StopRun,
-                                         APIError]
+                                         ServiceError]
     try:  # imported here, not at module level: safetensors is not needed for `--help`
         from safetensors import SafetensorError
         errors.append(SafetensorError)

@@ -32,6 +32,11 @@ class InputError(ValueError):
         super().__init__(loc + str(message))
 
 
+class ServiceError(RuntimeError):
+    """A remote service (an LLM endpoint) that failed for good, after its retries; ``str(e)`` says why in one line
+    the CLI prints as it is. Raised as ``llm_api.client.APIError``."""
+
+
 class RunStopped(RuntimeError):
     """A run that stopped on purpose or could not go on, with its exit status: the CLI and the pipeline
     print ``str(e)`` as one line and exit with ``exit_status`` (e.g. 128 + N for signal N, 3 for a

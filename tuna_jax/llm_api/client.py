@@ -35,6 +35,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Mapping, Sequence
 
+from tuna_jax.io.errors import ServiceError
+
 from .replies import ReplyError
 from .store import BudgetExceeded, FatalRunError, Store, content_key
 
@@ -91,7 +93,7 @@ class _Secret:
     __str__ = __repr__
 
 
-class APIError(RuntimeError):
+class APIError(ServiceError):
     """A request that failed for good. Message and attributes never contain the API key.
 
     Attributes: url (str), status (int | None, HTTP status), kind ("http" | "timeout" | "connection" |
