@@ -100,6 +100,7 @@ class DataConfig:
     truncate: str = "left_prompt"  # left_prompt | drop; the response's EOS is never cut
     on_error: str = "raise"  # raise | skip (counted and reported)
     beta: float = 1.3  # length exponent when importing probabilistic-ranking files
+    rescore_beta: float | None = None  # score the teacher's records again, logprobs / num_tokens ** this (Table 5)
     pad_to_multiple: int = 64  # batch length = longest in the global batch, rounded up; 0: one shape per run
     layout: str = "auto"  # auto | padded | prefix_shared | packed (data/layouts.py); all give the same losses
     row_len: int = 0  # packed row length in tokens (>= max_len); 0: max_len. Longer groups are split, prompt repeated

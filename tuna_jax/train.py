@@ -178,7 +178,8 @@ def tokenize_source(path, cfg: Config, tok, policy, report=None, max_examples: i
     kind = obj.records
     records = []
     for source in [path] if isinstance(path, str) else list(path):
-        got, report = read_records(source, kind=kind, on_error=d.on_error, format=d.format, beta=d.beta, report=report)
+        got, report = read_records(source, kind=kind, on_error=d.on_error, format=d.format, beta=d.beta, report=report,
+                                   rescore_beta=d.rescore_beta)
         records += got
     if max_examples is not None and len(records) > max_examples:
         keep = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(records))[:max_examples])

@@ -387,9 +387,15 @@ def parse_sft(row: Any, where: str, report: SkipReport) -> SFTRecord:
         id=_row_id(row, where, where), prompt=prompt, source=where)
 
 
-def parse_native(row: Any, where: str, report: SkipReport) -> RankingRecord:
+def parse_native(row: Any, where: str, report: SkipReport, rescore_beta: float | None = None) -> RankingRecord:
+    """``rescore_beta``: score the candidates again, s = logprobs / num_tokens ** beta, from the teacher's columns
+    (the beta study: one teacher run, rankings for any beta)."""
     row = _as_dict(row, where)
     cands = _str_list(row, "candidates", where)
+    if rescore_beta is not None:
+        lps, lens = candidate_logprobs(row, where, len(cands), "logprobs", "num_tokens", required=True)
+        row = {k: v for k, v in row.items() if k not in ("scores", "ranks")}
+        row["scores"] = [lp / n ** rescore_beta for lp, n in zip(lps, lens)]
     if "scores" in row and "ranks" in row:
         raise DataError(where, "scores", "give scores or ranks, not both", reason="ambiguous")
     if "ranks" in row:
@@ -537,13 +543,14 @@ def detect_ranking_format(row: Any) -> Optional[str]:
 
 def read_records(path: str | dict, kind: str = "sft", on_error: str = "raise", *, format: str = "auto",
                  beta: float = 1.3, include_judge_response: bool = False, strip_responses: bool = True,
-                 report: Optional[SkipReport] = None) -> tuple[list, SkipReport]:
+                 report: Optional[SkipReport] = None, rescore_beta: float | None = None) -> tuple[list, SkipReport]:
     """Read SFT or ranking records from ``path``.
 
     kind: "sft" -> SFTRecord, "ranking" -> RankingRecord. on_error: "raise" (DataError at the first
     bad row) or "skip" (count it in the report and go on). format: "auto" or one of
     ``RANKING_FORMATS`` (ranking only). beta: length-normalisation exponent of the probabilistic
-    importer. strip_responses: strip whitespace around imported teacher/model responses
+    importer. rescore_beta: native records scored again from their teacher columns (``parse_native``).
+    strip_responses: strip whitespace around imported teacher/model responses
     (probabilistic and contextual formats only). ``path`` may be a mapping ``{path, select}``: only the
     selected rows are read (``data/select.py``: ``first:N``, ``last:N``, ``range:A:B``). Returns
     ``(records, report)``.
@@ -574,7 +581,7 @@ def read_records(path: str | dict, kind: str = "sft", on_error: str = "raise", *
                         raise DataError(where, None, f"unrecognised ranking row (keys {keys}); expected "
                                         f"one of the formats {RANKING_FORMATS}", reason="format")
                 if fmt == "native":
-                    rec = parse_native(row, where, report)
+                    rec = parse_native(row, where, report, rescore_beta)
                 elif fmt == "reference":
                     rec = parse_reference(row, where, report)
                     if ref_n is None:

@@ -1,7 +1,8 @@
 """The paper's data tables from the files a run made: the length of the responses at each rank of each ranking source
-(Table 4: do rankers prefer longer answers?) and the API cost of each stage that called a paid endpoint (Table 6),
-read from its request store. `tuna-jax eval rankings NAME=FILE ...` and `tuna-jax eval costs NAME=STORE ...`; the
-pipeline's `table_4` / `table_6` stages. Each table is Markdown and JSON, every number with its n.
+(Table 4: do rankers prefer longer answers?), the API cost of each stage that called a paid endpoint (Table 6), read
+from its request store, and the token-level log-likelihood of a dataset's responses under each model (Table 5, the
+beta study on LIMA). `tuna-jax eval rankings NAME=FILE ...` and `tuna-jax eval costs NAME=STORE ...`; the
+pipeline's `table_4` / `table_6` / `table_5` stages. Each table is Markdown and JSON, every number with its n.
 
 What is counted, and the units: docs/evaluation.md#data-tables.
 """
@@ -116,9 +117,54 @@ def api_costs(sources: Sequence[Source], price_input: float | None = None, price
     return {"table": "api costs", "rows": rows}
 
 
+def response_rows(path: str) -> list[dict]:
+    """The (instruction, input, response) rows of a dataset to score: Alpaca rows ``{instruction, input?, output}`` or
+    LIMA rows ``{conversations: [prompt, response, ...]}`` (its first exchange), as ``score`` input lines
+    ``{instruction, input, candidates: [response]}``."""
+    from tuna_jax.data.records import iter_rows
+
+    out = []
+    for where, row in iter_rows(path):
+        if isinstance(row, Exception):
+            raise row
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        if "conversations" in row:
+            conv = row["conversations"]
+            if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(t, str) for t in conv[:2]):
+                raise InputError(f"{where}: field 'conversations' must start with a prompt and a response")
+            ins, inp, out_text = conv[0], "", conv[1]
+        else:
+            ins, inp, out_text = row.get("instruction"), row.get("input") or "", row.get("output")
+            if not isinstance(ins, str) or not isinstance(out_text, str) or not isinstance(inp, str):
+                raise InputError(f"{where}: expected {{instruction, input?, output}} or {{conversations}} text")
+        if not out_text.strip():
+            raise InputError(f"{where}: the response is empty")
+        out.append({"instruction": ins, "input": inp, "candidates": [out_text]})
+    if not out:
+        raise InputError(f"{path}: no rows")
+    return out
+
+
+def likelihood_row(name: str, path: str, scored: Sequence[dict]) -> dict:
+    """Table 5's row of one model from its ``score`` output lines: the summed log-probability of every response
+    (+ EOS) over their summed tokens (nats per token), and the mean over responses of each one's per-token mean."""
+    lp = sum(line["logprob_sum"][0] for line in scored)
+    tokens = sum(line["num_tokens"][0] for line in scored)
+    per = [line["logprob_sum"][0] / line["num_tokens"][0] for line in scored]
+    return {"name": name, "path": path, "responses": len(scored), "tokens": tokens,
+            "logprob_per_token": lp / tokens, "mean_of_response_means": sum(per) / len(per)}
+
+
 def to_markdown(table: dict) -> str:
     """The table in Markdown, each number with its n."""
     rows = table["rows"]
+    if table["table"] == "log-likelihood":
+        lines = ["| model | responses | tokens | log p per token (nats) | mean of per-response means |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['responses']} | {r['tokens']} | {r['logprob_per_token']:.4f} | "
+                  f"{r['mean_of_response_means']:.4f} |" for r in rows]
+        return "\n".join(lines) + "\n"
     if table["table"] == "ranking lengths":
         unit = table["unit"]
         ranks = max(len(r["n"]) for r in rows)

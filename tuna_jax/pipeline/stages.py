@@ -222,18 +222,25 @@ def _run_mix(p: MixStage, stage: StageRun) -> dict:
     return {"rows": counts}
 
 
-@dataclasses.dataclass
-class ReferenceScoresStage:
-    """``tuna-jax score MODEL DATA`` then ``tuna-jax reference-scores``: the ranking rows of ``data`` with the
-    frozen starting model's candidate log-likelihoods attached, for ``loss.reference: data``."""
+@dataclasses.dataclass(kw_only=True)
+class Scoring:
+    """How a stage runs ``tuna-jax score``'s scorer: tokenizer (default: the model's), rows per forward pass, the
+    longest prompt + response, compute dtype, device mesh."""
 
-    model: str
-    data: str
     tokenizer: str | None = None
     batch_size: int = 8
     max_len: int | None = None
     dtype: str = "float32"
     mesh: str | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class ReferenceScoresStage(Scoring):
+    """``tuna-jax score MODEL DATA`` then ``tuna-jax reference-scores``: the ranking rows of ``data`` with the
+    frozen starting model's candidate log-likelihoods attached, for ``loss.reference: data``."""
+
+    model: str
+    data: str
 
 
 def _run_reference_scores(p: ReferenceScoresStage, stage: StageRun) -> dict:
@@ -289,6 +296,37 @@ def _run_costs_table(p: CostsTableStage, stage: StageRun) -> dict:
     return _write_table(api_costs(stores, p.price_input, p.price_output), stage)
 
 
+@dataclasses.dataclass(kw_only=True)
+class LikelihoodTableStage(Scoring):
+    """Table 5 (the beta study): the token-level log-likelihood of ``data``'s responses (LIMA's training set: Alpaca
+    rows or LIMA's ``conversations``) under each model, by ``tuna-jax score``'s exact scorer."""
+
+    models: list[Source]
+    data: str
+
+
+def _run_likelihood_table(p: LikelihoodTableStage, stage: StageRun) -> dict:
+    from tuna_jax import parallel
+    from tuna_jax.eval.tables import likelihood_row, response_rows
+    from tuna_jax.io.jsonl import dumps
+    from tuna_jax.model import load_model
+    from tuna_jax.scoring import make_candidate_encoder, read_lines, score_file
+
+    lines = paths.join(stage.dir, "responses.jsonl")
+    paths.write_atomic(lines, "".join(dumps(r) + "\n" for r in response_rows(p.data)))
+    parallel.initialize_distributed()
+    mesh = parallel.make_mesh(p.mesh)
+    rows = []
+    for m in p.models:
+        model = load_model(m.path, mesh, dtype=p.dtype, param_dtype="float32")
+        out = paths.join(stage.dir, f"scores-{len(rows)}.jsonl")
+        score_file(model, lines, out, encoder=make_candidate_encoder(p.tokenizer or m.path), mesh=mesh,
+                   batch_rows=p.batch_size, max_len=p.max_len, lines=read_lines(lines), progress=stage.progress)
+        rows.append(likelihood_row(m.name, m.path, [json.loads(x) for x in paths.read_text(out).splitlines()
+                                                    if x.strip()]))
+    return _write_table({"table": "log-likelihood", "data": p.data, "rows": rows}, stage)
+
+
 def _write_table(table: dict, stage: StageRun) -> dict:
     from tuna_jax.eval.tables import to_markdown
     from tuna_jax.io.jsonl import dumps
@@ -342,6 +380,9 @@ def _kinds() -> dict[str, Kind]:
                        input_fields=("sources", "tokenizer")),
         dataclass_kind("costs-table", "Table 6: requests, tokens and USD of the stages that made these files",
                        CostsTableStage, {"report": "table.md"}, _run_costs_table, input_fields=("sources",)),
+        dataclass_kind("likelihood-table", "Table 5: token-level log-likelihood of a dataset under each model",
+                       LikelihoodTableStage, {"report": "table.md"}, _run_likelihood_table,
+                       choices={"dtype": ("float32", "bfloat16")}, input_fields=("models", "data", "tokenizer")),
         *heldout.KINDS,
     ]
     return {k.name: k for k in kinds}

@@ -259,3 +259,20 @@ def test_identical_candidates_are_ties_and_counted(tmp_path):
         assert float(value) == pytest.approx(np.log(3.0) if form == "infonca" else 0.0, abs=1e-6), form
         assert np.abs(np.asarray(grad)).max() <= 1e-7, form
     assert np.asarray(pair_accuracy(v, target, mask)[1]).tolist() == [0.0]
+
+
+def test_rescore_beta_ranks_the_teachers_records_again(tmp_path):
+    """The beta study (Table 5): s = logprobs / num_tokens ** beta from the teacher's columns, whatever the file's
+    scores say; a record without those columns is an error naming its line."""
+    row = {"instruction": "i", "output": "o", "candidates": ["short", "long"], "scores": [0.0, 0.0],
+           "logprobs": [-10.0, -12.0], "num_tokens": [10, 20]}
+    path = tmp_path / "teacher.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    for beta, want in ((0.0, [-10.0, -12.0]), (1.0, [-1.0, -0.6]), (1.3, [-10.0 / 10 ** 1.3, -12.0 / 20 ** 1.3])):
+        (rec,), _ = read_records(str(path), kind="ranking", rescore_beta=beta)
+        assert rec.scores == pytest.approx(want)
+    (rec,), _ = read_records(str(path), kind="ranking")
+    assert rec.scores == [0.0, 0.0]  # without it, the file's scores
+    path.write_text(json.dumps({k: v for k, v in row.items() if k != "num_tokens"}) + "\n")
+    with pytest.raises(DataError, match=r"teacher\.jsonl:1: field 'num_tokens': missing field"):
+        read_records(str(path), kind="ranking", rescore_beta=1.0)

@@ -370,3 +370,43 @@ stages:
     assert row["path"] == str(tmp_path / "out" / "stores" / "teacher.jsonl") and row["requests"] == sent == 3
     assert row["usd_recorded"] == pytest.approx((row["prompt_tokens"] + 2 * row["completion_tokens"]) / 1e6)
     assert (tmp_path / "out" / "table_6" / "table.md").read_text().startswith("| stage | requests")
+
+
+@pytest.mark.slow
+def test_likelihood_table_equals_a_pytorch_forward(tmp_path):
+    """Table 5 as a stage: LIMA-format and Alpaca-format rows, the log-likelihood of each response (+ EOS) under
+    stories260K, held to transformers' PyTorch forward of the same tokens."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from tuna_jax.assets import stories260k_hf_dir
+    from tuna_jax.data.templates import SpecialTokenPolicy, encode_prompt, format_prompt, load_tokenizer
+
+    model = str(stories260k_hf_dir())
+    rows = [{"conversations": ["Tell me about a cat.", "The cat sat on the mat.", "and more"]},
+            {"instruction": "Name a bird.", "input": "", "output": "A little bird sang."}]
+    data = write_jsonl(tmp_path / "lima.jsonl", rows)
+    text = f"""\
+output_dir: {tmp_path / "out"}
+stages:
+  table_5: {{kind: likelihood-table, data: "{data}",
+            models: [{{name: a, path: "{model}"}}, {{name: b, path: "{model}"}}]}}
+"""
+    run_pipeline(write_pipeline(tmp_path / "p.yaml", text), progress=False)
+    table = json.loads((tmp_path / "out" / "table_5" / "table.json").read_text())
+    a, b = table["rows"]
+    tok = load_tokenizer(model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    lp, n = 0.0, 0
+    for ins, resp in (("Tell me about a cat.", "The cat sat on the mat."), ("Name a bird.", "A little bird sang.")):
+        prompt = encode_prompt(tok, format_prompt(ins, ""), SpecialTokenPolicy())
+        target = tok.encode_continuation(resp) + [tok.eos_id]
+        ids = torch.tensor([prompt + target])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0].double(), -1).numpy()
+        lp += sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(target))
+        n += len(target)
+    assert (a["responses"], a["tokens"]) == (2, n) and a == {**b, "name": "a"}
+    np.testing.assert_allclose(a["logprob_per_token"], lp / n, rtol=1e-4)
+    assert "| a | 2 |" in (tmp_path / "out" / "table_5" / "table.md").read_text()
