@@ -86,6 +86,12 @@ def test_paper_pipeline_data_flow(tmp_path):
                                                "lambda-10"]
     assert [m.name for m in p["table_8"].params.models][2:] == ["prm-3b-39k", "prm-7b-39k", "prm-3b-52k",
                                                                 "prm-7b-52k"]
+    # A stage's generation can go to a serving engine started outside the pipeline: the stage names its URL.
+    served = load_plan(str(PIPELINES / "paper.yaml"), [f"output_dir={tmp_path}",
+                                                       "stages.alpaca_samples.base_url=http://127.0.0.1:8000/v1",
+                                                       "stages.alpaca_samples.n_per_request=1"])
+    got = served.instances["alpaca_samples"].params
+    assert (got.base_url, got.n_per_request, got.served_model) == ("http://127.0.0.1:8000/v1", 1, None)
     # Each variant's file runs just what its model needs.
     variant = load_plan(str(PIPELINES / "tuna_cp_39k.yaml"))
     assert variant.until == ["tuna_cp_39k_hf"]
