@@ -221,6 +221,7 @@ LIMITS = {
     ("data", "max_len"): at_least(2),
     ("data", "num_candidates"): at_least(1),
     ("data", "beta"): at_least(0),
+    ("data", "rescore_beta"): at_least(0),
     ("data", "pad_to_multiple"): at_least(0),
     ("data", "row_len"): at_least(0),
     ("data", "shape_buckets"): at_least(1),

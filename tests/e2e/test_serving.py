@@ -3,7 +3,8 @@
 `generate --base-url` at temperature 0 writes what `tuna-jax generate` writes, token for token (the server counts the
 same prompt and completion tokens, and the texts are equal); `sample-diverse --base-url` writes the local sampler's
 record format and counters, and a rerun sends nothing; a server that ignores `n` (this one does) stops at the first
-prompt with the fix in one line; `eval run` with ``generation.base_url`` writes the local sampler's predictions;
+prompt with the fix in one line; `eval run` with ``generation.base_url`` sends the local prompts and records the
+server's answers;
 `judge` goes through the chat API end to end (a 260K-parameter story model cannot rank, so every record fails, by
 cause, with the replies kept)."""
 from __future__ import annotations
@@ -78,32 +79,39 @@ def test_generate_greedy_equals_local_sampler_token_for_token(served, tmp_path, 
     assert _read(out) == remote and len(open(out + ".store.jsonl").readlines()) == len(PROMPTS)
 
 
+# What the local sampler writes (tests/unit/feedback/test_diverse.py holds it to the procedure): a record's fields and
+# its diversity record's, and OUT.report.json's counters.
+RECORD_KEYS = ["id", "instruction", "input", "output", "candidates", "diversity"]
+DIVERSITY_KEYS = ["mode", "trials", "resampled", "temperature", "kept_trial", "max_pairwise_rougeL",
+                  "mean_pairwise_rougeL", "fallback"]
+
+
 def test_sample_diverse_served_has_the_local_format_and_a_rerun_sends_nothing(served, tmp_path, capsys):
+    from tuna_jax.feedback.diverse import DiverseReport
+
     model = str(stories260k_hf_dir())
     items = _write(tmp_path / "in.jsonl", [{"id": i, "instruction": f"Tell me about a {w}.", "output": w}
                                            for i, w in enumerate(["dog", "tree", "ball"])])
-    flags = ["--n", "2", "--max-new-tokens", "16", "--no-progress"]
-    assert cli(["sample-diverse", model, items, str(tmp_path / "local.jsonl"), *flags]) == 0
     out = str(tmp_path / "served.jsonl")
-    served_flags = [*flags, "--base-url", served.base_url, "--n-per-request", "1"]
-    assert cli(["sample-diverse", model, items, out, *served_flags]) == 0
+    flags = ["--n", "2", "--max-new-tokens", "16", "--no-progress", "--base-url", served.base_url,
+             "--n-per-request", "1"]
+    assert cli(["sample-diverse", model, items, out, *flags]) == 0
     first = capsys.readouterr().err
-    local, remote = _read(tmp_path / "local.jsonl"), _read(out)
-    assert [r["id"] for r in remote] == [0, 1, 2]
-    for a, b in zip(local, remote):
-        assert b.keys() == a.keys() and b["diversity"].keys() == a["diversity"].keys()
-        assert len(b["candidates"]) == 2 and all(isinstance(c, str) for c in b["candidates"])
-        assert b["output"] == a["output"] and b["diversity"]["mode"] == "similar"
-    rep_local = json.loads(open(str(tmp_path / "local.jsonl") + ".report.json").read())
+    remote = _read(out)
+    assert [r["id"] for r in remote] == [0, 1, 2] and [r["output"] for r in remote] == ["dog", "tree", "ball"]
+    for rec in remote:
+        assert list(rec) == RECORD_KEYS and list(rec["diversity"]) == DIVERSITY_KEYS
+        assert len(rec["candidates"]) == 2 and all(isinstance(c, str) for c in rec["candidates"])
+        assert rec["diversity"]["mode"] == "similar"
     rep = json.loads(open(out + ".report.json").read())
-    assert rep.keys() == rep_local.keys() and rep["items"] == 3 and rep["attempted"][0] == 3
+    assert rep == DiverseReport.from_records(remote, 3).to_json() and rep["items"] == 3 and rep["attempted"][0] == 3
     # One request per response: 2 for each item's first trial, 1 for each response a further trial resampled.
     assert "0 from cache" in first and 2 * 3 + rep["resampled"] == len(open(out + ".store.jsonl").readlines())
     # The rerun reads OUT (nothing to do) and sends nothing; a new OUT with the same store is answered by it.
-    assert cli(["sample-diverse", model, items, out, *served_flags]) == 0
+    assert cli(["sample-diverse", model, items, out, *flags]) == 0
     assert "0 sent" in capsys.readouterr().err and _read(out) == remote
     again = str(tmp_path / "again.jsonl")
-    assert cli(["sample-diverse", model, items, again, *served_flags, "--store", out + ".store.jsonl"]) == 0
+    assert cli(["sample-diverse", model, items, again, *flags, "--store", out + ".store.jsonl"]) == 0
     assert "0 sent" in capsys.readouterr().err and _read(again) == remote
 
 
@@ -119,33 +127,39 @@ def test_server_that_ignores_n_stops_at_the_first_prompt_with_the_fix(served, tm
     assert len(open(out + ".store.jsonl").readlines()) == 3 and not open(out).read()
 
 
-def test_eval_run_served_writes_the_local_predictions(served, tmp_path):
+def test_eval_run_served_sends_the_local_prompts(served, tmp_path):
+    """`eval run` with generation.base_url: each prediction is what the server answers to the prompt text of the
+    local job (same prompt hash), as `generate --base-url` gets it; the local sampler's equality with the server is
+    test_generate_greedy_equals_local_sampler_token_for_token's."""
+    from tuna_jax.eval import run as R
+
     ni = ni_checkout(tmp_path, [("task001_animals", "Keyword Tagging", "Name the animal", 3)])
     lm = tmp_path / "lmentry" / "data"
     lm.mkdir(parents=True)
     lmentry_task(lm, "bigger_number", True)
     model = str(stories260k_hf_dir())
-
-    def config(name, **generation):
-        cfg = {"output_dir": str(tmp_path / name), "models": [{"name": "m", "path": model}],
-               "generation": {"max_new_tokens": 12, **generation},
-               "superni": {"tasks": str(ni), "shots": [0, 2], "num_instances": 3},
-               "lmentry": {"data": str(tmp_path / "lmentry"), "allow_partial": True}}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return str(path)
-
-    assert cli(["eval", config("local"), "--no-progress"]) == 0
-    assert cli(["eval", config("served", base_url=served.base_url), "--no-progress"]) == 0
-    for bench in ("superni_0shot", "superni_2shot", "lmentry"):
-        ours = _read(tmp_path / "local" / "predictions" / "m" / f"{bench}.jsonl")
-        theirs = _read(tmp_path / "served" / "predictions" / "m" / f"{bench}.jsonl")
-        assert [r["id"] for r in theirs] == [r["id"] for r in ours] and len(ours) >= 3
-        for a, b in zip(ours, theirs):
-            assert (b["prediction"], b["num_tokens"], b["finish_reason"], b["prompt_sha1"]) == \
-                   (a["prediction"], a["num_tokens"], a["finish_reason"], a["prompt_sha1"])
-    assert json.loads((tmp_path / "local" / "local.json").read_text())["rows"][0]["superni_0shot"] == \
-           json.loads((tmp_path / "served" / "served.json").read_text())["rows"][0]["superni_0shot"]
+    path = tmp_path / "served.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "served"), "models": [{"name": "m", "path": model}],
+        "generation": {"max_new_tokens": 12, "base_url": served.base_url},
+        "superni": {"tasks": str(ni), "shots": [0, 2], "num_instances": 3},
+        "lmentry": {"data": str(tmp_path / "lmentry"), "allow_partial": True}}))
+    assert cli(["eval", str(path), "--no-progress"]) == 0
+    cfg = R.load_eval_config(path)
+    prompter = R._Prompter(cfg, cfg.models[0])
+    jobs = R._jobs(cfg, R._Data(cfg), prompter)
+    prompts = [{"id": f"{b}/{j.id}", "prompt": j.text} for b in jobs for j in jobs[b]]
+    gen = str(tmp_path / "generate.jsonl")
+    assert cli(["generate", model, _write(tmp_path / "p.jsonl", prompts), gen, "--temperature", "0",
+                "--max-new-tokens", "12", "--base-url", served.base_url]) == 0
+    answers = {r["id"]: r["samples"][0]["text"].strip() for r in _read(gen)}
+    for bench, bjobs in jobs.items():
+        theirs = {r["id"]: r for r in _read(tmp_path / "served" / "predictions" / "m" / f"{bench}.jsonl")}
+        assert len(theirs) == len(bjobs) >= 3
+        for j in bjobs:
+            assert theirs[j.id]["prompt_sha1"] == j.sha1 and theirs[j.id]["prediction"] == answers[f"{bench}/{j.id}"]
+            assert theirs[j.id]["num_tokens"] > 0
+    assert (tmp_path / "served" / "served.json").exists()
 
 
 def test_judge_through_the_chat_api(served, tmp_path, capsys):
@@ -158,16 +172,14 @@ def test_judge_through_the_chat_api(served, tmp_path, capsys):
     tok["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     (model / "tokenizer_config.json").write_text(json.dumps(tok))
     records = _write(tmp_path / "c.jsonl", [{"id": 1, "instruction": "Tell me about a dog.",
-                                             "candidates": ["A dog is a pet.", "Dogs bark.", "The dog sat."]},
-                                            {"id": 2, "instruction": "Name a color.",
-                                             "candidates": ["Red.", "Blue is a color.", "Green"]}])
+                                             "candidates": ["A dog is a pet.", "Dogs bark.", "The dog sat."]}])
     out = str(tmp_path / "ranked.jsonl")
-    status = cli(["judge", records, out, "--base-url", served.base_url, "--model", str(model), "--max-tokens", "24",
-                  "--max-parse-retries", "1", "--no-progress"])
+    status = cli(["judge", records, out, "--base-url", served.base_url, "--model", str(model), "--max-tokens", "16",
+                  "--max-parse-retries", "0", "--no-progress"])
     err = capsys.readouterr().err
-    assert status == 1 and "failed: 2 (parse_failed: 2)" in err
-    store = [json.loads(x) for x in open(out + ".store.jsonl")]
-    assert len(store) == 4 and {s["meta"]["path"] for s in store} == {"chat/completions"}
-    assert all(s["status"] == "invalid" and s["response"]["choices"][0]["message"]["content"] for s in store)
-    failed = _read(out + ".failed.jsonl")
-    assert [f["id"] for f in failed] == [1, 2] and all(len(f["replies"]) == 2 for f in failed)
+    assert status == 1 and "failed: 1 (parse_failed: 1)" in err
+    (store,) = [json.loads(x) for x in open(out + ".store.jsonl")]
+    assert store["meta"]["path"] == "chat/completions" and store["status"] == "invalid"
+    assert store["response"]["choices"][0]["message"]["content"]  # the server's reply, kept
+    (failed,) = _read(out + ".failed.jsonl")
+    assert failed["id"] == 1 and len(failed["replies"]) == 1

@@ -86,6 +86,17 @@ def test_paper_pipeline_data_flow(tmp_path):
                                                "lambda-10"]
     assert [m.name for m in p["table_8"].params.models][2:] == ["prm-3b-39k", "prm-7b-39k", "prm-3b-52k",
                                                                 "prm-7b-52k"]
+    # Table 5: Tuna_p per beta on the teacher's records scored again (1.3 is tuna_p); Tables 4 and 6 read the
+    # teacher's and the judges' files.
+    betas = {i: p[i].params for i in p if i.startswith("tuna_p_beta@")}
+    assert sorted(c.data.rescore_beta for c in betas.values()) == [0.5, 1.0, 1.5, 2.0]
+    assert all(c.data.train == p["tuna_p"].params.data.train for c in betas.values())
+    assert [m.name for m in p["table_5"].params.models] == ["alpaca-7b", "beta-0.5", "beta-1.0", "beta-1.3",
+                                                            "beta-1.5", "beta-2.0"]
+    assert [_producer(plan, s.path).id for s in p["table_4"].params.sources] == ["teacher", "alpaca_ranked",
+                                                                                "prm_3b_rest"]
+    assert [_producer(plan, s.path).id for s in p["table_6"].params.sources] == ["teacher", "alpaca_ranked",
+                                                                                "tuna_p_ranked"]
     # A stage's generation can go to a serving engine started outside the pipeline: the stage names its URL.
     served = load_plan(str(PIPELINES / "paper.yaml"), [f"output_dir={tmp_path}",
                                                        "stages.alpaca_samples.base_url=http://127.0.0.1:8000/v1",
@@ -396,12 +407,11 @@ def test_likelihood_table_equals_a_pytorch_forward(tmp_path):
     text = f"""\
 output_dir: {tmp_path / "out"}
 stages:
-  table_5: {{kind: likelihood-table, data: "{data}",
-            models: [{{name: a, path: "{model}"}}, {{name: b, path: "{model}"}}]}}
+  table_5: {{kind: likelihood-table, data: "{data}", models: [{{name: a, path: "{model}"}}]}}
 """
     run_pipeline(write_pipeline(tmp_path / "p.yaml", text), progress=False)
     table = json.loads((tmp_path / "out" / "table_5" / "table.json").read_text())
-    a, b = table["rows"]
+    (a,) = table["rows"]
     tok = load_tokenizer(model)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     lp, n = 0.0, 0
@@ -413,6 +423,6 @@ stages:
             logp = torch.log_softmax(hf(ids).logits[0].double(), -1).numpy()
         lp += sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(target))
         n += len(target)
-    assert (a["responses"], a["tokens"]) == (2, n) and a == {**b, "name": "a"}
+    assert (a["responses"], a["tokens"], a["name"]) == (2, n, "a")
     np.testing.assert_allclose(a["logprob_per_token"], lp / n, rtol=1e-4)
     assert "| a | 2 |" in (tmp_path / "out" / "table_5" / "table.md").read_text()
