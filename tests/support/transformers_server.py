@@ -40,7 +40,8 @@ class TransformersServer:
 
     def __enter__(self) -> "TransformersServer":
         self._log = tempfile.TemporaryFile("w+")
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+        # one thread: a 260K-parameter model gains nothing from more, and the suite's workers need the cores
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         forced = [str(self.folder)] if self.folder else []
         self.proc = subprocess.Popen([shutil.which("transformers"), "serve", *forced, "--host", "127.0.0.1",
                                       "--port", str(self.port), "--device", "cpu"],
