@@ -130,6 +130,9 @@ class Served(Retry, Budget):
     base_url: str | None = arg(None, "the server's API base URL including the version, e.g. "
                                "http://127.0.0.1:8000/v1 (vLLM, SGLang, TGI, llama.cpp, transformers serve); "
                                "requests are cached in --store", group=SERVED)
+    # Not the endpoint commands' OPENAI_API_KEY: an OpenAI key must not travel to a serving engine by default.
+    api_key_env: str = arg("", "name of the environment variable that holds the server's API key, if it wants one "
+                           "(default: no key is sent)", group=SERVED)
     served_model: str | None = arg(None, "model name as the server knows it (default: MODEL as given)",
                                    group=SERVED)
     n_per_request: int | None = arg(None, "responses per request; 1 for servers that ignore `n` (llama.cpp, "

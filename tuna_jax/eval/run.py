@@ -76,6 +76,7 @@ class GenerationSettings:
     add_bos: bool = True
     base_url: str | None = None  # generate with this OpenAI-compatible server (tuna_jax/serving.py)
     concurrency: int = 4  # its requests in flight
+    api_key_env: str = ""  # the variable holding its API key, if it wants one ("": none is sent)
 
 
 @dataclasses.dataclass
@@ -481,8 +482,9 @@ class _Generator:
         from tuna_jax.llm_api.store import Store
         from tuna_jax.serving import ServedSampler
 
-        client = OpenAIClient(ClientConfig(base_url=base_url, model=model,
-                                           concurrency=self.cfg.generation.concurrency))
+        g = self.cfg.generation
+        client = OpenAIClient(ClientConfig(base_url=base_url, model=model, concurrency=g.concurrency,
+                                           api_key_env=g.api_key_env))
         self.store = Store(os.path.join(self.cfg.output_dir, "predictions", self.spec.name, "requests.store.jsonl"))
         client.store = self.store
         self.sampler = ServedSampler(client, n_per_request=1)

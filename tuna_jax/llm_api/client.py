@@ -323,7 +323,7 @@ class OpenAIClient:
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._sem = threading.BoundedSemaphore(max(1, config.concurrency))
-        self._key = _Secret(os.environ.get(config.api_key_env))
+        self._key = _Secret(os.environ.get(config.api_key_env) if config.api_key_env else None)  # "": no key
         self.base_url = config.base_url.rstrip("/")
         if _url_credentials(self.base_url):
             raise ValueError(f"base_url {_strip_credentials(self.base_url)!r} has credentials in it; they would "
@@ -332,7 +332,7 @@ class OpenAIClient:
         if urllib.parse.urlsplit(self.base_url).scheme not in ("http", "https"):
             raise ValueError(f"base_url {config.base_url!r} must start with http:// or https:// "
                              f"(e.g. http://localhost:8000/v1)")
-        if not self._key and not _is_loopback(self.base_url):
+        if config.api_key_env and not self._key and not _is_loopback(self.base_url):
             logger.warning("no API key in $%s; sending requests to %s without an Authorization header",
                            config.api_key_env, self.base_url)
         self._proxy = _proxy_for(self.base_url)
