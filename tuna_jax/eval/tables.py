@@ -9,7 +9,6 @@ What is counted, and the units: docs/evaluation.md#data-tables.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Sequence
 
 from tuna_jax.io.errors import InputError
@@ -83,36 +82,24 @@ def ranking_lengths(sources: Sequence[Source], tokenizer=None) -> dict:
 
 
 def api_costs(sources: Sequence[Source], price_input: float | None = None, price_output: float | None = None) -> dict:
-    """Table 6: for each request store, the HTTP requests it paid for (every line: answered, unusable or failed),
-    their prompt and completion tokens, the USD recorded when they were made and, with prices (USD per 1M tokens),
-    the USD at those prices."""
+    """Table 6: for each request store, by the store's own accounting (``llm_api.store.Store``, as its budget and
+    summary count): the HTTP requests it sent, retries included; its distinct requests by their last status
+    (answered, unusable, failed); the prompt and completion tokens of the replies; the USD recorded when they were
+    made and, with prices (USD per 1M tokens), the USD at those prices."""
+    from tuna_jax.io import paths
+    from tuna_jax.llm_api.store import Store
+
     rows = []
     for src in sources:
-        counts = {"ok": 0, "invalid": 0, "error": 0}
-        pt = ct = 0
-        usd = 0.0
-        try:
-            lines = open(src.path, encoding="utf-8").read().splitlines()
-        except FileNotFoundError:
-            raise InputError(f"{src.path}: no such request store") from None
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                status, usage = rec["status"], rec.get("usage") or {}
-            except (ValueError, KeyError, TypeError):
-                if n == len(lines):  # a torn last line: the store itself skips it
-                    continue
-                raise InputError(f"{src.path}:{n}: not a request-store line") from None
-            counts[status] = counts.get(status, 0) + 1
-            pt += int(usage.get("prompt_tokens") or 0)
-            ct += int(usage.get("completion_tokens") or 0)
-            usd += float(rec.get("cost_usd") or 0.0)
-        row = {"name": src.name, "path": src.path, "requests": sum(counts.values()), **counts, "prompt_tokens": pt,
-               "completion_tokens": ct, "usd_recorded": usd}
+        if not paths.is_file(src.path):  # Store would make an empty one
+            raise InputError(f"{src.path}: no such request store")
+        with Store(src.path) as store:
+            row = {"name": src.name, "path": src.path, "requests": store.total_requests, **store.statuses(),
+                   "prompt_tokens": store.total_prompt_tokens, "completion_tokens": store.total_completion_tokens,
+                   "usd_recorded": store.total_cost_usd}
         if price_input is not None or price_output is not None:
-            row["usd_at_prices"] = (pt * (price_input or 0.0) + ct * (price_output or 0.0)) / 1e6
+            row["usd_at_prices"] = (row["prompt_tokens"] * (price_input or 0.0)
+                                    + row["completion_tokens"] * (price_output or 0.0)) / 1e6
         rows.append(row)
     return {"table": "api costs", "rows": rows}
 
@@ -176,11 +163,12 @@ def to_markdown(table: dict) -> str:
             lines.append(f"| {r['name']} | {r['records']} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
     priced = any("usd_at_prices" in r for r in rows)
-    head = "| stage | requests (ok / unusable / failed) | prompt tokens | completion tokens | USD recorded |"
+    head = ("| stage | HTTP requests | requests ok / unusable / failed | prompt tokens | completion tokens | "
+            "USD recorded |")
     lines = [head + (" USD at the given prices |" if priced else ""),
-             "|---|---|---|---|---|" + ("---|" if priced else "")]
+             "|---|---|---|---|---|---|" + ("---|" if priced else "")]
     for r in rows:
-        line = (f"| {r['name']} | {r['requests']} ({r['ok']} / {r['invalid']} / {r['error']}) | {r['prompt_tokens']} | "
+        line = (f"| {r['name']} | {r['requests']} | {r['ok']} / {r['invalid']} / {r['error']} | {r['prompt_tokens']} | "
                 f"{r['completion_tokens']} | {r['usd_recorded']:.4f} |")
         lines.append(line + (f" {r.get('usd_at_prices', 0.0):.4f} |" if priced else ""))
     return "\n".join(lines) + "\n"

@@ -249,6 +249,13 @@ class Store:
         idx = self._index.get(key)
         return idx is not None and idx.status == "ok"
 
+    def statuses(self) -> dict[str, int]:
+        """How many distinct requests the store holds by their last status: ok, invalid, error."""
+        out = {"ok": 0, "invalid": 0, "error": 0}
+        for idx in self._index.values():
+            out[idx.status] += 1
+        return out
+
     def get(self, key: str) -> dict | None:
         """The "ok" record for ``key`` (a dict with "response", "usage", ...) or None. Counts a cache hit."""
         return self._latest(key, "ok", count_hit=True)

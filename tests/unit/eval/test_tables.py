@@ -58,13 +58,14 @@ def test_api_costs_of_a_real_store_and_the_command(tmp_path, capsys):
                           response={"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}})
         store.put_error("k3", error="timeout", error_kind="timeout", http_status=None, meta={}, attempts=3)
     (row,) = api_costs([Source("teacher", path)], price_input=1.0, price_output=1.0)["rows"]
-    assert (row["requests"], row["ok"], row["invalid"], row["error"]) == (4, 2, 1, 1)
+    # HTTP requests as the store counts them (its budget's): 3 answered lines + 1 failed after 3 attempts
+    assert (row["requests"], row["ok"], row["invalid"], row["error"]) == (6, 2, 1, 1)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (157, 33)
     assert row["usd_recorded"] == pytest.approx((157 * 2.0 + 33 * 8.0) / 1e6)
     assert row["usd_at_prices"] == pytest.approx((157 + 33) / 1e6)
     out = tmp_path / "t6.json"
     assert cli(["eval", "costs", f"teacher={path}", "--out", str(out)]) == 0
-    assert "| teacher | 4 (2 / 1 / 1) | 157 | 33 | 0.0006 |" in capsys.readouterr().err
-    assert json.loads(out.read_text())["rows"][0]["requests"] == 4
+    assert "| teacher | 6 | 2 / 1 / 1 | 157 | 33 | 0.0006 |" in capsys.readouterr().err
+    assert json.loads(out.read_text())["rows"][0]["requests"] == 6
     with pytest.raises(InputError, match="no such request store"):
         api_costs([Source("x", str(tmp_path / "absent.jsonl"))])

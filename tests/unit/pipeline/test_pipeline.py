@@ -386,7 +386,7 @@ stages:
     (row,) = t6["rows"]
     assert row["path"] == str(tmp_path / "out" / "stores" / "teacher.jsonl") and row["requests"] == sent == 3
     assert row["usd_recorded"] == pytest.approx((row["prompt_tokens"] + 2 * row["completion_tokens"]) / 1e6)
-    assert (tmp_path / "out" / "table_6" / "table.md").read_text().startswith("| stage | requests")
+    assert (tmp_path / "out" / "table_6" / "table.md").read_text().startswith("| stage | HTTP requests | ")
 
 
 @pytest.mark.slow
