@@ -312,10 +312,10 @@ class CompileAhead:
 
 class MetricsWriter:
     """metrics.jsonl (one object per logged step; a LineLog, so it may be in cloud storage), TensorBoard when
-    tensorboardX is there, and Weights & Biases with ``wandb`` (a ``WandbRun``): the same records, each number
-    as SPLIT/KEY at its step."""
+    tensorboardX is there, and Weights & Biases with ``wandb`` (a run of :func:`start_wandb`): the same records,
+    each number as SPLIT/KEY at its step."""
 
-    def __init__(self, out_dir, resume_step: int | None, tensorboard: bool, wandb: "WandbRun | None" = None):
+    def __init__(self, out_dir, resume_step: int | None, tensorboard: bool, wandb=None):
         self.path = out_dir / "metrics.jsonl"
         self.log = LineLog(self.path)
         self.active = jax.process_index() == 0
@@ -346,7 +346,7 @@ class MetricsWriter:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, record["step"])
         if self.wandb is not None:
-            self.wandb.log(scalars, record["step"])
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self):
         if self.active:
@@ -357,30 +357,17 @@ class MetricsWriter:
             self.wandb.finish()
 
 
-class WandbRun:
-    """A Weights & Biases run for ``train.wandb``: named ``train.run_name`` (default: output_dir's last folder),
-    with the run's config.yaml as its config. Its id is a hash of output_dir, so a resumed run logs to the same W&B
-    run; W&B keeps the steps the killed run logged after its last checkpoint (metrics.jsonl drops them), and
-    ignores them when they are logged again."""
+def start_wandb(cfg, out_dir):
+    """The Weights & Biases run of ``train.wandb``: named ``train.run_name`` (default: output_dir's last folder), with
+    the run's config as its config. Its id is a hash of output_dir, so a resumed run logs to the same W&B run; W&B
+    keeps the steps the killed run logged after its last checkpoint (metrics.jsonl drops them) and ignores them when
+    they are logged again (its steps only go forward). WANDB_MODE, WANDB_DIR and WANDB_ENTITY apply as usual."""
+    import wandb
 
-    def __init__(self, cfg, out_dir):
-        import wandb
-
-        tc = cfg.train
-        name = tc.run_name or str(out_dir).rstrip("/").rsplit("/", 1)[-1]
-        run_id = hashlib.sha256(str(out_dir).encode("utf-8")).hexdigest()[:16]
-        self.run = wandb.init(project=tc.wandb_project, name=name, id=run_id, resume="allow",
-                              config=cfg.to_dict(), dir=os.environ.get("WANDB_DIR"))
-        self.last_step = -1
-
-    def log(self, scalars: dict, step: int) -> None:
-        if step < self.last_step:
-            return  # already logged by the run that was killed (W&B steps only go forward)
-        self.last_step = step
-        self.run.log(scalars, step=step)
-
-    def finish(self) -> None:
-        self.run.finish()
+    tc = cfg.train
+    name = tc.run_name or str(out_dir).rstrip("/").rsplit("/", 1)[-1]
+    run_id = hashlib.sha256(str(out_dir).encode("utf-8")).hexdigest()[:16]
+    return wandb.init(project=tc.wandb_project, name=name, id=run_id, resume="allow", config=cfg.to_dict())
 
 
 def _step_of(line: str) -> int | None:
@@ -613,7 +600,7 @@ def setup(cfg: Config, mesh, resume: bool) -> Run:
     else:  # the same steps over a binder that puts the adapters on the frozen base, passed to every call
         step_fn, eval_fn = lora_run.jit_steps(lambda b: make_train_step(b, cfg, tx, schedule),
                                               lambda b: make_eval_step(b, cfg))
-    wandb = WandbRun(cfg, out_dir) if tc.wandb and jax.process_index() == 0 else None
+    wandb = start_wandb(cfg, out_dir) if tc.wandb and jax.process_index() == 0 else None
     writer = MetricsWriter(out_dir, start_step if resume else None, tc.tensorboard, wandb)
     if not resume:  # what reading the data changed, as step 0 of the log (a resume keeps that line)
         writer.write({"step": 0, "split": "data", "identical_pairs": report.changed["identical_candidates"],

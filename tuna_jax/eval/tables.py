@@ -28,8 +28,6 @@ def parse_sources(items: Sequence[str]) -> list[Source]:
     for item in items:
         name, eq, path = item.partition("=")
         out.append(Source(name, path) if eq else Source(item, item))
-    if not out:
-        raise InputError("give at least one NAME=FILE")
     return out
 
 
