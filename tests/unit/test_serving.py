@@ -50,12 +50,10 @@ def test_reported_tokens_and_refusals(tmp_path):
             ServedSampler(sampler.client, n_per_request=0)
 
 
-def test_no_api_key_travels_to_a_serving_engine_unless_named(tmp_path, monkeypatch):
+def test_no_api_key_travels_to_a_serving_engine_unless_named(tmp_path, monkeypatch, capsys):
     """`--base-url` generation sends no Authorization header by default, though OPENAI_API_KEY (the teacher's and
     the judge's) is set: a server that wants exactly that key refuses the request. `--api-key-env NAME` sends the
     key NAME holds."""
-    import contextlib
-
     from tuna_jax.cli import parse_config
 
     openai_key, server_key = "sk-openai-must-not-travel-0123", "sk-server-0123456789"
@@ -63,15 +61,17 @@ def test_no_api_key_travels_to_a_serving_engine_unless_named(tmp_path, monkeypat
     monkeypatch.setenv("SERVER_KEY", server_key)
     params = SamplingParams(temperature=0, max_new_tokens=3)
 
-    def sampler(srv, out, stack, *extra):
+    def served(srv, out, *extra):
         argv = ["generate", "m", "p.jsonl", str(tmp_path / out), "--base-url", srv.base_url, "--max-retries", "0",
                 *extra]
-        return parse_config(argv).served_sampler("m", str(tmp_path / out), stack)
+        return parse_config(argv).run_served("generate", "m", str(tmp_path / out),
+                                             lambda sampler: sampler.generate(["HELLO"], params))
 
-    with OpenAIServer(api_key=openai_key) as srv, contextlib.ExitStack() as stack:
-        with pytest.raises(Exception, match="401"):
-            sampler(srv, "a.jsonl", stack).generate(["HELLO"], params)
+    with OpenAIServer(api_key=openai_key) as srv:
+        status, _ = served(srv, "a.jsonl")
+        assert status == 2 and "401" in capsys.readouterr().err  # refused: the request carried no key
         assert [r["auth_ok"] for r in srv.requests] == [False]
-    with OpenAIServer(api_key=server_key) as srv, contextlib.ExitStack() as stack:
-        assert sampler(srv, "b.jsonl", stack, "--api-key-env", "SERVER_KEY").generate(["HELLO"], params)[0][0].text
+    with OpenAIServer(api_key=server_key) as srv:
+        status, out = served(srv, "b.jsonl", "--api-key-env", "SERVER_KEY")
+        assert status == 0 and out[0][0].text
         assert [r["auth_ok"] for r in srv.requests] == [True]

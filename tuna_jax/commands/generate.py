@@ -5,7 +5,6 @@ token when finish_reason is 'stop'; token_logprobs are log p under the model at 
 already in OUT."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 
@@ -61,20 +60,12 @@ def run(cfg: Config) -> int:
 def _run_served(cfg: Config, params, prompts) -> int:
     """``--base-url``: the serving engine generates; 0 done, 2 stopped (budget or a fatal endpoint error)."""
     from tuna_jax.generate import generate_file
-    from tuna_jax.io.cli import report_stop
-    from tuna_jax.io.items import StopRun
 
     if cfg.sampling_logprobs:
         raise ValueError("--sampling-logprobs: a serving engine does not report the sampling distribution's "
                          "log-probs; drop the flag or generate locally")
-    with contextlib.ExitStack() as stack:
-        sampler = cfg.served_sampler(cfg.model, cfg.out, stack)
-        store = sampler.client.store
-        try:
-            n = generate_file(sampler, cfg.prompts, cfg.out, params, n=cfg.n, progress=True,
-                              prompts=prompts)
-        except StopRun as e:
-            return report_stop("generate", e, store)
-        print(f"generate: {store.summary()}", file=sys.stderr)
-    print(f"generated {n} lines ({cfg.n} samples each) -> {cfg.out}")
-    return 0
+    status, n = cfg.run_served("generate", cfg.model, cfg.out, lambda sampler: generate_file(
+        sampler, cfg.prompts, cfg.out, params, n=cfg.n, progress=True, prompts=prompts))
+    if status == 0:
+        print(f"generated {n} lines ({cfg.n} samples each) -> {cfg.out}")
+    return status

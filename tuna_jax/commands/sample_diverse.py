@@ -5,7 +5,6 @@ input, output?, candidates, diversity} are the input of `tuna-jax judge`. A reru
 OUT. With --base-url a serving engine samples (``tuna_jax/serving.py``), with the same records and counters."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 
@@ -29,23 +28,20 @@ class Config(DiverseSettings, Sampling, Runtime, Served, Progress):
 def run(cfg: Config) -> int:
     """Sample, write, report (also to OUT.report.json)."""
     from tuna_jax.feedback.diverse import run_diverse
-    from tuna_jax.io.cli import report_stop
-    from tuna_jax.io.items import StopRun
 
-    with contextlib.ExitStack() as stack:
-        served = cfg.served_sampler(cfg.model, cfg.out, stack) if cfg.base_url else None
-        try:
-            report = run_diverse(cfg.model, cfg.input, cfg.out, cfg, tokenizer=cfg.tokenizer,
-                                 max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p, top_k=cfg.top_k,
-                                 seed=cfg.seed, batch_size=cfg.batch_size, max_prompt_len=cfg.max_prompt_len,
-                                 items_per_call=cfg.items_per_call, mesh=None if served else cfg.make_mesh(),
-                                 dtype=cfg.dtype, limit=cfg.limit, progress=not cfg.no_progress, sampler=served)
-        except StopRun as e:
-            if served is None:
-                raise
-            return report_stop("sample-diverse", e, served.client.store)
-        if served is not None:
-            print(f"sample-diverse: {served.client.store.summary()}", file=sys.stderr)
+    def diverse(sampler=None, mesh=None):
+        return run_diverse(cfg.model, cfg.input, cfg.out, cfg, tokenizer=cfg.tokenizer,
+                           max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
+                           batch_size=cfg.batch_size, max_prompt_len=cfg.max_prompt_len,
+                           items_per_call=cfg.items_per_call, mesh=mesh, dtype=cfg.dtype, limit=cfg.limit,
+                           progress=not cfg.no_progress, sampler=sampler)
+
+    if cfg.base_url:
+        status, report = cfg.run_served("sample-diverse", cfg.model, cfg.out, diverse)
+        if status:
+            return status
+    else:
+        report = diverse(mesh=cfg.make_mesh())
     print(f"sample-diverse: {report.line()}", file=sys.stderr)
     if report.empty_candidates:
         print(f"sample-diverse: {report.empty_candidates} empty candidate(s) kept: ranking records cannot train on "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 
 from tuna_jax.io.fields import arg
 from tuna_jax.llm_api.client import ClientConfig, OpenAIClient
@@ -139,14 +140,23 @@ class Served(Retry, Budget):
                                     "transformers serve) (default: all of a prompt's in one request)",
                                     group=SERVED)
 
-    def served_sampler(self, model: str, out_path: str, stack: contextlib.ExitStack):
-        """A ``ServedSampler`` for ``model`` whose request store (``--store``, else OUT.store.jsonl) ``stack``
-        closes."""
+    def run_served(self, name: str, model: str, out_path: str, work) -> tuple[int, object]:
+        """``(0, work(sampler))`` with a ``ServedSampler`` for ``model`` over its request store (``--store``, else
+        OUT.store.jsonl), whose summary is printed as ``NAME: ...``; ``(2, None)`` when the budget or a fatal
+        endpoint error stopped the run (reported in one line; rerunning continues)."""
+        from tuna_jax.io.cli import report_stop
+        from tuna_jax.io.items import StopRun
         from tuna_jax.serving import ServedSampler
 
         client = OpenAIClient(self.retry_config(self.base_url, self.served_model or model))
-        client.store = stack.enter_context(self.open_store(out_path))
-        return ServedSampler(client, n_per_request=self.n_per_request)
+        with self.open_store(out_path) as store:
+            client.store = store
+            try:
+                result = work(ServedSampler(client, n_per_request=self.n_per_request))
+            except StopRun as e:
+                return report_stop(name, e, store), None
+            print(f"{name}: {store.summary()}", file=sys.stderr)
+        return 0, result
 
 
 @contextlib.contextmanager
