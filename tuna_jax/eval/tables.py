@@ -31,47 +31,30 @@ def parse_sources(items: Sequence[str]) -> list[Source]:
     return out
 
 
-def _ranked(where: str, row) -> list[str]:
-    """The candidates of one ranking record, best first (by ``scores`` when given: stable, so ties keep file order)."""
-    if not isinstance(row, dict) or not isinstance(row.get("candidates"), list) or not row["candidates"]:
-        raise InputError(f"{where}: not a ranking record (a non-empty 'candidates' list)")
-    cands, scores = row["candidates"], row.get("scores")
-    if not all(isinstance(c, str) for c in cands):
-        raise InputError(f"{where}: field 'candidates' must be a list of strings")
-    if scores is None:
-        return list(cands)
-    if not isinstance(scores, list) or len(scores) != len(cands) or \
-            not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
-        raise InputError(f"{where}: field 'scores' must be one number per candidate")
-    order = sorted(range(len(cands)), key=lambda k: -scores[k])
-    return [cands[k] for k in order]
-
-
 def ranking_lengths(sources: Sequence[Source], tokenizer=None) -> dict:
-    """Table 4: for each source, the mean length of its rank-k responses (k = 1 best), in words (whitespace) and,
-    with a ``data.templates.Tokenizer``, in tokens; ``n`` at each rank is the number of records with a k-th one."""
-    from tuna_jax.data.records import iter_rows
+    """Table 4: for each source, the mean length of its rank-k responses (k = 1 best, by the record's scores or
+    ranks; ties keep file order), in words (whitespace) and, with a ``data.templates.Tokenizer``, in tokens; ``n`` at
+    each rank is the number of records with a k-th one. Records are read as training reads them (``read_records``):
+    any ranking format, errors naming FILE:LINE."""
+    from tuna_jax.data.records import read_records
 
     rows = []
     for src in sources:
         words: list[list[int]] = []
         tokens: list[list[int]] = []
-        records = 0
-        for where, row in iter_rows(src.path):
-            if isinstance(row, Exception):
-                raise row
-            ranked = _ranked(where, row)
-            records += 1
-            for k, text in enumerate(ranked):
+        records, _ = read_records(src.path, kind="ranking")
+        if not records:
+            raise InputError(f"{src.path}: no ranking records")
+        for rec in records:
+            order = sorted(range(len(rec.candidates)), key=lambda k: -rec.scores[k])
+            for k, i in enumerate(order):
                 while len(words) <= k:
                     words.append([])
                     tokens.append([])
-                words[k].append(len(text.split()))
+                words[k].append(len(rec.candidates[i].split()))
                 if tokenizer is not None:
-                    tokens[k].append(len(tokenizer.encode(text)))
-        if not records:
-            raise InputError(f"{src.path}: no ranking records")
-        row = {"name": src.name, "path": src.path, "records": records, "n": [len(w) for w in words],
+                    tokens[k].append(len(tokenizer.encode(rec.candidates[i])))
+        row = {"name": src.name, "path": src.path, "records": len(records), "n": [len(w) for w in words],
                "words": [sum(w) / len(w) for w in words]}
         if tokenizer is not None:
             row["tokens"] = [sum(t) / len(t) for t in tokens]

@@ -18,8 +18,8 @@ RECORDS = [
     {"instruction": "i1", "candidates": ["a", "b b", "c c c"], "scores": [1.0, 3.0, 0.5]},
     # tied scores keep file order: "d d d d" then "e"
     {"instruction": "i2", "candidates": ["d d d d", "e"], "scores": [2.0, 2.0]},
-    # no scores: the file's order is the ranking (the judge writes best first)
-    {"instruction": "i3", "candidates": ["f f", "g g g"]},
+    # ranks instead of scores (1 is best)
+    {"instruction": "i3", "candidates": ["g g g", "f f"], "ranks": [2, 1]},
 ]
 
 
@@ -44,7 +44,7 @@ def test_ranking_lengths_by_rank_in_words_and_tokens(tmp_path):
 
 def test_ranking_file_errors_name_file_and_line(tmp_path):
     path = _write(tmp_path / "r.jsonl", [RECORDS[0], {"instruction": "x", "candidates": ["a"], "scores": [1, 2]}])
-    with pytest.raises(InputError, match=r"r\.jsonl:2: field 'scores' must be one number per candidate"):
+    with pytest.raises(InputError, match=r"r\.jsonl:2: field 'scores': has 2 values for 1 candidates"):
         ranking_lengths([Source("x", path)])
 
 
