@@ -50,6 +50,8 @@ def make_table(name: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[s
         for c in columns:
             row[c] = r.get(c)
         row["details"] = dict(r.get("details") or {})
+        if r.get("published"):
+            row["published"] = dict(r["published"])
         out_rows.append(row)
     return {"name": name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "columns": list(columns), "rows": out_rows, "notes": list(notes), "settings": dict(settings or {})}
@@ -80,15 +82,32 @@ def _cell(column: str, value: Any) -> str:
     return f"{float(value):.2f}"
 
 
+def _published_cell(column: str, value: Any) -> str:
+    """A paper's number as the config gives it (no digits added); Vicuna QA as win / lose / tie percent."""
+    if value is None:
+        return _DASH
+    if column == "vicuna":
+        return " / ".join(f"{float(v):g}" for v in value)
+    return f"{float(value):g}"
+
+
 def to_markdown(table: Mapping[str, Any]) -> str:
-    """A Markdown document: title, the table, and the notes (baselines, judges, limits, failures)."""
+    """A Markdown document: title, the table (a row's published numbers on the line below it), and the notes
+    (baselines, judges, limits, failures)."""
     cols = table["columns"]
     lines = [f"# {table['name']}", ""]
     lines.append("| Model | " + " | ".join(COLUMNS[c] for c in cols) + " |")
     lines.append("|---|" + "---:|" * len(cols))
     for r in table["rows"]:
         lines.append(f"| {r['model']} | " + " | ".join(_cell(c, r.get(c)) for c in cols) + " |")
+        if r.get("published"):
+            p = r["published"]
+            lines.append(f"| {r['model']} (published: {p['table']}) | "
+                         + " | ".join(_published_cell(c, p.get(c)) for c in cols) + " |")
     notes = list(table.get("notes") or [])
+    if any(r.get("published") for r in table["rows"]):
+        notes.append("A row marked (published: TABLE) holds the numbers the paper gives for that model, as the eval "
+                     "config writes them; the row above it is this run, on this run's data and settings.")
     for c in ("vicuna", "alpaca_eval"):
         if c in cols:
             bases = sorted({str(r[c]["baseline"]) for r in table["rows"] if r.get(c) and r[c].get("baseline")})

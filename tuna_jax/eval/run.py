@@ -52,6 +52,19 @@ __all__ = ["EvalConfig", "ModelSpec", "GenerationSettings", "SuperNISettings",
 
 # ================================================================================================ schema
 @dataclasses.dataclass
+class Published:
+    """A paper's numbers for one row, printed beside ours: the table they come from (e.g. "Tuna, Table 1"), and any
+    of the report's columns; Vicuna QA as [win, lose, tie] in percent (docs/evaluation.md#published)."""
+
+    table: str
+    superni_0shot: float | None = None
+    superni_2shot: float | None = None
+    lmentry: float | None = None
+    vicuna: list[float] | None = None
+    alpaca_eval: float | None = None
+
+
+@dataclasses.dataclass
 class ModelSpec:
     name: str
     path: str
@@ -59,6 +72,7 @@ class ModelSpec:
     template: str | None = None
     base_url: str | None = None  # a serving engine that serves `path` (default: generation.base_url)
     served_model: str | None = None  # its name for the model (default: path)
+    published: Published | None = None  # the paper's numbers for this model, shown beside ours
 
 
 @dataclasses.dataclass
@@ -212,6 +226,9 @@ def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
         if m.name in seen:
             raise InputError(f"{where}: model name {m.name!r} appears twice")
         seen.add(m.name)
+        if m.published and m.published.vicuna is not None and len(m.published.vicuna) != 3:
+            raise InputError(f"{where}: model {m.name!r}: published.vicuna is [win, lose, tie] in percent, got "
+                             f"{m.published.vicuna}")
     if not any((cfg.superni, cfg.lmentry, cfg.vicuna, cfg.alpaca_eval)):
         raise InputError(f"{path}: no benchmark configured (add superni, lmentry, vicuna or alpaca_eval)")
     if cfg.superni is not None:
@@ -707,7 +724,9 @@ def _relocate(obj, local: str, public: str):
 
 def _run_eval(cfg: EvalConfig, data: _Data, public_output_dir: str, progress: bool):
     status = 0
-    rows: dict[str, dict] = {m.name: {"model": m.name, "path": m.path, "details": {}} for m in cfg.models}
+    rows: dict[str, dict] = {m.name: {"model": m.name, "path": m.path, "details": {},
+                                      "published": dataclasses.asdict(m.published) if m.published else None}
+                             for m in cfg.models}
     preds_paths: dict[str, dict[str, str]] = {}
 
     # 1. predictions (model by model: one model in memory at a time)

@@ -87,7 +87,9 @@ def write_config(world, out_dir, base_url, path):
         "name": "tiny-stages",
         "output_dir": str(out_dir),
         "models": [{"name": "alpaca", "path": str(world["model"])},
-                   {"name": "tuna", "path": str(world["model"])}],
+                   {"name": "tuna", "path": str(world["model"]),  # made-up numbers, to see them placed
+                    "published": {"table": "a test", "superni_0shot": 38.3, "lmentry": 23.9,
+                                  "vicuna": [80, 12.5, 7.5]}}],
         # 16 prompts in all (8 Super-NI, 6 LMentry, 1 Vicuna, 1 AlpacaEval): one batch, one compile
         "generation": {"max_new_tokens": 8, "batch_size": 16},
         "superni": {"tasks": str(world["ni"]), "shots": [0, 2], "num_instances": 2},
@@ -134,6 +136,11 @@ def test_eval_run_writes_table_and_chart_and_resumes(world, tmp_path, monkeypatc
         assert row["vicuna"]["win_pct"] == 100.0 and row["vicuna"]["orders"] == "one"
         assert "| alpaca | " in md and " 100.0 / 0.0 / 0.0 (1 / 0 / 0) | 50.00 |" in md
         assert "in one order, the model as Assistant 1 (FastChat's default; the Tuna paper does not say" in md
+        # a model's published numbers on the line below its own, as the config gives them
+        lines = md.splitlines()
+        assert lines[lines.index(next(x for x in lines if x.startswith("| tuna | "))) + 1] == \
+            "| tuna (published: a test) | 38.3 | - | 23.9 | 80 / 12.5 / 7.5 | - |"
+        assert table["rows"][1]["published"]["lmentry"] == 23.9 and "published" not in table["rows"][0]
 
         # The table's numbers are what the scoring-only subcommands print for the files the run wrote.
         pred = out / "predictions" / "alpaca"
@@ -222,10 +229,16 @@ lmentry:
     ("name: a b\n", r"name 'a b'"),
     ("vicuna:\n  data: x\n  review: false\n  limit: 0\n", r"tiny\.yaml:12: vicuna\.limit=0: must be >= 1"),
     ("superni:\n  tasks: x\n  shots: [0, 0]\n", r"tiny\.yaml:11: superni\.shots must be a non-empty subset"),
+    ("", r"tiny\.yaml:2: model 'm': published\.vicuna is \[win, lose, tie\] in percent, got \[80\.0\]"),
+    ("", r"tiny\.yaml:5: unknown config key models\[0\]\.published\.rouge"),
 ])
 def test_config_errors_name_file_and_line(tmp_path, extra, pattern):
     p = tmp_path / "tiny.yaml"
-    p.write_text(BASE_CFG.format(out=tmp_path / "o", model=tmp_path, lm=tmp_path) + extra)
+    text = BASE_CFG.format(out=tmp_path / "o", model=tmp_path, lm=tmp_path) + extra
+    if "published" in pattern:  # a model's published numbers, wrongly given
+        bad = "vicuna: [80]" if "vicuna" in pattern else "rouge: 40"
+        text = text.replace(f"    path: {tmp_path}\n", f"    path: {tmp_path}\n    published: {{table: T1, {bad}}}\n")
+    p.write_text(text)
     with pytest.raises(InputError, match=pattern):
         R.load_eval_config(p)
 
