@@ -4,6 +4,10 @@ Small, deterministic, and free of licence questions (the Alpaca data is CC BY-NC
 outside the package). Each task has a correct answer and graded wrong ones, so a ranking
 record's scores are known exactly: 3 correct, 2 near miss, 1 wrong, 0 off-topic.
 
+Grading. :func:`grade` scores any answer to a task by the task's own rules (3 correct, 2 near miss, 1 wrong
+but of the task's form, 0 off-topic), from the instruction and input alone, without a reference answer. It
+gives the graded candidates above exactly these scores (a test checks), and it is the demo's contextual judge.
+
 Held-out prompts. ``split="train"`` / ``"heldout"`` draws only prompts (instruction + input) on that side
 of a fixed hash split (:func:`split_of`: a quarter of all prompts are held out), so an evaluation set
 drawn from "heldout" shares no prompt with any training set drawn from "train", whatever the sizes and
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 WORDS = ["cat", "dog", "sun", "tree", "ball", "fish", "bird", "cake", "park", "boat", "star", "moon",
          "book", "rain", "milk", "frog", "hat", "car", "bed", "cup"]
@@ -27,20 +32,49 @@ def _task(rng: random.Random) -> tuple[str, str, list[tuple[str, float]]]:
     w = rng.sample(WORDS, 4)
     if kind == 0:
         good = f"{w[0]} {w[0]} {w[0]}."
-        return ("Write the word three times.", w[0],
+        return (INSTRUCTIONS[0], w[0],
                 [(good, 3.0), (f"{w[0]} {w[0]}.", 2.0), (f"{w[1]} {w[1]} {w[1]}.", 1.0), ("Once upon a time.", 0.0)])
     if kind == 1:
         i = rng.randrange(len(NUMBERS) - 1)
-        return ("What number comes after this one?", NUMBERS[i],
+        return (INSTRUCTIONS[1], NUMBERS[i],
                 [(f"{NUMBERS[i + 1]}.", 3.0), (f"{NUMBERS[i]}.", 2.0), (f"{NUMBERS[(i + 5) % 10]}.", 1.0),
                  ("The cat is happy.", 0.0)])
     if kind == 2:
         words = " ".join(w[:3])
-        return ("Reverse the order of the words.", words,
+        return (INSTRUCTIONS[2], words,
                 [(" ".join(reversed(w[:3])) + ".", 3.0), (words + ".", 2.0), (f"{w[3]} {w[3]}.", 1.0),
                  ("I like to play.", 0.0)])
-    return ("Name the first word.", " ".join(w[:3]),
+    return (INSTRUCTIONS[3], " ".join(w[:3]),
             [(f"{w[0]}.", 3.0), (f"{w[1]}.", 2.0), (f"{w[3]}.", 1.0), ("The sun is big.", 0.0)])
+
+
+INSTRUCTIONS = ("Write the word three times.", "What number comes after this one?", "Reverse the order of the words.",
+                "Name the first word.")
+
+
+def grade(instruction: str, input_text: str, answer: str) -> int:
+    """The task's own grade of ``answer``: 3 correct, 2 near miss (the right word the wrong number of times;
+    the number itself; the input's words in another order; another word of the input), 1 wrong but of the
+    task's form (words of the vocabulary, number words), 0 anything else. Case and punctuation are ignored;
+    an instruction that is not one of the four tasks raises ValueError."""
+    said = re.findall(r"[a-z]+", answer.lower())
+    given = input_text.split()
+    if instruction == INSTRUCTIONS[1]:
+        i = NUMBERS.index(input_text.strip())
+        if said == NUMBERS[i + 1: i + 2]:
+            return 3
+        return 2 if said == [NUMBERS[i]] else 1 if said and all(t in NUMBERS for t in said) else 0
+    if instruction not in INSTRUCTIONS:
+        raise ValueError(f"not a synthetic task: {instruction!r}")
+    if instruction == INSTRUCTIONS[0]:
+        correct, near = given * 3, bool(said) and set(said) == set(given)
+    elif instruction == INSTRUCTIONS[2]:
+        correct, near = given[::-1], sorted(said) == sorted(given)
+    else:
+        correct, near = given[:1], len(said) == 1 and said[0] in given
+    if said == correct:
+        return 3
+    return 2 if near else 1 if said and all(t in WORDS for t in said) else 0
 
 
 def prompt_key(instruction: str, input_text: str) -> str:

@@ -20,10 +20,11 @@ PIPELINE_HELP = ("run a pipeline YAML: every stage in order, finished stages ski
                  "changed ones run again")
 DEMO_HELP = "the whole Tuna pipeline on the shipped stories260K model (CPU, offline)"
 DEMO_DESCRIPTION = (
-    "The pipeline tuna_jax/pipeline/demo.yaml: SFT a teacher and an 'Alpaca', gather probabilistic (teacher) and "
-    "contextual (diverse samples + metric judge) rankings, train Tuna_p and Tuna next to MLE-only controls, evaluate "
-    "every stage on held-out prompts and export Hugging Face weights. No download, no GPU, no API key; under 10 "
-    "minutes on 2 CPU cores. Rerunning continues where it stopped.")
+    "The pipeline tuna_jax/pipeline/demo.yaml, with data of the paper's shape: SFT a teacher on correct answers, "
+    "train an 'Alpaca' on the teacher's sampled answers, gather probabilistic (teacher) and contextual (diverse "
+    "samples graded by the tasks' rules) rankings, train Tuna_p and Tuna next to MLE-only controls and Alpaca-Mul, "
+    "evaluate every stage on held-out prompts and export Hugging Face weights. No download, no GPU, no API key; "
+    "under 10 minutes on 2 CPU cores. Rerunning continues where it stopped.")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -226,13 +226,13 @@ KILL_SFT_STEPS = 32  # the sft stage of KILL: 64 examples, batch 8, 4 epochs
 KILL = """\
 output_dir: {out}
 stages:
-  data: {{kind: synthetic, sft: 64, teacher_sft: 8, eval: 4, ranking: 4}}
+  data: {{kind: synthetic, sft: 8, teacher_sft: 64, eval: 4, ranking: 4}}
   sft:
     kind: train
     config: {repo}/configs/tiny_sft.yaml
-    set: {{model.tokenizer: {tok}, data.train: "${{data.sft}}", train.epochs: 4, train.save_every: 4,
+    set: {{model.tokenizer: {tok}, data.train: "${{data.teacher_sft}}", train.epochs: 4, train.save_every: 4,
           train.progress: false, train.tensorboard: false, train.async_checkpoints: false}}
-  pick: {{kind: mix, parts: [{{path: "${{data.sft}}", select: "last:16"}}]}}
+  pick: {{kind: mix, parts: [{{path: "${{data.teacher_sft}}", select: "last:16"}}]}}
   tune:
     kind: train
     config: {repo}/configs/tiny_sft.yaml
