@@ -110,9 +110,15 @@ class RubricJudgeStage:
 
 
 def _run_rubric_judge(p: RubricJudgeStage, stage: StageRun) -> dict:
+    from tuna_jax.data.rows import iter_objects
+
     out, informative = [], 0
-    for r in _rows(p.input):
-        grades = [float(synthetic.grade(r["instruction"], r.get("input") or "", c)) for c in r["candidates"]]
+    for _, where, r in iter_objects(p.input):
+        try:
+            grades = [float(synthetic.grade(r["instruction"], r.get("input") or "", c)) for c in r["candidates"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StageFailed(f"{where}: the rubric judge grades the demo's synthetic tasks' candidates only: "
+                              f"{e!r}") from None
         order = sorted(range(len(grades)), key=lambda j: -grades[j])  # stable: equal grades keep their order
         out.append({k: r[k] for k in ("id", "instruction", "input", "output") if k in r}
                    | {"candidates": [r["candidates"][j] for j in order], "scores": [grades[j] for j in order],

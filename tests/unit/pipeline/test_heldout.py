@@ -75,3 +75,15 @@ def test_a_comparison_says_what_its_rows_share(method, control, same, mle_only, 
     c = heldout._compare(table, {"m": method, "c": control}, "m", "c")
     assert (c["same"], c["control_mle_only"], c["method_ranks"]) == (same, mle_only, True)
     assert heldout._shared(c) == words
+
+
+def test_rubric_judge_refuses_a_record_it_cannot_grade(tmp_path):
+    from tuna_jax.pipeline.stage import StageFailed
+
+    cands = write_jsonl(tmp_path / "cands.jsonl", [
+        {"instruction": NAME, "input": "sun cat dog", "candidates": ["sun"]},
+        {"instruction": "Write a poem.", "input": "", "candidates": ["roses"]}])
+    (tmp_path / "p.yaml").write_text(f"output_dir: {tmp_path / 'out'}\ninputs: {{cands: {cands}}}\n"
+                                     "stages:\n  judge: {kind: rubric-judge, input: \"${inputs.cands}\"}\n")
+    with pytest.raises(StageFailed, match=r"cands\.jsonl:2: the rubric judge grades the demo's synthetic tasks"):
+        run_pipeline(str(tmp_path / "p.yaml"), progress=False)
