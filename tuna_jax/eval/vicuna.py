@@ -341,7 +341,7 @@ class _PairwiseJudge:
             except APIError as e:
                 counters["request_failed"] = 1
                 return ItemOutcome(failure={"id": item.id, **item.extra, "category": item.category,
-                                            "order": order, "error": str(e)}, counters=counters)
+                                            "order": order, "error": str(e), "cause": e.cause}, counters=counters)
             for k, v in got.counters.items():
                 counters[k] = counters.get(k, 0) + v
             tries = got.tries
@@ -360,7 +360,7 @@ class _PairwiseJudge:
             return ItemOutcome(failure={"id": item.id, **item.extra, "category": item.category,
                                         "reviewer_id": item.reviewer_id,
                                         "error": f"no parseable verdict for order(s) {failed_orders}",
-                                        "orders": per_order}, counters=counters)
+                                        "cause": "parse_failed", "orders": per_order}, counters=counters)
         result = outcome(prefs)
         counters[result] = 1
         rec = {"id": item.id, **item.extra, "category": item.category, "reviewer_id": item.reviewer_id,

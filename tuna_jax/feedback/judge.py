@@ -336,7 +336,8 @@ class LLMJudge:
         if n < len(item.candidates):
             counters["empty_candidates"] = len(item.candidates) - n
         if not shown:
-            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "every candidate is empty"},
+            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "every candidate is empty",
+                                        "cause": "no_ranked_candidate"},
                                counters={**counters, "no_ranked_candidate": 1})
         orders = presentation_orders(n, c.orders, c.seed, item.id)
         per_order = []
@@ -388,8 +389,8 @@ class LLMJudge:
             counters["unranked_candidates"] = len(dropped) - (len(item.candidates) - n)
         if not rec["candidates"]:
             counters["no_ranked_candidate"] = 1
-            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "no candidate was ranked"},
-                               counters=counters)
+            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "no candidate was ranked",
+                                        "cause": "no_ranked_candidate"}, counters=counters)
         return ItemOutcome(record=rec, counters=_with_identical(rec, counters))
 
 
@@ -414,13 +415,14 @@ class MetricJudge:
     def judge(self, item: CandidateRow) -> ItemOutcome:
         if item.reference is None or not item.reference.strip():
             return ItemOutcome(failure={"id": item.id, "where": item.where,
-                                        "error": f"no reference answer in field {self.config.reference_field!r}"},
-                               counters={"no_reference": 1})
+                                        "error": f"no reference answer in field {self.config.reference_field!r}",
+                                        "cause": "no_reference"}, counters={"no_reference": 1})
         scores = [self.score(item.reference, c) if c.strip() else None for c in item.candidates]
         meta = {"kind": "metric", "metric": self.config.metric, "reference_field": self.config.reference_field}
         rec, dropped = _record(item, scores, meta)  # empty responses are dropped, counted and listed
         if not rec["candidates"]:
-            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "every candidate is empty"},
+            return ItemOutcome(failure={"id": item.id, "where": item.where, "error": "every candidate is empty",
+                                        "cause": "no_ranked_candidate"},
                                counters={"empty_candidates": len(dropped), "no_ranked_candidate": 1})
         counters = {"empty_candidates": len(dropped)} if dropped else {}
         return ItemOutcome(record=rec, counters=_with_identical(rec, counters))

@@ -235,7 +235,7 @@ def test_vicuna_review_both_orders_ties_and_failures(server, tmp_path, capsys):
     assert recs[6]["orders"]["model_first"]["attempts"] == 2
     assert recs[6]["orders"]["model_first"]["failed_replies"][0]["reply"] == "Assistant 1 is clearly better."
     failed = [json.loads(x) for x in open(tmp_path / "reviews.jsonl.failed.jsonl")]
-    assert len(failed) == 1 and failed[0]["question_id"] == 5
+    assert len(failed) == 1 and failed[0]["question_id"] == 5 and failed[0]["cause"] == "parse_failed"
     assert [t["reply"] for t in failed[0]["orders"]["model_first"]["replies"]] == ["Score: 8 7"] * 3
     assert res["unparsed_replies"] == 4
     assert res["per_category"]["generic"] == {"win": 2, "lose": 0, "tie": 0, "failed": 0}

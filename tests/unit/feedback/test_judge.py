@@ -220,6 +220,7 @@ def test_bad_replies_are_retried_then_recorded_never_guessed(server, data, tmp_p
     assert [t["reply"] for t in failed["b"]["replies"]] == ["rank: [2, 1, 7, 0]"] * 3
     assert "not shown" in failed["b"]["replies"][0]["error"] and "twice" in failed["d"]["replies"][0]["error"]
     assert s.counters["parse_failed"] == 2 and s.counters["unparsed_replies"] == 7
+    assert s.causes == {"parse_failed": 2} and {f["cause"] for f in failed.values()} == {"parse_failed"}
     # No unparseable reply was cached as good: a rerun reads the finished items and the known-bad replies
     # from the store (no request), and asks the failed items again, as new requests (the faults are used
     # up, so the server now answers properly).
@@ -346,6 +347,11 @@ def test_metric_judge_without_reference_fails_the_record(tmp_path):
     out = str(tmp_path / "o.jsonl")
     s = J.run_judge(str(p), out, J.MetricJudge(JudgeSettings(judge="metric")), progress=False)
     assert s.failed == 1 and s.written == 0 and os.path.exists(out + ".failed.jsonl")
+    assert s.causes == {"no_reference": 1} and "(no_reference: 1)" in s.line()  # by cause, not "error"
+    # a record whose every candidate is empty fails by its counter's name as well
+    p.write_text(json.dumps({"instruction": "q", "output": "a", "candidates": ["", " "]}) + "\n")
+    s = J.run_judge(str(p), str(tmp_path / "o2.jsonl"), J.MetricJudge(JudgeSettings(judge="metric")), progress=False)
+    assert s.causes == {"no_ranked_candidate": 1} and s.counters["no_ranked_candidate"] == 1
 
 
 def test_bad_judge_input_names_file_line_and_field(tmp_path):
