@@ -176,6 +176,20 @@ def check_disjoint(p: HeldoutStage, stage: StageRun) -> tuple[list[str], dict]:
     return checked, quality
 
 
+def _pair_counts(groups) -> tuple[int, int, int]:
+    """Over ``(truth, scores)`` lists of equal length: the pairs (j, k) with truth[j] > truth[k], how many of them
+    the scores order the same way (scores[j] > scores[k]), and how many they tie."""
+    pairs = agree = tied = 0
+    for truth, scores in groups:
+        for j in range(len(truth)):
+            for k in range(len(truth)):
+                if truth[j] > truth[k]:
+                    pairs += 1
+                    agree += scores[j] > scores[k]
+                    tied += scores[j] == scores[k]
+    return pairs, agree, tied
+
+
 def ranking_shape(rows: list) -> dict | None:
     """What a ranking file holds, graded by the tasks' rules (None for a file of no ranking records; only the
     count for records that are not synthetic tasks). Shares of prompts: candidates of at least two texts / two
@@ -191,14 +205,7 @@ def ranking_shape(rows: list) -> dict | None:
                   for r in ranked]
     except (ValueError, KeyError, TypeError):
         return {"prompts": len(ranked)}
-    pairs = agree = tied = 0
-    for g, _, r in graded:
-        for j in range(len(g)):
-            for k in range(len(g)):
-                if g[j] > g[k]:
-                    pairs += 1
-                    agree += r["scores"][j] > r["scores"][k]
-                    tied += r["scores"][j] == r["scores"][k]
+    pairs, agree, tied = _pair_counts((g, r["scores"]) for g, _, r in graded)
     n = len(graded)
     return {"prompts": n,
             "two_texts": sum(len({" ".join(c.split()) for c in r["candidates"]}) > 1 for _, _, r in graded) / n,
@@ -230,14 +237,7 @@ def evaluate_model(model_path: str, tokenizer_path: str, eval_rows: list[dict], 
     groups = [group_for_line(r, f"ranking:{e}", encoder, model.cfg.vocab_size, model.cfg.max_position_embeddings)
               for e, r in enumerate(ranking_rows)]
     v = [[lp / n for lp, n in g] for g in Scorer(model, batch_groups=batch_size).score(groups)]
-    correct = counted = 0
-    for e, r in enumerate(ranking_rows):
-        s = r["scores"]
-        for j in range(len(s)):
-            for k in range(len(s)):
-                if s[j] > s[k]:
-                    counted += 1
-                    correct += v[e][j] > v[e][k]
+    counted, correct, _ = _pair_counts((r["scores"], v[e]) for e, r in enumerate(ranking_rows))
     return {"rougeL": 100 * float(np.mean([rouge_l(p, r["output"]) for p, r in zip(preds, eval_rows)])),
             "exact_match": 100 * float(np.mean([exact_match(p, r["output"]) for p, r in zip(preds, eval_rows)])),
             "pair_accuracy": correct / max(counted, 1), "pairs": counted,
