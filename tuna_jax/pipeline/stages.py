@@ -331,9 +331,10 @@ def _write_table(table: dict, stage: StageRun) -> dict:
     from tuna_jax.eval.tables import to_markdown
     from tuna_jax.io.jsonl import dumps
 
-    paths.write_atomic(stage.out("report"), to_markdown(table))
+    md = to_markdown(table)
+    paths.write_atomic(stage.out("report"), md)
     paths.write_atomic(paths.join(stage.dir, "table.json"), dumps(table) + "\n")
-    stage.say("\n" + to_markdown(table))
+    stage.say("\n" + md)
     return {"rows": len(table["rows"])}
 
 
